@@ -1,0 +1,52 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PY311 := $(shell scripts/find_python.sh 3.11)
+VENV := .venv
+VENV310 := .venv-py310
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STAMP310 := $(VENV310)/.installed
+# Extra test dependencies of the core suite (JAX for the cross-check against its TPU table).
+TEST_EXTRAS := jax==0.10.2 matplotlib ruff
+
+.PHONY: run test test-core test-py310 test-integration bench fuzz lint clean
+
+$(STAMP): pyproject.toml plugins/tpu-registry-gce/pyproject.toml
+	$(PY311) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]' $(TEST_EXTRAS)
+	$(BIN)/pip install -q --disable-pip-version-check -e plugins/tpu-registry-gce
+	touch $@
+
+$(STAMP310): pyproject.toml
+	@PY310=$$(scripts/find_python.sh 3.10) && $$PY310 -m venv $(VENV310)
+	$(VENV310)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/tpu-registry list
+	$(BIN)/tpu-registry detect
+	$(BIN)/tpu-registry resolve --simulate v6e --hf-config examples/llama-3.1-8b.json --max-model-len 8192 --explain
+
+test: test-core test-py310 test-integration
+
+test-core: $(STAMP)
+	$(BIN)/python -m pytest -q tests --ignore=tests/integration plugins/tpu-registry-gce/tests
+
+test-py310: $(STAMP310)
+	$(VENV310)/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/integration -m "not needs_jax"
+
+test-integration: $(STAMP)
+	integration/run_tests.sh current
+	integration/run_tests.sh legacy
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+fuzz: $(STAMP)
+	TPU_REGISTRY_FUZZ_EXAMPLES=50000 $(BIN)/python -m pytest -q tests/test_fuzz.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check tpu_registry tests benchmarks plugins scripts
+
+clean:
+	rm -rf $(VENV) $(VENV310) dist build .pytest_cache

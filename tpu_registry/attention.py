@@ -1,0 +1,104 @@
+"""The attention plan: what a kernel and its KV cache look like under the resolved knobs.
+
+Framework-free arithmetic shared by the vLLM adapters, the CLI and the benchmarks. Two KV
+cache layouts exist upstream:
+
+- ``vllm_pallas`` (vLLM <= 0.13 torch_xla backend, RPA v2): ``(pages, page_size, 2 * kv_heads,
+  head_dim_padded)``, K and V interleaved on the head axis.
+- ``tpu_inference`` (RPA v3): ``(pages, page_size, align(2 * kv_heads, packing) // packing,
+  packing, align(head_dim, 128))``, narrow dtypes packed along a sub-axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .resolve import ResolvedConfig
+from .tune import DTYPE_BITS, Workload, align, cdiv
+
+LAYOUTS = ("vllm_pallas", "tpu_inference")
+LAYOUT_OF_FAMILY = {"rpa_v2": "vllm_pallas", "rpa_v3": "tpu_inference"}
+
+
+def kv_cache_shape(layout: str, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, kv_dtype: str, *, head_align: int = 128) -> tuple[int, ...]:
+    if layout == "vllm_pallas":
+        return (num_pages, page_size, 2 * num_kv_heads, align(head_dim, head_align))
+    if layout == "tpu_inference":
+        packing = 32 // DTYPE_BITS[kv_dtype]
+        return (num_pages, page_size, align(2 * num_kv_heads, packing) // packing, packing, align(head_dim, 128))
+    raise ValueError(f"unknown KV cache layout {layout!r} (known: {', '.join(LAYOUTS)})")
+
+
+def kv_bytes_per_token(layout: str, num_kv_heads: int, head_dim: int, kv_dtype: str, *, head_align: int = 128, num_layers: int = 1) -> int:
+    """HBM bytes one token's K and V take in the cache, per device, over ``num_layers``."""
+    shape = kv_cache_shape(layout, 1, 1, num_kv_heads, head_dim, kv_dtype, head_align=head_align)
+    elems = 1
+    for d in shape:
+        elems *= d
+    return elems * DTYPE_BITS[kv_dtype] // 8 * num_layers
+
+
+def tokens_in_budget(budget_bytes: int, page_size: int, bytes_per_token: int) -> int:
+    """Tokens that fit in ``budget_bytes`` of KV cache, counted in whole pages."""
+    page_bytes = page_size * bytes_per_token
+    return (budget_bytes // page_bytes) * page_size if page_bytes else 0
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """The attention plan of one resolved configuration."""
+
+    config: ResolvedConfig
+
+    @property
+    def workload(self) -> Workload:
+        return self.config.workload
+
+    @property
+    def page_size(self) -> int:
+        return self.config.value("page_size")
+
+    @property
+    def head_dim_padded(self) -> int:
+        return self.config.value("head_dim_padded")
+
+    @property
+    def pages_per_seq(self) -> int:
+        return cdiv(self.workload.max_model_len, self.page_size)
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(self.config.spec.kernels.families)
+
+    def layout(self, family: str) -> str:
+        return LAYOUT_OF_FAMILY[family]
+
+    def kv_cache_shape(self, layout: str, num_pages: int) -> tuple[int, ...]:
+        w = self.workload
+        return kv_cache_shape(layout, num_pages, self.page_size, w.kv_heads_per_device, w.head_dim, w.kv_dtype, head_align=self.config.spec.chip.lanes)
+
+    def kv_bytes_per_token(self, layout: str, num_layers: int = 1) -> int:
+        w = self.workload
+        return kv_bytes_per_token(layout, w.kv_heads_per_device, w.head_dim, w.kv_dtype, head_align=self.config.spec.chip.lanes, num_layers=num_layers)
+
+    def tokens_in_budget(self, layout: str, budget_bytes: int, num_layers: int = 1) -> int:
+        return tokens_in_budget(budget_bytes, self.page_size, self.kv_bytes_per_token(layout, num_layers))
+
+    def kernel_kwargs(self, family: str) -> dict[str, Any]:
+        if family not in self.families:
+            raise ValueError(f"{self.config.spec.id} has no {family} kernel (it has: {', '.join(self.families) or 'none'})")
+        return self.config.kernel_kwargs(family)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "page_size": self.page_size,
+            "head_dim_padded": self.head_dim_padded,
+            "pages_per_seq": self.pages_per_seq,
+            "kv_bytes_per_token_per_layer": {layout: self.kv_bytes_per_token(layout) for layout in LAYOUTS},
+            "kernel_kwargs": {f: {k: list(v) if isinstance(v, tuple) else v for k, v in self.kernel_kwargs(f).items()} for f in self.families},
+        }
+
+
+def plan(config: ResolvedConfig) -> AttentionPlan:
+    return AttentionPlan(config)

@@ -1,0 +1,283 @@
+"""Find, parse and validate generation files; index them by id, alias and identifier.
+
+Folders are read in a fixed order: the built-in ``hardware/`` folder, folders contributed by
+plugins (``tpu_registry_hardware_dirs``), folders on ``TPU_REGISTRY_PATH`` and folders passed
+by the caller. Every problem in every file is collected before one ``CatalogError`` is raised;
+a catalog is never returned half-loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import CatalogError, Problem
+from .spec import Generation
+from .tomlfile import locate, read_toml, validate
+
+ENV_PATH = "TPU_REGISTRY_PATH"
+
+# Identifier kinds that must name at most one generation. torch_xla version numbers and
+# generation numbers are deliberately shared (torch_xla says 5 for both v5e and v5p).
+UNIQUE_KINDS = ("device_kind", "accelerator_type", "gke_accelerator", "pci")
+
+
+def builtin_hardware_dir() -> Path:
+    """The shipped catalog: the checkout's hardware/ when running from a source tree or an
+    editable install (so edits show at once), else the copy packaged inside the wheel."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "hardware").is_dir() and (root / "pyproject.toml").is_file():
+        return root / "hardware"
+    return Path(str(resources.files("tpu_registry") / "hardware"))
+
+
+def norm(text: str) -> str:
+    """Names and aliases match case-insensitively and ignore surrounding space."""
+    return " ".join(text.split()).casefold()
+
+
+def pci_key(vendor: int, device: int, subsystem: int | None = None) -> str:
+    key = f"{vendor:04x}:{device:04x}"
+    return f"{key}/{subsystem:04x}" if subsystem is not None else key
+
+
+@dataclass(frozen=True)
+class Entry:
+    spec: Generation
+    path: Path
+    replaced: Path | None = None  # the file this one replaced, if any
+
+
+@dataclass
+class Catalog:
+    entries: dict[str, Entry]
+    folders: tuple[Path, ...]
+    _names: dict[str, str] = field(default_factory=dict)
+    _index: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[Generation]:
+        return (e.spec for e in self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, gid: str) -> bool:
+        return gid in self.entries
+
+    def __getitem__(self, gid: str) -> Generation:
+        return self.entries[gid].spec
+
+    def ids(self) -> list[str]:
+        return list(self.entries)
+
+    def lookup(self, kind: str, value: str) -> set[str]:
+        """Generations an identifier of `kind` names (empty set: unknown)."""
+        if kind == "pci":
+            exact = self._index.get(("pci", value.lower()), set())
+            if exact or "/" not in value:
+                return set(exact)
+            return set(self._index.get(("pci", value.split("/")[0].lower()), set()))
+        if kind in ("name",):
+            gid = self._names.get(norm(value))
+            return {gid} if gid else set()
+        key = value if kind == "device_kind" else value.strip().lower()
+        return set(self._index.get((kind, key), set()))
+
+    def accelerator_prefix(self, accelerator_type: str) -> tuple[set[str], str, int | None]:
+        """Split ``v5p-128`` into its prefix and suffix and look the prefix up."""
+        text = accelerator_type.strip().lower()
+        prefix, _, suffix = text.rpartition("-")
+        if not prefix:
+            prefix, suffix = text, ""
+        count = int(suffix) if suffix.isdigit() else None
+        return self.lookup("accelerator_type", prefix), prefix, count
+
+    def find(self, text: str) -> set[str]:
+        """Resolve what a person typed: id, alias, or any identifier string."""
+        if (gid := self._names.get(norm(text))) is not None:
+            return {gid}
+        for kind in ("device_kind", "gke_accelerator", "accelerator_type"):
+            if hit := self.lookup(kind, text):
+                return hit
+        if hit := self.accelerator_prefix(text)[0]:
+            return hit
+        t = text.strip().lower()
+        if t.startswith("0x") or ":" in t:
+            try:
+                parts = [int(p, 16) for p in t.replace("/", ":").split(":")]
+                if len(parts) in (2, 3):
+                    return self.lookup("pci", pci_key(*parts))
+            except ValueError:
+                pass
+        return set()
+
+    def get(self, text: str) -> Generation:
+        hits = self.find(text)
+        if len(hits) == 1:
+            return self[next(iter(hits))]
+        if not hits:
+            raise CatalogError(f"no generation is named {text!r} (try `tpu-registry list`)")
+        raise CatalogError(f"{text!r} names more than one generation: {', '.join(sorted(hits))}")
+
+    def identifiers(self, spec: Generation) -> Iterator[tuple[str, str]]:
+        yield from _identifiers(spec)
+
+
+def _identifiers(spec: Generation) -> Iterator[tuple[str, str]]:
+    ident = spec.identify
+    for dk in ident.device_kinds:
+        yield "device_kind", dk
+    for at in ident.accelerator_types:
+        yield "accelerator_type", at.prefix.lower()
+    for g in ident.gke_accelerators:
+        yield "gke_accelerator", g.strip().lower()
+    for p in ident.pci:
+        yield "pci", pci_key(p.vendor, p.device, p.subsystem_device)
+    for v in ident.torch_xla_versions:
+        yield "torch_xla_version", str(v)
+    yield "generation_number", str(spec.generation)
+
+
+def search_folders(extra: Iterable[os.PathLike | str] = (), *, plugin_dirs: Iterable[Path] = ()) -> list[tuple[Path, str]]:
+    """Folders to read, each with where it came from (for messages)."""
+    out = [(builtin_hardware_dir(), "built-in")]
+    out += [(Path(p), "plugin") for p in plugin_dirs]
+    for part in os.environ.get(ENV_PATH, "").split(os.pathsep):
+        if part.strip():
+            out.append((Path(part.strip()), ENV_PATH))
+    out += [(Path(p), "argument") for p in extra]
+    return out
+
+
+def list_files(folder: Path, origin: str) -> tuple[list[Path], list[Problem]]:
+    shown = str(folder)
+    try:
+        if not folder.exists():
+            if folder.is_symlink():
+                return [], [Problem(shown, None, "", f"folder from {origin} is a broken or looping symlink", "point it at a real folder")]
+            return [], [Problem(shown, None, "", f"folder from {origin} does not exist", f"create it or remove it from {origin}")]
+        if not folder.is_dir():
+            return [], [Problem(shown, None, "", f"{origin} names a file, not a folder", "name the folder that holds the .toml files")]
+        files = sorted(p for p in folder.iterdir() if p.suffix == ".toml" and not p.name.startswith("."))
+    except OSError as e:
+        msg = "symlink loop" if e.errno == 40 else (e.strerror or str(e))
+        return [], [Problem(shown, None, "", f"cannot read folder from {origin}: {msg}", "check its permissions and links")]
+    return files, []
+
+
+def load_catalog(folders: Iterable[os.PathLike | str] = (), *, plugins: bool = True) -> Catalog:
+    """Load and validate the catalog. Raises ``CatalogError`` with every problem found."""
+    plugin_dirs: list[Path] = []
+    if plugins:
+        from .plugins import hardware_dirs
+
+        plugin_dirs = hardware_dirs()
+    return _load(tuple(search_folders(folders, plugin_dirs=plugin_dirs)))
+
+
+_lock = threading.Lock()
+_cache: dict[tuple, Catalog] = {}
+
+
+def _signature(sources: tuple[tuple[Path, str], ...]) -> tuple:
+    sig = []
+    for folder, origin in sources:
+        try:
+            entries = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir() if p.suffix == ".toml"))
+        except OSError:
+            entries = None
+        sig.append((str(folder), origin, entries))
+    return tuple(sig)
+
+
+def _load(sources: tuple[tuple[Path, str], ...]) -> Catalog:
+    key = _signature(sources)
+    with _lock:
+        if key in _cache:
+            return _cache[key]
+    problems: list[Problem] = []
+    loaded: list[tuple[Generation, Path, str]] = []
+    for folder, origin in sources:
+        files, probs = list_files(folder, origin)
+        problems += probs
+        for path in files:
+            spec, text, probs = load_generation_file(path)
+            problems += probs
+            if spec is not None:
+                loaded.append((spec, path, text))
+    catalog = _assemble(loaded, tuple(f for f, _ in sources), problems)
+    if problems:
+        raise CatalogError(problems)
+    with _lock:
+        _cache[key] = catalog
+    return catalog
+
+
+def load_generation_file(path: Path) -> tuple[Generation | None, str, list[Problem]]:
+    doc, text, problems = read_toml(path)
+    if doc is None:
+        return None, text, problems
+    spec, problems = validate(Generation, doc, text, path)
+    return spec, text, problems  # type: ignore[return-value]
+
+
+def _assemble(loaded: list[tuple[Generation, Path, str]], folders: tuple[Path, ...], problems: list[Problem]) -> Catalog:
+    entries: dict[str, Entry] = {}
+    texts = {path: text for _, path, text in loaded}
+    replacing = [(s, p) for s, p, _ in loaded if s.replaces]
+    for spec, path, text in loaded:
+        if spec.replaces:
+            continue
+        if spec.id in entries:
+            other = entries[spec.id].path
+            problems.append(Problem(str(path), locate(text, ("id",)), "id", f"id {spec.id!r} is already defined in {other}", f"pick another id, or write replaces = \"{spec.id}\" to replace it"))
+            continue
+        entries[spec.id] = Entry(spec, path)
+    replaced_by: dict[str, Path] = {}
+    for spec, path in replacing:
+        text = texts[path]
+        target = spec.replaces
+        line = locate(text, ("replaces",))
+        if target not in entries:
+            problems.append(Problem(str(path), line, "replaces", f"replaces {target!r}, but no generation has that id", "use the id of a generation in `tpu-registry list`"))
+            continue
+        if target in replaced_by:
+            problems.append(Problem(str(path), line, "replaces", f"{target!r} is already replaced by {replaced_by[target]}", "keep only one replacement"))
+            continue
+        if spec.id != target and spec.id in entries:
+            problems.append(Problem(str(path), locate(text, ("id",)), "id", f"id {spec.id!r} is already defined in {entries[spec.id].path}", "pick another id"))
+            continue
+        old = entries.pop(target)
+        replaced_by[target] = path
+        entries[spec.id] = Entry(spec, path, replaced=old.path)
+    names: dict[str, str] = {}
+    index: dict[tuple[str, str], set[str]] = {}
+    owner: dict[tuple[str, str], str] = {}
+    for gid, entry in entries.items():
+        text = texts[entry.path]
+        for label, name in [("id", gid)] + [("aliases", a) for a in entry.spec.aliases]:
+            key = norm(name)
+            if key in names and names[key] != gid:
+                other = entries[names[key]].path
+                problems.append(Problem(str(entry.path), locate(text, (label,)), label, f"name {name!r} is already used by {names[key]!r} in {other}", "choose a different alias"))
+                continue
+            names[key] = gid
+        for kind, value in _identifiers(entry.spec):
+            ids = index.setdefault((kind, value), set())
+            if kind in UNIQUE_KINDS and ids and gid not in ids:
+                other_id = next(iter(ids))
+                field_name = {"device_kind": "identify.device_kinds", "accelerator_type": "identify.accelerator_types", "gke_accelerator": "identify.gke_accelerators", "pci": "identify.pci"}[kind]
+                problems.append(Problem(str(entry.path), locate(text, tuple(field_name.split("."))), field_name, f"{kind} {value!r} is already claimed by {other_id!r} in {entries[other_id].path}", "an identifier may name only one generation; remove it from one file"))
+                continue
+            ids.add(gid)
+    entries = dict(sorted(entries.items(), key=lambda kv: (kv[1].spec.generation, kv[1].spec.provisional, kv[0])))
+    return Catalog(entries=entries, folders=folders, _names=names, _index=index)
+
+
+def clear_cache() -> None:
+    with _lock:
+        _cache.clear()

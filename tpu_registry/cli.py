@@ -1,0 +1,330 @@
+"""tpu-registry: list | show | detect | resolve | validate | schema | plugins.
+
+Exit codes: 0 success; 2 invalid input (bad data files, bad arguments, unknown generation,
+failed validation); 3 ``detect --require`` found no TPU; 1 an unexpected internal error
+(reported in one line; set TPU_REGISTRY_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_NO_TPU = 0, 1, 2, 3
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table: left-aligned text, right-aligned numbers."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(_is_num(r[i]) for r in cells[1:]) and len(cells) > 1 for i in range(len(headers))]
+    lines = []
+    for n, r in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if numeric[i] and n else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _is_num(s: str) -> bool:
+    try:
+        float(s.replace(",", ""))
+        return True
+    except ValueError:
+        return s == "-"
+
+
+def _num(x: float | None) -> str | None:
+    if x is None:
+        return None
+    return f"{x:g}" if x != int(x) else str(int(x))
+
+
+def _dump(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(type(o).__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .catalog import load_catalog
+
+    cat = load_catalog(args.catalog)
+    rows = []
+    for gid, e in cat.entries.items():
+        c = e.spec.chip
+        rows.append({
+            "id": gid,
+            "name": e.spec.name,
+            "hbm_gib": c.hbm_gib,
+            "hbm_bandwidth_gb_s": c.hbm_bandwidth_gb_s,
+            "peak_bf16_tflops": c.peak_bf16_tflops,
+            "vmem_mib_per_core": c.vmem_mib_per_core,
+            "mxu": f"{c.mxus_per_core}x{c.mxu_rows}x{c.mxu_cols}",
+            "chips_per_host": c.chips_per_host,
+            "provisional": e.spec.provisional,
+            "path": str(e.path),
+            "replaces": str(e.replaced) if e.replaced else None,
+        })
+    if args.json:
+        _dump(rows)
+        return EXIT_OK
+    print(table(
+        ["id", "name", "HBM GiB", "HBM GB/s", "bf16 TFLOPS", "VMEM MiB/core", "MXU/core", "chips/host", "provisional"],
+        [[r["id"], r["name"] + (" (replaces built-in)" if r["replaces"] else ""), _num(r["hbm_gib"]), _num(r["hbm_bandwidth_gb_s"]), _num(r["peak_bf16_tflops"]), _num(r["vmem_mib_per_core"]), r["mxu"], r["chips_per_host"], "yes" if r["provisional"] else ""] for r in rows],
+    ))
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .catalog import load_catalog
+
+    cat = load_catalog(args.catalog)
+    spec = cat.get(args.name)
+    entry = cat.entries[spec.id]
+    data = spec.model_dump(mode="json")
+    data["path"] = str(entry.path)
+    data["replaced"] = str(entry.replaced) if entry.replaced else None
+    if args.json:
+        _dump(data)
+        return EXIT_OK
+    print(f"{spec.id}: {spec.name}{'  [PROVISIONAL]' if spec.provisional else ''}")
+    print(f"  file: {entry.path}" + (f" (replaces {entry.replaced})" if entry.replaced else ""))
+    print(f"  generation {spec.generation}, released {spec.release_year}; aliases: {', '.join(spec.aliases) or '-'}")
+    if spec.notes:
+        print(f"  notes: {spec.notes}")
+    print("chip (per chip unless per_core):")
+    for k, v in data["chip"].items():
+        print(f"  {k:36} {'-' if v is None else v}")
+    print("identify:")
+    for k, v in data["identify"].items():
+        if k == "pci":
+            v = [f"{p['vendor']:04x}:{p['device']:04x}" + (f" subsystem {p['subsystem_device']:04x}" if p.get("subsystem_device") is not None else "") for p in v]
+        elif k == "accelerator_types":
+            v = [f"{a['prefix']}-N (N counts {a['suffix_counts']})" for a in v]
+        print(f"  {k:36} {', '.join(map(str, v)) or '-'}")
+    print(f"kernels: {', '.join(spec.kernels.families) or 'none'}")
+    for fam in spec.kernels.families:
+        for k, v in (data["kernels"][fam] or {}).items():
+            print(f"  {fam}.{k:30} {'-' if v is None else v}")
+    print("sources:")
+    for s in spec.sources:
+        where = s.url or f"{s.repo}:{s.path}" + (f"@{s.commit[:12]}" if s.commit else "")
+        print(f"  - {s.title}\n    {where}\n    covers: {', '.join(s.fields)}")
+        if s.note:
+            print(f"    note: {s.note}")
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import validate_paths
+
+    n, problems = validate_paths([Path(p) for p in args.paths])
+    if args.json:
+        _dump({"files": n, "ok": not problems, "problems": [p.to_dict() for p in problems]})
+    else:
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"{n} file{'s' if n != 1 else ''} checked, {len(problems)} problem{'s' if len(problems) != 1 else ''}")
+    return EXIT_INVALID if problems else EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .validate import json_schema
+
+    _dump(json_schema(args.kind))
+    return EXIT_OK
+
+
+def _detection_text(d) -> str:
+    lines = []
+    if d.generation:
+        lines.append(f"TPU: {d.generation} ({d.status}: {d.reason})")
+    elif d.status == "none":
+        lines.append(f"No TPU found ({d.reason}).")
+    else:
+        lines.append(f"TPU generation not decided: {d.status}: {d.reason}")
+    lines.append(f"chips per host: {d.chips_per_host or '-'}   slice chips: {d.slice_chips or '-'}   topology: {d.topology or '-'}")
+    if d.findings:
+        lines.append("")
+        lines.append(table(["detector", "kind", "value", "candidates", "status", "source"], [[f.evidence.detector, f.evidence.kind, f.evidence.value, ", ".join(f.candidates) or "-", f.status, f.evidence.source] for f in d.findings]))
+    for c in d.conflicts:
+        lines.append(f"conflict: {c}")
+    for f in d.faults:
+        lines.append(f"detector fault: {f.detector}: {f.message}")
+    return "\n".join(lines)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from .catalog import load_catalog
+    from .detect import detect
+
+    d = detect(load_catalog(args.catalog), simulate=args.simulate, allow_runtime_init=args.probe, strict=args.strict)
+    if args.json:
+        _dump(d.to_dict())
+    else:
+        print(_detection_text(d))
+    if args.require and not d.generation:
+        return EXIT_NO_TPU
+    return EXIT_OK
+
+
+def _workload(args: argparse.Namespace):
+    from .errors import TuningError
+    from .tune import Workload
+
+    limits = {
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "page_size": args.page_size,
+        "tensor_parallel": args.tp,
+        "q_dtype": args.q_dtype,
+        "kv_dtype": args.kv_dtype,
+        "sliding_window": args.sliding_window,
+    }
+    limits = {k: v for k, v in limits.items() if v is not None}
+    if args.hf_config:
+        return Workload.from_hf_config(args.hf_config, **limits)
+    if None in (args.heads, args.kv_heads, args.head_dim):
+        raise TuningError("give the attention shape: --hf-config PATH, or --heads N --kv-heads N --head-dim N")
+    return Workload(num_q_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, **limits)
+
+
+def vllm_flags(cfg) -> list[str]:
+    """What to pass to vLLM for the same knobs without the plugin."""
+    out = [f"--block-size {cfg.value('page_size')}"]
+    for var, knob in (("RPA_V3_DECODE_BLOCK_SIZES", "rpa_v3.d_block_sizes"), ("RPA_V3_PREFILL_BLOCK_SIZES", "rpa_v3.p_block_sizes"), ("RPA_V3_MIXED_BLOCK_SIZES", "rpa_v3.m_block_sizes")):
+        v = cfg.value(knob)
+        if v is not None:
+            out.append(f"export {var}={','.join(map(str, v))}")
+    return out
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    from .attention import plan
+    from .resolve import resolve
+
+    if args.catalog:
+        os.environ["TPU_REGISTRY_PATH"] = os.pathsep.join([*args.catalog, os.environ.get("TPU_REGISTRY_PATH", "")]).strip(os.pathsep)
+    cfg = resolve(_workload(args), simulate=args.simulate, overrides=args.overrides, allow_runtime_init=args.probe, strict=args.strict)
+    fmt = "json" if args.json else args.format
+    if fmt == "json":
+        _dump({**cfg.to_dict(), "plan": plan(cfg).to_dict(), "vllm": vllm_flags(cfg)})
+    elif fmt == "vllm":
+        print(f"# {cfg.spec.id}: equivalent vLLM settings without the tpu-registry plugin")
+        for line in vllm_flags(cfg):
+            print(line)
+        v3 = cfg.value("rpa_v3.vmem_limit_bytes")
+        if v3 is not None:
+            print(f"# RPA v3 VMEM limit: {v3} bytes (tpu-inference's kernel default is the whole core VMEM)")
+    elif args.explain:
+        print(cfg.explain())
+    else:
+        d = cfg.detection
+        print(f"{cfg.spec.id} ({cfg.spec.name}): {d.status}: {d.reason}")
+        print(table(["knob", "value", "layer"], [[k, ",".join(map(str, v.value)) if isinstance(v.value, tuple) else v.value, v.layer] for k, v in cfg.knobs.items()]))
+        for p, m in cfg.tuning.faults:
+            print(f"policy fault: {p}: {m}")
+        for n in cfg.notes:
+            print(f"note: {n}")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import describe_plugins, get_plugin_manager, load_faults
+
+    get_plugin_manager()
+    infos = describe_plugins()
+    if args.json:
+        _dump({"plugins": [i.to_dict() for i in infos], "load_faults": [{"name": n, "message": m} for n, m in load_faults]})
+        return EXIT_OK
+    print(table(["name", "kind", "distribution", "version", "hooks"], [[i.name, i.kind, i.distribution, i.version, ", ".join(i.hooks)] for i in infos]))
+    for n, m in load_faults:
+        print(f"plugin {n}: {m}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tpu-registry", description="Facts and kernel knobs for Google TPU generations.", epilog="Exit codes: 0 ok, 2 invalid input, 3 no TPU (detect --require), 1 internal error.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    def catalog_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--catalog", action="append", default=[], metavar="DIR", help="extra folder of generation files (repeatable)")
+
+    sp = add("list", cmd_list, "list the generations in the catalog")
+    catalog_opt(sp)
+    sp = add("show", cmd_show, "everything about one generation, with sources")
+    sp.add_argument("name", help="id, alias or identifier (e.g. v6e, 'TPU v5 lite', v5p-8)")
+    catalog_opt(sp)
+    sp = add("validate", cmd_validate, "check generation files, tuning tables and overrides files")
+    sp.add_argument("paths", nargs="*", help="files or folders (default: the whole catalog and tuning tables)")
+    sp = add("schema", cmd_schema, "JSON Schema of a data file (for editors such as Even Better TOML)")
+    sp.add_argument("--kind", choices=["generation", "table", "overrides"], default="generation")
+
+    for name, fn, help in (("detect", cmd_detect, "which TPU this host has, and why"), ("resolve", cmd_resolve, "the knobs for a workload on this (or a simulated) TPU, and who chose each")):
+        sp = add(name, fn, help)
+        sp.add_argument("--simulate", metavar="ID", help="act as if this generation were detected (shown as simulated)")
+        sp.add_argument("--probe", action="store_true", help="allow initialising JAX / torch_xla to ask them (slow; may lock the TPU)")
+        sp.add_argument("--strict", action="store_true", help="treat faulty plugins as errors")
+        catalog_opt(sp)
+        if name == "detect":
+            sp.add_argument("--require", action="store_true", help="exit 3 when no TPU is found")
+        else:
+            sp.add_argument("--hf-config", metavar="PATH", help="a Hugging Face config.json for the attention shape")
+            for flag, dest in (("--heads", "heads"), ("--kv-heads", "kv_heads"), ("--head-dim", "head_dim"), ("--max-model-len", "max_model_len"), ("--max-num-seqs", "max_num_seqs"), ("--max-num-batched-tokens", "max_num_batched_tokens"), ("--page-size", "page_size"), ("--tp", "tp"), ("--sliding-window", "sliding_window")):
+                sp.add_argument(flag, dest=dest, type=int, metavar="N")
+            sp.add_argument("--q-dtype", metavar="T")
+            sp.add_argument("--kv-dtype", metavar="T", help="bf16, fp8 (e4m3), fp8_e5m2, int8")
+            sp.add_argument("--overrides", metavar="PATH", help="a TOML overrides file (else TPU_REGISTRY_OVERRIDES)")
+            sp.add_argument("--explain", action="store_true", help="print the full reasoning")
+            sp.add_argument("--format", choices=["text", "json", "vllm"], default="text", help="vllm: the equivalent vLLM flags and variables")
+
+    add("plugins", cmd_plugins, "installed plugins, where they come from, their hooks")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import RegistryError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except RegistryError as e:
+        for p in e.problems:
+            print(f"error: {p}", file=sys.stderr)
+        return EXIT_INVALID
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as e:  # never a traceback for users; the debug variable shows it
+        if os.environ.get("TPU_REGISTRY_DEBUG"):
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (set TPU_REGISTRY_DEBUG=1 for details and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

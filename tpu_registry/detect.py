@@ -1,0 +1,368 @@
+"""Run the detectors, map their evidence to candidate generations, reconcile, and report.
+
+Reconciliation is declarative: each evidence kind has a trust level (``PRIORITY``). Levels are
+taken from most to least trusted; each level narrows the candidate set by intersection.
+Evidence that would empty the set disagrees with more trusted evidence and is reported as a
+conflict, never silently dropped. Two pieces at the same level that disagree with no more
+trusted evidence to decide between them leave the result undecided. An explicit override
+(``TPU_REGISTRY_GENERATION`` or ``--simulate``) wins outright and says so. The result depends
+only on the set of evidence, not on the order detectors ran in.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .catalog import Catalog
+from .errors import DetectionError, Problem
+
+ENV_TIMEOUT = "TPU_REGISTRY_DETECT_TIMEOUT"
+DEFAULT_TIMEOUT_S = 2.0
+
+# How much each kind of evidence is trusted (higher wins). Identifiers read from the hardware
+# beat what the environment claims; version numbers that name several generations come last.
+PRIORITY: dict[str, int] = {
+    "explicit": 100,
+    "pci": 80,
+    "device_kind": 70,
+    "accelerator_type": 60,
+    "gke_accelerator": 50,
+    "torch_xla_version": 30,
+    "generation_number": 20,
+    "topology": 0,  # carries counts or shape only; names no generation
+}
+KINDS = tuple(PRIORITY)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One observation. ``count`` is in ``count_unit`` (chips, cores or devices) over ``scope``."""
+
+    kind: str
+    value: str
+    source: str
+    count: int | None = None
+    count_unit: str = "chips"
+    scope: str = "host"  # "host" (this machine) or "slice" (the whole multi-host slice)
+    topology: str | None = None
+    note: str = ""
+    detector: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("detector", "kind", "value", "source", "count", "count_unit", "scope", "topology", "note")}
+
+
+@dataclass(frozen=True)
+class DetectContext:
+    env: Mapping[str, str]
+    sysfs_root: Path = Path("/")
+    allow_runtime_init: bool = False
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Evidence with what the catalog made of it."""
+
+    evidence: Evidence
+    candidates: tuple[str, ...]
+    status: str  # agrees | decides | conflict | unknown | info | overridden | undecided
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.evidence.to_dict(), "candidates": list(self.candidates), "status": self.status}
+
+
+@dataclass(frozen=True)
+class Fault:
+    detector: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"detector": self.detector, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Detection:
+    generation: str | None
+    status: str  # detected | explicit | simulated | ambiguous | conflict | none
+    reason: str
+    candidates: tuple[str, ...] = ()
+    chips_per_host: int | None = None
+    slice_chips: int | None = None
+    topology: str | None = None
+    findings: tuple[Finding, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    faults: tuple[Fault, ...] = ()
+    elapsed_ms: float = 0.0
+
+    @property
+    def found(self) -> bool:
+        return self.generation is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation,
+            "status": self.status,
+            "reason": self.reason,
+            "candidates": list(self.candidates),
+            "chips_per_host": self.chips_per_host,
+            "slice_chips": self.slice_chips,
+            "topology": self.topology,
+            "evidence": [f.to_dict() for f in self.findings],
+            "conflicts": list(self.conflicts),
+            "faults": [f.to_dict() for f in self.faults],
+        }
+
+
+def candidates_for(catalog: Catalog, ev: Evidence) -> set[str]:
+    if ev.kind == "explicit":
+        return catalog.find(ev.value)
+    if ev.kind == "accelerator_type":
+        return catalog.accelerator_prefix(ev.value)[0]
+    if ev.kind in ("torch_xla_version", "generation_number"):
+        return catalog.lookup(ev.kind, ev.value.strip())
+    if ev.kind == "topology":
+        return set()
+    return catalog.lookup(ev.kind, ev.value)
+
+
+def reconcile(catalog: Catalog, evidence: Sequence[Evidence], faults: Sequence[Fault] = ()) -> Detection:
+    """Pure function from evidence to a Detection (no I/O): the part fuzzed for order-independence."""
+    evidence = sorted(set(evidence), key=lambda e: (-PRIORITY.get(e.kind, -1), e.kind, e.value, e.source, e.detector, e.count or 0))
+    cands = {e: frozenset(candidates_for(catalog, e)) for e in evidence}
+    status: dict[Evidence, str] = {}
+    conflicts: list[str] = []
+    everything = frozenset(catalog.ids())
+    current = everything
+    winner_status, reason = "none", "no TPU evidence found"
+
+    explicit = [e for e in evidence if e.kind == "explicit"]
+    if explicit:
+        named = {e: cands[e] for e in explicit}
+        bad = [e for e in explicit if len(named[e]) != 1]
+        if bad:
+            e = bad[0]
+            what = "names no generation" if not named[e] else f"names several generations ({', '.join(sorted(named[e]))})"
+            raise DetectionError([Problem(e.source, None, "", f"explicit generation {e.value!r} {what}", "use an id from `tpu-registry list`")])
+        ids = set().union(*named.values())
+        if len(ids) > 1:
+            raise DetectionError([Problem("detection", None, "", f"explicit overrides disagree: {', '.join(f'{e.source}={e.value}' for e in explicit)}", "set only one")])
+        current = frozenset(ids)
+        gid = next(iter(ids))
+        simulated = any(e.detector == "simulate" for e in explicit)
+        winner_status = "simulated" if simulated else "explicit"
+        reason = f"{'simulated' if simulated else 'explicit override'} via {explicit[0].source}"
+        for e in explicit:
+            status[e] = "decides"
+        for e in evidence:
+            if e in status or e.kind == "topology":
+                continue
+            if not cands[e]:
+                status[e] = "unknown"
+            elif gid in cands[e]:
+                status[e] = "agrees"
+            else:
+                status[e] = "overridden"
+                conflicts.append(f"{e.source} says {e.value!r} ({', '.join(sorted(cands[e]))}) but {explicit[0].source} overrides it with {gid}")
+    else:
+        levels = sorted({PRIORITY.get(e.kind, -1) for e in evidence if e.kind != "topology"}, reverse=True)
+        decided_by: Evidence | None = None
+        undecided = False
+        for level in levels:
+            pieces = [e for e in evidence if PRIORITY.get(e.kind, -1) == level]
+            known = [e for e in pieces if cands[e]]
+            for e in pieces:
+                if not cands[e]:
+                    status[e] = "unknown"
+            if not known or undecided:
+                for e in known:
+                    status[e] = "undecided"
+                continue
+            together = current.intersection(*(cands[e] for e in known))
+            if together:
+                for e in known:
+                    status[e] = "agrees"
+                if decided_by is None and len(together) < len(current):
+                    decided_by = known[0]
+                current = together
+                continue
+            agreeing = [e for e in known if current & cands[e]]
+            if current == everything or not agreeing:
+                # Same-level disagreement with nothing more trusted to settle it.
+                undecided = True
+                for e in known:
+                    status[e] = "conflict"
+                conflicts.append("; ".join(f"{e.source} says {e.value!r} ({', '.join(sorted(cands[e]))})" for e in known) + " — equally trusted, no winner")
+                continue
+            for e in known:
+                if current & cands[e]:
+                    status[e] = "agrees"
+                    current = current & cands[e]
+                else:
+                    status[e] = "conflict"
+                    higher = next(x for x in evidence if status.get(x) == "agrees" and PRIORITY[x.kind] > level) if any(status.get(x) == "agrees" and PRIORITY[x.kind] > level for x in evidence) else None
+                    by = f"{higher.source} ({higher.kind})" if higher else "more trusted evidence"
+                    conflicts.append(f"{e.source} says {e.value!r} ({', '.join(sorted(cands[e]))}) but {by} says {', '.join(sorted(current))}; {e.kind} is trusted less")
+        if undecided and (current == everything or len(current) != 1):
+            winner_status, reason = "conflict", "evidence disagrees and nothing more trusted settles it"
+            current = frozenset() if current == everything else current
+        elif current == everything:
+            winner_status, reason = "none", "no TPU evidence found" if not any(cands.values()) else "no evidence named a known generation"
+            current = frozenset()
+        elif len(current) == 1:
+            winner_status = "detected"
+            top = next(e for e in evidence if status.get(e) == "agrees")
+            reason = f"{top.kind} {top.value!r} from {top.source}"
+            if conflicts:
+                reason += " (conflicting evidence was outranked)"
+            if decided_by is not None:
+                status[decided_by] = "decides"
+        else:
+            winner_status = "ambiguous"
+            reason = f"evidence fits {len(current)} generations: " + ", ".join(sorted(current))
+
+    for e in evidence:
+        if e.kind == "topology":
+            status[e] = "info"
+    gid = next(iter(current)) if len(current) == 1 and winner_status in ("detected", "explicit", "simulated") else None
+    chips_host, chips_slice, topo = _counts(catalog, gid, evidence, status)
+    findings = tuple(Finding(e, tuple(sorted(cands[e])), status.get(e, "unknown")) for e in evidence)
+    return Detection(
+        generation=gid,
+        status=winner_status,
+        reason=reason,
+        candidates=tuple(sorted(current)),
+        chips_per_host=chips_host,
+        slice_chips=chips_slice,
+        topology=topo,
+        findings=findings,
+        conflicts=tuple(conflicts),
+        faults=tuple(faults),
+    )
+
+
+def to_chips(catalog: Catalog, gid: str, ev: Evidence) -> int | None:
+    if ev.count is None:
+        return None
+    spec = catalog[gid]
+    chip = spec.chip
+    unit = ev.count_unit
+    if unit == "suffix":  # an accelerator-type suffix counts cores or chips, per the catalog
+        prefix = catalog.accelerator_prefix(ev.value)[1]
+        unit = next((a.suffix_counts for a in spec.identify.accelerator_types if a.prefix == prefix), "")
+    per = {"chips": 1, "cores": chip.tensorcores_per_chip, "devices": chip.jax_devices_per_chip}.get(unit)
+    if not per:
+        return None
+    return max(1, ev.count // per)
+
+
+def _counts(catalog: Catalog, gid: str | None, evidence: Sequence[Evidence], status: Mapping[Evidence, str]) -> tuple[int | None, int | None, str | None]:
+    host = slice_ = topo = None
+    if gid is None:
+        return None, None, None
+    usable = [e for e in evidence if status.get(e) in ("agrees", "decides", "info")]
+    for e in usable:  # already ordered most trusted first
+        chips = to_chips(catalog, gid, e)
+        if chips is not None:
+            if e.scope == "host" and host is None:
+                host = chips
+            elif e.scope == "slice" and slice_ is None:
+                slice_ = chips
+        if topo is None and e.topology:
+            topo = e.topology
+    per_host = catalog[gid].chip.chips_per_host
+    if host is None and slice_ is not None and per_host:
+        host = min(slice_, per_host)
+    return host, slice_, topo
+
+
+# ---------------------------------------------------------------------------------------------
+# Running detectors
+# ---------------------------------------------------------------------------------------------
+
+
+def run_detectors(context: DetectContext) -> tuple[list[Evidence], list[Fault]]:
+    """Call every ``tpu_registry_detect`` implementation, each in its own thread, and give up
+    on those still running after ``context.timeout_s``. Exceptions and wrong return types
+    become faults naming the plugin; they never propagate."""
+    from .plugins import get_plugin_manager, load_faults, short_name
+
+    pm = get_plugin_manager()
+    impls = pm.hook.tpu_registry_detect.get_hookimpls()
+    results: dict[str, Any] = {}
+    errors: dict[str, BaseException] = {}
+
+    def call(impl) -> None:
+        try:
+            results[impl.plugin_name] = impl.function(*[{"context": context}[a] for a in impl.argnames])
+        except BaseException as e:  # noqa: BLE001 - a plugin fault must not escape
+            errors[impl.plugin_name] = e
+
+    threads = []
+    for impl in impls:
+        t = threading.Thread(target=call, args=(impl,), name=f"tpu-registry-detect-{impl.plugin_name}", daemon=True)
+        t.start()
+        threads.append((impl.plugin_name, t))
+    deadline = time.monotonic() + context.timeout_s
+    evidence: list[Evidence] = []
+    faults = [Fault(name, msg) for name, msg in load_faults]
+    for name, t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+        short = short_name(name) if name.startswith("tpu_registry.") else name
+        if t.is_alive():
+            faults.append(Fault(short, f"gave no answer within {context.timeout_s:g} s; skipped ({ENV_TIMEOUT} sets the budget)"))
+            continue
+        if name in errors:
+            e = errors[name]
+            faults.append(Fault(short, f"raised {type(e).__name__}: {e}"))
+            continue
+        out = results.get(name)
+        items = [] if out is None else [out] if isinstance(out, Evidence) else out
+        if not isinstance(items, (list, tuple)) or not all(isinstance(x, Evidence) for x in items):
+            faults.append(Fault(short, f"returned {type(out).__name__}, not Evidence, a list of Evidence, or None"))
+            continue
+        for x in items:
+            if x.kind not in PRIORITY:
+                faults.append(Fault(short, f"reported unknown evidence kind {x.kind!r} (known: {', '.join(KINDS)})"))
+                continue
+            evidence.append(replace(x, detector=short))
+    return evidence, faults
+
+
+def detect(
+    catalog: Catalog | None = None,
+    *,
+    simulate: str | None = None,
+    allow_runtime_init: bool = False,
+    strict: bool = False,
+    env: Mapping[str, str] | None = None,
+    sysfs_root: Path | str | None = None,
+    timeout_s: float | None = None,
+) -> Detection:
+    """Which TPU generation is this host, and why. Never initialises a TPU runtime unless
+    ``allow_runtime_init`` is true. ``strict`` turns detector faults into a DetectionError."""
+    from .catalog import load_catalog
+
+    start = time.perf_counter()
+    catalog = catalog or load_catalog()
+    env = os.environ if env is None else env
+    if timeout_s is None:
+        try:
+            timeout_s = float(env.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S))
+        except ValueError:
+            raise DetectionError(f"{ENV_TIMEOUT}={env.get(ENV_TIMEOUT)!r} is not a number of seconds") from None
+    root = Path(sysfs_root if sysfs_root is not None else env.get("TPU_REGISTRY_SYSFS_ROOT", "/"))
+    context = DetectContext(env=dict(env), sysfs_root=root, allow_runtime_init=allow_runtime_init, timeout_s=timeout_s)
+    evidence, faults = run_detectors(context)
+    if simulate:
+        evidence.append(Evidence("explicit", simulate, "--simulate", detector="simulate", note="simulated: no hardware was consulted for the choice"))
+    if strict and faults:
+        raise DetectionError([Problem(f"detector {f.detector}", None, "", f.message, "fix or disable the plugin (TPU_REGISTRY_DISABLE_PLUGINS)") for f in faults])
+    result = reconcile(catalog, evidence, faults)
+    return replace(result, elapsed_ms=(time.perf_counter() - start) * 1000)

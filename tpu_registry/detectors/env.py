@@ -1,0 +1,44 @@
+"""Evidence from environment variables: explicit overrides, Cloud TPU and GKE variables."""
+
+from __future__ import annotations
+
+from tpu_registry.detect import DetectContext, Evidence
+from tpu_registry.hookspecs import hookimpl
+
+EXPLICIT = "TPU_REGISTRY_GENERATION"
+
+
+def _product(text: str) -> int | None:
+    """``2,2,1`` or ``2x4`` -> 4 / 8; None when it is not a list of positive integers."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        nums = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        return None
+    if not nums or any(n <= 0 for n in nums):
+        return None
+    out = 1
+    for n in nums:
+        out *= n
+    return out
+
+
+@hookimpl
+def tpu_registry_detect(context: DetectContext) -> list[Evidence]:
+    env = context.env
+    out: list[Evidence] = []
+    if value := env.get(EXPLICIT, "").strip():
+        out.append(Evidence("explicit", value, f"env {EXPLICIT}"))
+    if value := env.get("TPU_VERSION", "").strip():
+        out.append(Evidence("generation_number", value, "env TPU_VERSION", note="a bare version number: 5 means v5e or v5p"))
+    if value := env.get("TPU_ACCELERATOR_TYPE", "").strip():
+        suffix = value.rpartition("-")[2]
+        count = int(suffix) if suffix.isdigit() and int(suffix) > 0 else None
+        out.append(Evidence("accelerator_type", value, "env TPU_ACCELERATOR_TYPE", count=count, count_unit="suffix", scope="slice"))
+    if value := env.get("TPU_TOPOLOGY", "").strip():
+        out.append(Evidence("topology", value, "env TPU_TOPOLOGY", count=_product(value), scope="slice", topology=value))
+    for name in ("TPU_CHIPS_PER_HOST_BOUNDS", "CHIPS_PER_HOST_BOUNDS"):
+        if value := env.get(name, "").strip():
+            out.append(Evidence("topology", value, f"env {name}", count=_product(value), scope="host"))
+            break
+    return out

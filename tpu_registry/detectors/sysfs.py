@@ -1,0 +1,71 @@
+"""Evidence from PCI devices in sysfs (vendor 0x1ae0, Google), cross-checked with /dev nodes.
+
+Reading a few small files costs microseconds and touches no TPU runtime. The root is
+configurable (``context.sysfs_root``) so tests can point it at a fake tree.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from tpu_registry.catalog import pci_key
+from tpu_registry.detect import DetectContext, Evidence
+from tpu_registry.hookspecs import hookimpl
+
+GOOGLE_VENDOR = 0x1AE0
+
+
+def _hex(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip(), 16)
+    except (OSError, ValueError):
+        return None
+
+
+def scan_pci(root: Path) -> Counter:
+    """Count Google PCI functions by (device, subsystem_device)."""
+    found: Counter = Counter()
+    devices = root / "sys" / "bus" / "pci" / "devices"
+    try:
+        entries = sorted(devices.iterdir())
+    except OSError:
+        return found
+    for dev in entries:
+        if _hex(dev / "vendor") != GOOGLE_VENDOR:
+            continue
+        device = _hex(dev / "device")
+        if device is None:
+            continue
+        found[(device, _hex(dev / "subsystem_device"))] += 1
+    return found
+
+
+def count_device_nodes(root: Path) -> int:
+    dev = root / "dev"
+    try:
+        accel = [p for p in dev.glob("accel*") if p.name[5:].isdigit()]
+        vfio = [p for p in (dev / "vfio").glob("*") if p.name.isdigit()] if (dev / "vfio").is_dir() else []
+    except OSError:
+        return 0
+    return len(accel) + len(vfio)
+
+
+@hookimpl
+def tpu_registry_detect(context: DetectContext) -> list[Evidence]:
+    root = context.sysfs_root
+    pci = scan_pci(root)
+    nodes = count_device_nodes(root)
+    where = root / "sys" / "bus" / "pci" / "devices"
+    out = []
+    for (device, subsystem), count in sorted(pci.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        # The subsystem id only matters where the catalog uses it (v2 vs v3); keep it always,
+        # the catalog falls back to vendor:device when no generation lists the subsystem.
+        key = pci_key(GOOGLE_VENDOR, device, subsystem)
+        note = ""
+        if nodes and nodes != count and len(pci) == 1:
+            note = f"/dev has {nodes} accelerator nodes, PCI has {count} devices"
+        out.append(Evidence("pci", key, f"sysfs {where}", count=count, note=note))
+    if not pci and nodes:
+        out.append(Evidence("topology", f"{nodes} device nodes", f"{root / 'dev'}", count=nodes, note="accelerator device nodes without Google PCI devices"))
+    return out

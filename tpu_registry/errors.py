@@ -1,0 +1,54 @@
+"""One error type for every problem a user can cause with data or configuration.
+
+Each problem renders as ``path:line: dotted.field: what is wrong (hint)`` so that editors and
+terminals can jump to it; a library call raises one exception carrying all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    line: int | None
+    field: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        text = f"{where}: {self.field or '(file)'}: {self.message}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "line": self.line,
+            "field": self.field,
+            "message": self.message,
+            "hint": self.hint,
+        }
+
+
+class RegistryError(Exception):
+    """Base class: every error the registry raises on purpose."""
+
+    def __init__(self, problems: list[Problem] | str):
+        if isinstance(problems, str):
+            problems = [Problem("", None, "", problems)]
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class CatalogError(RegistryError):
+    """A generation file, tuning table or catalog folder is invalid."""
+
+
+class DetectionError(RegistryError):
+    """Detection failed under --strict, or a required TPU was not found."""
+
+
+class TuningError(RegistryError):
+    """A workload, overrides file or policy result is invalid."""

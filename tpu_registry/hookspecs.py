@@ -1,0 +1,85 @@
+"""The hooks a tpu-registry plugin can implement.
+
+One marker name, ``tpu_registry``, is shared by ``hookspec``, ``hookimpl`` and the entry-point
+group, so a plugin package declares::
+
+    [project.entry-points.tpu_registry]
+    my_plugin = "my_package.my_module"
+
+and decorates its functions with ``@tpu_registry.hookimpl``. Built-in plugins are ordinary
+modules registered the same way. Every hook is documented with an example in
+``docs/hooks.md``; a test fails if one is missing there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .detect import DetectContext, Detection, Evidence
+    from .spec import Generation
+    from .tune import Layer, Workload
+
+PROJECT = "tpu_registry"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Catalog hooks
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def tpu_registry_hardware_dirs() -> Sequence[Path | str] | None:
+    """Return folders of generation files (``*.toml``) to add to the catalog.
+
+    They are read after the built-in folder and before ``TPU_REGISTRY_PATH``. A file in them
+    that reuses a built-in id must say ``replaces = "<id>"``.
+
+    :returns: a list of folders, or None.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection hooks
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def tpu_registry_detect(context: DetectContext) -> Evidence | Sequence[Evidence] | None:
+    """Report raw evidence of which TPU this host has.
+
+    A detector reports what it saw (a device_kind string, a PCI id, an accelerator type...)
+    and never decides the generation: the catalog maps evidence to candidates. It must not
+    initialise a TPU runtime unless ``context.allow_runtime_init`` is true, and should return
+    quickly: detection gives up on a detector after ``context.timeout_s`` seconds.
+
+    :param context: environment, sysfs root, probing permission and time budget.
+    :returns: one piece of evidence, a list of them, or None when it saw nothing.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning hooks
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def tpu_registry_tune(spec: Generation, workload: Workload, detection: Detection) -> Layer | None:
+    """Return a named, partial layer of knobs for this generation and workload, or None.
+
+    Layers merge in call order: an implementation called earlier wins. Built-ins are
+    ``overrides`` (tryfirst), ``tables`` and ``baseline`` (trylast), so a plain plugin lands
+    between tables and overrides; ``trylast=True`` puts it just above baseline.
+
+    :param spec: the generation being tuned for.
+    :param workload: attention shape, dtypes and serving limits.
+    :param detection: how the generation was found (a policy may ignore it).
+    :returns: a ``Layer(name, knobs)``; knob names are ``page_size`` or ``family.knob``.
+    """

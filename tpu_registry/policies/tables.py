@@ -1,0 +1,229 @@
+"""The tables policy: measured block sizes from TOML tables under ``hardware/tuning/``.
+
+A table names the generations and the kernel family it applies to, the workload columns it
+is keyed by and the knobs it sets. The workload is bucketed exactly as upstream bucketed it
+when it measured the table (``bucket()`` is the one place that defines this). A miss sets
+nothing, so the baseline shows through. Tables are validated like generation files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from tpu_registry.catalog import builtin_hardware_dir
+from tpu_registry.errors import CatalogError, Problem
+from tpu_registry.hookspecs import hookimpl
+from tpu_registry.spec import SCHEMA_VERSION, KernelFamily, _Model
+from tpu_registry.tomlfile import locate, read_toml, validate
+from tpu_registry.tune import Layer, Workload, align, canonical_dtype, cdiv, next_pow2
+
+ENV_TABLES = "TPU_REGISTRY_TABLES_PATH"
+
+KeyColumn = Literal[
+    "q_dtype",
+    "kv_dtype",
+    "num_q_heads",
+    "num_kv_heads",
+    "num_q_heads_per_block",
+    "num_kv_heads_per_block",
+    "head_dim",
+    "page_size",
+    "max_num_batched_tokens",
+    "max_model_len_paged",
+    "max_model_len_pow2",
+    "sliding_window",
+]
+
+BUCKETS = {
+    "q_dtype": "canonical dtype name (bf16 -> bfloat16)",
+    "kv_dtype": "canonical dtype name",
+    "num_q_heads": "query heads per device",
+    "num_kv_heads": "KV heads per device",
+    "num_q_heads_per_block": "query heads per RPA v2 block (the kernel's min_heads_per_blk)",
+    "num_kv_heads_per_block": "KV heads per RPA v2 block",
+    "head_dim": "head dim aligned up to 128",
+    "page_size": "next power of two",
+    "max_num_batched_tokens": "next power of two",
+    "max_model_len_paged": "page_size x pages per sequence (max_model_len rounded up to a page)",
+    "max_model_len_pow2": "next power of two",
+    "sliding_window": "exact, 0 for none",
+}
+
+
+class Table(_Model):
+    schema_version: int
+    kernel: KernelFamily
+    generations: list[str] = Field(min_length=1)
+    source: str = Field(min_length=1)
+    note: str = ""
+    key: list[KeyColumn] = Field(min_length=1)
+    value: list[str] = Field(min_length=1)
+    rows: list[list[Any]]
+
+    @field_validator("schema_version")
+    @classmethod
+    def _schema(cls, v: int) -> int:
+        if not 1 <= v <= SCHEMA_VERSION:
+            raise ValueError(f"schema_version {v} is not one this tpu-registry understands ({SCHEMA_VERSION})")
+        return v
+
+    @model_validator(mode="after")
+    def _rows(self) -> Table:
+        width = len(self.key) + len(self.value)
+        seen: dict[tuple, int] = {}
+        for i, row in enumerate(self.rows):
+            if len(row) != width:
+                raise ValueError(f"rows[{i}] has {len(row)} columns, expected {width} ({', '.join(self.key + self.value)})")
+            for col, cell in zip(self.key + self.value, row):
+                if col.endswith("dtype"):
+                    if not isinstance(cell, str):
+                        raise ValueError(f"rows[{i}] {col} must be a dtype name, got {cell!r}")
+                elif isinstance(cell, bool) or not isinstance(cell, int) or cell < (0 if col == "sliding_window" else 1):
+                    raise ValueError(f"rows[{i}] {col} must be a positive whole number, got {cell!r}")
+            k = tuple(row[: len(self.key)])
+            if k in seen:
+                raise ValueError(f"rows[{i}] repeats the key of rows[{seen[k]}]")
+            seen[k] = i
+        return self
+
+
+def bucket(column: str, w: Workload, page: int) -> Any:
+    """The table key cell for a workload: the single definition of the bucketing rules."""
+    from tpu_registry.policies.baseline import min_heads_per_block
+
+    if column in ("q_dtype", "kv_dtype"):
+        return getattr(w, column)
+    if column == "num_q_heads":
+        return w.q_heads_per_device
+    if column == "num_kv_heads":
+        return w.kv_heads_per_device
+    if column in ("num_q_heads_per_block", "num_kv_heads_per_block"):
+        heads = min_heads_per_block(w.q_heads_per_device, 2 * w.kv_heads_per_device, w.q_dtype, w.kv_dtype)
+        if heads is None:
+            return None
+        return heads[0] if column == "num_q_heads_per_block" else heads[1] // 2
+    if column == "head_dim":
+        return align(w.head_dim, 128)
+    if column == "page_size":
+        return next_pow2(page)
+    if column == "max_num_batched_tokens":
+        return next_pow2(w.max_num_batched_tokens)
+    if column == "max_model_len_paged":
+        return page * cdiv(w.max_model_len, page)
+    if column == "max_model_len_pow2":
+        return next_pow2(w.max_model_len)
+    if column == "sliding_window":
+        return w.sliding_window or 0
+    raise KeyError(column)
+
+
+class LoadedTable:
+    def __init__(self, table: Table, path: Path):
+        self.table, self.path = table, path
+        n = len(table.key)
+        self.index = {tuple(_norm_cell(c, v) for c, v in zip(table.key, row[:n])): tuple(row[n:]) for row in table.rows}
+
+    def lookup(self, w: Workload, page: int) -> dict[str, Any] | None:
+        key = tuple(bucket(c, w, page) for c in self.table.key)
+        hit = self.index.get(key)
+        if hit is None:
+            return None
+        return {f"{self.table.kernel}.{name}": value for name, value in zip(self.table.value, hit)}
+
+
+def _norm_cell(column: str, value: Any) -> Any:
+    return canonical_dtype(value) if column.endswith("dtype") else value
+
+
+def table_folders() -> list[Path]:
+    out = [builtin_hardware_dir() / "tuning"]
+    for part in os.environ.get(ENV_TABLES, "").split(os.pathsep):
+        if part.strip():
+            out.append(Path(part.strip()))
+    return out
+
+
+def load_table(path: Path) -> tuple[LoadedTable | None, list[Problem]]:
+    doc, text, problems = read_toml(path)
+    if doc is None:
+        return None, problems
+    table, problems = validate(Table, doc, text, path)
+    if table is None:
+        return None, problems
+    try:
+        return LoadedTable(table, path), []  # type: ignore[arg-type]
+    except Exception as e:  # a dtype cell that names no dtype
+        return None, [Problem(str(path), locate(text, ("rows",)), "rows", str(e), "use dtype names such as bfloat16")]
+
+
+_cache: dict[tuple, list[LoadedTable]] = {}
+
+
+def load_tables(folders: list[Path] | None = None) -> list[LoadedTable]:
+    folders = table_folders() if folders is None else folders
+    files = []
+    problems: list[Problem] = []
+    for folder in folders:
+        if not folder.is_dir():
+            if folder != builtin_hardware_dir() / "tuning":
+                problems.append(Problem(str(folder), None, "", f"tuning-table folder from {ENV_TABLES} does not exist", "create it or fix the variable"))
+            continue
+        files += sorted(p for p in folder.glob("*.toml") if not p.name.startswith("."))
+    key = tuple((str(p), p.stat().st_mtime_ns) for p in files)
+    if key in _cache and not problems:
+        return _cache[key]
+    tables = []
+    for path in files:
+        t, probs = load_table(path)
+        problems += probs
+        if t is not None:
+            tables.append(t)
+    if problems:
+        raise CatalogError(problems)
+    _cache[key] = tables
+    return tables
+
+
+def lookup(spec_id: str, family: str, w: Workload, page: int, tables: list[LoadedTable]) -> tuple[dict[str, Any], list[str]]:
+    knobs: dict[str, Any] = {}
+    used = []
+    for t in tables:
+        if spec_id in t.table.generations and t.table.kernel == family:
+            hit = t.lookup(w, page)
+            if hit:
+                for k, v in hit.items():
+                    knobs.setdefault(k, v)
+                used.append(t.path.name)
+    return knobs, used
+
+
+@hookimpl
+def tpu_registry_tune(spec, workload: Workload, detection) -> Layer | None:
+    from tpu_registry.policies.baseline import min_page_size, page_size_for
+
+    page = workload.page_size or max(page_size_for(workload.max_model_len), min_page_size(spec, workload))
+    knobs: dict[str, Any] = {}
+    used: list[str] = []
+    tables = load_tables()
+    for family in spec.kernels.families:
+        hit, names = lookup(spec.id, family, workload, page, tables)
+        knobs.update(hit)
+        used += names
+    if not knobs:
+        return None
+    pages_per_seq = cdiv(workload.max_model_len, page)
+    # Upstream clamps a table hit the same way it clamps its defaults.
+    if "rpa_v2.num_kv_pages_per_block" in knobs:
+        knobs["rpa_v2.num_kv_pages_per_block"] = min(pages_per_seq, knobs["rpa_v2.num_kv_pages_per_block"])
+    if "rpa_v2.num_queries_per_block" in knobs:
+        knobs["rpa_v2.num_queries_per_block"] = min(workload.max_num_batched_tokens, knobs["rpa_v2.num_queries_per_block"])
+    return Layer("tables", knobs, "from " + ", ".join(used))
+
+
+def describe_buckets() -> Mapping[str, str]:
+    return dict(BUCKETS)

@@ -1,0 +1,185 @@
+"""resolve(): catalog + detection + tuning -> one frozen ResolvedConfig.
+
+Cached on its arguments and on the environment variables that change the answer, so every
+worker process can call it freely: a warm call is a dictionary lookup. The cache is safe
+under threads (concurrent first calls compute once) and is reset in a forked child.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .catalog import Catalog, load_catalog
+from .detect import Detection, detect
+from .errors import DetectionError, Problem
+from .spec import Generation
+from .tune import Knob, Tuning, Workload, tune
+
+# Environment variables that change detection or tuning. A change invalidates the cache.
+ENV_KEYS = (
+    "TPU_REGISTRY_GENERATION",
+    "TPU_REGISTRY_PATH",
+    "TPU_REGISTRY_OVERRIDES",
+    "TPU_REGISTRY_POLICIES",
+    "TPU_REGISTRY_TABLES_PATH",
+    "TPU_REGISTRY_DISABLE_PLUGINS",
+    "TPU_REGISTRY_PLUGINS_AUTOLOAD",
+    "TPU_REGISTRY_SYSFS_ROOT",
+    "TPU_REGISTRY_DETECT_TIMEOUT",
+    "TPU_REGISTRY_GCE",
+    "TPU_REGISTRY_GCE_URL",
+    "TPU_VERSION",
+    "TPU_ACCELERATOR_TYPE",
+    "TPU_TOPOLOGY",
+    "TPU_CHIPS_PER_HOST_BOUNDS",
+    "CHIPS_PER_HOST_BOUNDS",
+    "TPU_SKIP_MDS_QUERY",
+)
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    spec: Generation
+    detection: Detection
+    workload: Workload
+    tuning: Tuning
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def generation(self) -> str:
+        return self.spec.id
+
+    @property
+    def knobs(self) -> Mapping[str, Knob]:
+        return self.tuning.knobs
+
+    def value(self, name: str, default: Any = None) -> Any:
+        k = self.tuning.knobs.get(name)
+        return default if k is None else k.value
+
+    def layer(self, name: str) -> str | None:
+        k = self.tuning.knobs.get(name)
+        return None if k is None else k.layer
+
+    def kernel_kwargs(self, family: str) -> dict[str, Any]:
+        """Knobs of one kernel family, as keyword arguments for that kernel."""
+        prefix = family + "."
+        return {k[len(prefix):]: v.value for k, v in self.tuning.knobs.items() if k.startswith(prefix)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "generation": self.spec.id,
+            "name": self.spec.name,
+            "provisional": self.spec.provisional,
+            "detection": self.detection.to_dict(),
+            "workload": self.workload.to_dict(),
+            "knobs": {k: v.to_dict() for k, v in self.tuning.knobs.items()},
+            "layers": list(self.tuning.layers),
+            "faults": [{"policy": p, "message": m} for p, m in self.tuning.faults],
+            "notes": list(self.notes),
+        }
+
+    def explain(self) -> str:
+        d = self.detection
+        lines = [f"generation: {self.spec.id} ({self.spec.name}){' PROVISIONAL' if self.spec.provisional else ''}", f"  why: {d.status}: {d.reason}"]
+        for f in d.findings:
+            e = f.evidence
+            lines.append(f"  evidence: [{f.status}] {e.kind}={e.value!r} from {e.source} -> {', '.join(f.candidates) or '-'}")
+        lines += [f"  conflict: {c}" for c in d.conflicts]
+        lines += [f"  detector fault: {x.detector}: {x.message}" for x in d.faults]
+        w = self.workload
+        lines.append(f"workload: {w.num_q_heads} q heads, {w.num_kv_heads} kv heads, head dim {w.head_dim}, {w.q_dtype}/{w.kv_dtype}, max_model_len {w.max_model_len}, max_num_seqs {w.max_num_seqs}, max_num_batched_tokens {w.max_num_batched_tokens}, tp {w.tensor_parallel}" + (f", sliding window {w.sliding_window}" if w.sliding_window else ""))
+        lines.append(f"layers (most trusted first): {', '.join(self.tuning.layers) or '-'}")
+        for name, k in self.tuning.knobs.items():
+            beat = "; beat " + ", ".join(f"{n}={_fmt(v)}" for n, v in k.overrode) if k.overrode else ""
+            lines.append(f"  {name} = {_fmt(k.value)}  [{k.layer}{beat}]")
+        lines += [f"  policy fault: {p}: {m}" for p, m in self.tuning.faults]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return ",".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
+
+
+_lock = threading.Lock()
+_cache: dict[tuple, ResolvedConfig] = {}
+
+
+def _reset_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()  # the parent's lock may have been held by another thread
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def clear_cache() -> None:
+    from . import catalog as _catalog
+    from . import plugins as _plugins
+
+    with _lock:
+        _cache.clear()
+    _catalog.clear_cache()
+    _plugins.reset()
+
+
+def _workload(w: Workload | Mapping[str, Any]) -> Workload:
+    return w if isinstance(w, Workload) else Workload.from_dict(w)
+
+
+def resolve(
+    workload: Workload | Mapping[str, Any],
+    *,
+    simulate: str | None = None,
+    overrides: os.PathLike | str | None = None,
+    allow_runtime_init: bool = False,
+    strict: bool = False,
+    catalog_dirs: tuple[os.PathLike | str, ...] = (),
+) -> ResolvedConfig:
+    """Detect the generation, tune for the workload and return the frozen result.
+
+    Raises ``DetectionError`` when no single generation is found (say which with
+    ``simulate`` or ``TPU_REGISTRY_GENERATION``), and ``TuningError`` or ``CatalogError`` for
+    bad workloads, overrides or catalog files.
+    """
+    w = _workload(workload)
+    env = os.environ
+    key = (w, simulate, str(overrides) if overrides else None, allow_runtime_init, strict, tuple(str(d) for d in catalog_dirs), tuple(env.get(k) for k in ENV_KEYS))
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    with _lock:
+        hit = _cache.get(key)
+        if hit is None:
+            hit = _compute(w, simulate, overrides, allow_runtime_init, strict, catalog_dirs)
+            _cache[key] = hit
+    return hit
+
+
+def _compute(w: Workload, simulate, overrides, allow_runtime_init: bool, strict: bool, catalog_dirs) -> ResolvedConfig:
+    from .policies import overrides as overrides_policy
+
+    catalog: Catalog = load_catalog(catalog_dirs)
+    detection = detect(catalog, simulate=simulate, allow_runtime_init=allow_runtime_init, strict=strict)
+    if detection.generation is None:
+        what = {"ambiguous": f"the evidence fits several generations ({', '.join(detection.candidates)})", "conflict": "the evidence conflicts"}.get(detection.status, "no TPU was found")
+        raise DetectionError([Problem("detection", None, "", f"cannot resolve: {what}: {detection.reason}", "say which generation with --simulate ID or TPU_REGISTRY_GENERATION=ID")])
+    spec = catalog[detection.generation]
+    token = overrides_policy.overrides_path.set(str(Path(overrides)) if overrides else None)
+    try:
+        tuning = tune(spec, w, detection, strict=strict)
+    finally:
+        overrides_policy.overrides_path.reset(token)
+    notes = []
+    if spec.provisional:
+        notes.append(f"{spec.id} is provisional: its figures come from announcements and pre-release code")
+    if not spec.kernels.families:
+        notes.append(f"no paged-attention kernel supports {spec.id}")
+    return ResolvedConfig(spec=spec, detection=detection, workload=w, tuning=tuning, notes=tuple(notes))

@@ -1,0 +1,249 @@
+"""The schema of one generation file (``hardware/*.toml``).
+
+Every model is frozen and forbids unknown keys. Units are part of the field names; all
+figures are per chip unless the name says ``per_core``. Sanity ranges are deliberately wide
+(they catch unit slips such as Gbps-for-GB/s, not plausible future chips).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+
+Dtype = Literal["f32", "bf16", "int8", "int4", "fp8"]
+Topology = Literal["2d_torus", "3d_torus", "3d_torus_ocs", "other"]
+KernelFamily = Literal["rpa_v2", "rpa_v3"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+def _range(lo: float, hi: float, *, gt: bool = True):
+    return Field(gt=lo, le=hi) if gt else Field(ge=lo, le=hi)
+
+
+class Chip(_Model):
+    """Per-chip facts. Mirrors JAX's ``TpuInfo`` but per chip, with units in every name."""
+
+    tensorcores_per_chip: Annotated[int, _range(0, 16)]
+    mxus_per_core: Annotated[int, _range(0, 64)]
+    mxu_rows: Annotated[int, _range(0, 4096)]
+    mxu_cols: Annotated[int, _range(0, 4096)]
+    sparsecores_per_chip: Annotated[int, _range(0, 64, gt=False)]
+    hbm_gib: Annotated[float, _range(0, 4096)]
+    hbm_bandwidth_gb_s: Annotated[float, _range(10, 100_000)]
+    peak_bf16_tflops: Annotated[float, _range(0, 100_000)]
+    peak_int8_tops: Annotated[float, _range(0, 200_000)] | None = None
+    peak_fp8_tflops: Annotated[float, _range(0, 200_000)] | None = None
+    matmul_dtypes: list[Dtype] = Field(min_length=1)
+    vmem_mib_per_core: Annotated[float, _range(0, 4096)]
+    smem_kib_per_core: Annotated[int, _range(0, 65536)]
+    lanes: Annotated[int, _range(0, 4096)]
+    sublanes: Annotated[int, _range(0, 256)]
+    ici_bandwidth_bidir_gb_s_per_chip: Annotated[float, _range(0, 100_000)] | None = None
+    ici_ports_per_chip: Annotated[int, _range(0, 64)] | None = None
+    # None: not published yet (allowed only in provisional files).
+    topology: Topology | None = None
+    max_pod_chips: Annotated[int, _range(0, 1_000_000)] | None = None
+    chips_per_host: Annotated[int, _range(0, 256)] | None = None
+    jax_devices_per_chip: Annotated[int, _range(0, 16)]
+
+    @field_validator("mxu_rows", "mxu_cols")
+    @classmethod
+    def _mxu_multiple_of_128(cls, v: int) -> int:
+        if v % 128:
+            raise ValueError(f"must be a multiple of 128, got {v}")
+        return v
+
+    @field_validator("lanes")
+    @classmethod
+    def _lanes_pow2(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Chip:
+        if self.peak_int8_tops is not None and "int8" not in self.matmul_dtypes:
+            raise ValueError("peak_int8_tops is set but 'int8' is not in matmul_dtypes")
+        if self.peak_fp8_tflops is not None and "fp8" not in self.matmul_dtypes:
+            raise ValueError("peak_fp8_tflops is set but 'fp8' is not in matmul_dtypes")
+        if self.vmem_mib_per_core * self.tensorcores_per_chip >= self.hbm_gib * 1024:
+            raise ValueError("VMEM per chip must be smaller than HBM per chip")
+        if self.jax_devices_per_chip > self.tensorcores_per_chip:
+            raise ValueError("jax_devices_per_chip cannot exceed tensorcores_per_chip")
+        if self.chips_per_host and self.max_pod_chips and self.chips_per_host > self.max_pod_chips:
+            raise ValueError("chips_per_host cannot exceed max_pod_chips")
+        return self
+
+    # Derived values used by tuning; computed, never stored, so they cannot disagree.
+    @property
+    def vmem_bytes_per_core(self) -> int:
+        return int(self.vmem_mib_per_core * 1024 * 1024)
+
+    @property
+    def smem_bytes_per_core(self) -> int:
+        return self.smem_kib_per_core * 1024
+
+    @property
+    def hbm_bytes(self) -> int:
+        return int(self.hbm_gib * 1024**3)
+
+    @property
+    def hbm_bytes_per_jax_device(self) -> int:
+        return self.hbm_bytes // self.jax_devices_per_chip
+
+
+class AcceleratorType(_Model):
+    """A Cloud accelerator-type prefix (``v5p`` in ``v5p-128``) and what its suffix counts."""
+
+    prefix: str = Field(min_length=1, pattern=r"^[a-z0-9]+$")
+    suffix_counts: Literal["cores", "chips"]
+
+
+class PciId(_Model):
+    vendor: Annotated[int, Field(ge=0, le=0xFFFF)]
+    device: Annotated[int, Field(ge=0, le=0xFFFF)]
+    subsystem_device: Annotated[int, Field(ge=0, le=0xFFFF)] | None = None
+
+
+class Identify(_Model):
+    """Strings that name this generation. Detectors report them raw; the catalog maps them."""
+
+    device_kinds: list[str] = Field(default_factory=list)
+    accelerator_types: list[AcceleratorType] = Field(default_factory=list)
+    gke_accelerators: list[str] = Field(default_factory=list)
+    pci: list[PciId] = Field(default_factory=list)
+    torch_xla_versions: list[Annotated[int, Field(ge=1, le=99)]] = Field(default_factory=list)
+
+
+class RpaV2Facts(_Model):
+    """Defaults of the RPA v2 kernel (torch_xla / JAX ``ragged_paged_attention``)."""
+
+    default_num_kv_pages_per_block: Annotated[int, Field(gt=0, le=4096)]
+    default_num_queries_per_block: Annotated[int, Field(gt=0, le=4096)]
+    # torch_xla halves the KV block while the block matrices would take this much VMEM or more.
+    halve_kv_block_at_vmem_mib: Annotated[float, Field(gt=0, le=4096)] | None = None
+    vmem_limit_mib: Annotated[float, Field(gt=0, le=4096)]
+
+
+class RpaV3Facts(_Model):
+    """Parameters of tpu-inference's RPA v3 default block-size heuristic.
+
+    Upstream switches on the TPU version; these fields carry the same numbers as data:
+    prefill/mixed ``bq = min(q_budget // q_per_kv, max_q // q_max_divisor)`` and
+    ``bkv = min(kv_tokens, max_kv // kv_max_divisor)``; compute sizes likewise with the
+    ``chunk_*`` fields; decode ``bkv = decode_kv_bytes * kv_packing // 4 // head_dim // kv_heads_x2``.
+    """
+
+    decode_kv_bytes: Annotated[int, Field(gt=0)]
+    prefill_q_budget: Annotated[int, Field(gt=0)]
+    prefill_q_max_divisor: Annotated[int, Field(gt=0)]
+    prefill_kv_tokens: Annotated[int, Field(gt=0)]
+    prefill_kv_max_divisor: Annotated[int, Field(gt=0)]
+    chunk_q_budget: Annotated[int, Field(gt=0)]
+    chunk_q_max_divisor: Annotated[int, Field(gt=0)]
+    chunk_kv_tokens: Annotated[int, Field(gt=0)]
+    # Tuned-table miss fallback of the older v3 kernel: KV tokens per block.
+    kv_tokens_per_block: Annotated[int, Field(gt=0)]
+    # None means "the whole VMEM of the core", as tpu-inference does today.
+    vmem_limit_mib: Annotated[float, Field(gt=0, le=4096)] | None = None
+
+
+class Kernels(_Model):
+    families: list[KernelFamily] = Field(default_factory=list)
+    rpa_v2: RpaV2Facts | None = None
+    rpa_v3: RpaV3Facts | None = None
+
+    @model_validator(mode="after")
+    def _facts_for_families(self) -> Kernels:
+        for fam in self.families:
+            if getattr(self, fam) is None:
+                raise ValueError(f"'{fam}' is listed in families but [kernels.{fam}] is missing")
+        return self
+
+
+class Source(_Model):
+    """Where numbers come from: a URL or a repository path, and the fields it supports."""
+
+    title: str = Field(min_length=1)
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    repo: str | None = Field(default=None, pattern=r"^[\w.-]+/[\w.-]+$")
+    path: str | None = None
+    commit: str | None = Field(default=None, pattern=r"^[0-9a-f]{7,40}$")
+    fields: list[str] = Field(min_length=1)
+    note: str = ""
+
+    @model_validator(mode="after")
+    def _traceable(self) -> Source:
+        if not self.url and not (self.repo and self.path):
+            raise ValueError("a source needs a url, or a repo and a path")
+        return self
+
+
+class Generation(_Model):
+    schema_version: int
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=32)
+    name: str = Field(min_length=1)
+    aliases: list[str] = Field(default_factory=list)
+    generation: Annotated[int, Field(ge=1, le=99)]
+    provisional: bool = False
+    release_year: Annotated[int, Field(ge=2015, le=2100)]
+    replaces: str | None = None
+    notes: str = ""
+    chip: Chip
+    identify: Identify
+    kernels: Kernels = Field(default_factory=Kernels)
+    sources: list[Source] = Field(min_length=1)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, v: int) -> int:
+        if v > SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {v} is newer than this tpu-registry understands ({SCHEMA_VERSION})"
+            )
+        if v < 1:
+            raise ValueError("schema_version must be 1 or more")
+        return v
+
+    @field_validator("sources")
+    @classmethod
+    def _every_number_sourced(cls, sources: list[Source], info: ValidationInfo) -> list[Source]:
+        covered = {f for s in sources for f in s.fields}
+        unknown = sorted(
+            f for f in covered if f.startswith("chip.") and f[5:] not in Chip.model_fields
+        )
+        if unknown:
+            raise ValueError(f"sources name unknown chip fields: {', '.join(unknown)}")
+        chip = info.data.get("chip")
+        if chip is not None:
+            missing = [
+                f"chip.{name}"
+                for name, value in chip
+                if value is not None and f"chip.{name}" not in covered
+            ]
+            if missing:
+                raise ValueError(f"no source covers {', '.join(missing)}")
+        return sources
+
+    @model_validator(mode="after")
+    def _published_unless_provisional(self) -> Generation:
+        if not self.provisional:
+            unset = [f for f in ("topology", "max_pod_chips", "chips_per_host") if getattr(self.chip, f) is None]
+            if unset:
+                raise ValueError(
+                    f"chip.{unset[0]} is required unless the generation is marked provisional"
+                )
+        return self

@@ -1,0 +1,112 @@
+"""`tpu-registry validate` and `schema`: check every data file and report every problem.
+
+A path may be a folder of generation files (its ``tuning/`` subfolder is checked as tables),
+a generation file, a tuning table or an overrides file; the kind of a file is told by its
+top-level keys. Generation files are checked together with the catalog, so duplicate ids and
+identifier collisions across files are found too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import CatalogError, Problem, RegistryError
+
+
+def file_kind(doc: dict[str, Any]) -> str:
+    if "rows" in doc and "kernel" in doc:
+        return "table"
+    if "override" in doc:
+        return "overrides"
+    return "generation"
+
+
+def validate_paths(paths: list[Path]) -> tuple[int, list[Problem]]:
+    from . import catalog as cat
+    from .plugins import hardware_dirs
+    from .policies.overrides import OverridesFile
+    from .policies.tables import Table, table_folders
+    from .tomlfile import read_toml, validate
+
+    problems: list[Problem] = []
+    generation_files: list[tuple[Path, str]] = []
+    other_files: list[tuple[Path, str]] = []
+    if not paths:
+        try:
+            plugin_dirs = hardware_dirs()
+        except RegistryError as e:
+            problems += e.problems
+            plugin_dirs = []
+        for folder, origin in cat.search_folders(plugin_dirs=plugin_dirs):
+            files, probs = cat.list_files(folder, origin)
+            problems += probs
+            generation_files += [(f, origin) for f in files]
+        for folder in table_folders():
+            if folder.is_dir():
+                other_files += [(f, "tables") for f in sorted(folder.glob("*.toml"))]
+            elif folder != cat.builtin_hardware_dir() / "tuning":
+                problems.append(Problem(str(folder), None, "", "tuning-table folder does not exist", "create it or fix TPU_REGISTRY_TABLES_PATH"))
+    else:
+        builtin = cat.builtin_hardware_dir().resolve()
+        for path in paths:
+            if path.is_dir():
+                files, probs = cat.list_files(path, "argument")
+                problems += probs
+                generation_files += [(f, "argument") for f in files]
+                if (path / "tuning").is_dir():
+                    other_files += [(f, "tables") for f in sorted((path / "tuning").glob("*.toml"))]
+            elif path.exists() or path.is_symlink():
+                other_files.append((path, "argument"))
+            else:
+                problems.append(Problem(str(path), None, "", "no such file or folder", "check the path"))
+        # Check the named generation files against the built-in catalog for collisions.
+        named = {p.resolve() for p, _ in generation_files}
+        if builtin not in {p.resolve() for p in paths}:
+            generation_files = [(f, "built-in") for f in cat.list_files(builtin, "built-in")[0] if f.resolve() not in named] + generation_files
+
+    loaded = []
+    n = 0
+    for path, _origin in generation_files:
+        n += 1
+        spec, text, probs = cat.load_generation_file(path)
+        problems += probs
+        if spec is not None:
+            loaded.append((spec, path, text))
+    for path, origin in other_files:
+        n += 1
+        doc, text, probs = read_toml(path)
+        problems += probs
+        if doc is None:
+            continue
+        kind = "table" if origin == "tables" else file_kind(doc)
+        if kind == "generation":
+            spec, probs = validate(cat.Generation, doc, text, path)
+            problems += probs
+            if spec is not None:
+                loaded.append((spec, path, text))
+            continue
+        model = Table if kind == "table" else OverridesFile
+        _, probs = validate(model, doc, text, path)
+        problems += probs
+    cat._assemble(loaded, (), problems)
+    return n, problems
+
+
+def check(paths: list[Path]) -> None:
+    """Library form of `validate`: raise CatalogError with every problem."""
+    _, problems = validate_paths(paths)
+    if problems:
+        raise CatalogError(problems)
+
+
+def json_schema(kind: str = "generation") -> dict[str, Any]:
+    from .policies.overrides import OverridesFile
+    from .policies.tables import Table
+    from .spec import Generation
+
+    model = {"generation": Generation, "table": Table, "overrides": OverridesFile}[kind]
+    schema = model.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema.setdefault("title", f"tpu-registry {kind} file")
+    return schema
