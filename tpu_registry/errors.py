@@ -18,8 +18,11 @@ class Problem:
     hint: str = ""
 
     def __str__(self) -> str:
-        where = f"{self.path}:{self.line}" if self.line else self.path
-        text = f"{where}: {self.field or '(file)'}: {self.message}"
+        if not self.path and not self.field:
+            text = self.message
+        else:
+            where = f"{self.path}:{self.line}" if self.line else self.path
+            text = f"{where}: {self.field or '(file)'}: {self.message}"
         return f"{text} ({self.hint})" if self.hint else text
 
     def to_dict(self) -> dict:

@@ -1,0 +1,60 @@
+"""Shared fixtures: a clean environment for every test, and helpers for the CLI and sysfs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HARDWARE = REPO / "hardware"
+
+# Variables that change detection or tuning: no test may inherit them from the machine.
+_ENV_PREFIXES = ("TPU_", "CHIPS_PER_HOST_BOUNDS", "HOST_BOUNDS")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(_ENV_PREFIXES):
+            monkeypatch.delenv(name, raising=False)
+    # No sysfs of the machine: detection reads an empty tree unless a test builds one.
+    monkeypatch.setenv("TPU_REGISTRY_SYSFS_ROOT", "/nonexistent-sysfs-root")
+    # Third-party plugins installed in the test venv (the GCE example) stay opt-in.
+    from tpu_registry.resolve import clear_cache
+
+    clear_cache()
+    yield
+    clear_cache()
+
+
+def cli_path() -> str:
+    return str(Path(sys.executable).parent / "tpu-registry")
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the installed console script as a user would."""
+    full_env = {k: v for k, v in os.environ.items()}
+    full_env.update(env or {})
+    return subprocess.run([cli_path(), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=120)
+
+
+def make_sysfs(root: Path, devices: list[tuple[int, int, int | None]], dev_nodes: list[str] = ()) -> Path:
+    """A fake sysfs tree: one PCI function per (vendor, device, subsystem_device)."""
+    base = root / "sys" / "bus" / "pci" / "devices"
+    base.mkdir(parents=True, exist_ok=True)
+    for i, (vendor, device, subsystem) in enumerate(devices):
+        d = base / f"0000:00:{i + 4:02x}.0"
+        d.mkdir()
+        (d / "vendor").write_text(f"0x{vendor:04x}\n")
+        (d / "device").write_text(f"0x{device:04x}\n")
+        if subsystem is not None:
+            (d / "subsystem_device").write_text(f"0x{subsystem:04x}\n")
+    for node in dev_nodes:
+        p = root / "dev" / node
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+    return root
