@@ -172,7 +172,6 @@ def reconcile(catalog: Catalog, evidence: Sequence[Evidence], faults: Sequence[F
                 conflicts.append(f"{e.source} says {e.value!r} ({', '.join(sorted(cands[e]))}) but {explicit[0].source} overrides it with {gid}")
     else:
         levels = sorted({PRIORITY.get(e.kind, -1) for e in evidence if e.kind != "topology"}, reverse=True)
-        decided_by: Evidence | None = None
         undecided = False
         for level in levels:
             pieces = [e for e in evidence if PRIORITY.get(e.kind, -1) == level]
@@ -180,7 +179,9 @@ def reconcile(catalog: Catalog, evidence: Sequence[Evidence], faults: Sequence[F
             for e in pieces:
                 if not cands[e]:
                     status[e] = "unknown"
-            if not known or undecided:
+            if not known:
+                continue
+            if undecided:
                 for e in known:
                     status[e] = "undecided"
                 continue
@@ -188,27 +189,32 @@ def reconcile(catalog: Catalog, evidence: Sequence[Evidence], faults: Sequence[F
             if together:
                 for e in known:
                     status[e] = "agrees"
-                if decided_by is None and len(together) < len(current):
-                    decided_by = known[0]
                 current = together
                 continue
-            agreeing = [e for e in known if current & cands[e]]
-            if current == everything or not agreeing:
-                # Same-level disagreement with nothing more trusted to settle it.
+            if current == everything:
+                # Equally trusted pieces disagree and nothing more trusted settles it.
                 undecided = True
                 for e in known:
                     status[e] = "conflict"
                 conflicts.append("; ".join(f"{e.source} says {e.value!r} ({', '.join(sorted(cands[e]))})" for e in known) + " — equally trusted, no winner")
                 continue
+            # More trusted evidence already narrowed the candidates: pieces that fit them
+            # agree, the others are outranked.
+            top = next(x for x in evidence if status.get(x) == "agrees")
+            fitting = [e for e in known if current & cands[e]]
             for e in known:
-                if current & cands[e]:
+                if e in fitting:
                     status[e] = "agrees"
-                    current = current & cands[e]
                 else:
                     status[e] = "conflict"
-                    higher = next(x for x in evidence if status.get(x) == "agrees" and PRIORITY[x.kind] > level) if any(status.get(x) == "agrees" and PRIORITY[x.kind] > level for x in evidence) else None
-                    by = f"{higher.source} ({higher.kind})" if higher else "more trusted evidence"
-                    conflicts.append(f"{e.source} says {e.value!r} ({', '.join(sorted(cands[e]))}) but {by} says {', '.join(sorted(current))}; {e.kind} is trusted less")
+                    conflicts.append(f"{e.source} says {e.value!r} ({', '.join(sorted(cands[e]))}) but {top.source} ({top.kind}) says {', '.join(sorted(current))}; {e.kind} is trusted less")
+            narrowed = current.intersection(*(cands[e] for e in fitting))
+            if fitting and not narrowed:
+                undecided = True
+                for e in fitting:
+                    status[e] = "conflict"
+            elif narrowed:
+                current = narrowed
         if undecided and (current == everything or len(current) != 1):
             winner_status, reason = "conflict", "evidence disagrees and nothing more trusted settles it"
             current = frozenset() if current == everything else current
@@ -221,8 +227,7 @@ def reconcile(catalog: Catalog, evidence: Sequence[Evidence], faults: Sequence[F
             reason = f"{top.kind} {top.value!r} from {top.source}"
             if conflicts:
                 reason += " (conflicting evidence was outranked)"
-            if decided_by is not None:
-                status[decided_by] = "decides"
+            status[top] = "decides"
         else:
             winner_status = "ambiguous"
             reason = f"evidence fits {len(current)} generations: " + ", ".join(sorted(current))

@@ -1,0 +1,354 @@
+"""Detection: real identifier strings, fake sysfs trees, reconciliation, the CLI, plugins."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+from conftest import REPO, make_sysfs, run_cli
+
+import tpu_registry
+from tpu_registry import hookspecs
+from tpu_registry.catalog import load_catalog
+from tpu_registry.detect import Evidence, detect, reconcile
+from tpu_registry.errors import DetectionError, RegistryError
+from tpu_registry.plugins import get_plugin_manager, reset
+
+GOOGLE = 0x1AE0
+
+# (kind, value, count, count_unit) -> (generation, chips per host, slice chips). Strings from
+# tpu_specs.md section 4 (JAX device_kind, Cloud accelerator types, GKE labels, PCI ids).
+IDENTIFIERS = [
+    ("device_kind", "TPU v2", 8, "devices", "v2", 4, None),
+    ("device_kind", "TPU v3", 8, "devices", "v3", 4, None),
+    ("device_kind", "TPU v4", 4, "devices", "v4", 4, None),
+    ("device_kind", "TPU v5 lite", 8, "devices", "v5e", 8, None),
+    ("device_kind", "TPU v5e", 4, "devices", "v5e", 4, None),
+    ("device_kind", "TPU v5", 4, "devices", "v5p", 4, None),
+    ("device_kind", "TPU v5p", 4, "devices", "v5p", 4, None),
+    ("device_kind", "TPU v6 lite", 8, "devices", "v6e", 8, None),
+    ("device_kind", "TPU v6e", 1, "devices", "v6e", 1, None),
+    ("device_kind", "TPU7x", 8, "devices", "tpu7x", 4, None),
+    ("device_kind", "TPU8t", None, "devices", "tpu8t", None, None),
+    ("device_kind", "TPU8i", None, "devices", "tpu8i", None, None),
+    ("accelerator_type", "v2-8", 8, "suffix", "v2", 4, 4),
+    ("accelerator_type", "v2-512", 512, "suffix", "v2", 4, 256),
+    ("accelerator_type", "v3-8", 8, "suffix", "v3", 4, 4),
+    ("accelerator_type", "v3-2048", 2048, "suffix", "v3", 4, 1024),
+    ("accelerator_type", "v4-8", 8, "suffix", "v4", 4, 4),
+    ("accelerator_type", "v4-16", 16, "suffix", "v4", 4, 8),
+    ("accelerator_type", "v5litepod-1", 1, "suffix", "v5e", 1, 1),
+    ("accelerator_type", "v5litepod-4", 4, "suffix", "v5e", 4, 4),
+    ("accelerator_type", "v5litepod-16", 16, "suffix", "v5e", 8, 16),
+    ("accelerator_type", "v5litepod-256", 256, "suffix", "v5e", 8, 256),
+    ("accelerator_type", "v5p-8", 8, "suffix", "v5p", 4, 4),
+    ("accelerator_type", "v5p-128", 128, "suffix", "v5p", 4, 64),
+    ("accelerator_type", "v6e-1", 1, "suffix", "v6e", 1, 1),
+    ("accelerator_type", "v6e-8", 8, "suffix", "v6e", 8, 8),
+    ("accelerator_type", "v6e-256", 256, "suffix", "v6e", 8, 256),
+    ("accelerator_type", "tpu7x-2", 2, "suffix", "tpu7x", 1, 1),
+    ("accelerator_type", "tpu7x-8", 8, "suffix", "tpu7x", 4, 4),
+    ("accelerator_type", "tpu7x-18432", 18432, "suffix", "tpu7x", 4, 9216),
+    ("gke_accelerator", "tpu-v3-device", None, "chips", "v3", None, None),
+    ("gke_accelerator", "tpu-v3-slice", None, "chips", "v3", None, None),
+    ("gke_accelerator", "tpu-v4-podslice", None, "chips", "v4", None, None),
+    ("gke_accelerator", "tpu-v5-lite-podslice", None, "chips", "v5e", None, None),
+    ("gke_accelerator", "tpu-v5-lite-device", None, "chips", "v5e", None, None),
+    ("gke_accelerator", "tpu-v5p-slice", None, "chips", "v5p", None, None),
+    ("gke_accelerator", "tpu-v6e-slice", None, "chips", "v6e", None, None),
+    ("gke_accelerator", "tpu7x", None, "chips", "tpu7x", None, None),
+    ("pci", "1ae0:0027/004e", 4, "chips", "v2", 4, None),
+    ("pci", "1ae0:0027/004f", 4, "chips", "v3", 4, None),
+    ("pci", "1ae0:005e", 4, "chips", "v4", 4, None),
+    ("pci", "1ae0:0062", 4, "chips", "v5p", 4, None),
+    ("pci", "1ae0:0063", 8, "chips", "v5e", 8, None),
+    ("pci", "1ae0:006f", 8, "chips", "v6e", 8, None),
+    ("pci", "1ae0:0076", 4, "chips", "tpu7x", 4, None),
+    ("pci", "1ae0:007c", 1, "chips", "tpu8t", 1, None),
+    ("pci", "1ae0:0083", 1, "chips", "tpu8i", 1, None),
+    ("torch_xla_version", "6", None, "chips", "v6e", None, None),
+    ("torch_xla_version", "7", None, "chips", "tpu7x", None, None),
+]
+
+
+@pytest.mark.parametrize(("kind", "value", "count", "unit", "gid", "host", "slice_"), IDENTIFIERS, ids=[f"{k}:{v}" for k, v, *_ in IDENTIFIERS])
+def test_real_identifier_strings(kind, value, count, unit, gid, host, slice_):
+    scope = "slice" if kind == "accelerator_type" else "host"
+    d = reconcile(load_catalog(), [Evidence(kind, value, "test", count=count, count_unit=unit, scope=scope)])
+    assert (d.generation, d.chips_per_host, d.slice_chips) == (gid, host, slice_)
+    assert d.status == "detected"
+
+
+def test_at_least_thirty_identifier_cases():
+    assert len(IDENTIFIERS) >= 30
+
+
+@pytest.mark.parametrize(("accel", "gid", "slice_chips", "host_chips"), [("v5litepod-16", "v5e", 16, 8), ("v5p-128", "v5p", 64, 4), ("tpu7x-8", "tpu7x", 4, 4), ("v4-16", "v4", 8, 4)])
+def test_env_accelerator_type_suffix_arithmetic(accel, gid, slice_chips, host_chips):
+    d = detect(env={"TPU_ACCELERATOR_TYPE": accel}, sysfs_root="/nonexistent")
+    assert (d.generation, d.slice_chips, d.chips_per_host) == (gid, slice_chips, host_chips)
+    assert d.findings[0].evidence.detector == "env"
+
+
+def test_gke_host_bounds_give_chips_per_host():
+    d = detect(env={"TPU_ACCELERATOR_TYPE": "v6e-16", "TPU_TOPOLOGY": "4x4", "TPU_CHIPS_PER_HOST_BOUNDS": "2,4,1"}, sysfs_root="/nonexistent")
+    assert (d.generation, d.chips_per_host, d.slice_chips, d.topology) == ("v6e", 8, 16, "4x4")
+
+
+def test_fake_sysfs_v5e_host_with_8_chips(tmp_path):
+    root = make_sysfs(tmp_path, [(GOOGLE, 0x0063, None)] * 8, [f"vfio/{i}" for i in range(8)])
+    d = detect(env={}, sysfs_root=root)
+    assert (d.generation, d.chips_per_host, d.status) == ("v5e", 8, "detected")
+    assert d.findings[0].evidence.value == "1ae0:0063"
+    assert d.findings[0].evidence.detector == "sysfs"
+
+
+def test_fake_sysfs_v5p_host_with_4_chips(tmp_path):
+    root = make_sysfs(tmp_path, [(GOOGLE, 0x0062, 0x0000)] * 4, [f"vfio/{i}" for i in range(4)])
+    d = detect(env={}, sysfs_root=root)
+    assert (d.generation, d.chips_per_host) == ("v5p", 4)
+
+
+def test_fake_sysfs_v4_host(tmp_path):
+    root = make_sysfs(tmp_path, [(GOOGLE, 0x005E, None)] * 4, [f"accel{i}" for i in range(4)])
+    d = detect(env={}, sysfs_root=root)
+    assert (d.generation, d.chips_per_host) == ("v4", 4)
+
+
+def test_fake_sysfs_v2_and_v3_told_apart_by_subsystem(tmp_path):
+    v2 = detect(env={}, sysfs_root=make_sysfs(tmp_path / "a", [(GOOGLE, 0x0027, 0x004E)] * 4))
+    v3 = detect(env={}, sysfs_root=make_sysfs(tmp_path / "b", [(GOOGLE, 0x0027, 0x004F)] * 4))
+    assert (v2.generation, v3.generation) == ("v2", "v3")
+
+
+def test_fake_sysfs_mixed_and_garbled_tree(tmp_path):
+    root = make_sysfs(tmp_path, [(0x8086, 0x1234, None), (GOOGLE, 0x0042, None), (GOOGLE, 0x006F, None)])
+    base = root / "sys" / "bus" / "pci" / "devices"
+    junk = base / "0000:00:1f.0"
+    junk.mkdir()
+    (junk / "vendor").write_text("not hex\n")
+    half = base / "0000:00:1e.0"
+    half.mkdir()
+    (half / "vendor").write_text("0x1ae0\n")  # no device file
+    (base / "stray-file").write_text("x")
+    d = detect(env={}, sysfs_root=root)
+    assert d.generation == "v6e" and d.chips_per_host == 1
+    statuses = {f.evidence.value: f.status for f in d.findings}
+    assert statuses == {"1ae0:0042": "unknown", "1ae0:006f": "decides"}
+    assert not d.faults
+
+
+def test_device_nodes_disagreeing_with_pci_are_noted(tmp_path):
+    root = make_sysfs(tmp_path, [(GOOGLE, 0x006F, None)] * 4, [f"vfio/{i}" for i in range(8)])
+    d = detect(env={}, sysfs_root=root)
+    assert d.findings[0].evidence.note == "/dev has 8 accelerator nodes, PCI has 4 devices"
+
+
+def test_conflict_pci_v6e_against_env_v5e(tmp_path):
+    root = make_sysfs(tmp_path, [(GOOGLE, 0x006F, None)] * 8)
+    d = detect(env={"TPU_ACCELERATOR_TYPE": "v5litepod-8"}, sysfs_root=root)
+    assert d.generation == "v6e" and d.status == "detected"
+    assert d.chips_per_host == 8
+    assert [f.status for f in d.findings] == ["decides", "conflict"]
+    assert d.conflicts == (f"env TPU_ACCELERATOR_TYPE says 'v5litepod-8' (v5e) but sysfs {root}/sys/bus/pci/devices (pci) says v6e; accelerator_type is trusted less",)
+    assert d.reason.endswith("(conflicting evidence was outranked)")
+
+
+def test_torch_xla_5_alone_is_ambiguous_and_pci_resolves_it():
+    cat = load_catalog()
+    five = Evidence("torch_xla_version", "5", "torch_xla._internal.tpu.version()")
+    d = reconcile(cat, [five])
+    assert d.generation is None and d.status == "ambiguous"
+    assert d.candidates == ("v5e", "v5p")
+    d = reconcile(cat, [five, Evidence("pci", "1ae0:0062", "sysfs", count=4)])
+    assert (d.generation, d.chips_per_host) == ("v5p", 4)
+    d = reconcile(cat, [Evidence("pci", "1ae0:0063", "sysfs", count=8), five])
+    assert d.generation == "v5e"
+
+
+def test_seed_tpu_version_variable_is_accepted_with_a_note():
+    d = detect(env={"TPU_VERSION": "5"}, sysfs_root="/nonexistent")
+    assert d.status == "ambiguous" and d.candidates == ("v5e", "v5p")
+    assert "5 means v5e or v5p" in d.findings[0].evidence.note
+    assert detect(env={"TPU_VERSION": "6"}, sysfs_root="/nonexistent").generation == "v6e"
+
+
+def test_same_level_disagreement_has_no_winner():
+    d = reconcile(load_catalog(), [Evidence("accelerator_type", "v5p-8", "env"), Evidence("accelerator_type", "v6e-8", "metadata")])
+    assert d.generation is None and d.status == "conflict"
+    assert "equally trusted, no winner" in d.conflicts[0]
+
+
+def test_explicit_override_wins_and_says_so(tmp_path):
+    root = make_sysfs(tmp_path, [(GOOGLE, 0x006F, None)] * 8)
+    d = detect(env={"TPU_REGISTRY_GENERATION": "TPU v5 lite"}, sysfs_root=root)
+    assert (d.generation, d.status) == ("v5e", "explicit")
+    assert d.reason == "explicit override via env TPU_REGISTRY_GENERATION"
+    assert "overrides it with v5e" in d.conflicts[0]
+
+
+def test_explicit_override_naming_nothing_is_an_error():
+    with pytest.raises(DetectionError) as e:
+        detect(env={"TPU_REGISTRY_GENERATION": "v99"}, sysfs_root="/nonexistent")
+    assert str(e.value) == "env TPU_REGISTRY_GENERATION: (file): explicit generation 'v99' names no generation (use an id from `tpu-registry list`)"
+
+
+def test_no_tpu_is_a_normal_result():
+    d = detect(env={}, sysfs_root="/nonexistent")
+    assert (d.generation, d.status, d.reason) == (None, "none", "no TPU evidence found")
+
+
+def test_cli_detect_without_tpu_says_so_and_exits_0():
+    r = run_cli("detect")
+    assert r.returncode == 0
+    assert r.stdout.splitlines()[0] == "No TPU found (no TPU evidence found)."
+    assert run_cli("detect", "--require").returncode == 3
+
+
+def test_cli_detect_simulate_is_shown_as_simulated():
+    r = run_cli("detect", "--simulate", "v6e", "--json")
+    d = json.loads(r.stdout)
+    assert (d["generation"], d["status"]) == ("v6e", "simulated")
+    assert d["evidence"][0]["detector"] == "simulate"
+    text = run_cli("detect", "--simulate", "v6e").stdout
+    assert text.startswith("TPU: v6e (simulated: simulated via --simulate)")
+
+
+def test_cli_detect_table_lists_evidence(tmp_path):
+    root = make_sysfs(tmp_path, [(GOOGLE, 0x0063, None)] * 8)
+    r = run_cli("detect", env={"TPU_REGISTRY_SYSFS_ROOT": str(root), "TPU_ACCELERATOR_TYPE": "v5litepod-8"})
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("TPU: v5e (detected: pci '1ae0:0063'")
+    assert lines[1] == "chips per host: 8   slice chips: 8   topology: -"
+    assert lines[3].split() == ["detector", "kind", "value", "candidates", "status", "source"]
+    assert lines[5].split()[:5] == ["sysfs", "pci", "1ae0:0063", "v5e", "decides"]
+    assert lines[6].split()[:5] == ["env", "accelerator_type", "v5litepod-8", "v5e", "agrees"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-invasiveness: detection must not initialise a runtime it did not find initialised.
+# ---------------------------------------------------------------------------------------------
+
+NON_INVASIVE = """
+import sys, jax
+from jax._src import xla_bridge as xb
+from tpu_registry.detect import detect
+before = dict(xb._backends)
+d = detect(env={}, sysfs_root="/nonexistent")
+print(len(before), len(xb._backends), d.generation, d.status, [f.detector for f in d.faults])
+"""
+
+INITIALISED = """
+import jax
+jax.devices()  # the host process initialised JAX (on CPU here)
+from tpu_registry.detect import detect
+d = detect(env={}, sysfs_root="/nonexistent")
+print(d.generation, d.status, len(d.findings), len(d.faults))
+"""
+
+
+@pytest.mark.needs_jax
+def test_detect_does_not_initialise_jax():
+    pytest.importorskip("jax")
+    out = subprocess.run([sys.executable, "-c", NON_INVASIVE], capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "0", "None", "none", "[]"]
+
+
+@pytest.mark.needs_jax
+def test_jax_on_cpu_gives_no_evidence_and_no_error():
+    pytest.importorskip("jax")
+    out = subprocess.run([sys.executable, "-c", INITIALISED], capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "none", "0", "0"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plugins
+# ---------------------------------------------------------------------------------------------
+
+
+def test_builtin_plugins_are_ordinary_registered_modules():
+    pm = get_plugin_manager()
+    for name in ("tpu_registry.detectors.env", "tpu_registry.detectors.sysfs", "tpu_registry.detectors.jax", "tpu_registry.detectors.torch_xla", "tpu_registry.policies.baseline", "tpu_registry.policies.tables", "tpu_registry.policies.overrides"):
+        assert pm.has_plugin(name)
+        assert isinstance(pm.get_plugin(name), types.ModuleType)
+
+
+def test_disable_plugins_by_name(monkeypatch, tmp_path):
+    root = make_sysfs(tmp_path, [(GOOGLE, 0x006F, None)])
+    monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", "sysfs")
+    assert detect(env={}, sysfs_root=root).generation is None
+    monkeypatch.delenv("TPU_REGISTRY_DISABLE_PLUGINS")
+    assert detect(env={}, sysfs_root=root).generation == "v6e"
+
+
+def test_autoload_off_skips_entry_points(monkeypatch):
+    monkeypatch.setenv("TPU_REGISTRY_PLUGINS_AUTOLOAD", "0")
+    names = {n for n, _ in get_plugin_manager().list_name_plugin()}
+    assert all(n.startswith("tpu_registry.") for n in names)
+    r = run_cli("plugins", "--json", env={"TPU_REGISTRY_PLUGINS_AUTOLOAD": "0"})
+    assert {p["kind"] for p in json.loads(r.stdout)["plugins"]} == {"built-in"}
+
+
+def test_misspelled_hook_is_caught(monkeypatch):
+    bad = types.ModuleType("bad_plugin")
+
+    @tpu_registry.hookimpl
+    def tpu_registry_detekt(context):  # noqa: ARG001 - the typo is the point
+        return None
+
+    bad.tpu_registry_detekt = tpu_registry_detekt
+    pm = get_plugin_manager()
+    pm.register(bad, name="bad_plugin")
+    try:
+        with pytest.raises(Exception, match="tpu_registry_detekt"):
+            pm.check_pending()
+    finally:
+        pm.unregister(name="bad_plugin")
+        reset()
+
+
+def test_check_pending_runs_when_the_manager_is_built(monkeypatch):
+    import tpu_registry.plugins as plugins
+
+    bad = types.ModuleType("tpu_registry.bad")
+    bad.tpu_registry_detekt = tpu_registry.hookimpl(lambda context: None)
+    monkeypatch.setitem(sys.modules, "tpu_registry.bad", bad)
+    monkeypatch.setattr(plugins, "BUILTIN_PLUGINS", (*plugins.BUILTIN_PLUGINS, "tpu_registry.bad"))
+    reset()
+    with pytest.raises(RegistryError, match="unknown hook 'tpu_registry_detekt'"):
+        get_plugin_manager()
+    monkeypatch.undo()
+    reset()
+
+
+def test_every_hook_is_documented_with_an_example():
+    doc = (REPO / "docs" / "hooks.md").read_text()
+    hooks = [n for n in dir(hookspecs) if n.startswith("tpu_registry_")]
+    assert hooks == ["tpu_registry_detect", "tpu_registry_hardware_dirs", "tpu_registry_tune"]
+    for name in hooks:
+        assert f"## `{name}" in doc, f"{name} has no section in docs/hooks.md"
+        section = doc.split(f"## `{name}")[1].split("\n## ")[0]
+        assert f"def {name}(" in section, f"{name} has no example in docs/hooks.md"
+        assert getattr(hookspecs, name).__doc__, f"{name} has no docstring"
+        assert getattr(hookspecs, name).__annotations__.get("return"), f"{name} is not typed"
+
+
+def test_hardware_dirs_hook_adds_catalog_folders(tmp_path):
+    text = (REPO / "hardware" / "v6e.toml").read_text()
+    for old, new in [('id = "v6e"', 'id = "site6"'), ('aliases = ["trillium", "v6 lite", "tpu-v6e", "v6"]', "aliases = []"), ('device_kinds = ["TPU v6 lite", "TPU v6e"]', "device_kinds = []"), ('gke_accelerators = ["tpu-v6e-slice"]', "gke_accelerators = []"), ('accelerator_types = [{ prefix = "v6e", suffix_counts = "chips" }]', "accelerator_types = []"), ("pci = [{ vendor = 0x1ae0, device = 0x006f }]", "pci = []")]:
+        text = text.replace(old, new)
+    (tmp_path / "site6.toml").write_text(text)
+    plugin = types.ModuleType("dirs_plugin")
+    plugin.tpu_registry_hardware_dirs = tpu_registry.hookimpl(lambda: [tmp_path])
+    pm = get_plugin_manager()
+    pm.register(plugin, name="dirs_plugin")
+    try:
+        assert "site6" in load_catalog().ids()
+    finally:
+        pm.unregister(name="dirs_plugin")
