@@ -76,7 +76,8 @@ def tpu_registry_tune(spec: Generation, workload: Workload, detection: Detection
 
     Layers merge in call order: an implementation called earlier wins. Built-ins are
     ``overrides`` (tryfirst), ``tables`` and ``baseline`` (trylast), so a plain plugin lands
-    between tables and overrides; ``trylast=True`` puts it just above baseline.
+    between tables and overrides; a ``trylast=True`` one runs after baseline and only fills
+    knobs nobody else set.
 
     :param spec: the generation being tuned for.
     :param workload: attention shape, dtypes and serving limits.

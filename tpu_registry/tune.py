@@ -229,7 +229,7 @@ def check_constraints(spec: Generation, workload: Workload, knobs: Mapping[str, 
     ceiling = knobs.get("vmem_limit_bytes")
     for name in ("rpa_v2.vmem_limit_bytes", "rpa_v3.vmem_limit_bytes"):
         v = knobs.get(name)
-        if v is not None and ceiling is not None and v > ceiling:
+        if v is not None and ceiling is not None and ceiling < v <= vmem:
             out.append(f"{name} {v} is above vmem_limit_bytes {ceiling}")
     hd = knobs.get("head_dim_padded")
     if hd is not None and (hd < workload.head_dim or hd % spec.chip.lanes):

@@ -1,0 +1,480 @@
+"""Tuning: the baseline against upstream's own formulas, tables, overrides, plugins, the plan."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from itertools import product
+
+import pytest
+from conftest import HARDWARE, REPO, run_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tpu_registry import resolve
+from tpu_registry.attention import kv_bytes_per_token, plan
+from tpu_registry.catalog import load_catalog
+from tpu_registry.detect import reconcile
+from tpu_registry.errors import TuningError
+from tpu_registry.plugins import get_plugin_manager
+from tpu_registry.policies import baseline
+from tpu_registry.policies.tables import load_tables
+from tpu_registry.tune import Workload, check_constraints
+
+MIB = 1024 * 1024
+
+# ---------------------------------------------------------------------------------------------
+# Upstream's formulas, transcribed with their version switches and constants (vLLM 0.13
+# pallas.py / tpu-inference 0.32 flash_attn.py; tpu-inference 0.32 v3 kernel
+# get_default_block_sizes; torch_xla 2.9 ragged_paged_attention_v2.get_tuned_block_sizes).
+# The baseline derives the same numbers from catalog fields; these must agree.
+# ---------------------------------------------------------------------------------------------
+
+UPSTREAM_VERSION = {"v4": 4, "v5e": 5, "v5p": 5, "v6e": 6, "tpu7x": 7, "tpu8t": 8, "tpu8i": 8}
+JAX_VMEM = {"v4": 16 * MIB, "v5e": 128 * MIB, "v5p": 64 * MIB, "v6e": 128 * MIB, "tpu7x": 64 * MIB, "tpu8i": 192 * MIB, "tpu8t": 128 * MIB}
+BITS = {"bfloat16": 16, "float8_e4m3fn": 8, "float32": 32}
+
+
+def pow2(x):
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def align_to(x, a):
+    return cdiv(x, a) * a
+
+
+def up_page_size(max_model_len):
+    if max_model_len > 8192:
+        return 16
+    page = pow2(max_model_len) // 16
+    return 16 if page <= 16 else 256 if page >= 256 else page
+
+
+def up_min_page_size(max_model_len, max_num_seqs):
+    per_req = 1024 * 1024 // 2 // max_num_seqs // 4
+    return 1 << (cdiv(max_model_len, per_req) - 1).bit_length()
+
+
+def up_max_num_seqs(model_len, page_size):
+    return 1024 * 1024 // 2 // cdiv(model_len, page_size) // 4
+
+
+def up_rpa_v3(version, q_dtype, kv_dtype, q_heads, kv_heads, head_dim, page, max_num_tokens, pages_per_seq, case):
+    kv_packing = 32 // BITS[kv_dtype]
+    kv_x2 = pow2(align_to(kv_heads * 2, kv_packing))
+    head_dim = align_to(head_dim, 128)
+    qpk = pow2(q_heads // kv_heads)
+    max_q = pow2(max_num_tokens)
+    max_kv = pages_per_seq * page
+    peak = 16 * 1024 * 1024 * kv_packing // 4 // head_dim // kv_x2
+    if version in (5, 6):
+        if case == "decode":
+            bq, bkv, bqc, bkvc = 1, min(peak, max_kv), 1, min(peak, max_kv)
+        else:
+            bq, bkv = min(1024 // qpk, max_q // 2), min(1024, max_kv)
+            bqc, bkvc = min(512 // qpk, max_q), min(512, align_to(max_kv // 2, page))
+    elif version in (7, 8):
+        if case == "decode":
+            bq, bkv, bqc, bkvc = 1, min(peak, max_kv), 1, min(peak, max_kv)
+        else:
+            bq, bkv = min(2048 // qpk, max_q // 2), min(2048, max_kv // 2)
+            bqc, bkvc = min(1024 // qpk, max_q // 2), min(512, align_to(max_kv // 2, page))
+    else:
+        raise NotImplementedError(version)
+    return (max(1, bq), align_to(bkv, page), max(1, bqc), align_to(bkvc, page))
+
+
+def up_rpa_v2(version, q_dtype, kv_dtype, q_heads_blk, kv_heads_blk, head_dim, page, max_tokens, pages_per_seq):
+    bkv, bq = 128, 32
+    qsize, kvsize = BITS[q_dtype] // 8, BITS[kv_dtype] // 8
+
+    def vmem(n):
+        q_block = bq * q_heads_blk * head_dim * qsize
+        kv_block = 2 * n * page * 2 * kv_heads_blk * head_dim * kvsize
+        lm = kv_heads_blk * bq * 2 * (q_heads_blk // kv_heads_blk) * 128 * 4
+        acc = bq * q_heads_blk * head_dim * 4
+        return 2 * (q_block + q_block) + kv_block + lm + lm + acc
+
+    while vmem(bkv) >= 64 * MIB:
+        bkv //= 2
+    bkv = max(bkv, 1)
+    if version == 4:
+        bkv, bq = 32, 32
+    return min(pages_per_seq, bkv), min(max_tokens, bq)
+
+
+GRID = list(product(
+    [(32, 8), (8, 1), (16, 16), (64, 8), (28, 4), (12, 2), (40, 8)],  # q, kv heads
+    [64, 128, 256],  # head dim
+    ["bfloat16", "float8_e4m3fn"],  # kv dtype
+    [128, 1000, 2048, 4096, 8192, 16384, 131072],  # max_model_len
+    [8, 256, 1024],  # max_num_seqs
+    [512, 2048, 8192],  # max_num_batched_tokens
+))
+
+
+@pytest.fixture(scope="module")
+def cat():
+    return load_catalog()
+
+
+def _knobs(spec, w):
+    return baseline.tpu_registry_tune(spec, w, None).knobs
+
+
+@pytest.mark.parametrize("gid", ["v4", "v5e", "v5p", "v6e", "tpu7x", "tpu8t", "tpu8i"])
+def test_baseline_equals_upstream_formulas(cat, gid):
+    """Page size, minimum page size, max sequences, head padding, RPA v2 and v3 defaults."""
+    spec = cat[gid]
+    version = UPSTREAM_VERSION[gid]
+    checked = 0
+    for (q, kv), hd, kv_dtype, L, seqs, tokens in GRID:
+        w = Workload(q, kv, hd, kv_dtype=kv_dtype, max_model_len=L, max_num_seqs=seqs, max_num_batched_tokens=tokens)
+        k = _knobs(spec, w)
+        page = max(up_page_size(L), up_min_page_size(L, seqs))
+        assert k["page_size"] == page
+        assert k["min_page_size"] == up_min_page_size(L, seqs)
+        assert k["max_num_seqs_smem"] == up_max_num_seqs(L, page)
+        assert k["head_dim_padded"] == cdiv(hd, 128) * 128
+        pages = cdiv(L, page)
+        if "rpa_v3" in spec.kernels.families:
+            for case, knob in (("decode", "rpa_v3.d_block_sizes"), ("prefill", "rpa_v3.p_block_sizes"), ("mixed", "rpa_v3.m_block_sizes")):
+                assert k[knob] == up_rpa_v3(version, "bfloat16", kv_dtype, q, kv, hd, page, tokens, pages, case), (gid, w, case)
+            assert k["rpa_v3.vmem_limit_bytes"] == JAX_VMEM[gid]  # upstream: get_tpu_info().vmem_capacity_bytes
+        if "rpa_v2" in spec.kernels.families:
+            heads = baseline.min_heads_per_block(q, 2 * kv, "bfloat16", kv_dtype)
+            if heads is None:  # upstream raises "can not be XLA fully tiled"
+                assert "rpa_v2.num_kv_pages_per_block" not in k
+            else:
+                want = up_rpa_v2(version, "bfloat16", kv_dtype, heads[0], heads[1] // 2, align_to(hd, 128), page, tokens, pages)
+                assert (k["rpa_v2.num_kv_pages_per_block"], k["rpa_v2.num_queries_per_block"]) == want, (gid, w)
+                # torch_xla passes 120 MiB; on cores with less VMEM (v4 16 MiB, v5p 64 MiB) we
+                # cap it at the core's VMEM: a limit above the hardware cannot be honoured.
+                assert k["rpa_v2.vmem_limit_bytes"] == min(120 * MIB, JAX_VMEM[gid])
+        checked += 1
+    assert checked == len(GRID) >= 1000
+
+
+def test_user_fixed_page_size_is_kept(cat):
+    w = Workload(32, 8, 128, max_model_len=4096, page_size=32)
+    cfg = resolve(w, simulate="v6e")
+    assert cfg.value("page_size") == 32 and cfg.layer("page_size") == "workload"
+    assert cfg.value("rpa_v3.p_block_sizes")[1] % 32 == 0
+
+
+def test_seed_choices_are_outside_the_baseline(cat):
+    """The seed padded head dim 128 to 256 on v6e and set a 768 KiB VMEM limit."""
+    seed_vmem = 768 * 1024
+    for gid in ("v4", "v5e", "v5p", "v6e", "tpu7x"):
+        for hd in (64, 128, 192, 256):
+            k = _knobs(cat[gid], Workload(32, 8, hd))
+            assert k["head_dim_padded"] == cdiv(hd, 128) * 128
+            for name, value in k.items():
+                if name.endswith("vmem_limit_bytes"):
+                    assert value >= 16 * MIB and value != seed_vmem
+    assert _knobs(cat["v6e"], Workload(32, 8, 128))["head_dim_padded"] == 128  # the seed: 256
+
+
+def test_resolve_refuses_a_vmem_limit_above_the_core(tmp_path):
+    f = tmp_path / "overrides.toml"
+    f.write_text('schema_version = 1\n[[override]]\ngeneration = "v6e"\nknobs = { "rpa_v3.vmem_limit_bytes" = 268435456 }\n')
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(32, 8, 128), simulate="v6e", overrides=f)
+    assert str(e.value) == "layer overrides: rpa_v3.vmem_limit_bytes: rpa_v3.vmem_limit_bytes 268435456 is above the v6e core VMEM of 134217728 bytes (128 MiB) (lower the value or remove the override)"
+    r = run_cli("resolve", "--simulate", "v6e", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--overrides", str(f))
+    assert r.returncode == 2 and "above the v6e core VMEM" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_llama_8b_kv_bytes_on_v6e_equal_upstream_layout():
+    cfg = resolve(Workload.from_hf_config(REPO / "examples" / "llama-3.1-8b.json"), simulate="v6e")
+    p = plan(cfg)
+    assert p.head_dim_padded == 128
+    for layout in ("vllm_pallas", "tpu_inference"):
+        # upstream: 2 (K and V) x 8 KV heads x 128 x 2 bytes
+        assert p.kv_bytes_per_token(layout) == 2 * 8 * 128 * 2 == 4096
+        assert p.kv_bytes_per_token(layout, num_layers=32) == 131072
+    assert p.kv_cache_shape("vllm_pallas", 10) == (10, cfg.value("page_size"), 16, 128)
+    assert p.kv_cache_shape("tpu_inference", 10) == (10, cfg.value("page_size"), 8, 2, 128)
+    # fp8 packs four per 32-bit word in tpu-inference's layout
+    assert kv_bytes_per_token("tpu_inference", 8, 128, "float8_e4m3fn") == 2048
+    assert p.tokens_in_budget("tpu_inference", 1 << 30, num_layers=32) == 8192
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: for any valid workload and generation, the knobs satisfy the kernels' constraints.
+# ---------------------------------------------------------------------------------------------
+
+workloads = st.builds(
+    lambda kv, group, hd, kv_dtype, L, seqs, tokens, tp: Workload(kv * group, kv, hd, kv_dtype=kv_dtype, max_model_len=L, max_num_seqs=seqs, max_num_batched_tokens=tokens, tensor_parallel=tp if (kv * group) % tp == 0 else 1),
+    kv=st.sampled_from([1, 2, 4, 8, 16]),
+    group=st.sampled_from([1, 2, 4, 5, 7, 8]),
+    hd=st.sampled_from([64, 80, 96, 128, 192, 256]),
+    kv_dtype=st.sampled_from(["bf16", "fp8", "fp8_e5m2", "int8"]),
+    L=st.integers(16, 262144),
+    seqs=st.integers(1, 4096),
+    tokens=st.integers(16, 65536),
+    tp=st.sampled_from([1, 2, 4, 8]),
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(w=workloads, gid=st.sampled_from(["v4", "v5e", "v5p", "v6e", "tpu7x", "tpu8t", "tpu8i"]))
+def test_knobs_satisfy_kernel_constraints(w, gid):
+    spec = load_catalog()[gid]
+    k = _knobs(spec, w)
+    assert check_constraints(spec, w, k) == []
+    page = k["page_size"]
+    assert page > 0 and page & (page - 1) == 0
+    pages = cdiv(w.max_model_len, page)
+    if "rpa_v2.num_kv_pages_per_block" in k:
+        assert 0 < k["rpa_v2.num_kv_pages_per_block"] <= pages
+        assert 0 < k["rpa_v2.num_queries_per_block"] <= w.max_num_batched_tokens
+    for name in ("rpa_v3.d_block_sizes", "rpa_v3.p_block_sizes", "rpa_v3.m_block_sizes"):
+        if name in k:
+            assert min(k[name]) > 0 and k[name][1] <= pages * page
+    for name, v in k.items():
+        if name.endswith("vmem_limit_bytes"):
+            assert 0 < v <= spec.chip.vmem_bytes_per_core
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------------------------
+
+
+def test_workload_from_hf_config(tmp_path):
+    w = Workload.from_hf_config(REPO / "examples" / "llama-3.1-8b.json", max_model_len=4096)
+    assert (w.num_q_heads, w.num_kv_heads, w.head_dim, w.max_model_len) == (32, 8, 128, 4096)
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps({"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "hidden_size": 3584, "sliding_window": 4096}))
+    w = Workload.from_hf_config(f)
+    assert (w.head_dim, w.sliding_window) == (256, 4096)
+    f.write_text(json.dumps({"num_attention_heads": 32, "hidden_size": 4096}))
+    assert Workload.from_hf_config(f).num_kv_heads == 32
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"num_q_heads": 32, "num_kv_heads": 6, "head_dim": 128}, "workload: num_kv_heads: 6 KV heads do not divide 32 query heads (grouped-query attention needs q heads = k x kv heads)"),
+    ({"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 0}, "workload: head_dim: must be a positive whole number, got 0 (check the model config)"),
+    ({"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "kv_dtype": "fp4"}, "workload: kv_dtype: unknown dtype 'fp4' (use one of: bfloat16, float16, float32, float8_e4m3fn, float8_e5m2, int8, or bf16, fp8, fp8_e5m2, int8)"),
+    ({"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 48}, "workload: page_size: must be a power of two, got 48 (use 16, 32, 64, 128 or 256)"),
+    ({"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "tensor_parallel": 3}, "workload: tensor_parallel: 3-way tensor parallelism does not divide 32 query heads (use a tensor-parallel degree that divides the heads)"),
+])
+def test_invalid_workloads_get_clear_errors(kwargs, message):
+    with pytest.raises(TuningError) as e:
+        Workload(**kwargs)
+    assert str(e.value) == message
+
+
+def test_workload_from_dict_rejects_unknown_fields():
+    with pytest.raises(TuningError, match="workload: heads: unknown workload field"):
+        Workload.from_dict({"heads": 32, "num_kv_heads": 8, "head_dim": 128})
+
+
+def test_too_many_sequences_for_smem():
+    with pytest.raises(TuningError, match="max_num_seqs: 200000 sequences leave no SMEM for block tables on v6e"):
+        resolve(Workload(32, 8, 128, max_num_seqs=200000), simulate="v6e")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables, overrides, plugins, provenance
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tables_apply_on_a_hit_and_record_provenance():
+    # A row of torch_xla's 'TPU v6' table: ('bfloat16','bfloat16', 12, 2, 128, 128, 1024, 2048) -> (16, 32)
+    cfg = resolve(Workload(12, 2, 128, max_model_len=2048, max_num_batched_tokens=1024, page_size=128), simulate="v6e")
+    assert (cfg.value("rpa_v2.num_kv_pages_per_block"), cfg.value("rpa_v2.num_queries_per_block")) == (16, 32)
+    assert cfg.layer("rpa_v2.num_kv_pages_per_block") == "tables"
+    assert cfg.knobs["rpa_v2.num_kv_pages_per_block"].overrode == (("baseline", 16),)
+    # v5e and v5p share upstream's 'TPU v5' table
+    t = {tuple(t.table.generations) for t in load_tables()}
+    assert ("v5e", "v5p") in t and ("v6e",) in t
+
+
+def test_every_imported_table_row_is_reachable():
+    """Each row's key is what bucket() computes for some workload, so none is dead weight."""
+    from tpu_registry.policies.tables import lookup
+
+    tables = load_tables()
+    for t in tables:
+        for row in t.table.rows:
+            qd, kvd, qh, kvh, hd, page, tokens, model_len = row[:8]
+            w = Workload(qh, kvh, hd, q_dtype=qd, kv_dtype=kvd, max_model_len=model_len, max_num_batched_tokens=tokens, page_size=page)
+            knobs, used = lookup(t.table.generations[0], "rpa_v2", w, page, [t])
+            assert knobs == {"rpa_v2.num_kv_pages_per_block": row[8], "rpa_v2.num_queries_per_block": row[9]}, row
+    assert sum(len(t.table.rows) for t in tables) == 1336
+
+
+def test_overrides_per_generation_and_workload_match(tmp_path):
+    f = tmp_path / "ov.toml"
+    f.write_text("""schema_version = 1
+
+[[override]]
+generation = "TPU v6 lite"
+match = { max_model_len = 4096 }
+note = "measured"
+[override.knobs]
+page_size = 64
+[override.knobs.rpa_v3]
+d_block_sizes = [1, 512, 1, 512]
+
+[[override]]
+generation = "*"
+knobs = { head_dim_padded = 256 }
+""")
+    f.chmod(0o644)
+    cfg = resolve(Workload(32, 8, 128, max_model_len=4096), simulate="v6e", overrides=f)
+    assert (cfg.value("page_size"), cfg.layer("page_size")) == (64, "overrides")
+    assert cfg.value("rpa_v3.d_block_sizes") == (1, 512, 1, 512)
+    assert cfg.value("head_dim_padded") == 256 and cfg.layer("head_dim_padded") == "overrides"
+    assert cfg.knobs["page_size"].overrode == (("baseline", 64),) or cfg.knobs["page_size"].overrode[0][0] == "baseline"
+    # block sizes are recomputed for the overridden page size
+    assert cfg.value("rpa_v3.p_block_sizes")[1] % 64 == 0
+    other = resolve(Workload(32, 8, 128, max_model_len=2048), simulate="v6e", overrides=f)
+    assert other.layer("page_size") == "baseline" and other.value("head_dim_padded") == 256
+    v5e = resolve(Workload(32, 8, 128, max_model_len=4096), simulate="v5e", overrides=f)
+    assert v5e.layer("page_size") == "baseline"
+
+
+def test_overrides_file_errors_name_file_line_and_field(tmp_path, monkeypatch):
+    f = tmp_path / "ov.toml"
+    f.write_text('schema_version = 1\n[[override]]\ngeneration = "v6e"\nknobs = { pagesize = 64 }\n')
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(32, 8, 128), simulate="v6e", overrides=f)
+    assert str(e.value) == f"{f}:4: override[0].knobs.pagesize: unknown knob 'pagesize' (common knobs: head_dim_padded, page_size, min_page_size, max_num_seqs_smem, vmem_limit_bytes; kernel knobs are 'family.name') (check the knob's spelling)"
+    f.write_text('schema_version = 1\n[[override]]\ngeneration = "v42"\nknobs = { page_size = 64 }\n')
+    monkeypatch.setenv("TPU_REGISTRY_OVERRIDES", str(f))
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(32, 8, 128), simulate="v6e")
+    assert str(e.value) == f"{f}:3: override[0].generation: 'v42' names no generation (use an id from `tpu-registry list`, or \"*\")"
+
+
+def test_policies_env_selects_active_policies(monkeypatch):
+    w = Workload(12, 2, 128, max_model_len=2048, max_num_batched_tokens=1024, page_size=128)
+    monkeypatch.setenv("TPU_REGISTRY_POLICIES", "baseline")
+    assert resolve(w, simulate="v6e").layer("rpa_v2.num_kv_pages_per_block") == "baseline"
+    monkeypatch.setenv("TPU_REGISTRY_POLICIES", "baseline,nope")
+    with pytest.raises(TuningError, match="TPU_REGISTRY_POLICIES names unknown policies: nope"):
+        resolve(w, simulate="v6e")
+
+
+def test_contributing_tuning_policy_walkthrough(tmp_path):
+    """CONTRIBUTING.md 'Write a tuning policy': the policy as written wins with its name."""
+    doc = (REPO / "CONTRIBUTING.md").read_text()
+    section = doc.split("<!-- section: tuning-policy -->")[1].split("<!-- end: tuning-policy -->")[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 20
+    (tmp_path / "my_policy.py").write_text(code)
+    spec = importlib.util.spec_from_file_location("my_policy", tmp_path / "my_policy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pm = get_plugin_manager()
+    pm.register(mod, name="my_policy")
+    try:
+        cfg = resolve(Workload(32, 8, 128, max_model_len=32768), simulate="v6e")
+        assert (cfg.value("page_size"), cfg.layer("page_size")) == (32, "my-policy")
+        assert cfg.value("rpa_v3.p_block_sizes")[1] % 32 == 0
+        assert resolve(Workload(32, 8, 128, max_model_len=32768), simulate="v5e").layer("page_size") == "baseline"
+    finally:
+        pm.unregister(name="my_policy")
+
+
+def test_plugin_layer_order_tryfirst_trylast():
+    import tpu_registry
+    from tpu_registry.tune import Layer
+
+    class Plain:
+        @tpu_registry.hookimpl
+        def tpu_registry_tune(self, spec, workload, detection):
+            return Layer("plain", {"page_size": 32, "head_dim_padded": 256})
+
+    class Last:
+        @tpu_registry.hookimpl(trylast=True)
+        def tpu_registry_tune(self, spec, workload, detection):
+            return Layer("last", {"page_size": 64, "myfamily.block": 4})
+
+    pm = get_plugin_manager()
+    pm.register(Plain(), name="plain")
+    pm.register(Last(), name="last")
+    try:
+        cfg = resolve(Workload(32, 8, 128), simulate="v6e")
+        # pluggy calls trylast implementations after the built-in baseline: such a layer only
+        # fills knobs nobody else set (here a new kernel family's knob).
+        assert cfg.tuning.layers == ("plain", "baseline", "last")
+        assert cfg.layer("page_size") == "plain" and cfg.layer("myfamily.block") == "last"
+        assert cfg.knobs["page_size"].overrode == (("baseline", 128), ("last", 64))
+    finally:
+        pm.unregister(name="plain")
+        pm.unregister(name="last")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_resolve_table_json_explain_and_vllm():
+    args = ["resolve", "--simulate", "v6e", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--max-model-len", "4096"]
+    r = run_cli(*args)
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0] == "v6e (TPU v6e (Trillium)): simulated: simulated via --simulate"
+    assert ["page_size", "256", "baseline"] in [line.split() for line in lines]
+    d = json.loads(run_cli(*args, "--json").stdout)
+    assert d["knobs"]["page_size"] == {"value": 256, "layer": "baseline", "overrode": []}
+    assert d["plan"]["kernel_kwargs"]["rpa_v3"]["vmem_limit_bytes"] == 128 * MIB
+    ex = run_cli(*args, "--explain").stdout
+    assert "why: simulated: simulated via --simulate" in ex and "layers (most trusted first): baseline" in ex
+    vl = run_cli(*args, "--format", "vllm").stdout.splitlines()
+    assert vl[1] == "--block-size 256"
+    assert vl[2].startswith("export RPA_V3_DECODE_BLOCK_SIZES=1,")
+
+
+def test_cli_resolve_needs_a_shape_and_a_tpu():
+    r = run_cli("resolve", "--simulate", "v6e")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: give the attention shape: --hf-config PATH, or --heads N --kv-heads N --head-dim N"
+    r = run_cli("resolve", "--heads", "32", "--kv-heads", "8", "--head-dim", "128")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: detection: (file): cannot resolve: no TPU was found: no TPU evidence found (say which generation with --simulate ID or TPU_REGISTRY_GENERATION=ID)"
+
+
+def test_resolved_config_is_frozen_and_serialisable():
+    cfg = resolve(Workload(32, 8, 128), simulate="tpu7x")
+    with pytest.raises(AttributeError):
+        cfg.spec = None
+    d = cfg.to_dict()
+    assert d["generation"] == "tpu7x" and "rpa_v2.num_kv_pages_per_block" not in d["knobs"]
+    assert json.loads(json.dumps(d))["knobs"]["rpa_v3.vmem_limit_bytes"]["value"] == 64 * MIB
+
+
+def test_generations_without_a_kernel_get_common_knobs_only():
+    cfg = resolve(Workload(32, 8, 128), simulate="v3")
+    assert set(cfg.knobs) == {"head_dim_padded", "page_size", "min_page_size", "max_num_seqs_smem", "vmem_limit_bytes"}
+    assert "no paged-attention kernel supports v3" in cfg.notes
+
+
+def test_detection_object_reaches_policies():
+    seen = []
+    import tpu_registry
+
+    class Spy:
+        @tpu_registry.hookimpl
+        def tpu_registry_tune(self, spec, workload, detection):
+            seen.append((spec.id, detection.status))
+
+    pm = get_plugin_manager()
+    pm.register(Spy(), name="spy")
+    try:
+        resolve(Workload(32, 8, 128), simulate="v5p")
+    finally:
+        pm.unregister(name="spy")
+    assert seen and seen[0] == ("v5p", "simulated")
+    assert reconcile(load_catalog(), []).status == "none"
+    assert HARDWARE.is_dir()
