@@ -1,0 +1,63 @@
+"""From a vLLM configuration to the registry's resolved configuration, and the log line."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tpu_registry import ResolvedConfig, Workload, resolve
+
+log = logging.getLogger("tpu_registry_vllm")
+
+_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2", "int8": "int8"}
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def workload_from_vllm(vllm_config: Any) -> Workload:
+    """The attention shape and serving limits vLLM is about to use."""
+    mc, sc, cc, pc = vllm_config.model_config, vllm_config.scheduler_config, vllm_config.cache_config, vllm_config.parallel_config
+    q_dtype = _dtype_name(mc.dtype)
+    kv_dtype = _CACHE_DTYPES.get(str(cc.cache_dtype), None) or q_dtype
+    user_block = getattr(cc, "user_specified_block_size", False)
+    window = getattr(mc.hf_text_config, "sliding_window", None) if hasattr(mc, "hf_text_config") else None
+    return Workload(
+        num_q_heads=mc.get_num_attention_heads(pc) * pc.tensor_parallel_size,
+        num_kv_heads=max(mc.get_total_num_kv_heads(), 1),
+        head_dim=mc.get_head_size(),
+        q_dtype=q_dtype,
+        kv_dtype=kv_dtype,
+        max_model_len=mc.max_model_len,
+        max_num_seqs=sc.max_num_seqs,
+        max_num_batched_tokens=sc.max_num_batched_tokens,
+        page_size=cc.block_size if user_block and cc.block_size else None,
+        sliding_window=window if isinstance(window, int) and window > 0 else None,
+        tensor_parallel=pc.tensor_parallel_size,
+    )
+
+
+def resolve_for_vllm(vllm_config: Any) -> ResolvedConfig:
+    return resolve(workload_from_vllm(vllm_config))
+
+
+def log_line(cfg: ResolvedConfig, *, family: str, exported: bool = False) -> str:
+    """One line: generation and how it was found; page size, block sizes, VMEM, each with its layer."""
+    d = cfg.detection
+
+    def knob(name: str) -> str:
+        k = cfg.knobs.get(name)
+        if k is None:
+            return f"{name.split('.')[-1]}=-"
+        v = ",".join(map(str, k.value)) if isinstance(k.value, tuple) else k.value
+        return f"{name.split('.')[-1]}={v} [{k.layer}]"
+
+    parts = [f"tpu-registry: {cfg.spec.id} ({d.status}: {d.reason})", knob("page_size")]
+    if family == "rpa_v3":
+        parts += [knob("rpa_v3.d_block_sizes"), knob("rpa_v3.p_block_sizes"), knob("rpa_v3.m_block_sizes"), knob("rpa_v3.vmem_limit_bytes")]
+    else:
+        parts += [knob("rpa_v2.num_kv_pages_per_block"), knob("rpa_v2.num_queries_per_block"), knob("rpa_v2.vmem_limit_bytes")]
+    if exported:
+        parts.append("RPA_V3_*_BLOCK_SIZES exported for models tpu-inference runs as JAX modules")
+    return "; ".join(parts)
