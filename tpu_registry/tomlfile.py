@@ -7,12 +7,16 @@ or included.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
 
 from .errors import Problem
 
@@ -36,6 +40,7 @@ _HINTS = {
     "int_from_float": "write a whole number",
     "float_parsing": "write a number without quotes",
     "float_type": "write a number without quotes",
+    "finite_number": "write a finite number (not nan or inf)",
     "bool_type": "write true or false",
     "bool_parsing": "write true or false",
     "string_type": "write a quoted string",
@@ -46,6 +51,18 @@ _HINTS = {
     "model_type": "write a table",
     "dict_type": "write a table",
 }
+
+
+# Error type of the registry's own validators: they say what is wrong, how to fix it and, with
+# ``at``, which key below the validated value is at fault (so the line can be found).
+DATA_ERROR = "registry_data"
+
+
+def data_error(message: str, hint: str = "", at: tuple = ()) -> PydanticCustomError:
+    """An error for a validator to raise: ``message`` is shown as is, ``hint`` as the fix,
+    ``at`` is appended to the location pydantic reports (a field validator's field, or a model
+    validator's model)."""
+    return PydanticCustomError(DATA_ERROR, "{message}", {"message": message, "hint": hint, "at": tuple(at)})
 
 
 def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
@@ -65,6 +82,9 @@ def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
         return None, "", [Problem(shown, line, "", f"not valid UTF-8 (byte 0x{raw[e.start]:02x})", "save the file as UTF-8")]
     if not text.strip():
         return None, text, [Problem(shown, None, "", "file is empty", "fill it in, or delete it")]
+    cached = _cache_get(raw)
+    if cached is not None:
+        return cached, text, []
     depth = _max_bracket_depth(text)
     if depth > MAX_NESTING:
         return None, text, [Problem(shown, None, "", f"nesting is {depth} levels deep, over the limit of {MAX_NESTING}", "flatten the file")]
@@ -80,7 +100,52 @@ def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
         return None, text, [Problem(shown, line, "", f"TOML syntax error: {msg}", "fix the TOML syntax")]
     except RecursionError:
         return None, text, [Problem(shown, None, "", "nesting too deep to parse", "flatten the file")]
+    _cache_put(raw, doc)
     return doc, text, []
+
+
+# Parsed documents are cached as JSON keyed by the SHA-256 of the file's bytes, like
+# __pycache__: pure-Python TOML parsing of the 1,336-row tuning tables takes tens of
+# milliseconds, loading the same document from JSON well under one. Only the parsing is
+# skipped; every document is still validated by the pydantic models. A cache that cannot be
+# written (read-only home) is simply not used.
+ENV_CACHE = "TPU_REGISTRY_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get(ENV_CACHE) or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tpu-registry")
+    return Path(base) / "toml-json"
+
+
+def _cache_file(raw: bytes) -> Path:
+    return cache_dir() / (hashlib.sha256(raw).hexdigest() + ".json")
+
+
+def _cache_get(raw: bytes) -> dict[str, Any] | None:
+    if os.environ.get(ENV_CACHE) == "off":
+        return None
+    try:
+        doc = json.loads(_cache_file(raw).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _cache_put(raw: bytes, doc: dict[str, Any]) -> None:
+    if os.environ.get(ENV_CACHE) == "off":
+        return
+    try:
+        data = json.dumps(doc, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return  # TOML dates and times have no JSON form: such a file is just not cached
+    target = _cache_file(raw)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError:
+        pass
 
 
 def _max_bracket_depth(text: str) -> int:
@@ -108,6 +173,11 @@ def problems_from(err: ValidationError, text: str, shown: str, prefix: tuple = (
     out = []
     for item in err.errors(include_url=False):
         loc = prefix + tuple(item["loc"])
+        if item["type"] == DATA_ERROR:
+            ctx = item.get("ctx") or {}
+            loc += tuple(ctx.get("at", ()))
+            out.append(Problem(shown, locate(text, loc), dotted(loc), str(ctx.get("message", item["msg"])), str(ctx.get("hint", ""))))
+            continue
         field = dotted(loc)
         msg = item["msg"]
         if msg.startswith("Value error, "):
@@ -138,26 +208,58 @@ _KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"'.]+)\s*=")
 def locate(text: str, loc: tuple) -> int | None:
     """Best-effort line of a validation error: the line of the key it names, else the header
     of the deepest table on its path, else None. Array-of-tables entries ([[sources]]) are
-    counted so that ``sources[2].url`` finds the third block's ``url``."""
+    counted so that ``sources[2].url`` finds the third block's ``url``, and sub-tables of such
+    an entry (``[override.knobs]``) are placed under it. An index into a multi-line array whose
+    items start their own lines (``rows = [`` then one ``[...]`` per line) finds that item's
+    line."""
     table: tuple = ()
     counts: dict[tuple, int] = {}
     header_line, header_depth = None, 0
-    for n, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         h = _HEADER.match(line)
         if h:
             name = tuple(x.strip().strip('"') for x in h.group(2).split("."))
             if h.group(1) == "[[":
                 counts[name] = counts.get(name, -1) + 1
-                table = name + (counts[name],)
-            else:
-                table = name
+            table = _table_path(name, counts, h.group(1) == "[[")
             if _is_prefix(table, loc) and len(table) > header_depth:
                 header_line, header_depth = n, len(table)
+            elif h.group(1) == "[[" and header_line is None and _is_prefix(name, loc) and len(name) == len(loc):
+                header_line = n  # the array as a whole (``sources``): its first entry
             continue
         k = _KEY.match(line)
-        if k and _is_prefix(table + (k.group(1).strip("\"'"),), loc):
-            return n
+        if k:
+            path = table + tuple(part.strip().strip("\"'") for part in k.group(1).split("."))
+            if _is_prefix(path, loc):
+                return _item_line(lines, n, loc[len(path)] if len(loc) > len(path) else None)
     return header_line
+
+
+def _table_path(name: tuple, counts: dict[tuple, int], is_array: bool) -> tuple:
+    """``[override.knobs]`` after the second ``[[override]]`` is ``("override", 1, "knobs")``."""
+    out: list = []
+    for i, part in enumerate(name):
+        out.append(part)
+        if name[: i + 1] in counts and (i < len(name) - 1 or is_array):
+            out.append(counts[name[: i + 1]])
+    return tuple(out)
+
+
+def _item_line(lines: list[str], n: int, index) -> int:
+    """Line of item ``index`` of a multi-line array of arrays or inline tables opened on line n."""
+    if not isinstance(index, int) or not lines[n - 1].rstrip().endswith("["):
+        return n
+    seen = -1
+    for m in range(n, len(lines)):
+        item = lines[m].strip()
+        if item.startswith("]"):
+            break
+        if item.startswith(("[", "{")):
+            seen += 1
+            if seen == index:
+                return m + 1
+    return n
 
 
 def _is_prefix(path: tuple, loc: tuple) -> bool:

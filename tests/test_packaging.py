@@ -1,0 +1,61 @@
+"""hardware/ is found the same way from a wheel install, an editable install and a checkout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from conftest import HARDWARE, REPO
+
+PROBE = "import json, tpu_registry, tpu_registry.catalog as c; cat = c.load_catalog(); print(json.dumps({'file': tpu_registry.__file__, 'dir': str(c.builtin_hardware_dir()), 'ids': cat.ids()}))"
+
+
+def _probe(env: dict, cwd) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (whl,) = out.glob("tpu_registry-*.whl")
+    return whl
+
+
+def test_wheel_ships_the_catalog(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(n.split("/")[-1] for n in names if n.startswith("tpu_registry/hardware/") and n.endswith(".toml"))
+    expected = sorted(p.name for p in HARDWARE.glob("*.toml")) + sorted(p.name for p in (HARDWARE / "tuning").glob("*.toml"))
+    assert shipped == sorted(expected)
+
+
+def test_wheel_install_finds_its_packaged_catalog(wheel, tmp_path):
+    target = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    got = _probe(env, tmp_path)
+    assert got["file"].startswith(str(target))
+    assert got["dir"] == str(target / "tpu_registry" / "hardware")
+    assert len(got["ids"]) == 9
+
+
+def test_editable_install_reads_the_checkout(tmp_path):
+    # This test environment is an editable install (make test): the checkout's files win.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    got = _probe(env, tmp_path)
+    assert got["dir"] == str(HARDWARE) and len(got["ids"]) == 9
+
+
+def test_source_checkout_without_install(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    got = _probe(env, tmp_path)
+    assert got["file"] == str(REPO / "tpu_registry" / "__init__.py")
+    assert got["dir"] == str(HARDWARE) and len(got["ids"]) == 9
