@@ -23,6 +23,9 @@ def clean_env(monkeypatch):
             monkeypatch.delenv(name, raising=False)
     # No sysfs of the machine: detection reads an empty tree unless a test builds one.
     monkeypatch.setenv("TPU_REGISTRY_SYSFS_ROOT", "/nonexistent-sysfs-root")
+    # A loaded CI machine must not turn a slow thread start into a detector time-out; tests
+    # of the time budget pass their own.
+    monkeypatch.setenv("TPU_REGISTRY_DETECT_TIMEOUT", "30")
     # Third-party plugins installed in the test venv (the GCE example) stay opt-in.
     from tpu_registry.resolve import clear_cache
 

@@ -352,3 +352,10 @@ def test_hardware_dirs_hook_adds_catalog_folders(tmp_path):
         assert "site6" in load_catalog().ids()
     finally:
         pm.unregister(name="dirs_plugin")
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "soon"])
+def test_detect_timeout_must_be_a_positive_number(value):
+    with pytest.raises(DetectionError) as e:
+        detect(env={"TPU_REGISTRY_DETECT_TIMEOUT": value}, sysfs_root="/nonexistent")
+    assert str(e.value) == f"TPU_REGISTRY_DETECT_TIMEOUT={value!r} is not a positive number of seconds (the default is 2)"

@@ -11,6 +11,7 @@ only on the set of evidence, not on the order detectors ran in.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -351,7 +352,9 @@ def detect(
     timeout_s: float | None = None,
 ) -> Detection:
     """Which TPU generation is this host, and why. Never initialises a TPU runtime unless
-    ``allow_runtime_init`` is true. ``strict`` turns detector faults into a DetectionError."""
+    ``allow_runtime_init`` is true. ``strict`` turns detector faults into a DetectionError.
+    ``env`` is what detectors read; which plugins are loaded follows the process environment
+    (``TPU_REGISTRY_DISABLE_PLUGINS``, ``TPU_REGISTRY_PLUGINS_AUTOLOAD``)."""
     from .catalog import load_catalog
 
     start = time.perf_counter()
@@ -361,7 +364,9 @@ def detect(
         try:
             timeout_s = float(env.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S))
         except ValueError:
-            raise DetectionError(f"{ENV_TIMEOUT}={env.get(ENV_TIMEOUT)!r} is not a number of seconds") from None
+            timeout_s = math.nan
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise DetectionError(f"{ENV_TIMEOUT}={env.get(ENV_TIMEOUT, timeout_s)!r} is not a positive number of seconds (the default is {DEFAULT_TIMEOUT_S:g})")
     root = Path(sysfs_root if sysfs_root is not None else env.get("TPU_REGISTRY_SYSFS_ROOT", "/"))
     context = DetectContext(env=dict(env), sysfs_root=root, allow_runtime_init=allow_runtime_init, timeout_s=timeout_s)
     evidence, faults = run_detectors(context)
