@@ -20,7 +20,7 @@ import threading
 ENV_MODE = "TPU_REGISTRY_VLLM"
 BACKEND_NAME = "TPU_REGISTRY"
 
-log = logging.getLogger("tpu_registry_vllm")
+log = logging.getLogger("vllm.tpu_registry_vllm")  # under vLLM's logger, so its handler prints it
 _lock = threading.Lock()
 _registered: str | None = None  # which adapter registered in this process
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from tpu_registry import ResolvedConfig, Workload, resolve
 
-log = logging.getLogger("tpu_registry_vllm")
+log = logging.getLogger("vllm.tpu_registry_vllm")  # under vLLM's logger, so its handler prints it
 
 _CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2", "int8": "int8"}
 
@@ -42,8 +43,11 @@ def resolve_for_vllm(vllm_config: Any) -> ResolvedConfig:
     return resolve(workload_from_vllm(vllm_config))
 
 
-def log_line(cfg: ResolvedConfig, *, family: str, exported: bool = False) -> str:
-    """One line: generation and how it was found; page size, block sizes, VMEM, each with its layer."""
+def log_line(cfg: ResolvedConfig, *, family: str, exported: bool = False, extra: Sequence[str] = ()) -> str:
+    """One line: generation and how it was found; page size, block sizes, VMEM, each with its layer.
+
+    ``extra``: further phrases appended as they are (e.g. what happened to exported variables).
+    """
     d = cfg.detection
 
     def knob(name: str) -> str:
@@ -60,4 +64,5 @@ def log_line(cfg: ResolvedConfig, *, family: str, exported: bool = False) -> str
         parts += [knob("rpa_v2.num_kv_pages_per_block"), knob("rpa_v2.num_queries_per_block"), knob("rpa_v2.vmem_limit_bytes")]
     if exported:
         parts.append("RPA_V3_*_BLOCK_SIZES exported for models tpu-inference runs as JAX modules")
+    parts += list(extra)
     return "; ".join(parts)

@@ -23,6 +23,11 @@ def _default(family: str) -> Callable[..., Any]:
         import torch
 
         return torch.ops.xla.ragged_paged_attention
+    if family == "kv_cache_update":
+        # vLLM <= 0.13's KV-cache write (a Pallas kernel on TPU; a no-op on non-XLA tensors).
+        from vllm.v1.attention.backends.pallas import write_to_kv_cache
+
+        return write_to_kv_cache
     raise KeyError(f"no kernel for family {family!r}")
 
 

@@ -1,0 +1,216 @@
+"""What detection costs: the seed's approach against ``tpu_registry.detect.detect()``.
+
+Fresh processes, alternating order, each timed inside (import, call) and as a whole (wall
+time and peak RSS from ``os.wait4``):
+
+(a) the seed: ``import torch_xla`` + ``torch_xla._internal.tpu.version()``, in the legacy
+    integration environment (torch 2.9.0 + torch-xla 2.9.0 + vllm 0.13, Python 3.11) with
+    ``TPU_SKIP_MDS_QUERY=1 TPU_ACCELERATOR_TYPE=v6e-8 PJRT_DEVICE=CPU``: no network, no TPU;
+(b) ``import jax`` + ``jax.devices()`` with ``JAX_PLATFORMS=cpu`` (the .venv's jax);
+(c) ours: ``import tpu_registry.detect`` + ``detect()`` with its default, non-invasive
+    settings, in the same interpreter as (a) (and again in the .venv's, paired with (b)).
+
+All processes get the same environment variables, so (c) sees the same
+``TPU_ACCELERATOR_TYPE`` that torch_xla reads and must answer v6e.
+
+Target (issue 6): ours is at least 100x cheaper. The legacy environment is built with
+``integration/build_env.sh legacy``; without it (a) is skipped and said so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from run_all import (
+    ROOT,
+    add_common_args,
+    child_env,
+    finish,
+    last_json_line,
+    md_table,
+    run_process,
+    stats,
+    target,
+    tiny,
+)
+
+TARGET_RATIO = 100.0
+VENV_PY = ROOT / ".venv" / "bin" / "python"
+OFFLINE = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v6e-8", "PJRT_DEVICE": "CPU", "JAX_PLATFORMS": "cpu"}
+
+SEED_CODE = r"""
+import json, time
+t0 = time.perf_counter()
+import torch_xla
+import torch_xla._internal.tpu as tpu
+t1 = time.perf_counter()
+v = tpu.version()
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "call_s": t2 - t1, "answer": f"TPU version {v}"}))
+"""
+
+JAX_CODE = r"""
+import json, time
+t0 = time.perf_counter()
+import jax
+t1 = time.perf_counter()
+devices = jax.devices()
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "call_s": t2 - t1, "answer": f"{len(devices)} x {devices[0].platform} ({devices[0].device_kind})"}))
+"""
+
+OURS_CODE = r"""
+import json, time
+t0 = time.perf_counter()
+from tpu_registry.detect import detect  # the package attribute tpu_registry.detect is the function
+t1 = time.perf_counter()
+d = detect()
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "call_s": t2 - t1, "answer": f"{d.generation} ({d.status}: {d.reason})"}))
+"""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TPU_REGISTRY_CACHE") or Path.home() / ".cache" / "tpu-registry")
+
+
+def find_legacy() -> Path | None:
+    """The newest healthy ``legacy-*`` environment's python, or None."""
+    found = []
+    for py in glob.glob(str(cache_root() / "envs" / "legacy-*" / "bin" / "python")):
+        marker = Path(py).parent.parent / ".healthy"
+        if marker.is_file():
+            found.append((marker.stat().st_mtime, Path(py)))
+    return max(found)[1] if found else None
+
+
+def has_registry(python: Path) -> bool:
+    env = child_env()
+    return subprocess.run([str(python), "-c", "import tpu_registry.detect"], env=env, capture_output=True, timeout=120).returncode == 0
+
+
+def run(small: bool, skip_legacy: bool) -> dict:
+    rounds, warmup = (1, 0) if small else (10, 1)
+    venv_py = VENV_PY if VENV_PY.is_file() else Path(sys.executable)
+    legacy = None if skip_legacy else find_legacy()
+    notes: list[str] = []
+    if skip_legacy:
+        notes.append("(a) skipped on request (--skip-legacy).")
+    elif legacy is None:
+        msg = (f"LEGACY ENVIRONMENT MISSING: no {cache_root()}/envs/legacy-*/bin/python with a .healthy marker. "
+               "Build it with `integration/build_env.sh legacy` (Python 3.11, torch 2.9.0 + torch-xla 2.9.0 + vllm 0.13; ~11 GB) "
+               "and run this benchmark again. Skipping (a); (b) and (c) still run.")
+        print(msg)
+        notes.append(msg)
+    ours_legacy_py = None
+    if legacy is not None:
+        ours_legacy_py = legacy if has_registry(legacy) else venv_py
+        if ours_legacy_py != legacy:
+            notes.append(f"tpu_registry is not installed in {legacy.parent.parent}; (c) paired with (a) runs with {venv_py} instead.")
+
+    # name -> (python, code, bytecode cache?). Ours runs from a private bytecode cache (as an
+    # installed package would); torch_xla and jax run from the bytecode their install wrote.
+    kinds: dict[str, tuple[Path, str, bool]] = {}
+    if legacy is not None:
+        kinds["(a) import torch_xla + tpu.version()"] = (legacy, SEED_CODE, False)
+        kinds["(c) import tpu_registry + detect(), legacy env" if ours_legacy_py == legacy else "(c) import tpu_registry + detect(), .venv (paired with a)"] = (ours_legacy_py, OURS_CODE, True)
+    kinds["(b) import jax + jax.devices()"] = (venv_py, JAX_CODE, False)
+    kinds["(c) import tpu_registry + detect(), .venv"] = (venv_py, OURS_CODE, True)
+    names = list(kinds)
+    print(f"detect_vs_seed: {rounds} round(s) of {len(names)} processes after {warmup} warm-up round(s)" + (f"; legacy env {legacy.parent.parent}" if legacy else ""))
+
+    def one(name: str) -> dict:
+        python, code, cached = kinds[name]
+        proc = run_process([str(python), "-c", code], child_env(OFFLINE, bytecode_cache=cached), timeout=1800).check(name)
+        out = last_json_line(proc.stdout)
+        out["wall_s"], out["rss_mb"] = proc.wall_s, proc.maxrss_kib * 1024 / 1e6
+        return out
+
+    for _ in range(warmup):
+        for name in names:
+            print(f"  warm-up {name}: {one(name)['answer']}", flush=True)
+    res: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    answers: dict[str, str] = {}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            out = one(name)
+            answers[name] = out["answer"]
+            for k in ("import_s", "call_s", "wall_s", "rss_mb"):
+                res[name][k].append(out[k])
+            res[name]["total_s"].append(out["import_s"] + out["call_s"])
+        print(f"  round {r + 1}/{rounds} done", flush=True)
+
+    ok = True
+    for name, answer in answers.items():
+        want = "TPU version 6" if name.startswith("(a)") else "cpu" if name.startswith("(b)") else "v6e (detected"
+        if want not in answer:
+            ok = False
+            notes.append(f"unexpected answer from {name}: {answer}")
+
+    def med(name: str, k: str) -> float:
+        return stats(res[name][k]).median
+
+    rows = []
+    for name in names:
+        s = {k: stats(v) for k, v in res[name].items()}
+        rows.append([name, s["import_s"].fmt(1000, 1), s["call_s"].fmt(1000, 2), s["total_s"].fmt(1000, 1), s["wall_s"].fmt(1000, 0), s["rss_mb"].fmt(1, 0), answers[name]])
+    table = md_table(["process", "import ms", "call ms", "import + call ms", "whole process ms", "peak RSS MB", "answer"], rows, right=[False, True, True, True, True, True, False])
+    print(table)
+
+    pairs = []
+    if legacy is not None:
+        pairs.append(("(a) torch_xla", names[0], names[1]))
+    pairs.append(("(b) jax", "(b) import jax + jax.devices()", "(c) import tpu_registry + detect(), .venv"))
+    ratio_rows = []
+    targets = []
+    for label, theirs, ours in pairs:
+        r_total = med(theirs, "total_s") / med(ours, "total_s")
+        r_wall = med(theirs, "wall_s") / med(ours, "wall_s")
+        r_call = med(theirs, "total_s") / med(ours, "call_s")
+        r_rss = med(theirs, "rss_mb") / med(ours, "rss_mb")
+        per_round = stats(t / o for t, o in zip(res[theirs]["total_s"], res[ours]["total_s"], strict=True))
+        ratio_rows.append([f"{label} / (c) ours", f"{r_total:,.1f}x", f"{per_round.min:,.1f}–{per_round.max:,.1f}x", f"{r_wall:,.1f}x", f"{r_call:,.0f}x", f"{r_rss:,.1f}x"])
+        why = ""
+        if r_total < TARGET_RATIO:
+            why = (f"ours: import {med(ours, 'import_s') * 1000:.0f} ms (pydantic and the package's eager imports, see the startup section) "
+                   f"+ detect() {med(ours, 'call_s') * 1000:.0f} ms (plugin manager, catalog load); the call alone is {r_call:,.0f}x cheaper")
+        targets.append(target(f"{label} import + call vs ours (import + detect())", f">= {TARGET_RATIO:.0f}x cheaper", f"{r_total:,.1f}x", r_total >= TARGET_RATIO, why))
+    if legacy is None:
+        targets.insert(0, target("(a) torch_xla import + version() vs ours", f">= {TARGET_RATIO:.0f}x cheaper", "not measured", None, "legacy environment missing: build it with `integration/build_env.sh legacy`" if not skip_legacy else "skipped (--skip-legacy)"))
+    ratio_table = md_table(["ratio (medians)", "import + call", "per-round range", "whole process", "theirs (import + call) / our detect() call alone", "peak RSS"], ratio_rows, right=[False, True, True, True, True, True])
+    print()
+    print(ratio_table)
+    for n in notes:
+        print("note:", n)
+    md = "\n".join([
+        f"{rounds} round(s) of fresh processes after {warmup} warm-up round(s), alternating order; every process gets "
+        f"`{' '.join(f'{k}={v}' for k, v in OFFLINE.items())}`. *import* and *call* are timed inside the process; "
+        "*whole process* and *peak RSS* come from `os.wait4`. Our processes read bytecode from a private cache; torch_xla's "
+        "and jax's read the bytecode their installation wrote."
+        + (f" Legacy environment: `{legacy.parent.parent}`." if legacy else ""),
+        "",
+        table,
+        "",
+        ratio_table,
+        *(["", *[f"- {n}" for n in notes]] if notes else []),
+    ])
+    return {"name": "detect_vs_seed", "short": "detect vs seed", "title": "Detection cost: torch_xla and JAX against detect()", "command": "python benchmarks/detect_vs_seed.py", "markdown": md, "targets": targets, "ok": ok}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(p)
+    p.add_argument("--skip-legacy", action="store_true", help="skip (a) even when the legacy environment exists")
+    args = p.parse_args(argv)
+    skip = args.skip_legacy or os.environ.get("TPU_REGISTRY_BENCH_SKIP_LEGACY", "").strip() not in ("", "0")
+    return finish(run(tiny(args), skip), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

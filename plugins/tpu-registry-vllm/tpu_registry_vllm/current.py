@@ -1,0 +1,242 @@
+"""The current adapter: vLLM >= 0.14 with tpu-inference (tested with vLLM 0.32 / tpu-inference 0.32).
+
+- ``register_current()`` adds the ``TPU_REGISTRY`` attention backend through tpu-inference's
+  ``register_attention_backend`` (``--attention-backend TPU_REGISTRY``). ``FLASH_ATTN`` is
+  left alone.
+- ``RegistryAttentionBackend`` is tpu-inference's kind of backend (KV cache layout + the
+  attention computation). Its ``attention()`` calls the RPA v3 kernel through
+  ``seam.kernel("rpa_v3")`` with the registry's block sizes and VMEM limit; its KV cache shape
+  comes from the registry's attention plan. Calls the registry has no knobs for (head dim 64
+  and attention sinks, which need the hd64 kernel; context parallelism; the experimental
+  batched kernel) go to tpu-inference's own RPA path unchanged.
+- ``activate(vllm_config)`` resolves the registry for this engine once per process, exports
+  ``RPA_V3_*_BLOCK_SIZES`` for models tpu-inference runs as JAX modules (never over a value the
+  user set) and logs the one start-up line. The platform plugin calls it; the vLLM attention
+  layer calls it too, so a process that skipped the platform still gets a configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from tpu_inference.layers.common.attention_backend import AttentionBackend, RPAAttentionBackend
+
+from tpu_registry import ResolvedConfig
+from tpu_registry.attention import kv_cache_shape as plan_kv_cache_shape
+from tpu_registry.tune import canonical_dtype
+
+from . import BACKEND_NAME, seam
+from .config import log, log_line, resolve_for_vllm
+
+NAME = BACKEND_NAME.lower()  # tpu-inference keys registered backends by the lower-case name
+VLLM_BACKEND = "tpu_registry_vllm.current_vllm.TpuRegistryBackend"
+FAMILY = "rpa_v3"
+# The tuning keywords of tpu-inference's v3 kernel, in the registry's knob names.
+KERNEL_TUNING = ("d_block_sizes", "p_block_sizes", "m_block_sizes", "vmem_limit_bytes")
+# Variables tpu-inference's own call sites read (attention_interface.rpa_block_size_kwargs).
+BLOCK_SIZE_ENV = {
+    "RPA_V3_DECODE_BLOCK_SIZES": "rpa_v3.d_block_sizes",
+    "RPA_V3_PREFILL_BLOCK_SIZES": "rpa_v3.p_block_sizes",
+    "RPA_V3_MIXED_BLOCK_SIZES": "rpa_v3.m_block_sizes",
+}
+# Remembers what this plugin exported, so a forked child (which inherits the variables) can
+# tell its parent's export from a value the user set.
+ENV_EXPORTED = "TPU_REGISTRY_VLLM_EXPORTED"
+
+_lock = threading.Lock()
+_active: ResolvedConfig | None = None
+_logged: set[str] = set()
+
+
+def register_current() -> None:
+    """Make ``--attention-backend TPU_REGISTRY`` run ``RegistryAttentionBackend``. Idempotent."""
+    from tpu_inference.layers.common.attention_backend import register_attention_backend
+
+    register_attention_backend(NAME, attention=RegistryAttentionBackend, vllm_backend=VLLM_BACKEND)
+
+
+def selected(vllm_config: Any) -> bool:
+    """Whether ``--attention-backend TPU_REGISTRY`` selected this backend."""
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    return backend is not None and backend.name == BACKEND_NAME
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def block_sizes_rejected(t: tuple[int, int, int, int], page_size: int) -> str | None:
+    """Why tpu-inference's v3 kernel would reject this tuple as an explicit argument (None: it
+    accepts it). Its own defaults skip this check, so a baseline tuple can fail it."""
+    bq, bkv, bq_c, bkv_c = t
+    if not (0 < bq_c and bq % bq_c == 0):
+        return f"bq_sz {bq} is not a multiple of bq_csz {bq_c}"
+    if not (0 < bkv_c and bkv % bkv_c == 0):
+        return f"bkv_sz {bkv} is not a multiple of bkv_csz {bkv_c}"
+    if bkv % page_size or bkv_c % page_size:
+        return f"KV blocks {bkv}/{bkv_c} are not multiples of page size {page_size}"
+    return None
+
+
+def kernel_kwargs(cfg: ResolvedConfig) -> dict[str, Any]:
+    """The registry's ``rpa_v3`` knobs that the v3 kernel takes, minus tuples it would reject."""
+    out = {}
+    page = cfg.value("page_size")
+    for name, value in cfg.kernel_kwargs(FAMILY).items():
+        if name not in KERNEL_TUNING:
+            continue
+        if name.endswith("_block_sizes") and block_sizes_rejected(value, page):
+            continue
+        out[name] = value
+    return out
+
+
+def export_block_sizes(cfg: ResolvedConfig, env: dict[str, str] | None = None) -> list[str]:
+    """Set ``RPA_V3_*_BLOCK_SIZES`` from the registry unless the user set them. Returns one
+    phrase per variable for the log line."""
+    env = os.environ if env is None else env
+    ours = dict(p.split("=", 1) for p in env.get(ENV_EXPORTED, "").split(";") if "=" in p)
+    page = cfg.value("page_size")
+    notes, exported = [], []
+    for var, knob in BLOCK_SIZE_ENV.items():
+        value = cfg.value(knob)
+        if value is None:
+            continue
+        text = ",".join(map(str, value))
+        current = env.get(var, "").strip()
+        if current and ours.get(var) != current:
+            notes.append(f"{var}={current} kept (set by the user)")
+            continue
+        why = block_sizes_rejected(value, page)
+        if why:
+            env.pop(var, None)
+            ours.pop(var, None)
+            notes.append(f"{var} not exported ({why}; the kernel's default applies)")
+            continue
+        env[var] = text
+        ours[var] = text
+        exported.append(var.removeprefix("RPA_V3_").removesuffix("_BLOCK_SIZES").lower())
+    if ours:
+        env[ENV_EXPORTED] = ";".join(f"{k}={v}" for k, v in ours.items())
+    if exported:
+        notes.insert(0, f"RPA_V3_{{{','.join(exported).upper()}}}_BLOCK_SIZES exported for JAX-native models")
+    return notes
+
+
+def activate(vllm_config: Any, *, export: bool = True) -> ResolvedConfig:
+    """Resolve the registry for this engine, make it the process's configuration, export the
+    block-size variables and log the start-up line (once per configuration and process)."""
+    global _active
+    cfg = resolve_for_vllm(vllm_config)
+    with _lock:
+        notes = export_block_sizes(cfg) if export else []
+        page = cfg.value("page_size")
+        for name in ("d_block_sizes", "p_block_sizes", "m_block_sizes"):
+            value = cfg.value(f"{FAMILY}.{name}")
+            why = value is not None and block_sizes_rejected(value, page)
+            if why:
+                notes.append(f"{name} not passed to the kernel ({why}; its default applies)")
+        _active = cfg
+        line = log_line(cfg, family=FAMILY, extra=notes)
+        if line not in _logged:
+            _logged.add(line)
+            log.info("%s", line)
+    return cfg
+
+
+def set_active(cfg: ResolvedConfig | None) -> None:
+    """Make ``cfg`` the process's configuration without exporting or logging (tests, tools)."""
+    global _active
+    _active = cfg
+
+
+def active_config() -> ResolvedConfig:
+    """The configuration ``attention()`` uses: the activated one, else one resolved from vLLM's
+    current configuration."""
+    if _active is not None:
+        return _active
+    from vllm.config import get_current_vllm_config
+
+    vc = get_current_vllm_config()
+    if getattr(vc, "model_config", None) is None:
+        raise RuntimeError(
+            f"--attention-backend {BACKEND_NAME}: no tpu-registry configuration is active in this "
+            "process (the tpu_registry platform plugin did not run); set VLLM_PLUGINS to include "
+            "tpu_registry, or leave it unset"
+        )
+    return activate(vc, export=False)
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+def _delegate(q, sinks, mesh) -> str | None:
+    """Why this call goes to tpu-inference's own RPA path (None: it runs through the seam)."""
+    from tpu_inference import envs
+
+    if q.shape[-1] == 64:
+        return "head_dim 64 uses the hd64 kernel, which has its own block-size API"
+    if sinks is not None:
+        return "attention sinks need the hd64 kernel"
+    if any(mesh.shape.get(axis, 1) > 1 for axis in ("dcp", "pcp")):
+        return "context parallelism has its own kernels"
+    if envs.USE_BATCHED_RPA_KERNEL:
+        return "USE_BATCHED_RPA_KERNEL selects the experimental batched kernel"
+    return None
+
+
+class RegistryAttentionBackend(AttentionBackend):
+    """tpu-inference attention backend whose kernel knobs come from tpu-registry."""
+
+    name = NAME
+
+    def __init__(self, config: ResolvedConfig | None = None) -> None:
+        self._config = config
+
+    @property
+    def config(self) -> ResolvedConfig:
+        return self._config if self._config is not None else active_config()
+
+    def get_kv_cache_shape(self, total_num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, kv_dtype: Any) -> tuple[int, ...]:
+        if head_dim == 64:  # the hd64 kernel (see _delegate) keeps K and V side by side in 128 lanes
+            return RPAAttentionBackend().get_kv_cache_shape(total_num_pages, page_size, num_kv_heads, head_dim, kv_dtype)
+        import jax.numpy as jnp
+
+        dtype = canonical_dtype(jnp.dtype(kv_dtype).name)
+        return plan_kv_cache_shape("tpu_inference", total_num_pages, page_size, num_kv_heads, head_dim, dtype)
+
+    def attention(self, kv_cache, q, k, v, md, shared_md, mesh, *, head_dim_original: int, sm_scale: float, attention_chunk_size: int | None, q_scale: float | None, k_scale: float | None, v_scale: float | None, sinks, update_kv_cache: bool, use_causal_mask: bool, attn_logits_soft_cap: float | None, decode_query_size: int):
+        common = dict(head_dim_original=head_dim_original, sm_scale=sm_scale, attention_chunk_size=attention_chunk_size, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, sinks=sinks, update_kv_cache=update_kv_cache, use_causal_mask=use_causal_mask, attn_logits_soft_cap=attn_logits_soft_cap, decode_query_size=decode_query_size)
+        if _delegate(q, sinks, mesh):
+            return RPAAttentionBackend().attention(kv_cache, q, k, v, md, shared_md, mesh, **common)
+        tuning = kernel_kwargs(self.config)
+        output, kv_cache = _sharded_rpa_v3(mesh, q, k, v, kv_cache, shared_md.seq_lens, md.block_tables, shared_md.query_start_loc, shared_md.request_distribution, tuning=tuning, sm_scale=sm_scale, sliding_window=attention_chunk_size, soft_cap=attn_logits_soft_cap, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, update_kv_cache=update_kv_cache, use_causal_mask=use_causal_mask)
+        return kv_cache, output
+
+
+def _sharded_rpa_v3(mesh, q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, tuning: Mapping[str, Any], **kernel_args):
+    """The v3 kernel under ``shard_map`` over tpu-inference's attention axes (KV heads split
+    across the head axis, sequences across the data axis), as tpu-inference shards it."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+    from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
+    from tpu_inference.utils import get_mesh_shape_product
+
+    heads = get_mesh_shape_product(mesh, Axis.ATTN_HEAD)
+    if heads > 1 and k.shape[1] < heads:  # fewer KV heads than devices: replicate them
+        if heads % k.shape[1]:
+            raise ValueError(f"{heads} devices on the head axis do not divide into {k.shape[1]} KV heads")
+        factor = heads // k.shape[1]
+        k, v = jnp.repeat(k, factor, axis=1), jnp.repeat(v, factor, axis=1)
+    qkv = P(Axis.ATTN_DATA, Axis.ATTN_HEAD, None)
+    cache = P(Axis.ATTN_DATA, None, Axis.ATTN_HEAD, None, None)
+    meta = P(Axis.ATTN_DATA)
+    kernel = seam.kernel(FAMILY)
+
+    def body(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution):
+        return kernel(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, **kernel_args, **tuning)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(qkv, qkv, qkv, cache, meta, meta, meta, meta), out_specs=(qkv, cache), check_vma=False)(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution)

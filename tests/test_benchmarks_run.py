@@ -1,0 +1,98 @@
+"""The benchmarks run (issue 6). Nothing here times anything: each script runs on its tiny
+size in a subprocess, must exit 0 and report sane results, and must write only where told
+(never the committed BENCHMARKS.md or benchmarks/kv_savings.png)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+SCRIPTS = ("startup", "resolve_latency", "detect_vs_seed", "catalog_scaling", "kv_savings")
+COMMITTED = (REPO / "BENCHMARKS.md", BENCH / "kv_savings.png")
+STATUSES = {"PASS", "MISSED", "SKIPPED"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+
+
+def _state() -> list[tuple[bool, int | None]]:
+    return [(p.exists(), p.stat().st_mtime_ns if p.exists() else None) for p in COMMITTED]
+
+
+@pytest.fixture
+def committed_untouched():
+    before = _state()
+    yield
+    assert _state() == before, "a benchmark rewrote BENCHMARKS.md or benchmarks/kv_savings.png"
+
+
+def _run(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def _check_result(result: dict) -> None:
+    assert result["title"] and result["command"].startswith("python benchmarks/")
+    assert "|" in result["markdown"]  # at least one table
+    assert result["targets"], "every benchmark states at least one target"
+    for t in result["targets"]:
+        assert t["status"] in STATUSES, t
+        assert t["target"] and t["measured"], t
+    assert result.get("ok", True)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=needs_matplotlib if n == "kv_savings" else pytest.mark.needs_jax if n == "detect_vs_seed" else ())
+        for n in SCRIPTS
+    ],
+)
+def test_script_runs_tiny(name, tmp_path, committed_untouched):
+    out = tmp_path / "result.json"
+    args = [str(BENCH / f"{name}.py"), "--tiny", "--output", str(tmp_path / "out"), "--json", str(out)]
+    if name == "detect_vs_seed":
+        args.append("--skip-legacy")  # importing torch_xla takes seconds and ~1 GB; `make bench` measures it
+    proc = _run(args, cwd=tmp_path)
+    result = json.loads(out.read_text())
+    _check_result(result)
+    assert "targets" in proc.stdout and ("PASS" in proc.stdout or "MISSED" in proc.stdout)
+    if name == "kv_savings":
+        png = tmp_path / "out" / "kv_savings.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert result["targets"][0]["status"] == "PASS"  # ours == upstream is arithmetic, not timing
+        assert "2.00x" in result["markdown"]  # the seed's 256-wide padding on v6e for head dim 128
+    if name == "catalog_scaling":
+        assert "5,000" not in result["markdown"] and "| 50 " in result["markdown"]
+    if name == "detect_vs_seed":
+        assert "v6e (detected" in proc.stdout
+
+
+@needs_matplotlib
+def test_no_write_writes_nothing(tmp_path, committed_untouched):
+    _run([str(BENCH / "kv_savings.py"), "--tiny", "--no-write"], cwd=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_matplotlib
+def test_run_all_assembles_benchmarks_md(tmp_path, committed_untouched):
+    # Two quick benchmarks are enough to check the assembly; each script is run above.
+    out = tmp_path / "out"
+    proc = _run([str(BENCH / "run_all.py"), "--tiny", "--only", "catalog_scaling,kv_savings", "--output", str(out)], cwd=tmp_path)
+    md = (out / "BENCHMARKS.md").read_text()
+    for needle in ("- Date: ", "- CPU: ", "- Python: ", "- Command: `python benchmarks/run_all.py --tiny --only catalog_scaling,kv_savings`", "## Summary of targets"):
+        assert needle in md
+    for title in ("Catalog scaling", "KV cache memory"):
+        assert f"## {title}" in md
+    assert "![KV cache memory: ours vs upstream vs the seed](kv_savings.png)" in md
+    assert (out / "kv_savings.png").read_bytes()[:8] == PNG_MAGIC
+    assert "FAILED" not in proc.stdout
+    assert md.count("| PASS ") + md.count("| MISSED ") + md.count("| SKIPPED ") == 2 * 4  # summary + sections
