@@ -478,3 +478,12 @@ def test_detection_object_reaches_policies():
     assert seen and seen[0] == ("v5p", "simulated")
     assert reconcile(load_catalog(), []).status == "none"
     assert HARDWARE.is_dir()
+
+
+def test_cli_vllm_format_leaves_unset_what_the_kernel_would_reject():
+    """tpu-inference checks explicit RPA v3 tuples (bq_sz % bq_csz, bkv_sz % bkv_csz) but not
+    its own per-call defaults; a default that fails the check is left to the kernel."""
+    r = run_cli("resolve", "--simulate", "v6e", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--max-num-batched-tokens", "64", "--format", "vllm")
+    lines = r.stdout.splitlines()
+    assert "export RPA_V3_DECODE_BLOCK_SIZES=1,2048,1,2048" in lines
+    assert "# RPA_V3_PREFILL_BLOCK_SIZES left unset: bq_sz 32 is not a multiple of bq_csz 64; the kernel's own default applies" in lines

@@ -39,6 +39,20 @@ def kv_bytes_per_token(layout: str, num_kv_heads: int, head_dim: int, kv_dtype: 
     return elems * DTYPE_BITS[kv_dtype] // 8 * num_layers
 
 
+def rpa_v3_rejection(block_sizes: tuple[int, int, int, int], page_size: int) -> str | None:
+    """Why tpu-inference's RPA v3 kernel would reject this tuple as an explicit argument (None:
+    it accepts it). The kernel checks explicit tuples only; its own per-call defaults, which
+    the baseline reproduces, can fail the check, and are then best left to the kernel."""
+    bq, bkv, bq_c, bkv_c = block_sizes
+    if not (0 < bq_c and bq % bq_c == 0):
+        return f"bq_sz {bq} is not a multiple of bq_csz {bq_c}"
+    if not (0 < bkv_c and bkv % bkv_c == 0):
+        return f"bkv_sz {bkv} is not a multiple of bkv_csz {bkv_c}"
+    if bkv % page_size or bkv_c % page_size:
+        return f"KV blocks {bkv}/{bkv_c} are not multiples of page size {page_size}"
+    return None
+
+
 def tokens_in_budget(budget_bytes: int, page_size: int, bytes_per_token: int) -> int:
     """Tokens that fit in ``budget_bytes`` of KV cache, counted in whole pages."""
     page_bytes = page_size * bytes_per_token

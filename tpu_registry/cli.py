@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -207,10 +208,18 @@ def _workload(args: argparse.Namespace):
 
 def vllm_flags(cfg) -> list[str]:
     """What to pass to vLLM for the same knobs without the plugin."""
-    out = [f"--block-size {cfg.value('page_size')}"]
+    from .attention import rpa_v3_rejection
+
+    page = cfg.value("page_size")
+    out = [f"--block-size {page}"]
     for var, knob in (("RPA_V3_DECODE_BLOCK_SIZES", "rpa_v3.d_block_sizes"), ("RPA_V3_PREFILL_BLOCK_SIZES", "rpa_v3.p_block_sizes"), ("RPA_V3_MIXED_BLOCK_SIZES", "rpa_v3.m_block_sizes")):
         v = cfg.value(knob)
-        if v is not None:
+        if v is None:
+            continue
+        why = rpa_v3_rejection(v, page)
+        if why:
+            out.append(f"# {var} left unset: {why}; the kernel's own default applies")
+        else:
             out.append(f"export {var}={','.join(map(str, v))}")
     return out
 
@@ -311,6 +320,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import RegistryError
 
     args = build_parser().parse_args(argv)
+    # Warnings (such as a catalog folder or overrides file writable by other users) go to
+    # stderr for the duration of the command.
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setLevel(logging.WARNING)
+    warnings.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger = logging.getLogger("tpu_registry")
+    logger.addHandler(warnings)
     try:
         return args.fn(args)
     except RegistryError as e:
@@ -324,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"internal error: {type(e).__name__}: {e} (set TPU_REGISTRY_DEBUG=1 for details and report it)", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        logger.removeHandler(warnings)
 
 
 if __name__ == "__main__":  # pragma: no cover

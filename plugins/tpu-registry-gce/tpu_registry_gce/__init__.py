@@ -17,7 +17,6 @@ with the other detectors. Only the standard library is used.
 
 from __future__ import annotations
 
-import http.client
 import math
 import time
 from urllib.parse import urlsplit
@@ -39,6 +38,8 @@ class MetadataError(RuntimeError):
 
 def fetch(base_url: str, key: str, timeout_s: float) -> str | None:
     """GET ``base_url + key``; the text, or None on 404 (the key is absent)."""
+    import http.client  # here, not at the top: every process loads this plugin, few opt in
+
     url = base_url.rstrip("/") + "/" + key
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:

@@ -26,6 +26,7 @@ from tpu_inference.layers.common.attention_backend import AttentionBackend, RPAA
 
 from tpu_registry import ResolvedConfig
 from tpu_registry.attention import kv_cache_shape as plan_kv_cache_shape
+from tpu_registry.attention import rpa_v3_rejection
 from tpu_registry.tune import canonical_dtype
 
 from . import BACKEND_NAME, seam
@@ -68,16 +69,8 @@ def selected(vllm_config: Any) -> bool:
 
 
 def block_sizes_rejected(t: tuple[int, int, int, int], page_size: int) -> str | None:
-    """Why tpu-inference's v3 kernel would reject this tuple as an explicit argument (None: it
-    accepts it). Its own defaults skip this check, so a baseline tuple can fail it."""
-    bq, bkv, bq_c, bkv_c = t
-    if not (0 < bq_c and bq % bq_c == 0):
-        return f"bq_sz {bq} is not a multiple of bq_csz {bq_c}"
-    if not (0 < bkv_c and bkv % bkv_c == 0):
-        return f"bkv_sz {bkv} is not a multiple of bkv_csz {bkv_c}"
-    if bkv % page_size or bkv_c % page_size:
-        return f"KV blocks {bkv}/{bkv_c} are not multiples of page size {page_size}"
-    return None
+    """Why tpu-inference's v3 kernel would reject this tuple as an explicit argument."""
+    return rpa_v3_rejection(t, page_size)
 
 
 def kernel_kwargs(cfg: ResolvedConfig) -> dict[str, Any]:
