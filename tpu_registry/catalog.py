@@ -8,7 +8,9 @@ a catalog is never returned half-loaded.
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from .spec import Generation
 from .tomlfile import locate, read_toml, validate
 
 ENV_PATH = "TPU_REGISTRY_PATH"
+log = logging.getLogger("tpu_registry")
 
 # Identifier kinds that must name at most one generation. torch_xla version numbers and
 # generation numbers are deliberately shared (torch_xla says 5 for both v5e and v5p).
@@ -163,10 +166,22 @@ def list_files(folder: Path, origin: str) -> tuple[list[Path], list[Problem]]:
         if not folder.is_dir():
             return [], [Problem(shown, None, "", f"{origin} names a file, not a folder", "name the folder that holds the .toml files")]
         files = sorted(p for p in folder.iterdir() if p.suffix == ".toml" and not p.name.startswith("."))
+        warn_if_writable_by_others(folder, origin)
     except OSError as e:
         msg = "symlink loop" if e.errno == 40 else (e.strerror or str(e))
         return [], [Problem(shown, None, "", f"cannot read folder from {origin}: {msg}", "check its permissions and links")]
     return files, []
+
+
+def warn_if_writable_by_others(folder: Path, origin: str) -> bool:
+    """Catalog files are trusted data: a folder other users can write to lets them change the
+    facts and knobs this user gets. Logged as a warning (not an error); True when warned."""
+    mode = folder.stat().st_mode
+    if not mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return False
+    who = "all users" if mode & stat.S_IWOTH else "its group"
+    log.warning("catalog folder %s (from %s) is writable by %s; anyone who can write there chooses your TPU facts and kernel knobs (chmod go-w %s)", folder, origin, who, folder)
+    return True
 
 
 def load_catalog(folders: Iterable[os.PathLike | str] = (), *, plugins: bool = True) -> Catalog:
@@ -181,6 +196,15 @@ def load_catalog(folders: Iterable[os.PathLike | str] = (), *, plugins: bool = T
 
 _lock = threading.Lock()
 _cache: dict[tuple, Catalog] = {}
+
+
+def _reset_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()  # the parent's lock may have been held by another thread
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _signature(sources: tuple[tuple[Path, str], ...]) -> tuple:
@@ -242,11 +266,11 @@ def _assemble(loaded: list[tuple[Generation, Path, str]], folders: tuple[Path, .
         text = texts[path]
         target = spec.replaces
         line = locate(text, ("replaces",))
+        if target in replaced_by:  # checked first: the first replacement removed the target
+            problems.append(Problem(str(path), line, "replaces", f"{target!r} is already replaced by {replaced_by[target]}", "keep only one replacement"))
+            continue
         if target not in entries:
             problems.append(Problem(str(path), line, "replaces", f"replaces {target!r}, but no generation has that id", "use the id of a generation in `tpu-registry list`"))
-            continue
-        if target in replaced_by:
-            problems.append(Problem(str(path), line, "replaces", f"{target!r} is already replaced by {replaced_by[target]}", "keep only one replacement"))
             continue
         if spec.id != target and spec.id in entries:
             problems.append(Problem(str(path), locate(text, ("id",)), "id", f"id {spec.id!r} is already defined in {entries[spec.id].path}", "pick another id"))

@@ -135,7 +135,9 @@ def candidates_for(catalog: Catalog, ev: Evidence) -> set[str]:
 
 def reconcile(catalog: Catalog, evidence: Sequence[Evidence], faults: Sequence[Fault] = ()) -> Detection:
     """Pure function from evidence to a Detection (no I/O): the part fuzzed for order-independence."""
-    evidence = sorted(set(evidence), key=lambda e: (-PRIORITY.get(e.kind, -1), e.kind, e.value, e.source, e.detector, e.count or 0))
+    # A total order over every field: ties broken by set iteration (hash) order would make the
+    # result depend on the order evidence arrived in.
+    evidence = sorted(set(evidence), key=lambda e: (-PRIORITY.get(e.kind, -1), e.kind, e.value, e.source, e.detector, e.count is not None, e.count or 0, e.count_unit, e.scope, e.topology is not None, e.topology or "", e.note))
     cands = {e: frozenset(candidates_for(catalog, e)) for e in evidence}
     status: dict[Evidence, str] = {}
     conflicts: list[str] = []

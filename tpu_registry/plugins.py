@@ -36,6 +36,15 @@ _pm: pluggy.PluginManager | None = None
 _pm_key: tuple | None = None
 
 
+def _reset_after_fork() -> None:
+    global _lock
+    _lock = threading.RLock()  # another thread may have been building the manager at fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def short_name(name: str) -> str:
     """``tpu_registry.detectors.env`` -> ``env``: the name used in reports and env lists."""
     return name.rsplit(".", 1)[-1]

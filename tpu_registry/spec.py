@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from .tomlfile import data_error
+
 SCHEMA_VERSION = 1
 
 Dtype = Literal["f32", "bf16", "int8", "int4", "fp8"]
@@ -26,7 +28,8 @@ KernelFamily = Literal["rpa_v2", "rpa_v3"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # TOML allows nan and inf; no figure here may be either (nan passes no range check).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 def _range(lo: float, hi: float, *, gt: bool = True):
@@ -63,28 +66,32 @@ class Chip(_Model):
     @classmethod
     def _mxu_multiple_of_128(cls, v: int) -> int:
         if v % 128:
-            raise ValueError(f"must be a multiple of 128, got {v}")
+            raise data_error(f"must be a multiple of 128, got {v}", "MXUs are 128x128 or 256x256; check rows and columns")
         return v
 
     @field_validator("lanes")
     @classmethod
     def _lanes_pow2(cls, v: int) -> int:
         if v & (v - 1):
-            raise ValueError(f"must be a power of two, got {v}")
+            raise data_error(f"must be a power of two, got {v}", "TPU vector lanes are 128")
         return v
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Chip:
         if self.peak_int8_tops is not None and "int8" not in self.matmul_dtypes:
-            raise ValueError("peak_int8_tops is set but 'int8' is not in matmul_dtypes")
+            raise data_error("peak_int8_tops is set but 'int8' is not in matmul_dtypes", "add \"int8\" to chip.matmul_dtypes, or remove chip.peak_int8_tops", ("peak_int8_tops",))
         if self.peak_fp8_tflops is not None and "fp8" not in self.matmul_dtypes:
-            raise ValueError("peak_fp8_tflops is set but 'fp8' is not in matmul_dtypes")
+            raise data_error("peak_fp8_tflops is set but 'fp8' is not in matmul_dtypes", "add \"fp8\" to chip.matmul_dtypes, or remove chip.peak_fp8_tflops", ("peak_fp8_tflops",))
         if self.vmem_mib_per_core * self.tensorcores_per_chip >= self.hbm_gib * 1024:
-            raise ValueError("VMEM per chip must be smaller than HBM per chip")
+            raise data_error(
+                f"VMEM per chip must be smaller than HBM per chip ({self.vmem_mib_per_core:g} MiB x {self.tensorcores_per_chip} cores >= {self.hbm_gib:g} GiB)",
+                "vmem_mib_per_core is MiB per core and hbm_gib is GiB per chip; check both units",
+                ("vmem_mib_per_core",),
+            )
         if self.jax_devices_per_chip > self.tensorcores_per_chip:
-            raise ValueError("jax_devices_per_chip cannot exceed tensorcores_per_chip")
+            raise data_error("jax_devices_per_chip cannot exceed tensorcores_per_chip", "JAX shows at most one device per TensorCore", ("jax_devices_per_chip",))
         if self.chips_per_host and self.max_pod_chips and self.chips_per_host > self.max_pod_chips:
-            raise ValueError("chips_per_host cannot exceed max_pod_chips")
+            raise data_error("chips_per_host cannot exceed max_pod_chips", "check both counts", ("chips_per_host",))
         return self
 
     # Derived values used by tuning; computed, never stored, so they cannot disagree.
@@ -170,7 +177,7 @@ class Kernels(_Model):
     def _facts_for_families(self) -> Kernels:
         for fam in self.families:
             if getattr(self, fam) is None:
-                raise ValueError(f"'{fam}' is listed in families but [kernels.{fam}] is missing")
+                raise data_error(f"'{fam}' is listed in families but [kernels.{fam}] is missing", f"add a [kernels.{fam}] table, or remove '{fam}' from families", ("families",))
         return self
 
 
@@ -188,7 +195,7 @@ class Source(_Model):
     @model_validator(mode="after")
     def _traceable(self) -> Source:
         if not self.url and not (self.repo and self.path):
-            raise ValueError("a source needs a url, or a repo and a path")
+            raise data_error("a source needs a url, or a repo and a path", 'add url = "https://...", or repo = "owner/name" and path = "file/in/repo"')
         return self
 
 
@@ -211,11 +218,12 @@ class Generation(_Model):
     @classmethod
     def _known_schema(cls, v: int) -> int:
         if v > SCHEMA_VERSION:
-            raise ValueError(
-                f"schema_version {v} is newer than this tpu-registry understands ({SCHEMA_VERSION})"
+            raise data_error(
+                f"schema_version {v} is newer than this tpu-registry understands ({SCHEMA_VERSION})",
+                "upgrade tpu-registry to read this file",
             )
         if v < 1:
-            raise ValueError("schema_version must be 1 or more")
+            raise data_error("schema_version must be 1 or more", f"write schema_version = {SCHEMA_VERSION}")
         return v
 
     @field_validator("sources")
@@ -226,7 +234,7 @@ class Generation(_Model):
             f for f in covered if f.startswith("chip.") and f[5:] not in Chip.model_fields
         )
         if unknown:
-            raise ValueError(f"sources name unknown chip fields: {', '.join(unknown)}")
+            raise data_error(f"sources name unknown chip fields: {', '.join(unknown)}", "use the field names of [chip]; `tpu-registry schema` lists them")
         chip = info.data.get("chip")
         if chip is not None:
             missing = [
@@ -235,7 +243,7 @@ class Generation(_Model):
                 if value is not None and f"chip.{name}" not in covered
             ]
             if missing:
-                raise ValueError(f"no source covers {', '.join(missing)}")
+                raise data_error(f"no source covers {', '.join(missing)}", "add each field to the `fields` list of the [[sources]] entry it comes from")
         return sources
 
     @model_validator(mode="after")
@@ -243,7 +251,9 @@ class Generation(_Model):
         if not self.provisional:
             unset = [f for f in ("topology", "max_pod_chips", "chips_per_host") if getattr(self.chip, f) is None]
             if unset:
-                raise ValueError(
-                    f"chip.{unset[0]} is required unless the generation is marked provisional"
+                raise data_error(
+                    f"chip.{unset[0]} is required unless the generation is marked provisional",
+                    f"set chip.{unset[0]}, or write provisional = true while it is unpublished",
+                    ("chip", unset[0]),
                 )
         return self

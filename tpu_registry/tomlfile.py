@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,15 @@ _HINTS = {
     "greater_than_equal": "check the value and its unit",
     "less_than": "check the value and its unit (GB/s, not Gbps; GiB, not bytes)",
     "less_than_equal": "check the value and its unit (GB/s, not Gbps; GiB, not bytes)",
+}
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+# Field names carry their unit; a range error on a field without one is not a unit slip.
+_UNIT_MARKERS = ("_gb_s", "_gib", "_mib", "_kib", "_tflops", "_tops")
+_HINTS_NO_UNIT = {
+    "greater_than": "check the value against the allowed range",
+    "greater_than_equal": "check the value against the allowed range",
+    "less_than": "check the value against the allowed range",
+    "less_than_equal": "check the value against the allowed range",
     "int_parsing": "write a whole number without quotes",
     "int_type": "write a whole number without quotes",
     "int_from_float": "write a whole number",
@@ -85,9 +96,9 @@ def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
     cached = _cache_get(raw)
     if cached is not None:
         return cached, text, []
-    depth = _max_bracket_depth(text)
+    depth, deep_line = _max_bracket_depth(text)
     if depth > MAX_NESTING:
-        return None, text, [Problem(shown, None, "", f"nesting is {depth} levels deep, over the limit of {MAX_NESTING}", "flatten the file")]
+        return None, text, [Problem(shown, deep_line, "", f"nesting is {depth} levels deep, over the limit of {MAX_NESTING}", "flatten the file")]
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -95,13 +106,35 @@ def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
         m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
         line = int(m.group(1)) if m else getattr(e, "lineno", None)
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg).strip()
+        hint = "fix the TOML syntax"
         if m:
             msg = f"{msg} at column {m.group(2)}"
-        return None, text, [Problem(shown, line, "", f"TOML syntax error: {msg}", "fix the TOML syntax")]
+        elif "(at end of document)" in msg:
+            # The parser ran off the end: say where it stopped, and what usually causes it.
+            line = len(text.splitlines()) or 1
+            msg = msg.replace("(at end of document)", "at end of file").strip()
+            hint = "a bracket, brace or quote opened earlier is never closed"
+        return None, text, [Problem(shown, line, "", f"TOML syntax error: {msg}", hint)]
     except RecursionError:
         return None, text, [Problem(shown, None, "", "nesting too deep to parse", "flatten the file")]
+    # Dotted keys and table headers nest without brackets (a.a.a... = 1): check the result too.
+    depth = _max_doc_depth(doc)
+    if depth > MAX_NESTING:
+        return None, text, [Problem(shown, None, "", f"nesting is {depth} levels deep, over the limit of {MAX_NESTING}", "flatten the file")]
     _cache_put(raw, doc)
     return doc, text, []
+
+
+def _max_doc_depth(doc: Any) -> int:
+    """Depth of nested tables and arrays, without recursion."""
+    deepest = 0
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = value.values() if isinstance(value, dict) else value
+        stack += [(c, depth + 1) for c in children if isinstance(c, (dict, list))]
+    return deepest
 
 
 # Parsed documents are cached as JSON keyed by the SHA-256 of the file's bytes, like
@@ -121,8 +154,28 @@ def _cache_file(raw: bytes) -> Path:
     return cache_dir() / (hashlib.sha256(raw).hexdigest() + ".json")
 
 
+_untrusted_warned: set[str] = set()
+
+
+def _cache_trusted(folder: Path) -> bool:
+    """A cached document stands in for the file it was parsed from, so the cache is used only
+    when no one else can write to it: the folder must be ours and not group/world-writable
+    (it is created 0700). Otherwise it is ignored, with one warning per folder."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return True  # not created yet: _cache_put creates it 0700
+    ours = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+    if ours and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return True
+    if str(folder) not in _untrusted_warned:
+        _untrusted_warned.add(str(folder))
+        logging.getLogger("tpu_registry").warning("parse cache %s is writable by other users or not yours; not using it (chmod 700 it, or set %s)", folder, ENV_CACHE)
+    return False
+
+
 def _cache_get(raw: bytes) -> dict[str, Any] | None:
-    if os.environ.get(ENV_CACHE) == "off":
+    if os.environ.get(ENV_CACHE) == "off" or not _cache_trusted(cache_dir()):
         return None
     try:
         doc = json.loads(_cache_file(raw).read_bytes())
@@ -132,7 +185,7 @@ def _cache_get(raw: bytes) -> dict[str, Any] | None:
 
 
 def _cache_put(raw: bytes, doc: dict[str, Any]) -> None:
-    if os.environ.get(ENV_CACHE) == "off":
+    if os.environ.get(ENV_CACHE) == "off" or not _cache_trusted(cache_dir()):
         return
     try:
         data = json.dumps(doc, separators=(",", ":"))
@@ -148,18 +201,23 @@ def _cache_put(raw: bytes, doc: dict[str, Any]) -> None:
         pass
 
 
-def _max_bracket_depth(text: str) -> int:
+def _max_bracket_depth(text: str) -> tuple[int, int | None]:
     """Cheap upper bound on inline nesting, checked before parsing (a deep document can
-    exhaust the parser's recursion). Brackets inside strings may overcount; real data files
-    never come near the limit."""
+    exhaust the parser's recursion), with the line where it first goes over the limit.
+    Brackets inside strings may overcount; real data files never come near the limit."""
     depth = deepest = 0
+    line, over_line = 1, None
     for ch in text:
-        if ch in "[{":
+        if ch == "\n":
+            line += 1
+        elif ch in "[{":
             depth += 1
             deepest = max(deepest, depth)
+            if depth > MAX_NESTING and over_line is None:
+                over_line = line
         elif ch in "]}":
             depth = max(0, depth - 1)
-    return deepest
+    return deepest, over_line
 
 
 def validate(model: type[BaseModel], doc: dict, text: str, path: Path, prefix: tuple = ()) -> tuple[BaseModel | None, list[Problem]]:
@@ -183,8 +241,13 @@ def problems_from(err: ValidationError, text: str, shown: str, prefix: tuple = (
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if item["type"] not in ("missing", "extra_forbidden", "model_type") and "input" in item and not isinstance(item["input"], (dict, list)):
-            msg = f"{msg} (got {item['input']!r})"
+            got = item["input"]
+            msg = f"{msg} (got {str(got).lower() if isinstance(got, bool) else repr(got)})"  # as TOML spells it
         hint = _HINTS.get(item["type"], "")
+        if item["type"] in _RANGE_ERRORS and not any(m in str(loc[-1] if loc else "") for m in _UNIT_MARKERS):
+            hint = _HINTS_NO_UNIT[item["type"]]
+        if item["type"] == "int_type" and isinstance(item.get("input"), bool):
+            hint = "write a whole number, not true or false"
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
         out.append(Problem(shown, locate(text, loc), field, msg, hint))

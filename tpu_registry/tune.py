@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import Problem, TuningError
+from .errors import CatalogError, Problem, TuningError
 
 if TYPE_CHECKING:
     from .detect import Detection
@@ -204,8 +205,9 @@ def coerce_knob(name: str, value: Any) -> Any:
         if isinstance(value, str):
             value = [p.strip() for p in value.split(",")]
         try:
-            items = tuple(int(v) for v in value)
-        except (TypeError, ValueError):
+            # Whole numbers only: 1.5 must be an error, not silently 1.
+            items = tuple(v if isinstance(v, int) and not isinstance(v, bool) else int(str(v).strip()) for v in value)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{name} must be 4 whole numbers (bq_sz, bkv_sz, bq_csz, bkv_csz), got {value!r}") from None
         if len(items) != 4:
             raise ValueError(f"{name} must be 4 whole numbers (bq_sz, bkv_sz, bq_csz, bkv_csz), got {len(items)}")
@@ -276,6 +278,9 @@ def _active_policies(env: Mapping[str, str]) -> set[str] | None:
     return {p.strip() for p in raw.split(",") if p.strip()} if raw else None
 
 
+RESERVED_LAYERS = ("workload", "baseline", "tables", "overrides")
+
+
 def run_policies(spec: Generation, workload: Workload, detection: Detection, *, env: Mapping[str, str] | None = None) -> tuple[list[Layer], list[tuple[str, str]]]:
     """Call every ``tpu_registry_tune`` implementation in hook order, guarding each one."""
     from .plugins import get_plugin_manager, short_name
@@ -296,12 +301,22 @@ def run_policies(spec: Generation, workload: Workload, detection: Detection, *, 
         except TuningError:
             raise  # a user's own file is wrong: that is an error, not a plugin fault
         except Exception as e:  # noqa: BLE001
+            if isinstance(e, CatalogError) and impl.plugin_name.startswith("tpu_registry."):
+                raise  # likewise a broken tuning table read by the built-in tables policy
             faults.append((name, f"raised {type(e).__name__}: {e}"))
             continue
         if out is None:
             continue
-        if not isinstance(out, Layer) or not isinstance(out.knobs, Mapping):
+        if not isinstance(out, Layer):
             faults.append((name, f"returned {type(out).__name__}, not a Layer or None"))
+            continue
+        if not isinstance(out.knobs, Mapping):
+            faults.append((name, f"returned a Layer whose knobs are a {type(out.knobs).__name__}, not a mapping of knob names to values"))
+            continue
+        if out.name in RESERVED_LAYERS and not impl.plugin_name.startswith("tpu_registry."):
+            # Layers are told apart by name: a plugin posing as the user's overrides or the
+            # baseline would be blamed on them (and dropping it would drop theirs).
+            faults.append((name, f"named its layer {out.name!r}, which is reserved for a built-in layer; skipped"))
             continue
         try:
             layer = replace(out, knobs={k: coerce_knob(k, v) for k, v in out.knobs.items()})
@@ -341,26 +356,45 @@ def tune(spec: Generation, workload: Workload, detection: Detection, *, env: Map
         layers.insert(0, Layer("workload", {"page_size": workload.page_size}, "fixed by the user"))
     knobs = merge(layers)
     page = knobs.get("page_size")
-    if page is not None and page.layer not in ("workload", "baseline"):
+    dropped: set[str] = set()
+    bad_page = check_constraints(spec, workload, {"page_size": page.value}) if page is not None else []
+    if bad_page and page.layer not in ("overrides", "workload", "baseline") and not strict:
+        # Every block size computed for a broken page size would look broken too (and be
+        # blamed on its layer): drop the plugin layer that chose it first.
+        faults.append((page.layer, "knobs break kernel constraints, layer dropped: " + "; ".join(bad_page)))
+        dropped.add(page.layer)
+        layers = [layer for layer in layers if layer.name not in dropped]
+        knobs = merge(layers)
+        page = knobs.get("page_size")
+        bad_page = check_constraints(spec, workload, {"page_size": page.value}) if page is not None else []
+    # A broken page size is never pinned (the workload would reject it): the check below
+    # reports it.
+    if page is not None and page.layer not in ("workload", "baseline") and not bad_page:
         again, more = run_policies(spec, replace(workload, page_size=page.value), detection, env=env)
         first = knobs
-        layers, faults = again, faults + [f for f in more if f not in faults]
+        layers, faults = [layer for layer in again if layer.name not in dropped], faults + [f for f in more if f not in faults]
         knobs = merge(layers)
         for name in ("page_size", "min_page_size", "max_num_seqs_smem"):
             if name in first:
                 knobs[name] = first[name]
     violations = check_constraints(spec, workload, {k: v.value for k, v in knobs.items()})
-    if violations:
+    while violations:
         # A plugin layer whose knobs break a kernel constraint is dropped and named; the
-        # user's own overrides breaking one (or anything under strict) is an error.
+        # user's own overrides breaking one (or anything under strict) is an error. Plugin
+        # layers go first: a constraint between two knobs (a VMEM limit above the ceiling a
+        # plugin set) is blamed on the knob it is reported against, which may be innocent.
         culprit = {v: knobs[v.split(" ")[0]].layer if v.split(" ")[0] in knobs else "?" for v in violations}
-        bad = set(culprit.values())
-        if strict or bad & {"overrides", "workload", "baseline", "?"}:
+        involved = {v: {culprit[v]} | {knobs[t].layer for t in re.findall(r"[\w.]+", v) if t in knobs} for v in violations}
+        droppable = set().union(*involved.values()) - {"overrides", "workload", "baseline", "?"}
+        if strict or not droppable:
             raise TuningError([Problem(f"layer {culprit[v]}", None, v.split(" ")[0], v, "lower the value or remove the override") for v in violations])
-        for name in sorted(bad):
-            faults.append((name, "knobs break kernel constraints, layer dropped: " + "; ".join(v for v in violations if culprit[v] == name)))
-        layers = [layer for layer in layers if layer.name not in bad]
+        for name in sorted(droppable):
+            faults.append((name, "knobs break kernel constraints, layer dropped: " + "; ".join(v for v in violations if name in involved[v])))
+        layers = [layer for layer in layers if layer.name not in droppable]
         knobs = merge(layers)
+        violations = check_constraints(spec, workload, {k: v.value for k, v in knobs.items()})
+    if strict and faults:
+        raise TuningError([Problem(f"policy {name}", None, "", message, "fix or disable the plugin (TPU_REGISTRY_DISABLE_PLUGINS), or drop strict") for name, message in faults])
     return Tuning(knobs=dict(sorted(knobs.items())), layers=tuple(layer.name for layer in layers), faults=tuple(faults))
 
 

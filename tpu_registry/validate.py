@@ -15,7 +15,9 @@ from .errors import CatalogError, Problem, RegistryError
 
 
 def file_kind(doc: dict[str, Any]) -> str:
-    if "rows" in doc and "kernel" in doc:
+    # A table missing one of its keys is still a table (not a generation file with a dozen
+    # unknown keys); generation files always have [chip].
+    if ("rows" in doc or "kernel" in doc) and "chip" not in doc:
         return "table"
     if "override" in doc:
         return "overrides"
@@ -25,7 +27,12 @@ def file_kind(doc: dict[str, Any]) -> str:
 def validate_paths(paths: list[Path]) -> tuple[int, list[Problem]]:
     from . import catalog as cat
     from .plugins import hardware_dirs
-    from .policies.overrides import OverridesFile
+    from .policies.overrides import (
+        OverridesFile,
+        unknown_generations,
+        warn_writable,
+        writable_by_others,
+    )
     from .policies.tables import Table, table_folders
     from .tomlfile import read_toml, validate
 
@@ -61,11 +68,12 @@ def validate_paths(paths: list[Path]) -> tuple[int, list[Problem]]:
             else:
                 problems.append(Problem(str(path), None, "", "no such file or folder", "check the path"))
         # Check the named generation files against the built-in catalog for collisions.
-        named = {p.resolve() for p, _ in generation_files}
+        named = {p.resolve() for p, _ in generation_files + other_files}  # a built-in file named itself is not a duplicate
         if builtin not in {p.resolve() for p in paths}:
             generation_files = [(f, "built-in") for f in cat.list_files(builtin, "built-in")[0] if f.resolve() not in named] + generation_files
 
     loaded = []
+    overrides: list[tuple[Any, str, Path]] = []
     n = 0
     for path, _origin in generation_files:
         n += 1
@@ -87,10 +95,32 @@ def validate_paths(paths: list[Path]) -> tuple[int, list[Problem]]:
                 loaded.append((spec, path, text))
             continue
         model = Table if kind == "table" else OverridesFile
-        _, probs = validate(model, doc, text, path)
+        checked, probs = validate(model, doc, text, path)
         problems += probs
-    cat._assemble(loaded, (), problems)
+        if kind == "overrides" and checked is not None:
+            overrides.append((checked, text, path))
+            if writable_by_others(path):
+                warn_writable(path)
+    catalog = cat._assemble(loaded, (), problems)
+    if overrides:
+        # As the overrides policy checks them when used: against the files being checked,
+        # else the catalog in use (plugins and TPU_REGISTRY_PATH included).
+        known = _Names([catalog])
+        try:
+            known.catalogs.append(cat.load_catalog())
+        except RegistryError:
+            pass  # its problems are reported when that catalog is validated
+        for checked, text, path in overrides:
+            problems += unknown_generations(checked, text, path, known)
     return n, problems
+
+
+class _Names:
+    def __init__(self, catalogs: list) -> None:
+        self.catalogs = catalogs
+
+    def find(self, text: str) -> set[str]:
+        return set().union(*(c.find(text) for c in self.catalogs))
 
 
 def check(paths: list[Path]) -> None:

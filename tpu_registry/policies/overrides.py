@@ -32,8 +32,8 @@ from pydantic import Field, field_validator
 from tpu_registry.errors import Problem, TuningError
 from tpu_registry.hookspecs import hookimpl
 from tpu_registry.spec import SCHEMA_VERSION, _Model
-from tpu_registry.tomlfile import locate, read_toml, validate
-from tpu_registry.tune import Layer, Workload, coerce_knob
+from tpu_registry.tomlfile import data_error, locate, read_toml, validate
+from tpu_registry.tune import DTYPE_BITS, Layer, Workload, canonical_dtype, coerce_knob
 
 ENV_OVERRIDES = "TPU_REGISTRY_OVERRIDES"
 log = logging.getLogger("tpu_registry")
@@ -55,7 +55,16 @@ class Override(_Model):
     def _known_fields(cls, v: dict) -> dict:
         unknown = sorted(set(v) - set(WORKLOAD_FIELDS))
         if unknown:
-            raise ValueError(f"match names unknown workload fields: {', '.join(unknown)} (known: {', '.join(WORKLOAD_FIELDS)})")
+            raise data_error(f"match names unknown workload fields: {', '.join(unknown)}", f"known: {', '.join(WORKLOAD_FIELDS)}", (unknown[0],))
+        # A value of the wrong kind would silently never match; a dtype must be one we know.
+        for k, want in v.items():
+            if k.endswith("dtype"):
+                try:
+                    canonical_dtype(want)
+                except TuningError:
+                    raise data_error(f"match {k} {want!r} is not a dtype", f"use one of: {', '.join(sorted(DTYPE_BITS))}", (k,)) from None
+            elif not isinstance(want, int) or isinstance(want, bool):
+                raise data_error(f"match {k} must be a whole number, got {want!r}", "write the number without quotes", (k,))
         return v
 
     @field_validator("knobs", mode="before")
@@ -72,7 +81,18 @@ class Override(_Model):
                 flat[k] = val
         out = {}
         for k, val in flat.items():
-            out[k] = coerce_knob(k, val)
+            try:
+                out[k] = coerce_knob(k, val)
+            except ValueError as e:
+                if str(e).startswith("unknown knob"):
+                    hint = "check the knob's spelling"
+                elif isinstance(val, bool):
+                    hint = "write a number, not true or false"
+                elif isinstance(val, str):
+                    hint = "write the number without quotes"
+                else:
+                    hint = "write the value in the form the message gives"
+                raise data_error(str(e), hint, tuple(k.split("."))) from None
         return out
 
 
@@ -84,7 +104,7 @@ class OverridesFile(_Model):
     @classmethod
     def _schema(cls, v: int) -> int:
         if not 1 <= v <= SCHEMA_VERSION:
-            raise ValueError(f"schema_version {v} is not one this tpu-registry understands ({SCHEMA_VERSION})")
+            raise data_error(f"schema_version {v} is not one this tpu-registry understands ({SCHEMA_VERSION})", "upgrade tpu-registry, or write the schema_version it supports")
         return v
 
 
@@ -99,15 +119,19 @@ def writable_by_others(path: Path) -> bool:
         return False
 
 
+def warn_writable(path: Path) -> None:
+    log.warning("overrides file %s is writable by other users; anyone who can write it chooses your kernel knobs (chmod go-w %s)", path, path)
+
+
 _cache: dict[tuple, tuple[OverridesFile, str]] = {}
 
 
 def load_overrides(path: Path) -> tuple[OverridesFile, str]:
     try:
         st = path.stat()
-        key = (str(path), st.st_mtime_ns, st.st_size)
+        key = (str(path), st.st_mtime_ns, st.st_size, st.st_mode)
     except OSError:
-        key = (str(path), None, None)
+        key = (str(path), None, None, None)
     if key in _cache:
         return _cache[key]
     doc, text, problems = read_toml(path)
@@ -116,8 +140,19 @@ def load_overrides(path: Path) -> tuple[OverridesFile, str]:
     model, problems = validate(OverridesFile, doc, text, path)
     if model is None:
         raise TuningError(problems)
+    if writable_by_others(path):  # once per version of the file, not once per policy run
+        warn_writable(path)
     _cache[key] = (model, text)  # type: ignore[assignment]
     return model, text  # type: ignore[return-value]
+
+
+def unknown_generations(model: OverridesFile, text: str, path: Path, catalog) -> list[Problem]:
+    """Entries whose ``generation`` names nothing in the catalog (``"*"`` names everything)."""
+    return [
+        Problem(str(path), locate(text, ("override", i, "generation")), f"override[{i}].generation", f"{o.generation!r} names no generation", "use an id from `tpu-registry list`, or \"*\"")
+        for i, o in enumerate(model.override)
+        if o.generation != "*" and not catalog.find(o.generation)
+    ]
 
 
 def matches(o: Override, w: Workload) -> bool:
@@ -143,12 +178,12 @@ def tpu_registry_tune(spec, workload: Workload, detection) -> Layer | None:
 
     catalog = None
     knobs: dict[str, Any] = {}
-    for i, o in enumerate(model.override):
+    for o in model.override:
         if o.generation != "*":
             catalog = catalog or load_catalog()
             hits = catalog.find(o.generation)
             if not hits:
-                raise TuningError([Problem(str(path), locate(text, ("override", i, "generation")), f"override[{i}].generation", f"{o.generation!r} names no generation", "use an id from `tpu-registry list`, or \"*\"")])
+                raise TuningError(unknown_generations(model, text, path, catalog))
             if spec.id not in hits:
                 continue
         if not matches(o, workload):
@@ -160,5 +195,4 @@ def tpu_registry_tune(spec, workload: Workload, detection) -> Layer | None:
     note = f"from {path}"
     if writable_by_others(path):
         note += " (warning: the file is writable by other users)"
-        log.warning("overrides file %s is writable by other users; anyone who can write it chooses your kernel knobs", path)
     return Layer("overrides", knobs, note)

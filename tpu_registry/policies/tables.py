@@ -16,11 +16,11 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from tpu_registry.catalog import builtin_hardware_dir
-from tpu_registry.errors import CatalogError, Problem
+from tpu_registry.errors import CatalogError, Problem, TuningError
 from tpu_registry.hookspecs import hookimpl
 from tpu_registry.spec import SCHEMA_VERSION, KernelFamily, _Model
-from tpu_registry.tomlfile import locate, read_toml, validate
-from tpu_registry.tune import Layer, Workload, align, canonical_dtype, cdiv, next_pow2
+from tpu_registry.tomlfile import data_error, locate, read_toml, validate
+from tpu_registry.tune import DTYPE_BITS, Layer, Workload, align, canonical_dtype, cdiv, next_pow2
 
 ENV_TABLES = "TPU_REGISTRY_TABLES_PATH"
 
@@ -69,25 +69,32 @@ class Table(_Model):
     @classmethod
     def _schema(cls, v: int) -> int:
         if not 1 <= v <= SCHEMA_VERSION:
-            raise ValueError(f"schema_version {v} is not one this tpu-registry understands ({SCHEMA_VERSION})")
+            raise data_error(f"schema_version {v} is not one this tpu-registry understands ({SCHEMA_VERSION})", "upgrade tpu-registry, or write the schema_version it supports")
         return v
 
     @model_validator(mode="after")
     def _rows(self) -> Table:
+        columns = ", ".join(self.key + self.value)
         width = len(self.key) + len(self.value)
         seen: dict[tuple, int] = {}
         for i, row in enumerate(self.rows):
             if len(row) != width:
-                raise ValueError(f"rows[{i}] has {len(row)} columns, expected {width} ({', '.join(self.key + self.value)})")
+                raise data_error(f"rows[{i}] has {len(row)} columns, expected {width} ({columns})", "give one cell per key and value column", ("rows", i))
             for col, cell in zip(self.key + self.value, row):
                 if col.endswith("dtype"):
-                    if not isinstance(cell, str):
-                        raise ValueError(f"rows[{i}] {col} must be a dtype name, got {cell!r}")
+                    try:
+                        if not isinstance(cell, str):
+                            raise TuningError("not a string")
+                        canonical_dtype(cell)
+                    except TuningError:
+                        raise data_error(f"rows[{i}] {col} must be a dtype name, got {cell!r}", f"use one of: {', '.join(sorted(DTYPE_BITS))}", ("rows", i)) from None
                 elif isinstance(cell, bool) or not isinstance(cell, int) or cell < (0 if col == "sliding_window" else 1):
-                    raise ValueError(f"rows[{i}] {col} must be a positive whole number, got {cell!r}")
-            k = tuple(row[: len(self.key)])
+                    what = "a whole number, 0 or more" if col == "sliding_window" else "a positive whole number"
+                    hint = "write the number without quotes" if isinstance(cell, bool) or not isinstance(cell, int) else "check the cell against its column"
+                    raise data_error(f"rows[{i}] {col} must be {what}, got {cell!r}", hint, ("rows", i))
+            k = tuple(_norm_cell(c, v) for c, v in zip(self.key, row[: len(self.key)], strict=True))
             if k in seen:
-                raise ValueError(f"rows[{i}] repeats the key of rows[{seen[k]}]")
+                raise data_error(f"rows[{i}] repeats the key of rows[{seen[k]}]", "keep one row per key: remove or merge the duplicate", ("rows", i))
             seen[k] = i
         return self
 
