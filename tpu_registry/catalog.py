@@ -280,7 +280,6 @@ def _assemble(loaded: list[tuple[Generation, Path, str]], folders: tuple[Path, .
         entries[spec.id] = Entry(spec, path, replaced=old.path)
     names: dict[str, str] = {}
     index: dict[tuple[str, str], set[str]] = {}
-    owner: dict[tuple[str, str], str] = {}
     for gid, entry in entries.items():
         text = texts[entry.path]
         for label, name in [("id", gid)] + [("aliases", a) for a in entry.spec.aliases]:

@@ -89,7 +89,7 @@ def _build(autoload: str, disable: str) -> pluggy.PluginManager:
 # Entry points that failed to import: (name, message). Reported by detect/resolve and
 # `tpu-registry plugins`; an error only under --strict. Distributions of loaded plugins.
 load_faults: list[tuple[str, str]] = []
-_dists: dict[str, tuple[str, str]] = {}
+_dists: dict[str, object] = {}  # entry-point name -> Distribution; read only by `plugins`
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
@@ -107,7 +107,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             load_faults.append((ep.name, f"failed to load: {type(e).__name__}: {e}"))
             continue
         if ep.dist is not None:
-            _dists[ep.name] = (ep.dist.metadata["Name"], ep.dist.version)
+            _dists[ep.name] = ep.dist
 
 
 def reset() -> None:
@@ -143,7 +143,11 @@ def describe_plugins() -> list[PluginInfo]:
         if plugin is None:
             continue
         builtin = name in BUILTIN_PLUGINS
-        dist, ver = ("tpu-registry", _own_version()) if builtin else _dists.get(name, (None, None))
+        if builtin:
+            dist, ver = "tpu-registry", _own_version()
+        else:
+            d = _dists.get(name)
+            dist, ver = (d.metadata["Name"], d.version) if d is not None else (None, None)
         hooks = tuple(sorted(h.name for h in pm.get_hookcallers(plugin) or []))
         out.append(PluginInfo(short_name(name) if builtin else name, "built-in" if builtin else "entry point", dist, ver, hooks))
     return out

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from tpu_registry.catalog import builtin_hardware_dir
 from tpu_registry.errors import CatalogError, Problem, TuningError
@@ -64,6 +64,7 @@ class Table(_Model):
     key: list[KeyColumn] = Field(min_length=1)
     value: list[str] = Field(min_length=1)
     rows: list[list[Any]]
+    _index: dict[tuple, int] = PrivateAttr(default_factory=dict)
 
     @field_validator("schema_version")
     @classmethod
@@ -74,29 +75,42 @@ class Table(_Model):
 
     @model_validator(mode="after")
     def _rows(self) -> Table:
-        columns = ", ".join(self.key + self.value)
-        width = len(self.key) + len(self.value)
+        columns = self.key + self.value
+        width = len(columns)
+        n = len(self.key)
+        # Per-column checks are decided once, not per cell: tables have thousands of cells.
+        kinds = ["dtype" if c.endswith("dtype") else "count0" if c == "sliding_window" else "count" for c in columns]
         seen: dict[tuple, int] = {}
         for i, row in enumerate(self.rows):
             if len(row) != width:
-                raise data_error(f"rows[{i}] has {len(row)} columns, expected {width} ({columns})", "give one cell per key and value column", ("rows", i))
-            for col, cell in zip(self.key + self.value, row):
-                if col.endswith("dtype"):
-                    try:
-                        if not isinstance(cell, str):
-                            raise TuningError("not a string")
-                        canonical_dtype(cell)
-                    except TuningError:
-                        raise data_error(f"rows[{i}] {col} must be a dtype name, got {cell!r}", f"use one of: {', '.join(sorted(DTYPE_BITS))}", ("rows", i)) from None
-                elif isinstance(cell, bool) or not isinstance(cell, int) or cell < (0 if col == "sliding_window" else 1):
-                    what = "a whole number, 0 or more" if col == "sliding_window" else "a positive whole number"
-                    hint = "write the number without quotes" if isinstance(cell, bool) or not isinstance(cell, int) else "check the cell against its column"
+                raise data_error(f"rows[{i}] has {len(row)} columns, expected {width} ({', '.join(columns)})", "give one cell per key and value column", ("rows", i))
+            for col, kind, cell in zip(columns, kinds, row, strict=True):
+                if kind == "dtype":
+                    if not (isinstance(cell, str) and _dtype(cell)):
+                        raise data_error(f"rows[{i}] {col} must be a dtype name, got {cell!r}", f"use one of: {', '.join(sorted(DTYPE_BITS))}", ("rows", i))
+                elif type(cell) is not int or cell < (0 if kind == "count0" else 1):
+                    what = "a whole number, 0 or more" if kind == "count0" else "a positive whole number"
+                    hint = "write the number without quotes" if type(cell) is not int else "check the cell against its column"
                     raise data_error(f"rows[{i}] {col} must be {what}, got {cell!r}", hint, ("rows", i))
-            k = tuple(_norm_cell(c, v) for c, v in zip(self.key, row[: len(self.key)], strict=True))
+            k = tuple(_norm_cell(c, v) for c, v in zip(self.key, row[:n], strict=True))
             if k in seen:
                 raise data_error(f"rows[{i}] repeats the key of rows[{seen[k]}]", "keep one row per key: remove or merge the duplicate", ("rows", i))
             seen[k] = i
+        self._index = seen  # reused by LoadedTable: the key of every row, normalised
         return self
+
+
+_DTYPES: dict[str, str | None] = {}
+
+
+def _dtype(name: str) -> str | None:
+    """Canonical dtype name, memoised (a table repeats a handful of names thousands of times)."""
+    if name not in _DTYPES:
+        try:
+            _DTYPES[name] = canonical_dtype(name)
+        except TuningError:
+            _DTYPES[name] = None
+    return _DTYPES[name]
 
 
 def bucket(column: str, w: Workload, page: int) -> Any:
@@ -133,18 +147,18 @@ class LoadedTable:
     def __init__(self, table: Table, path: Path):
         self.table, self.path = table, path
         n = len(table.key)
-        self.index = {tuple(_norm_cell(c, v) for c, v in zip(table.key, row[:n])): tuple(row[n:]) for row in table.rows}
+        self.index = {k: tuple(table.rows[i][n:]) for k, i in table._index.items()}
 
     def lookup(self, w: Workload, page: int) -> dict[str, Any] | None:
         key = tuple(bucket(c, w, page) for c in self.table.key)
         hit = self.index.get(key)
         if hit is None:
             return None
-        return {f"{self.table.kernel}.{name}": value for name, value in zip(self.table.value, hit)}
+        return {f"{self.table.kernel}.{name}": value for name, value in zip(self.table.value, hit, strict=True)}
 
 
 def _norm_cell(column: str, value: Any) -> Any:
-    return canonical_dtype(value) if column.endswith("dtype") else value
+    return _dtype(value) if column.endswith("dtype") else value
 
 
 def table_folders() -> list[Path]:
@@ -155,10 +169,16 @@ def table_folders() -> list[Path]:
     return out
 
 
-def load_table(path: Path) -> tuple[LoadedTable | None, list[Problem]]:
+def load_table(path: Path, generation: str | None = None) -> tuple[LoadedTable | None, list[Problem]]:
+    """Parse and validate one table. With ``generation``, a well-formed table that does not
+    list it is skipped unvalidated (returns None, no problems): resolve() validates only what
+    it uses; ``tpu-registry validate`` checks every table."""
     doc, text, problems = read_toml(path)
     if doc is None:
         return None, problems
+    listed = doc.get("generations")
+    if generation is not None and isinstance(listed, list) and all(isinstance(g, str) for g in listed) and generation not in listed:
+        return None, []
     table, problems = validate(Table, doc, text, path)
     if table is None:
         return None, problems
@@ -171,7 +191,7 @@ def load_table(path: Path) -> tuple[LoadedTable | None, list[Problem]]:
 _cache: dict[tuple, list[LoadedTable]] = {}
 
 
-def load_tables(folders: list[Path] | None = None) -> list[LoadedTable]:
+def load_tables(folders: list[Path] | None = None, generation: str | None = None) -> list[LoadedTable]:
     folders = table_folders() if folders is None else folders
     files = []
     problems: list[Problem] = []
@@ -181,12 +201,12 @@ def load_tables(folders: list[Path] | None = None) -> list[LoadedTable]:
                 problems.append(Problem(str(folder), None, "", f"tuning-table folder from {ENV_TABLES} does not exist", "create it or fix the variable"))
             continue
         files += sorted(p for p in folder.glob("*.toml") if not p.name.startswith("."))
-    key = tuple((str(p), p.stat().st_mtime_ns) for p in files)
+    key = (generation, *((str(p), p.stat().st_mtime_ns) for p in files))
     if key in _cache and not problems:
         return _cache[key]
     tables = []
     for path in files:
-        t, probs = load_table(path)
+        t, probs = load_table(path, generation)
         problems += probs
         if t is not None:
             tables.append(t)
@@ -216,7 +236,7 @@ def tpu_registry_tune(spec, workload: Workload, detection) -> Layer | None:
     page = workload.page_size or max(page_size_for(workload.max_model_len), min_page_size(spec, workload))
     knobs: dict[str, Any] = {}
     used: list[str] = []
-    tables = load_tables()
+    tables = load_tables(generation=spec.id)
     for family in spec.kernels.families:
         hit, names = lookup(spec.id, family, workload, page, tables)
         knobs.update(hit)
