@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml plugins/tpu-registry-gce/pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e plugins/tpu-registry-gce
 	touch $@
 
-$(STAMP310): pyproject.toml
+$(STAMP310): pyproject.toml plugins/tpu-registry-gce/pyproject.toml
 	@PY310=$$(scripts/find_python.sh 3.10) && $$PY310 -m venv $(VENV310)
 	$(VENV310)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	$(VENV310)/bin/pip install -q --disable-pip-version-check -e plugins/tpu-registry-gce
 	touch $@
 
 run: $(STAMP)
@@ -33,7 +34,7 @@ test-core: $(STAMP)
 	$(BIN)/python -m pytest -q tests --ignore=tests/integration plugins/tpu-registry-gce/tests
 
 test-py310: $(STAMP310)
-	$(VENV310)/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/integration -m "not needs_jax"
+	$(VENV310)/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/integration plugins/tpu-registry-gce/tests -m "not needs_jax and not needs_matplotlib"
 
 test-integration: $(STAMP)
 	integration/run_tests.sh current
