@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run_all import add_common_args, finish, md_table, stats, target, tiny
+from run_all import add_common_args, finish, md_table, per_call, stats, target, tiny
 
 TARGET_RATIO = 1.5
 
@@ -60,15 +60,6 @@ def generate(folder: Path, count: int, text: str) -> Path:
         (folder / f"bench-{n:05d}.toml").write_text(render(text, n))
     return folder
 
-
-def per_call(fn, calls: int, batches: int) -> list[float]:
-    out = []
-    for _ in range(batches):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        out.append((time.perf_counter() - t0) / calls)
-    return out
 
 
 def run(small: bool) -> dict:

@@ -7,7 +7,9 @@ For real attention shapes on every catalog generation that has a paged-attention
     ``vllm_pallas`` on generations whose only kernel is RPA v2, else ``tpu_inference``;
 (b) upstream, computed here from the published layouts, independently of the package:
     vLLM 0.13 Pallas ``(pages, page, 2 * kv_heads, ceil(head_dim / 128) * 128)`` and
-    tpu-inference ``(pages, page, align(2 * kv_heads, packing) // packing, packing, align(head_dim, 128))``;
+    tpu-inference ``(pages, page, align(2 * kv_heads, packing) // packing, packing, align(head_dim, 128))``,
+    and for head dim 64 its hd64 kernel's ``(pages, page, align(kv_heads, packing) // packing, packing, 128)``
+    (K and V share the 128 lanes, no padding);
 (c) the seed: head dim padded to the MXU width where the seed did so (its
     ``head_size_multiple``: 256 for TPU v6, 128 for v4 and v5) in the vLLM Pallas layout.
 
@@ -64,7 +66,10 @@ def upstream_bytes_per_token(layout: str, kv_heads: int, head_dim: int, dtype: s
     itemsize = BITS[dtype] // 8
     if layout == "vllm_pallas":  # vLLM 0.13 PallasAttentionBackend.get_kv_cache_shape
         per_token = 2 * kv_heads * math.ceil(head_dim / 128) * 128
-    elif layout == "tpu_inference":  # tpu-inference get_kv_cache_shape_with_mesh
+    elif layout == "tpu_inference" and head_dim == 64:  # tpu-inference v3/kernel_hd64.get_kv_cache_shape
+        packing = 32 // BITS[dtype]
+        per_token = (_align(kv_heads, packing) // packing) * packing * 128
+    elif layout == "tpu_inference":  # tpu-inference v3/kernel.get_kv_cache_shape
         packing = 32 // BITS[dtype]
         per_token = (_align(2 * kv_heads, packing) // packing) * packing * _align(head_dim, 128)
     else:

@@ -27,6 +27,7 @@ from run_all import (
     finish,
     last_json_line,
     md_table,
+    per_call,
     run_process,
     stats,
     target,
@@ -93,16 +94,6 @@ def fake_host(root: Path, chips: int = 8) -> Path:
         (d / "device").write_text(device + "\n")
     return root
 
-
-def per_call(fn, calls: int, batches: int) -> list[float]:
-    """Seconds per call, one figure per batch of ``calls`` calls."""
-    out = []
-    for _ in range(batches):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        out.append((time.perf_counter() - t0) / calls)
-    return out
 
 
 def run(small: bool) -> dict:

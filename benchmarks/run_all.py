@@ -76,6 +76,17 @@ def stats(samples: Iterable[float]) -> Stat:
     return Stat(statistics.median(xs), min(xs), max(xs), len(xs))
 
 
+def per_call(fn, calls: int, batches: int) -> list[float]:
+    """Seconds per call, one figure per batch of ``calls`` calls."""
+    out = []
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - t0) / calls)
+    return out
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[bool] | None = None) -> str:
     """A GitHub-flavoured Markdown table (numbers right-aligned unless ``right`` says otherwise)."""
     cells = [["-" if c is None else str(c) for c in r] for r in rows]

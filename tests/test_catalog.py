@@ -165,6 +165,28 @@ EXPLAINED = {
 JAX_CHIPS = {"v2": "TPU_V2", "v3": "TPU_V3", "v4": "TPU_V4", "v5e": "TPU_V5E", "v5p": "TPU_V5P", "v6e": "TPU_V6E", "tpu7x": "TPU_7X", "tpu8i": "TPU_8I"}
 
 
+def _jax_chip_facts(pltpu, gid: str) -> dict:
+    """JAX's TpuInfo for a generation, turned into per-chip figures in our units."""
+    version = getattr(pltpu.ChipVersion, JAX_CHIPS[gid])
+    cores = version.num_physical_tensor_cores_per_chip
+    info = pltpu.get_tpu_info_for_chip(version, 1)  # per TensorCore ("split" mode)
+    return {
+        "tensorcores_per_chip": cores,
+        "mxus_per_core": info.num_mxus,
+        "mxu_cols": info.mxu_column_size,
+        "lanes": info.num_lanes,
+        "sublanes": info.num_sublanes,
+        "vmem_mib_per_core": info.vmem_capacity_bytes / 2**20,
+        "smem_kib_per_core": info.smem_capacity_bytes / 2**10,
+        "hbm_gib": info.hbm_capacity_bytes * cores / 2**30,
+        "hbm_bandwidth_gb_s": info.mem_bw_bytes_per_second * cores / 1e9,
+        "peak_bf16_tflops": info.bf16_ops_per_second * cores / 1e12,
+        "peak_int8_tops": (info.int8_ops_per_second * cores / 1e12) or None,
+        "peak_fp8_tflops": (info.fp8_ops_per_second * cores / 1e12) or None,
+        "sparsecores_per_chip": info.sparse_core.num_cores if info.sparse_core else 0,
+    }
+
+
 def _close(ours: float, theirs: float, rel: float = 0.005) -> bool:
     return abs(ours - theirs) <= rel * max(abs(theirs), 1e-9)
 
@@ -176,27 +198,9 @@ def test_catalog_agrees_with_jax_tpu_info():
     )
     cat = load_catalog()
     unexplained = []
-    for gid, chip_name in JAX_CHIPS.items():
-        spec = cat[gid]
-        chip = spec.chip
-        version = getattr(pltpu.ChipVersion, chip_name)
-        cores = version.num_physical_tensor_cores_per_chip
-        info = pltpu.get_tpu_info_for_chip(version, 1)  # per TensorCore ("split" mode)
-        theirs = {
-            "tensorcores_per_chip": cores,
-            "mxus_per_core": info.num_mxus,
-            "mxu_cols": info.mxu_column_size,
-            "lanes": info.num_lanes,
-            "sublanes": info.num_sublanes,
-            "vmem_mib_per_core": info.vmem_capacity_bytes / 2**20,
-            "smem_kib_per_core": info.smem_capacity_bytes / 2**10,
-            "hbm_gib": info.hbm_capacity_bytes * cores / 2**30,
-            "hbm_bandwidth_gb_s": info.mem_bw_bytes_per_second * cores / 1e9,
-            "peak_bf16_tflops": info.bf16_ops_per_second * cores / 1e12,
-            "peak_int8_tops": (info.int8_ops_per_second * cores / 1e12) or None,
-            "peak_fp8_tflops": (info.fp8_ops_per_second * cores / 1e12) or None,
-            "sparsecores_per_chip": info.sparse_core.num_cores if info.sparse_core else 0,
-        }
+    for gid in JAX_CHIPS:
+        chip = cat[gid].chip
+        theirs = _jax_chip_facts(pltpu, gid)
         for field, value in theirs.items():
             ours = getattr(chip, field)
             same = (ours is None and value is None) or (ours is not None and value is not None and _close(ours, value))
@@ -212,17 +216,7 @@ def test_explained_differences_are_still_differences():
     stale = []
     cat = load_catalog()
     for (gid, field) in EXPLAINED:
-        version = getattr(pltpu.ChipVersion, JAX_CHIPS[gid])
-        cores = version.num_physical_tensor_cores_per_chip
-        info = pltpu.get_tpu_info_for_chip(version, 1)
-        value = {
-            "hbm_gib": info.hbm_capacity_bytes * cores / 2**30,
-            "hbm_bandwidth_gb_s": info.mem_bw_bytes_per_second * cores / 1e9,
-            "peak_bf16_tflops": info.bf16_ops_per_second * cores / 1e12,
-            "peak_int8_tops": (info.int8_ops_per_second * cores / 1e12) or None,
-            "peak_fp8_tflops": (info.fp8_ops_per_second * cores / 1e12) or None,
-            "sparsecores_per_chip": info.sparse_core.num_cores if info.sparse_core else 0,
-        }[field]
+        value = _jax_chip_facts(pltpu, gid)[field]
         ours = getattr(cat[gid].chip, field)
         if ours is not None and value is not None and _close(ours, value, 1e-9):
             stale.append(f"{gid}.{field}")

@@ -487,3 +487,14 @@ def test_cli_vllm_format_leaves_unset_what_the_kernel_would_reject():
     lines = r.stdout.splitlines()
     assert "export RPA_V3_DECODE_BLOCK_SIZES=1,2048,1,2048" in lines
     assert "# RPA_V3_PREFILL_BLOCK_SIZES left unset: bq_sz 32 is not a multiple of bq_csz 64; the kernel's own default applies" in lines
+
+
+def test_head_dim_64_uses_the_hd64_layout_in_tpu_inference():
+    """tpu-inference runs head dim 64 on its hd64 kernel: K and V share the 128 lanes, so
+    nothing is padded (Llama-3.2-1B); vLLM 0.13's Pallas layout pads 64 to 128."""
+    assert kv_bytes_per_token("tpu_inference", 8, 64, "bfloat16") == 8 * 128 * 2 == 2048
+    assert kv_bytes_per_token("vllm_pallas", 8, 64, "bfloat16") == 2 * 8 * 128 * 2 == 4096
+    from tpu_registry.attention import kv_cache_shape
+
+    assert kv_cache_shape("tpu_inference", 4, 16, 8, 64, "bfloat16") == (4, 16, 4, 2, 128)
+    assert kv_cache_shape("tpu_inference", 4, 16, 1, 64, "float8_e4m3fn") == (4, 16, 1, 4, 128)

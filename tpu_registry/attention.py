@@ -6,7 +6,9 @@ cache layouts exist upstream:
 - ``vllm_pallas`` (vLLM <= 0.13 torch_xla backend, RPA v2): ``(pages, page_size, 2 * kv_heads,
   head_dim_padded)``, K and V interleaved on the head axis.
 - ``tpu_inference`` (RPA v3): ``(pages, page_size, align(2 * kv_heads, packing) // packing,
-  packing, align(head_dim, 128))``, narrow dtypes packed along a sub-axis.
+  packing, align(head_dim, 128))``, narrow dtypes packed along a sub-axis; for head dim 64 the
+  hd64 kernel's ``(pages, page_size, align(kv_heads, packing) // packing, packing, 128)``, K and
+  V side by side in the 128 lanes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def kv_cache_shape(layout: str, num_pages: int, page_size: int, num_kv_heads: in
         return (num_pages, page_size, 2 * num_kv_heads, align(head_dim, head_align))
     if layout == "tpu_inference":
         packing = 32 // DTYPE_BITS[kv_dtype]
+        if head_dim == 64:  # the hd64 kernel: K and V side by side in the 128 lanes, no padding
+            return (num_pages, page_size, align(num_kv_heads, packing) // packing, packing, 128)
         return (num_pages, page_size, align(2 * num_kv_heads, packing) // packing, packing, align(head_dim, 128))
     raise ValueError(f"unknown KV cache layout {layout!r} (known: {', '.join(LAYOUTS)})")
 

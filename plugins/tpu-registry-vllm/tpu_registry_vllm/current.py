@@ -193,9 +193,7 @@ class RegistryAttentionBackend(AttentionBackend):
         return self._config if self._config is not None else active_config()
 
     def get_kv_cache_shape(self, total_num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, kv_dtype: Any) -> tuple[int, ...]:
-        if head_dim == 64:  # the hd64 kernel (see _delegate) keeps K and V side by side in 128 lanes
-            return RPAAttentionBackend().get_kv_cache_shape(total_num_pages, page_size, num_kv_heads, head_dim, kv_dtype)
-        import jax.numpy as jnp
+        import jax.numpy as jnp  # the plan knows both layouts, the hd64 kernel's included
 
         dtype = canonical_dtype(jnp.dtype(kv_dtype).name)
         return plan_kv_cache_shape("tpu_inference", total_num_pages, page_size, num_kv_heads, head_dim, dtype)
