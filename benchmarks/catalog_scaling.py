@@ -15,7 +15,6 @@ Target (issue 6): per-file load cost at the largest size / at 10 files < 1.5 (li
 
 from __future__ import annotations
 
-import argparse
 import gc
 import re
 import sys
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run_all import add_common_args, finish, md_table, per_call, stats, target, tiny
+from run_all import md_table, per_call, script_main, stats, target, tiny
 
 TARGET_RATIO = 1.5
 
@@ -178,10 +177,7 @@ def run(small: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(p)
-    args = p.parse_args(argv)
-    return finish(run(tiny(args)), args)
+    return script_main(__doc__, argv, lambda args: run(tiny(args)))
 
 
 if __name__ == "__main__":

@@ -29,12 +29,11 @@ from pathlib import Path
 
 from run_all import (
     ROOT,
-    add_common_args,
     child_env,
-    finish,
     last_json_line,
     md_table,
     run_process,
+    script_main,
     stats,
     target,
     tiny,
@@ -204,12 +203,14 @@ def run(small: bool, skip_legacy: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(p)
-    p.add_argument("--skip-legacy", action="store_true", help="skip (a) even when the legacy environment exists")
-    args = p.parse_args(argv)
-    skip = args.skip_legacy or os.environ.get("TPU_REGISTRY_BENCH_SKIP_LEGACY", "").strip() not in ("", "0")
-    return finish(run(tiny(args), skip), args)
+    def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--skip-legacy", action="store_true", help="skip (a) even when the legacy environment exists")
+
+    def go(args: argparse.Namespace) -> dict:
+        skip = args.skip_legacy or os.environ.get("TPU_REGISTRY_BENCH_SKIP_LEGACY", "").strip() not in ("", "0")
+        return run(tiny(args), skip)
+
+    return script_main(__doc__, argv, go, add_args)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from run_all import BENCH_DIR, add_common_args, finish, md_table, target, tiny
+from run_all import BENCH_DIR, md_table, script_main, target, tiny
 
 
 @dataclass(frozen=True)
@@ -244,11 +244,11 @@ def run(small: bool, png: Path | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(p)
-    args = p.parse_args(argv)
-    png = None if args.no_write else (Path(args.output) if args.output else BENCH_DIR) / "kv_savings.png"
-    return finish(run(tiny(args), png), args)
+    def go(args: argparse.Namespace) -> dict:
+        png = None if args.no_write else (Path(args.output) if args.output else BENCH_DIR) / "kv_savings.png"
+        return run(tiny(args), png)
+
+    return script_main(__doc__, argv, go)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Targets (issue 6): cold < 20 ms, warm < 50 µs, detect() on a full host < 5 ms.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -22,13 +21,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from run_all import (
-    add_common_args,
     child_env,
-    finish,
     last_json_line,
     md_table,
     per_call,
     run_process,
+    script_main,
     stats,
     target,
     tiny,
@@ -210,10 +208,7 @@ def run(small: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(p)
-    args = p.parse_args(argv)
-    return finish(run(tiny(args)), args)
+    return script_main(__doc__, argv, lambda args: run(tiny(args)))
 
 
 if __name__ == "__main__":

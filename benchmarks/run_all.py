@@ -52,6 +52,17 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON (used by run_all.py)")
 
 
+def script_main(doc: str, argv: list[str] | None, run, add_args=None) -> int:
+    """The command line every benchmark script shares: common flags, optional extra flags,
+    then ``run(args)`` and ``finish``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_common_args(p)
+    if add_args is not None:
+        add_args(p)
+    args = p.parse_args(argv)
+    return finish(run(args), args)
+
+
 def tiny(args: argparse.Namespace) -> bool:
     return bool(args.tiny) or os.environ.get(ENV_TINY, "").strip().lower() not in ("", "0", "false", "no")
 

@@ -19,7 +19,6 @@ Target (issue 6): the CLI adds < 150 ms and < 40 MB over the bare interpreter.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
@@ -28,12 +27,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from run_all import (
-    add_common_args,
     child_env,
-    finish,
     last_json_line,
     md_table,
     run_process,
+    script_main,
     stats,
     target,
     tiny,
@@ -271,10 +269,7 @@ def run(small: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(p)
-    args = p.parse_args(argv)
-    return finish(run(tiny(args)), args)
+    return script_main(__doc__, argv, lambda args: run(tiny(args)))
 
 
 if __name__ == "__main__":

@@ -374,18 +374,20 @@ def _as_root() -> bool:
 
 def test_unreadable_folder_as_root_is_read(capsys, monkeypatch, tmp_path):
     """Root bypasses permission bits: a chmod 000 folder is read like any other. This is the
-    real behaviour under root, asserted as such (its bad file is reported, its good one loads)."""
-    if not _as_root():
-        pytest.skip("only meaningful as root; see the non-root check below")
+    real behaviour under root, asserted as such; for any other user the folder is reported
+    (the check below covers the message in both cases)."""
     folder = tmp_path / "locked"
     folder.mkdir()
     shutil.copy(BAD / "_base.toml", folder / "corpus.toml")
     folder.chmod(0)
     try:
         monkeypatch.setenv("TPU_REGISTRY_PATH", str(folder))
-        assert "corpus" in load_catalog()
         rc, out, err = _run_main(capsys, "validate")
-        assert (rc, err) == (0, "")
+        if _as_root():
+            assert "corpus" in load_catalog()
+            assert (rc, err) == (0, "")
+        else:
+            assert rc == 2 and "Permission denied" in err
     finally:
         folder.chmod(0o755)
 
@@ -405,8 +407,8 @@ def _unprivileged_prefix() -> list[str] | None:
 
 def test_unreadable_folder_is_reported_when_permissions_apply(tmp_path):
     prefix = _unprivileged_prefix()
-    if prefix is None:
-        pytest.skip("running as root without setpriv: permission bits cannot be made to apply")
+    if prefix is None:  # a failure, not a skip: `make test` runs as root on machines that have it
+        pytest.fail("running as root without a working setpriv (util-linux): permission bits cannot be made to apply")
     folder = tmp_path / "locked"
     folder.mkdir()
     shutil.copy(BAD / "_base.toml", folder / "corpus.toml")
