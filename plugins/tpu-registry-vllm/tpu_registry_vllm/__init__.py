@@ -1,28 +1,34 @@
-"""vLLM general plugin: register the registry-driven TPU attention backend.
+"""vLLM plugins of tpu-registry: an attention backend and a platform, both reading the registry.
 
-vLLM calls ``register()`` in every process (engine, workers), so it is idempotent and cheap.
-It does nothing unless the platform is TPU or ``TPU_REGISTRY_VLLM=force``;
-``TPU_REGISTRY_VLLM=off`` turns it off. Installing this package therefore never changes
-attention for GPU or CPU users, and on TPU it only adds a backend the user selects:
+vLLM loads two entry points in every process (engine, workers), so both are idempotent, cheap
+and import nothing heavy until they act:
 
-- vLLM >= 0.14 with tpu-inference: a backend named ``TPU_REGISTRY`` (``--attention-backend
-  TPU_REGISTRY``), registered through tpu-inference's ``register_attention_backend``.
-- vLLM 0.11.2 - 0.13 with torch_xla: ``PALLAS`` resolves to a subclass that takes its kernel
-  knobs from the registry (the seed's drop-in use case).
+- ``register()`` (``vllm.general_plugins``) registers the backend for the stack installed:
+  ``TPU_REGISTRY`` through tpu-inference's ``register_attention_backend``
+  (``tpu_inference_backend``), or, on vLLM 0.11.2 - 0.13 with torch_xla, ``PALLAS`` resolved to
+  a subclass that takes its knobs from the registry (``torch_xla_pallas``).
+- ``activate_platform()`` (``vllm.platform_plugins``) returns tpu-inference's TPU platform with
+  the registry's page size (``tpu_inference_platform``).
+
+Both do nothing unless the platform is TPU or ``TPU_REGISTRY_VLLM=force``;
+``TPU_REGISTRY_VLLM=off`` turns them off. Installing this package never changes attention for
+GPU or CPU users.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
 
 ENV_MODE = "TPU_REGISTRY_VLLM"
 BACKEND_NAME = "TPU_REGISTRY"
+PLATFORM = "tpu_registry_vllm.tpu_inference_platform.TpuRegistryPlatform"
 
 log = logging.getLogger("vllm.tpu_registry_vllm")  # under vLLM's logger, so its handler prints it
 _lock = threading.Lock()
-_registered: str | None = None  # which adapter registered in this process
+_registered: str | None = None  # which stack's backend registered in this process
 
 
 def mode() -> str:
@@ -39,11 +45,13 @@ def on_tpu() -> bool:
     return bool(current_platform.is_tpu())
 
 
-def adapter_kind() -> str:
-    """``current`` when tpu-inference provides the attention seam, else ``legacy``."""
-    import importlib.util
+def has_tpu_inference() -> bool:
+    return importlib.util.find_spec("tpu_inference") is not None
 
-    return "current" if importlib.util.find_spec("tpu_inference") is not None else "legacy"
+
+def adapter_kind() -> str:
+    """``current`` when tpu-inference is installed (vLLM >= 0.14), else ``legacy`` (torch_xla)."""
+    return "current" if has_tpu_inference() else "legacy"
 
 
 def register() -> str | None:
@@ -55,13 +63,31 @@ def register() -> str | None:
     with _lock:
         if _registered is None:
             if adapter_kind() == "current":
-                from .current import register_current
-
-                register_current()
-                _registered = "current"
+                from . import tpu_inference_backend as adapter
             else:
-                from .legacy import register_legacy
-
-                register_legacy()
-                _registered = "legacy"
+                from . import torch_xla_pallas as adapter  # type: ignore[no-redef]
+            adapter.register()
+            _registered = adapter_kind()
         return _registered
+
+
+def activate_platform() -> str | None:
+    """Entry point of ``vllm.platform_plugins``: the platform class path, or None.
+
+    On a TPU host (vLLM's own test: ``import libtpu``, or the Pathways proxy) or with
+    ``TPU_REGISTRY_VLLM=force``; None when off, off TPU, or without tpu-inference (the torch_xla
+    stack keeps vLLM's own platform).
+    """
+    try:
+        m = mode()
+    except ValueError as e:
+        log.warning("%s; the tpu_registry platform plugin stays off", e)
+        return None
+    if m == "off" or not has_tpu_inference():
+        return None
+    if m == "auto":
+        from vllm.platforms import tpu_platform_plugin
+
+        if tpu_platform_plugin() is None:
+            return None
+    return PLATFORM

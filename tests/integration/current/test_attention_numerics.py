@@ -19,7 +19,8 @@ from tpu_inference.kernels.ragged_paged_attention.v3 import kernel as v3
 from tpu_inference.layers.common.attention_backend import RPAAttentionBackend
 from tpu_inference.layers.common.attention_interface import attention
 from tpu_inference.layers.common.attention_metadata import AttentionMetadata
-from tpu_registry_vllm import current, seam
+from tpu_registry_vllm import kernel_binding
+from tpu_registry_vllm import tpu_inference_backend as backend
 
 from tpu_registry import Workload, resolve
 
@@ -39,7 +40,7 @@ class RecordingRef:
 
     def __call__(self, q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, **kw):
         self.calls.append(dict(kw))
-        for name in current.KERNEL_TUNING:
+        for name in backend.KERNEL_TUNING:
             kw.pop(name, None)
         assert kw.pop("update_kv_cache") is True
         rows = q.shape[0]
@@ -104,7 +105,7 @@ def numpy_attention(q, k_new, v_new, cache, tables, seqs, page, sm_scale, window
 
 
 def build_batch(cfg, dtype, rng):
-    backend = current.RegistryAttentionBackend(cfg)
+    backend = backend.RegistryAttentionBackend(cfg)
     page = cfg.value("page_size")
     pps = -(-MAX_MODEL_LEN // page)
     total_pages = MAX_SEQS * pps + 3
@@ -158,13 +159,13 @@ def test_attention_matches_numpy(dtype, window, soft_cap, tol):
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
     rec = RecordingRef()
     sm_scale = D**-0.5
-    with seam.bind("rpa_v3", rec):
+    with kernel_binding.bind("rpa_v3", rec):
         new_cache, out = attention(jnp.asarray(cache, dtype), jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), md, mesh, sm_scale=sm_scale, attention_chunk_size=window, attn_logits_soft_cap=soft_cap, attention_backend=backend)
 
     # Exactly the registry's kernel knobs reach the kernel, once, with the layer's settings.
     assert len(rec.calls) == 1
     kw = rec.calls[0]
-    assert {n: kw[n] for n in current.KERNEL_TUNING} == cfg.kernel_kwargs("rpa_v3")
+    assert {n: kw[n] for n in backend.KERNEL_TUNING} == cfg.kernel_kwargs("rpa_v3")
     assert {n: kw[n] for n in ("sm_scale", "sliding_window", "soft_cap", "use_causal_mask", "update_kv_cache", "q_scale", "k_scale", "v_scale")} == {"sm_scale": sm_scale, "sliding_window": window, "soft_cap": soft_cap, "use_causal_mask": True, "update_kv_cache": True, "q_scale": None, "k_scale": None, "v_scale": None}
 
     n_tok = sum(ql for ql, _ in SEQS)
@@ -199,7 +200,7 @@ def test_window_and_cap_change_the_answer():
 @pytest.mark.parametrize("pages,page,heads,dim,dtype", [(8, 16, 2, 128, jnp.bfloat16), (5, 32, 3, 96, jnp.float32), (4, 64, 8, 256, jnp.float8_e4m3fn), (3, 128, 1, 80, jnp.bfloat16), (2, 16, 4, 64, jnp.bfloat16)])
 def test_kv_cache_shape_is_upstreams(pages, page, heads, dim, dtype):
     """The registry's plan gives the layout tpu-inference's kernels expect."""
-    ours = current.RegistryAttentionBackend().get_kv_cache_shape(pages, page, heads, dim, dtype)
+    ours = backend.RegistryAttentionBackend().get_kv_cache_shape(pages, page, heads, dim, dtype)
     assert ours == RPAAttentionBackend().get_kv_cache_shape(pages, page, heads, dim, dtype)
 
 
@@ -210,7 +211,7 @@ def test_kernel_rejected_tuples_are_not_passed():
     cfg = resolve(Workload(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_SEQS, max_num_batched_tokens=64))
     m = cfg.value("rpa_v3.m_block_sizes")
     assert m[0] % m[2] != 0, m
-    kw = current.kernel_kwargs(cfg)
+    kw = backend.kernel_kwargs(cfg)
     assert "m_block_sizes" not in kw and "p_block_sizes" not in kw
     assert kw["d_block_sizes"] == cfg.value("rpa_v3.d_block_sizes")
     page = cfg.value("page_size")
@@ -223,8 +224,8 @@ def test_kernel_rejected_tuples_are_not_passed():
 
 def test_calls_without_registry_knobs_go_to_tpu_inference():
     """Head dim 64 and sinks need the hd64 kernel (old-style block sizes): those calls are
-    handed to tpu-inference's own RPA path; head dim 128 without sinks runs through the seam."""
+    handed to tpu-inference's own RPA path; head dim 128 without sinks runs through the kernel_binding."""
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
-    assert current._delegate(jnp.zeros((4, 8, 64)), None, mesh)
-    assert current._delegate(jnp.zeros((4, 8, 128)), jnp.zeros(8), mesh)
-    assert current._delegate(jnp.zeros((4, 8, 128)), None, mesh) is None
+    assert backend._delegate(jnp.zeros((4, 8, 64)), None, mesh)
+    assert backend._delegate(jnp.zeros((4, 8, 128)), jnp.zeros(8), mesh)
+    assert backend._delegate(jnp.zeros((4, 8, 128)), None, mesh) is None

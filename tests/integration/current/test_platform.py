@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 from tpu_inference.layers.common.attention_interface import rpa_block_size_kwargs
-from tpu_registry_vllm import current
-from tpu_registry_vllm.config import workload_from_vllm
+from tpu_registry_vllm import tpu_inference_backend as backend
+from tpu_registry_vllm.vllm_config import workload_from_vllm
 from vllm.engine.arg_utils import EngineArgs
 
 from tpu_registry import resolve
 
-VARS = (*current.BLOCK_SIZE_ENV, current.ENV_EXPORTED)
+VARS = (*backend.BLOCK_SIZE_ENV, backend.ENV_EXPORTED)
 
 
 class Lines:
@@ -38,9 +38,9 @@ class Lines:
 def clean(monkeypatch):
     for name in VARS + ("TPU_REGISTRY_OVERRIDES",):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(current, "_logged", set())
+    monkeypatch.setattr(backend, "_logged", set())
     lines = Lines()
-    monkeypatch.setattr(current, "log", lines)
+    monkeypatch.setattr(backend, "log", lines)
     yield lines
     for name in VARS:  # the plugin wrote them into os.environ directly
         os.environ.pop(name, None)
@@ -91,7 +91,7 @@ def test_exports_equal_registry_and_reach_tpu_inference(tiny_model, clean):
     vc = engine(tiny_model, attention_backend="TPU_REGISTRY")
     cfg = resolve(workload_from_vllm(vc))
     want = {"d_block_sizes": cfg.value("rpa_v3.d_block_sizes"), "p_block_sizes": cfg.value("rpa_v3.p_block_sizes"), "m_block_sizes": cfg.value("rpa_v3.m_block_sizes")}
-    for var, knob in current.BLOCK_SIZE_ENV.items():
+    for var, knob in backend.BLOCK_SIZE_ENV.items():
         assert os.environ[var] == ",".join(map(str, cfg.value(knob)))
     assert rpa_block_size_kwargs() == want  # what tpu-inference's own call sites forward
     assert "RPA_V3_{DECODE,PREFILL,MIXED}_BLOCK_SIZES exported for JAX-native models" in clean.lines[-1]
@@ -115,11 +115,11 @@ def test_forked_child_may_update_its_parents_export():
     user's; a value the user set is never overwritten."""
     cfg = resolve({"num_q_heads": 8, "num_kv_heads": 2, "head_dim": 128, "max_model_len": 2048})
     env: dict[str, str] = {}
-    current.export_block_sizes(cfg, env)
+    backend.export_block_sizes(cfg, env)
     first = dict(env)
     cfg2 = resolve({"num_q_heads": 8, "num_kv_heads": 2, "head_dim": 128, "max_model_len": 512})
     env["RPA_V3_MIXED_BLOCK_SIZES"] = "64,256,32,128"  # the user changed this one
-    notes = current.export_block_sizes(cfg2, env)
+    notes = backend.export_block_sizes(cfg2, env)
     assert env["RPA_V3_DECODE_BLOCK_SIZES"] == ",".join(map(str, cfg2.value("rpa_v3.d_block_sizes"))) != first["RPA_V3_DECODE_BLOCK_SIZES"]
     assert env["RPA_V3_MIXED_BLOCK_SIZES"] == "64,256,32,128"
     assert [n for n in notes if "kept" in n] == ["RPA_V3_MIXED_BLOCK_SIZES=64,256,32,128 kept (set by the user)"]
@@ -127,7 +127,7 @@ def test_forked_child_may_update_its_parents_export():
 
 def test_cli_format_vllm_matches_what_the_platform_applies(tiny_model, clean):
     vc = engine(tiny_model)
-    applied = [f"--block-size {vc.cache_config.block_size}"] + [f"export {var}={os.environ[var]}" for var in current.BLOCK_SIZE_ENV]
+    applied = [f"--block-size {vc.cache_config.block_size}"] + [f"export {var}={os.environ[var]}" for var in backend.BLOCK_SIZE_ENV]
     cli = Path(sys.executable).parent / "tpu-registry"
     sc = vc.scheduler_config
     p = subprocess.run([str(cli), "resolve", "--hf-config", str(tiny_model / "config.json"), "--max-model-len", str(vc.model_config.max_model_len), "--max-num-seqs", str(sc.max_num_seqs), "--max-num-batched-tokens", str(sc.max_num_batched_tokens), "--format", "vllm"], capture_output=True, text=True, check=True)

@@ -8,7 +8,7 @@ only way in is the installed distribution's entry points. The scenarios start to
 How "not a TPU" is made real: vLLM's built-in TPU platform plugin decides with ``import libtpu``.
 The child blocks that import (``sys.modules["libtpu"] = None`` makes it raise ImportError, as on
 a machine without libtpu), so vLLM itself resolves ``UnspecifiedPlatform`` and our
-``platform.activate()`` applies the very same test.
+``tpu_registry_vllm.activate_platform()`` applies the very same test.
 """
 
 from __future__ import annotations
@@ -68,10 +68,9 @@ from vllm.platforms import current_platform
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 load_general_plugins()
 import tpu_registry_vllm
-from tpu_registry_vllm import platform
 print(json.dumps({
     "platform": type(current_platform).__qualname__, "is_tpu": current_platform.is_tpu(),
-    "activate": platform.activate(), "register": tpu_registry_vllm.register(),
+    "activate": tpu_registry_vllm.activate_platform(), "register": tpu_registry_vllm.register(),
     "members": "TPU_REGISTRY" in AttentionBackendEnum.__members__,
     "flash": AttentionBackendEnum.FLASH_ATTN.get_path(),
 }))
@@ -94,9 +93,9 @@ def test_plugin_loading_selects_the_registry_backend(runs):
     assert r["before"] is False  # nothing registered before vLLM loaded its plugins
     assert r["selected"] == "TPU_REGISTRY"
     assert r["name"] == "tpu_registry"
-    assert r["backend"] == "tpu_registry_vllm.current.RegistryAttentionBackend"
+    assert r["backend"] == "tpu_registry_vllm.backend.RegistryAttentionBackend"
     assert r["rpa_backend"] == "RPAAttentionBackend"  # without the flag tpu-inference's own
-    assert r["platform"] == "tpu_registry_vllm.tpu_platform.TpuRegistryPlatform"
+    assert r["platform"] == "tpu_registry_vllm.tpu_inference_platform.TpuRegistryPlatform"
     assert r["member_path"] == "tpu_registry_vllm.current_vllm.TpuRegistryBackend"
     assert r["vllm_cls_name"] == "TPU_REGISTRY" and r["enum_by_name"] == "TPU_REGISTRY"
     assert r["impl_attention_backend"] == "tpu_registry"
@@ -144,5 +143,5 @@ def test_not_a_tpu_changes_nothing(runs):
 def test_force_registers_off_tpu(runs):
     r = runs.result("force")
     assert r["platform"] == "TpuRegistryPlatform"  # force takes the TPU platform without libtpu
-    assert r["activate"] == "tpu_registry_vllm.tpu_platform.TpuRegistryPlatform"
+    assert r["activate"] == "tpu_registry_vllm.tpu_inference_platform.TpuRegistryPlatform"
     assert r["register"] == "current" and r["members"] is True

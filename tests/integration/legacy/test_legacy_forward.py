@@ -191,10 +191,10 @@ def vllm_config(tmp_path_factory):
 
 @pytest.fixture
 def seams():
-    from tpu_registry_vllm import seam
+    from tpu_registry_vllm import kernel_binding
 
     ref = RecordingReference()
-    with seam.bind("rpa_v2", ref), seam.bind("kv_cache_update", torch_kv_cache_update):
+    with kernel_binding.bind("rpa_v2", ref), kernel_binding.bind("kv_cache_update", torch_kv_cache_update):
         yield ref
 
 
@@ -202,7 +202,7 @@ LAYER = types.SimpleNamespace(_k_scale_float=1.0, _v_scale_float=1.0)  # what fo
 
 
 def make_impl(vllm_config, *, sliding_window=None, soft_cap=None, scale=None):
-    from tpu_registry_vllm.legacy import RegistryPallasBackendImpl
+    from tpu_registry_vllm.torch_xla_pallas import RegistryPallasBackendImpl
     from vllm.config import set_current_vllm_config
 
     scale = 1.0 / math.sqrt(HEAD_DIM) if scale is None else scale
@@ -271,7 +271,7 @@ def test_forward_matches_reference(offline_env, vllm_config, seams, sliding_wind
 def test_one_startup_line(offline_env, vllm_config):
     import logging
 
-    from tpu_registry_vllm import legacy
+    from tpu_registry_vllm import torch_xla_pallas as legacy
 
     class Collect(logging.Handler):
         def __init__(self):
@@ -345,7 +345,7 @@ def test_profiling_call_and_kv_sharing(offline_env, vllm_config, seams):
 
 
 def test_impl_signature_matches_upstream():
-    from tpu_registry_vllm.legacy import RegistryPallasBackend, RegistryPallasBackendImpl
+    from tpu_registry_vllm.torch_xla_pallas import RegistryPallasBackend, RegistryPallasBackendImpl
     from vllm.v1.attention.backends.pallas import PallasAttentionBackend, PallasAttentionBackendImpl
 
     def params(f):
@@ -360,9 +360,9 @@ def test_impl_signature_matches_upstream():
 
 def test_defaults_of_the_seams():
     """On a TPU the seams hold what upstream's forward calls."""
-    from tpu_registry_vllm import seam
+    from tpu_registry_vllm import kernel_binding
     from vllm.v1.attention.backends.pallas import write_to_kv_cache
 
-    assert seam._default("kv_cache_update") is write_to_kv_cache
-    assert seam._default("rpa_v2") is torch.ops.xla.ragged_paged_attention
+    assert kernel_binding._default("kv_cache_update") is write_to_kv_cache
+    assert kernel_binding._default("rpa_v2") is torch.ops.xla.ragged_paged_attention
     assert os.environ.get("TPU_REGISTRY_VLLM") in (None, "", "force", "auto", "off")

@@ -46,7 +46,7 @@ print(json.dumps({
 
 UPSTREAM_PALLAS = "vllm.v1.attention.backends.pallas.PallasAttentionBackend"
 UPSTREAM_FLASH = "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"
-OURS = "tpu_registry_vllm.legacy.RegistryPallasBackend"
+OURS = "tpu_registry_vllm.torch_xla_pallas.RegistryPallasBackend"
 
 
 def probe(run_python, mode: str | None) -> dict:
@@ -66,7 +66,7 @@ def test_force_makes_pallas_ours_and_leaves_flash_attn(run_python):
     assert out["pallas_path"] == OURS
     assert out["pallas_class"] == OURS
     assert out["pallas_name"] == "PALLAS"  # an enum member name, as the Attention layer needs
-    assert out["impl"] == "tpu_registry_vllm.legacy.RegistryPallasBackendImpl"
+    assert out["impl"] == "tpu_registry_vllm.torch_xla_pallas.RegistryPallasBackendImpl"
     assert out["pallas_overridden"] is True
     assert out["second_register"] == "legacy"  # idempotent: same answer, nothing else changed
     assert out["flash_path"] == UPSTREAM_FLASH and out["flash_overridden"] is False
@@ -86,7 +86,7 @@ def test_register_legacy_leaves_a_foreign_override(run_python):
     code = r"""
 import json
 from vllm.attention.backends.registry import AttentionBackendEnum, register_backend
-from tpu_registry_vllm.legacy import register_legacy
+from tpu_registry_vllm.torch_xla_pallas import register as register_legacy
 register_backend(AttentionBackendEnum.PALLAS, class_path="some.other.Backend")
 first = register_legacy()
 path = AttentionBackendEnum.PALLAS.get_path()

@@ -5,7 +5,7 @@
   left alone.
 - ``RegistryAttentionBackend`` is tpu-inference's kind of backend (KV cache layout + the
   attention computation). Its ``attention()`` calls the RPA v3 kernel through
-  ``seam.kernel("rpa_v3")`` with the registry's block sizes and VMEM limit; its KV cache shape
+  ``kernel_binding.kernel("rpa_v3")`` with the registry's block sizes and VMEM limit; its KV cache shape
   comes from the registry's attention plan. Calls the registry has no knobs for (head dim 64
   and attention sinks, which need the hd64 kernel; context parallelism; the experimental
   batched kernel) go to tpu-inference's own RPA path unchanged.
@@ -29,11 +29,11 @@ from tpu_registry.attention import kv_cache_shape as plan_kv_cache_shape
 from tpu_registry.attention import rpa_v3_rejection
 from tpu_registry.tune import canonical_dtype
 
-from . import BACKEND_NAME, seam
-from .config import log, log_line, resolve_for_vllm
+from . import BACKEND_NAME, kernel_binding
+from .vllm_config import log, log_line, resolve_for_vllm
 
 NAME = BACKEND_NAME.lower()  # tpu-inference keys registered backends by the lower-case name
-VLLM_BACKEND = "tpu_registry_vllm.current_vllm.TpuRegistryBackend"
+VLLM_BACKEND = "tpu_registry_vllm.tpu_inference_vllm.TpuRegistryBackend"
 FAMILY = "rpa_v3"
 # The tuning keywords of tpu-inference's v3 kernel, in the registry's knob names.
 KERNEL_TUNING = ("d_block_sizes", "p_block_sizes", "m_block_sizes", "vmem_limit_bytes")
@@ -52,7 +52,7 @@ _active: ResolvedConfig | None = None
 _logged: set[str] = set()
 
 
-def register_current() -> None:
+def register() -> None:
     """Make ``--attention-backend TPU_REGISTRY`` run ``RegistryAttentionBackend``. Idempotent."""
     from tpu_inference.layers.common.attention_backend import register_attention_backend
 
@@ -225,7 +225,7 @@ def _sharded_rpa_v3(mesh, q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, d
     qkv = P(Axis.ATTN_DATA, Axis.ATTN_HEAD, None)
     cache = P(Axis.ATTN_DATA, None, Axis.ATTN_HEAD, None, None)
     meta = P(Axis.ATTN_DATA)
-    kernel = seam.kernel(FAMILY)
+    kernel = kernel_binding.kernel(FAMILY)
 
     def body(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution):
         return kernel(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, **kernel_args, **tuning)

@@ -29,9 +29,9 @@ What cannot be steered from here (vLLM 0.13, read from its sources):
 - **Extra impl arguments**: vLLM 0.13's impl ``__init__`` takes exactly ten parameters, and so
   does this one (models that pass e.g. ``sinks`` fail with this backend as with upstream's).
 
-Kernel calls go through ``seam``: ``seam.kernel("rpa_v2")`` (default
+Kernel calls go through ``kernel_binding``: ``kernel_binding.kernel("rpa_v2")`` (default
 ``torch.ops.xla.ragged_paged_attention``, as upstream calls it) and
-``seam.kernel("kv_cache_update")`` (default vLLM's ``write_to_kv_cache``, which runs a Pallas
+``kernel_binding.kernel("kv_cache_update")`` (default vLLM's ``write_to_kv_cache``, which runs a Pallas
 kernel on TPU and cannot run on CPU), so tests on CPU bind reference implementations.
 
 Tested with vLLM 0.13.0 and torch_xla 2.9.0 (CPU only). ``TPU_REGISTRY_VLLM`` decides whether
@@ -57,8 +57,8 @@ from vllm.v1.attention.backends.pallas import (
 from tpu_registry import ResolvedConfig, Workload, resolve
 from tpu_registry.tune import cdiv
 
-from . import seam
-from .config import _CACHE_DTYPES, log_line, workload_from_vllm
+from . import kernel_binding
+from .vllm_config import _CACHE_DTYPES, log_line, workload_from_vllm
 
 FAMILY = "rpa_v2"
 BACKEND_PATH = f"{__name__}.RegistryPallasBackend"
@@ -69,7 +69,7 @@ _logged: set[str] = set()
 _log_lock = threading.Lock()
 
 
-def register_legacy() -> bool:
+def register() -> bool:
     """Make ``AttentionBackendEnum.PALLAS`` resolve to ``RegistryPallasBackend``. Idempotent.
 
     Leaves an override someone else registered in place (and says so); returns whether
@@ -150,7 +150,7 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
         self.registry_config: ResolvedConfig | None = None
         self.kernel_kwargs: dict[str, int | None] | None = None  # None: not resolved yet
         for family in (FAMILY, "kv_cache_update"):
-            seam.kernel(family)  # load the defaults now, not inside the traced forward
+            kernel_binding.kernel(family)  # load the defaults now, not inside the traced forward
         vllm_config = _current_vllm_config()
         if vllm_config is not None and getattr(vllm_config, "model_config", None) is not None:
             self._resolve(lambda: workload_for_impl(vllm_config, num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, sliding_window=sliding_window, kv_cache_dtype=kv_cache_dtype), vllm_config)
@@ -220,7 +220,7 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
             value = torch.nn.functional.pad(value, (0, pad), value=0.0)
 
         if self.kv_sharing_target_layer_name is None:
-            seam.kernel("kv_cache_update")(
+            kernel_binding.kernel("kv_cache_update")(
                 key,
                 value,
                 kv_cache,
@@ -234,7 +234,7 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
         if self.kv_cache_quantized_dtype is not None and (layer._k_scale_float == 0.0 or layer._v_scale_float == 0.0):
             raise ValueError("k_scale_float and v_scale_float must be non-zero")
 
-        out = seam.kernel(FAMILY)(
+        out = kernel_binding.kernel(FAMILY)(
             query,
             kv_cache,
             attn_metadata.context_lens,

@@ -12,7 +12,8 @@ from tpu_inference.platforms.tpu_platform import TpuPlatform
 
 from tpu_registry import RegistryError
 
-from . import BACKEND_NAME, current, log
+from . import BACKEND_NAME, log
+from . import tpu_inference_backend as backend
 
 
 class TpuRegistryPlatform(TpuPlatform):
@@ -22,9 +23,9 @@ class TpuRegistryPlatform(TpuPlatform):
         cfg = None
         if cache_config is not None and model_config is not None and not model_config.use_mla:
             try:
-                cfg = current.activate(vllm_config)
+                cfg = backend.activate(vllm_config)
             except RegistryError as e:
-                if current.selected(vllm_config):
+                if backend.selected(vllm_config):
                     raise
                 log.warning("tpu-registry: cannot resolve (%s); tpu-inference's defaults apply. --attention-backend %s would need it.", e, BACKEND_NAME)
         if cfg is None or cache_config.user_specified_block_size:

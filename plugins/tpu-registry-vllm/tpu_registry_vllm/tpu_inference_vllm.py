@@ -12,15 +12,16 @@ from tpu_inference.layers.vllm.backends.flash_attn import (
     PallasAttentionBackendImpl,
 )
 
-from . import BACKEND_NAME, current
+from . import BACKEND_NAME
+from . import tpu_inference_backend as backend
 
 
 class TpuRegistryImpl(PallasAttentionBackendImpl):
-    attention_backend = current.NAME
+    attention_backend = backend.NAME
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        current.active_config()  # resolve now (model construction), not inside the first trace
+        backend.active_config()  # resolve now (model construction), not inside the first trace
 
 
 class TpuRegistryBackend(PallasAttentionBackend):
