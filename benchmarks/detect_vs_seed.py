@@ -1,4 +1,4 @@
-"""What detection costs: the seed's approach against ``tpu_registry.detect.detect()``.
+"""What detection costs: the seed's approach against ``tpu_registry.detection.detect()``.
 
 Fresh processes, alternating order, each timed inside (import, call) and as a whole (wall
 time and peak RSS from ``os.wait4``):
@@ -67,7 +67,7 @@ print(json.dumps({"import_s": t1 - t0, "call_s": t2 - t1, "answer": f"{len(devic
 OURS_CODE = r"""
 import json, time
 t0 = time.perf_counter()
-from tpu_registry.detect import detect  # the package attribute tpu_registry.detect is the function
+from tpu_registry.detection import detect  # the package attribute tpu_registry.detect is the function
 t1 = time.perf_counter()
 d = detect()
 t2 = time.perf_counter()

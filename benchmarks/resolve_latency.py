@@ -49,24 +49,26 @@ import json, time
 import tpu_registry
 from tpu_registry import Workload, resolve
 from tpu_registry.catalog import load_catalog
-from tpu_registry.detect import detect
-from tpu_registry.plugins import get_plugin_manager
+from tpu_registry.detection import detect
+import os
+from tpu_registry.plugins import get_plugins
 from tpu_registry.tune import tune
+from tpu_registry.types import TuneContext
 t0 = time.perf_counter()
-get_plugin_manager()
+get_plugins()
 t1 = time.perf_counter()
 cat = load_catalog()
 t2 = time.perf_counter()
 d = detect(cat, simulate="v6e")
 t3 = time.perf_counter()
 try:
-    from tpu_registry.policies.tables import load_tables
-    load_tables()
+    from tpu_registry.policies.tables import load_tables, table_folders
+    load_tables(table_folders(os.environ), "v6e")
 except ImportError:
     pass
 t3b = time.perf_counter()
 w = Workload(32, 8, 128)
-tune(cat["v6e"], w, d)
+tune(get_plugins(), TuneContext(cat, cat["v6e"], w, d, env=dict(os.environ)))
 t4 = time.perf_counter()
 resolve(w, simulate="v6e")
 t5 = time.perf_counter()
@@ -117,7 +119,7 @@ def run(small: bool) -> dict:
     import tpu_registry
     from tpu_registry import Workload, resolve
     from tpu_registry.catalog import load_catalog
-    from tpu_registry.detect import detect
+    from tpu_registry.detection import detect
 
     w = Workload(32, 8, 128)
     first = resolve(w, simulate="v6e")
@@ -128,10 +130,11 @@ def run(small: bool) -> dict:
     try:
         import os
 
-        from tpu_registry.resolve import ENV_KEYS
+        from tpu_registry import settings
 
-        env_key = stats(per_call(lambda: tuple(os.environ.get(k) for k in ENV_KEYS), warm_calls, warm_batches))
-        env_note = f"{len(ENV_KEYS)} `os.environ.get` calls building the cache key's environment part"
+        env_key = stats(per_call(lambda: settings.resolve_key(os.environ), warm_calls, warm_batches))
+        n_keys = len(settings.resolve_key(os.environ))
+        env_note = f"{n_keys} `os.environ.get` calls building the cache key's environment part"
     except ImportError:
         env_key, env_note = None, ""
 
@@ -148,12 +151,12 @@ def run(small: bool) -> dict:
         det_own = stats(per_call(lambda: detect(env=host_env, sysfs_root=root), det_calls, det_batches))
         det_cat = stats(per_call(lambda: detect(cat, env=host_env, sysfs_root=root), det_calls, det_batches))
         det_reported = stats([detect(cat, env=host_env, sysfs_root=root).elapsed_ms / 1000 for _ in range(det_calls)])
-        from tpu_registry.detect import DetectContext, reconcile, run_detectors
-        from tpu_registry.plugins import get_plugin_manager
+        from tpu_registry.detection import DetectContext, reconcile
+        from tpu_registry.plugins import get_plugin_manager, get_plugins
 
-        ctx = DetectContext(env=host_env, sysfs_root=root)
-        det_run = stats(per_call(lambda: run_detectors(ctx), det_calls, det_batches))
-        evidence, faults = run_detectors(ctx)
+        ctx = DetectContext(host_env, sysfs_root=root)
+        det_run = stats(per_call(lambda: get_plugins().detect(ctx), det_calls, det_batches))
+        evidence, faults = get_plugins().detect(ctx)
         det_rec = stats(per_call(lambda: reconcile(cat, evidence, faults), det_calls, det_batches))
         n_detectors = len(get_plugin_manager().hook.tpu_registry_detect.get_hookimpls())
         try:
@@ -171,7 +174,7 @@ def run(small: bool) -> dict:
         ["detect(env=, sysfs_root=) on a full host, catalog from load_catalog()'s cache", det_own.fmt(1000, 3), "ms", ""],
         ["detect(catalog, env=, sysfs_root=) on a full host, catalog passed in", det_cat.fmt(1000, 3), "ms", ""],
         ["  the same, as reported by Detection.elapsed_ms", det_reported.fmt(1000, 3), "ms", ""],
-        [f"  of which run_detectors(): {n_detectors} detectors, one thread each", det_run.fmt(1000, 3), "ms", f"{det_run.median / det_cat.median:.0%}"],
+        [f"  of which Plugins.detect(): {n_detectors} detectors, one thread each", det_run.fmt(1000, 3), "ms", f"{det_run.median / det_cat.median:.0%}"],
         *([["    of which the sysfs detector alone (11 PCI functions)", det_sysfs.fmt(1000, 3), "ms", f"{det_sysfs.median / det_cat.median:.0%}"]] if det_sysfs else []),
         ["  of which reconcile()", det_rec.fmt(1000, 3), "ms", f"{det_rec.median / det_cat.median:.0%}"],
         ["detect() on a full host, first call in this process (plugin manager already built)", f"{first_detect * 1000:.3f}", "ms", ""],
@@ -202,7 +205,7 @@ def run(small: bool) -> dict:
         target("warm `resolve()` (cache hit)", f"< {TARGET_WARM_US:.0f} µs", f"{warm.median * 1e6:.2f} µs", warm.median * 1e6 < TARGET_WARM_US,
                f"{env_note} alone take {env_key.median * 1e6:.0f} µs (measured separately): nearly all of a warm call" if env_key else ""),
         target("`detect()` on a full host (8 × v5e, env + sysfs)", f"< {TARGET_DETECT_MS:.0f} ms", f"{det_own.median * 1000:.2f} ms", det_own.median * 1000 < TARGET_DETECT_MS,
-               f"with the catalog passed in: {det_cat.median * 1000:.2f} ms; run_detectors() {det_run.median * 1000:.2f} ms ({n_detectors} threads)" + (f", of which sysfs {det_sysfs.median * 1000:.2f} ms" if det_sysfs else "")),
+               f"with the catalog passed in: {det_cat.median * 1000:.2f} ms; Plugins.detect() {det_run.median * 1000:.2f} ms ({n_detectors} threads)" + (f", of which sysfs {det_sysfs.median * 1000:.2f} ms" if det_sysfs else "")),
     ]
     return {"name": "resolve_latency", "short": "resolve", "title": "resolve() and detect() latency", "command": "python benchmarks/resolve_latency.py", "markdown": md, "targets": targets, "ok": True}
 

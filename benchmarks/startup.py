@@ -65,7 +65,7 @@ t4 = time.perf_counter()
 from tpu_registry.catalog import load_catalog
 cat = load_catalog()
 t5 = time.perf_counter()
-from tpu_registry.detect import detect
+from tpu_registry.detection import detect
 d = detect(cat)
 t6 = time.perf_counter()
 text = json.dumps(d.to_dict(), indent=2)

@@ -27,7 +27,7 @@ def clean_env(monkeypatch):
     # of the time budget pass their own.
     monkeypatch.setenv("TPU_REGISTRY_DETECT_TIMEOUT", "30")
     # Third-party plugins installed in the test venv (the GCE example) stay opt-in.
-    from tpu_registry.resolve import clear_cache
+    from tpu_registry.resolution import clear_cache
 
     clear_cache()
     yield

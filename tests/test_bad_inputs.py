@@ -28,9 +28,9 @@ from tpu_registry.errors import CatalogError, Problem, RegistryError, TuningErro
 from tpu_registry.policies import overrides as overrides_mod
 from tpu_registry.policies import tables as tables_mod
 from tpu_registry.tomlfile import MAX_FILE_BYTES, tomllib
-from tpu_registry.tune import Workload
+from tpu_registry import Workload
 
-resolve_mod = importlib.import_module("tpu_registry.resolve")  # the package exports resolve()
+resolve_mod = importlib.import_module("tpu_registry.resolution")
 
 BAD = Path(__file__).resolve().parent / "data" / "bad"
 EXPECTED: dict = tomllib.loads((BAD / "expected.toml").read_text(encoding="utf-8"))

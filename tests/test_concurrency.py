@@ -20,9 +20,9 @@ import pytest
 
 import tpu_registry
 from tpu_registry.plugins import get_plugin_manager
-from tpu_registry.tune import Layer, Workload
+from tpu_registry import Layer, Workload
 
-resolve_mod = importlib.import_module("tpu_registry.resolve")  # the package exports resolve()
+resolve_mod = importlib.import_module("tpu_registry.resolution")
 resolve = resolve_mod.resolve
 plugins_mod = importlib.import_module("tpu_registry.plugins")
 

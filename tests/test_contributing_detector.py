@@ -22,7 +22,7 @@ from pathlib import Path
 
 from conftest import REPO, run_cli
 
-from tpu_registry.detect import DEFAULT_TIMEOUT_S, ENV_TIMEOUT, KINDS, PRIORITY
+from tpu_registry.detection import DEFAULT_TIMEOUT_S, ENV_TIMEOUT, KINDS, PRIORITY
 
 PLUGIN = REPO / "plugins" / "tpu-registry-gce"
 
@@ -105,7 +105,7 @@ def test_contributing_detector_plugin_walkthrough(tmp_path):
     assert re.search(r"^gce\s+entry point\s+tpu-registry-gce\s", r.stdout, re.M), r.stdout
     listed = {p["name"]: p for p in json.loads(run_cli("plugins", "--json").stdout)["plugins"]}
     assert listed["gce"]["distribution"] == "tpu-registry-gce"
-    assert listed["gce"]["kind"] == "entry point" and listed["gce"]["hooks"] == ["tpu_registry_detect"]
+    assert listed["gce"]["kind"] == "entry point" and listed["gce"]["hooks"] == ["tpu_registry_detect", "tpu_registry_settings"]
 
     # Step 7: the metadata keys as files, served on 127.0.0.1.
     md = tmp_path / "gce-md"
@@ -163,7 +163,7 @@ def test_contributing_detector_plugin_walkthrough(tmp_path):
     stopped = json.loads(run_cli("detect", "--json", env=env).stdout)
     assert stopped["generation"] is None
     [fault] = stopped["faults"]
-    assert fault["detector"] == "gce"
+    assert fault["plugin"] == "gce"
     assert fault["message"].startswith("raised MetadataError: ") and "ConnectionRefusedError" in fault["message"]
     assert next(cmds, None) is None
 
@@ -189,7 +189,7 @@ def test_walkthrough_snippets_match_the_plugin():
     # Step 3: every line of the hook excerpt (but the elisions) is in the real module.
     source = {line.strip() for line in (PLUGIN / "tpu_registry_gce" / "__init__.py").read_text().splitlines()}
     [py] = blocks("python")
-    assert "@hookimpl" in py
+    assert "@tpu_registry.hookimpl" in py
     for line in filter(str.strip, py):
         if line.strip() != "...":
             assert line.strip() in source, line

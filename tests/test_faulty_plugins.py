@@ -21,12 +21,12 @@ from conftest import cli_path
 import tpu_registry
 from tpu_registry import plugins
 from tpu_registry.catalog import load_catalog
-from tpu_registry.detect import Evidence, Fault, detect
+from tpu_registry.detection import Evidence, Fault, detect
 from tpu_registry.errors import DetectionError, Problem, RegistryError, TuningError
-from tpu_registry.plugins import describe_plugins, get_plugin_manager
-from tpu_registry.tune import Layer, Workload
+from tpu_registry.plugins import get_plugin_manager, get_plugins
+from tpu_registry import Layer, Workload
 
-resolve_mod = importlib.import_module("tpu_registry.resolve")  # the package exports resolve()
+resolve_mod = importlib.import_module("tpu_registry.resolution")
 resolve = resolve_mod.resolve
 
 WORKLOAD = Workload(num_q_heads=32, num_kv_heads=8, head_dim=128, max_model_len=4096)
@@ -112,7 +112,7 @@ def test_faulty_detector_is_reported_and_skipped(name, fn, message, register, mo
     plugin = f"faulty_{name}"
     register(detector(fn), plugin)
     d = detect(catalog, timeout_s=2)
-    assert Fault(plugin, message) in d.faults
+    assert Fault(plugin, message, stage="detect") in d.faults
     # The other detectors' answer stands, untouched by the faulty one.
     assert (d.generation, d.status, d.slice_chips) == (clean.generation, clean.status, clean.slice_chips) == ("v6e", "detected", 8)
     assert d.to_dict()["evidence"] == clean.to_dict()["evidence"]
@@ -122,7 +122,7 @@ def test_faulty_detector_is_reported_and_skipped(name, fn, message, register, mo
     with pytest.raises(DetectionError):
         resolve(WORKLOAD, simulate="v6e", strict=True)
     # Not strict: resolve carries on and shows the fault.
-    assert Fault(plugin, message) in resolve(WORKLOAD, simulate="v6e").detection.faults
+    assert Fault(plugin, message, stage="detect") in resolve(WORKLOAD, simulate="v6e").detection.faults
 
 
 def test_hanging_detector_is_abandoned_after_its_budget(register, monkeypatch):
@@ -142,7 +142,7 @@ def test_hanging_detector_is_abandoned_after_its_budget(register, monkeypatch):
         elapsed = time.monotonic() - t0
         assert started.is_set()
         assert elapsed < 5, f"detect waited {elapsed:.1f} s for a hung detector"
-        assert Fault("faulty_hangs", "gave no answer within 0.3 s; skipped (TPU_REGISTRY_DETECT_TIMEOUT sets the budget)") in d.faults
+        assert Fault("faulty_hangs", "gave no answer within 0.3 s; skipped (TPU_REGISTRY_DETECT_TIMEOUT sets the budget)", stage="detect") in d.faults
         assert (d.generation, d.status) == ("v6e", "detected")  # its late answer is not used
         t0 = time.monotonic()
         with pytest.raises(DetectionError) as info:
@@ -154,7 +154,7 @@ def test_hanging_detector_is_abandoned_after_its_budget(register, monkeypatch):
         t0 = time.monotonic()
         cfg = resolve(WORKLOAD, simulate="v6e")
         assert time.monotonic() - t0 < 5
-        assert cfg.detection.faults[0].detector == "faulty_hangs"
+        assert cfg.detection.faults[0].plugin == "faulty_hangs"
     finally:
         release.set()
 
@@ -169,7 +169,7 @@ def test_several_faulty_detectors_at_once(register, monkeypatch):
         t0 = time.monotonic()
         d = detect(load_catalog(), timeout_s=0.3)
         assert time.monotonic() - t0 < 5
-        assert {f.detector for f in d.faults} >= {"many_raises", "many_raises_oserror", "many_exits", "many_hangs"}
+        assert {f.plugin for f in d.faults} >= {"many_raises", "many_raises_oserror", "many_exits", "many_hangs"}
         assert d.generation == "v6e"
     finally:
         release.set()
@@ -218,7 +218,7 @@ def test_faulty_policy_is_reported_and_skipped(name, fn, message, register):
     plugin = f"faulty_{name}"
     register(policy(fn), plugin)
     cfg = resolve(WORKLOAD, simulate="v6e")
-    assert (plugin, message) in cfg.tuning.faults
+    assert Fault(plugin, message, stage="tune") in cfg.tuning.faults
     assert cfg.tuning.values() == clean, "a skipped policy must leave every knob as without it"
     assert plugin not in cfg.tuning.layers
     assert f"policy fault: {plugin}: {message}" in cfg.explain()
@@ -251,7 +251,7 @@ def test_well_behaved_policy_next_to_faulty_ones_still_applies(register):
     register(policy(lambda s, w, d: Layer("good", {"page_size": 32})), "good")
     cfg = resolve(WORKLOAD, simulate="v6e")
     assert (cfg.value("page_size"), cfg.layer("page_size")) == (32, "good")
-    assert [f[0] for f in cfg.tuning.faults] == ["faulty_next_raises"]
+    assert [f.plugin for f in cfg.tuning.faults] == ["faulty_next_raises"]
     INJECTED.remove("good")  # not a fault
 
 
@@ -288,7 +288,7 @@ def test_no_knob_value_from_a_plugin_fails_a_plain_resolve(register):
                     runs += 1
                     if cfg.tuning.faults:
                         dropped += 1
-                        assert [f[0] for f in cfg.tuning.faults] == ["probe"] and "probe" not in cfg.tuning.layers
+                        assert [f.plugin for f in cfg.tuning.faults] == ["probe"] and "probe" not in cfg.tuning.layers
                     if "probe" in cfg.tuning.layers:  # kept: its value is used, or beaten by a more trusted layer
                         k = cfg.knobs[knob]
                         assert (k.layer, k.value) == ("probe", value) or ("probe", value) in k.overrode
@@ -338,15 +338,15 @@ LOAD_FAULTS = [
 
 def test_entry_point_that_fails_to_import_is_reported_not_fatal(fake_distribution, monkeypatch):
     get_plugin_manager()
-    assert sorted(plugins.load_faults) == sorted(LOAD_FAULTS)
-    info = {p.name: p for p in describe_plugins()}
+    assert sorted((f.plugin, f.message) for f in plugins.get_plugins().load_faults) == sorted(LOAD_FAULTS)
+    info = {p.name: p for p in get_plugins().describe()}
     assert info["working"].kind == "entry point"
     assert (info["working"].distribution, info["working"].version) == ("faulty-tpu-plugins", "1.2.3")
     assert not {"missing_module", "exploding", "missing_attr"} & set(info)
     _env_evidence(monkeypatch)
     d = detect(load_catalog(), timeout_s=2)
     assert d.generation == "v6e"
-    assert {(f.detector, f.message) for f in d.faults} >= set(LOAD_FAULTS)
+    assert {(f.plugin, f.message) for f in d.faults} >= set(LOAD_FAULTS)
     with pytest.raises(DetectionError) as err:
         detect(load_catalog(), timeout_s=2, strict=True)
     assert {(p.path, p.message) for p in err.value.problems} >= {(f"detector {n}", m) for n, m in LOAD_FAULTS}
@@ -357,7 +357,7 @@ def test_entry_point_failures_from_the_command_line(fake_distribution):
     r = subprocess.run([cli_path(), "plugins", "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and "Traceback" not in r.stderr
     data = json.loads(r.stdout)
-    assert sorted((f["name"], f["message"]) for f in data["load_faults"]) == sorted(LOAD_FAULTS)
+    assert sorted((f["plugin"], f["message"]) for f in data["load_faults"]) == sorted(LOAD_FAULTS)
     assert {"name": "working", "kind": "entry point", "distribution": "faulty-tpu-plugins", "version": "1.2.3", "hooks": ["tpu_registry_detect"]} in data["plugins"]
     r = subprocess.run([cli_path(), "detect", "--simulate", "v6e", "--strict"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -383,7 +383,7 @@ def test_entry_point_with_a_misspelled_hook_is_named_and_can_be_disabled(tmp_pat
         with pytest.raises(RegistryError, match="unknown hook 'tpu_registry_detekt'"):
             get_plugin_manager()
         monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", "typo")
-        assert "typo" not in {p.name for p in describe_plugins()}
+        assert "typo" not in {p.name for p in get_plugins().describe()}
     finally:
         plugins.reset()
     env = {**os.environ, "PYTHONPATH": str(site)}

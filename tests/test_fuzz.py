@@ -33,12 +33,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tpu_registry.catalog import load_catalog
-from tpu_registry.detect import PRIORITY, Detection, Evidence, reconcile
+from tpu_registry.catalog import identifiers as catalog_identifiers
+from tpu_registry.detection import PRIORITY, Detection, Evidence, reconcile
 from tpu_registry.errors import DetectionError, Problem
 from tpu_registry.policies.overrides import OverridesFile
 from tpu_registry.policies.tables import LoadedTable, Table, load_table
 from tpu_registry.spec import Generation
-from tpu_registry.tomlfile import read_toml, tomllib, validate
+from tpu_registry.modelerrors import validate
+from tpu_registry.tomlfile import read_toml, tomllib
 from tpu_registry.validate import file_kind, validate_paths
 
 TOTAL = int(os.environ.get("TPU_REGISTRY_FUZZ_EXAMPLES", "3000"))
@@ -306,7 +308,7 @@ def _real_values() -> dict[str, list[str]]:
     values: dict[str, set[str]] = {k: set() for k in PRIORITY}
     for spec in CATALOG:
         values["explicit"] |= {spec.id, spec.name, *spec.aliases}
-        for kind, value in CATALOG.identifiers(spec):
+        for kind, value in catalog_identifiers(spec):
             values[kind].add(value)
         for at in spec.identify.accelerator_types:
             values["accelerator_type"] |= {f"{at.prefix}-8", f"{at.prefix}-128", at.prefix.upper() + "-4"}
@@ -345,7 +347,7 @@ def evidence_lists(draw):
         if draw(st.integers(0, 3)):
             kind = draw(st.sampled_from([k for k in PRIORITY if k != "explicit"] + ["explicit"] * (draw(st.integers(0, 4)) == 0)))
             base = draw(evidence_strategy)
-            out.append(Evidence(kind, draw(st.sampled_from(REAL[kind])), base.source, base.count, base.count_unit, base.scope, base.topology, base.note, base.detector))
+            out.append(replace(base, kind=kind, value=draw(st.sampled_from(REAL[kind]))))
         else:
             out.append(draw(evidence_strategy))
     # Near-duplicates: the same observation differing only in how it counts or what it notes.

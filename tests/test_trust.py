@@ -19,9 +19,9 @@ from tpu_registry.catalog import load_catalog
 from tpu_registry.errors import CatalogError, TuningError
 from tpu_registry.plugins import BUILTIN_PLUGINS, get_plugin_manager, short_name
 from tpu_registry.tomlfile import read_toml, tomllib
-from tpu_registry.tune import Workload
+from tpu_registry import Workload
 
-resolve_mod = importlib.import_module("tpu_registry.resolve")  # the package exports resolve()
+resolve_mod = importlib.import_module("tpu_registry.resolution")
 BASE = REPO / "tests" / "data" / "bad" / "_base.toml"  # a valid generation file, id "corpus"
 WORKLOAD = Workload(num_q_heads=32, num_kv_heads=8, head_dim=128)
 

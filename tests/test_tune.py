@@ -15,12 +15,14 @@ from hypothesis import strategies as st
 from tpu_registry import resolve
 from tpu_registry.attention import kv_bytes_per_token, plan
 from tpu_registry.catalog import load_catalog
-from tpu_registry.detect import reconcile
+from tpu_registry.detection import reconcile
 from tpu_registry.errors import TuningError
 from tpu_registry.plugins import get_plugin_manager
+from tpu_registry import kernels
 from tpu_registry.policies import baseline
-from tpu_registry.policies.tables import load_tables
-from tpu_registry.tune import Workload, check_constraints
+from tpu_registry.policies.tables import load_tables, table_folders
+from tpu_registry import Workload
+from tpu_registry.kernels import check as check_constraints
 
 MIB = 1024 * 1024
 
@@ -124,7 +126,7 @@ def cat():
 
 
 def _knobs(spec, w):
-    return baseline.tpu_registry_tune(spec, w, None).knobs
+    return baseline.tpu_registry_tune(spec, w).knobs
 
 
 @pytest.mark.parametrize("gid", ["v4", "v5e", "v5p", "v6e", "tpu7x", "tpu8t", "tpu8i"])
@@ -147,7 +149,7 @@ def test_baseline_equals_upstream_formulas(cat, gid):
                 assert k[knob] == up_rpa_v3(version, "bfloat16", kv_dtype, q, kv, hd, page, tokens, pages, case), (gid, w, case)
             assert k["rpa_v3.vmem_limit_bytes"] == JAX_VMEM[gid]  # upstream: get_tpu_info().vmem_capacity_bytes
         if "rpa_v2" in spec.kernels.families:
-            heads = baseline.min_heads_per_block(q, 2 * kv, "bfloat16", kv_dtype)
+            heads = kernels.min_heads_per_block(q, 2 * kv, "bfloat16", kv_dtype)
             if heads is None:  # upstream raises "can not be XLA fully tiled"
                 assert "rpa_v2.num_kv_pages_per_block" not in k
             else:
@@ -293,7 +295,7 @@ def test_tables_apply_on_a_hit_and_record_provenance():
     assert cfg.layer("rpa_v2.num_kv_pages_per_block") == "tables"
     assert cfg.knobs["rpa_v2.num_kv_pages_per_block"].overrode == (("baseline", 16),)
     # v5e and v5p share upstream's 'TPU v5' table
-    t = {tuple(t.table.generations) for t in load_tables()}
+    t = {tuple(t.table.generations) for t in load_tables(table_folders({}))}
     assert ("v5e", "v5p") in t and ("v6e",) in t
 
 
@@ -301,7 +303,7 @@ def test_every_imported_table_row_is_reachable():
     """Each row's key is what bucket() computes for some workload, so none is dead weight."""
     from tpu_registry.policies.tables import lookup
 
-    tables = load_tables()
+    tables = load_tables(table_folders({}))
     for t in tables:
         for row in t.table.rows:
             qd, kvd, qh, kvh, hd, page, tokens, model_len = row[:8]
@@ -387,7 +389,7 @@ def test_contributing_tuning_policy_walkthrough(tmp_path):
 
 def test_plugin_layer_order_tryfirst_trylast():
     import tpu_registry
-    from tpu_registry.tune import Layer
+    from tpu_registry import Layer
 
     class Plain:
         @tpu_registry.hookimpl

@@ -1,35 +1,85 @@
 """tpu-registry: declarative, pluggable facts and kernel knobs for Google TPU generations.
 
-Public API::
+Public API and plugin contract::
 
-    from tpu_registry import load_catalog, detect, resolve, Workload, hookimpl
+    import tpu_registry
+    from tpu_registry import load_catalog, detect, resolve, Workload
+
+    @tpu_registry.hookimpl
+    def tpu_registry_detect(context: tpu_registry.DetectContext): ...
 
 The flow is catalog -> detect -> tune -> resolve -> attention plan; each step is one module.
+Names are imported on first use (PEP 562), so ``import tpu_registry`` loads nothing else.
 """
 
 from __future__ import annotations
 
-from .errors import CatalogError, DetectionError, RegistryError, TuningError
-from .hookspecs import hookimpl
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "CatalogError",
-    "DetectionError",
-    "Evidence",
-    "Layer",
-    "RegistryError",
-    "ResolvedConfig",
-    "TuningError",
-    "Workload",
-    "detect",
-    "hookimpl",
-    "load_catalog",
-    "plan",
-    "resolve",
-]
+# name -> module that defines it
+_EXPORTS = {
+    "hookimpl": "hookspecs",
+    "hookspec": "hookspecs",
+    "Problem": "errors",
+    "RegistryError": "errors",
+    "CatalogError": "errors",
+    "DetectionError": "errors",
+    "TuningError": "errors",
+    "Setting": "settings",
+    "Evidence": "types",
+    "DetectContext": "types",
+    "Detection": "types",
+    "Finding": "types",
+    "Fault": "types",
+    "Layer": "types",
+    "Knob": "types",
+    "Tuning": "types",
+    "TuneContext": "types",
+    "Violation": "types",
+    "Workload": "workload",
+    "canonical_dtype": "units",
+    "cdiv": "units",
+    "rpa_v3_rejection": "kernels",
+    "Generation": "spec",
+    "Catalog": "catalog",
+    "load_catalog": "catalog",
+    "detect": "detection",
+    "reconcile": "detection",
+    "resolve": "resolution",
+    "ResolvedConfig": "resolution",
+    "clear_cache": "resolution",
+    "plan": "attention",
+    "AttentionPlan": "attention",
+    "kv_cache_shape": "attention",
+    "kv_bytes_per_token": "attention",
+}
+__all__ = sorted(_EXPORTS)
 
-from .attention import plan
-from .catalog import load_catalog
-from .detect import Evidence, detect
-from .resolve import ResolvedConfig, resolve
-from .tune import Layer, Workload
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tpu_registry' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and editors; never executed
+    from .attention import AttentionPlan, kv_bytes_per_token, kv_cache_shape, plan
+    from .catalog import Catalog, load_catalog
+    from .detection import detect, reconcile
+    from .errors import CatalogError, DetectionError, Problem, RegistryError, TuningError
+    from .hookspecs import hookimpl, hookspec
+    from .kernels import rpa_v3_rejection
+    from .resolution import ResolvedConfig, clear_cache, resolve
+    from .settings import Setting
+    from .spec import Generation
+    from .types import DetectContext, Detection, Evidence, Fault, Finding, Knob, Layer, TuneContext, Tuning, Violation
+    from .units import canonical_dtype, cdiv
+    from .workload import Workload

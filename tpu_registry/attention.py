@@ -13,48 +13,32 @@ cache layouts exist upstream:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from .resolve import ResolvedConfig
-from .tune import DTYPE_BITS, Workload, align, cdiv
+from .resolution import ResolvedConfig
+from .units import DTYPE_BITS, align, cdiv, packing
+from .workload import Workload
 
 LAYOUTS = ("vllm_pallas", "tpu_inference")
-LAYOUT_OF_FAMILY = {"rpa_v2": "vllm_pallas", "rpa_v3": "tpu_inference"}
 
 
 def kv_cache_shape(layout: str, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, kv_dtype: str, *, head_align: int = 128) -> tuple[int, ...]:
     if layout == "vllm_pallas":
         return (num_pages, page_size, 2 * num_kv_heads, align(head_dim, head_align))
     if layout == "tpu_inference":
-        packing = 32 // DTYPE_BITS[kv_dtype]
+        pack = packing(kv_dtype)
         if head_dim == 64:  # the hd64 kernel: K and V side by side in the 128 lanes, no padding
-            return (num_pages, page_size, align(num_kv_heads, packing) // packing, packing, 128)
-        return (num_pages, page_size, align(2 * num_kv_heads, packing) // packing, packing, align(head_dim, 128))
+            return (num_pages, page_size, align(num_kv_heads, pack) // pack, pack, 128)
+        return (num_pages, page_size, align(2 * num_kv_heads, pack) // pack, pack, align(head_dim, 128))
     raise ValueError(f"unknown KV cache layout {layout!r} (known: {', '.join(LAYOUTS)})")
 
 
 def kv_bytes_per_token(layout: str, num_kv_heads: int, head_dim: int, kv_dtype: str, *, head_align: int = 128, num_layers: int = 1) -> int:
     """HBM bytes one token's K and V take in the cache, per device, over ``num_layers``."""
     shape = kv_cache_shape(layout, 1, 1, num_kv_heads, head_dim, kv_dtype, head_align=head_align)
-    elems = 1
-    for d in shape:
-        elems *= d
-    return elems * DTYPE_BITS[kv_dtype] // 8 * num_layers
-
-
-def rpa_v3_rejection(block_sizes: tuple[int, int, int, int], page_size: int) -> str | None:
-    """Why tpu-inference's RPA v3 kernel would reject this tuple as an explicit argument (None:
-    it accepts it). The kernel checks explicit tuples only; its own per-call defaults, which
-    the baseline reproduces, can fail the check, and are then best left to the kernel."""
-    bq, bkv, bq_c, bkv_c = block_sizes
-    if not (0 < bq_c and bq % bq_c == 0):
-        return f"bq_sz {bq} is not a multiple of bq_csz {bq_c}"
-    if not (0 < bkv_c and bkv % bkv_c == 0):
-        return f"bkv_sz {bkv} is not a multiple of bkv_csz {bkv_c}"
-    if bkv % page_size or bkv_c % page_size:
-        return f"KV blocks {bkv}/{bkv_c} are not multiples of page size {page_size}"
-    return None
+    return math.prod(shape) * DTYPE_BITS[kv_dtype] // 8 * num_layers
 
 
 def tokens_in_budget(budget_bytes: int, page_size: int, bytes_per_token: int) -> int:
@@ -88,9 +72,6 @@ class AttentionPlan:
     @property
     def families(self) -> tuple[str, ...]:
         return tuple(self.config.spec.kernels.families)
-
-    def layout(self, family: str) -> str:
-        return LAYOUT_OF_FAMILY[family]
 
     def kv_cache_shape(self, layout: str, num_pages: int) -> tuple[int, ...]:
         w = self.workload

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .errors import CatalogError, Problem
 from .spec import Generation
-from .tomlfile import locate, read_toml, validate
+from .modelerrors import validate
+from .tomlfile import locate, read_toml
 
 ENV_PATH = "TPU_REGISTRY_PATH"
 log = logging.getLogger("tpu_registry")
@@ -127,11 +128,9 @@ class Catalog:
             raise CatalogError(f"no generation is named {text!r} (try `tpu-registry list`)")
         raise CatalogError(f"{text!r} names more than one generation: {', '.join(sorted(hits))}")
 
-    def identifiers(self, spec: Generation) -> Iterator[tuple[str, str]]:
-        yield from _identifiers(spec)
 
 
-def _identifiers(spec: Generation) -> Iterator[tuple[str, str]]:
+def identifiers(spec: Generation) -> Iterator[tuple[str, str]]:
     ident = spec.identify
     for dk in ident.device_kinds:
         yield "device_kind", dk
@@ -189,9 +188,9 @@ def load_catalog(folders: Iterable[os.PathLike | str] = (), *, plugins: bool = T
     """Load and validate the catalog. Raises ``CatalogError`` with every problem found."""
     plugin_dirs: list[Path] = []
     if plugins:
-        from .plugins import hardware_dirs
+        from .plugins import get_plugins
 
-        plugin_dirs = hardware_dirs()
+        plugin_dirs = get_plugins().hardware_dirs()
     return _load(tuple(search_folders(folders, plugin_dirs=plugin_dirs)))
 
 
@@ -298,7 +297,7 @@ def _assemble(loaded: list[tuple[Generation, Path, str]], folders: tuple[Path, .
                 problems.append(Problem(str(entry.path), locate(text, (label,)), label, f"name {name!r} is already used by {names[key]!r} in {other}", "choose a different alias"))
                 continue
             names[key] = gid
-        for kind, value in _identifiers(entry.spec):
+        for kind, value in identifiers(entry.spec):
             ids = index.setdefault((kind, value), set())
             if kind in UNIQUE_KINDS and ids and gid not in ids:
                 other_id = next(iter(ids))

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -166,13 +167,13 @@ def _detection_text(d) -> str:
     for c in d.conflicts:
         lines.append(f"conflict: {c}")
     for f in d.faults:
-        lines.append(f"detector fault: {f.detector}: {f.message}")
+        lines.append(f"detector fault: {f.plugin}: {f.message}")
     return "\n".join(lines)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
     from .catalog import load_catalog
-    from .detect import detect
+    from .detection import detect
 
     d = detect(load_catalog(args.catalog), simulate=args.simulate, allow_runtime_init=args.probe, strict=args.strict)
     if args.json:
@@ -186,7 +187,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 def _workload(args: argparse.Namespace):
     from .errors import TuningError
-    from .tune import Workload
+    from .workload import Workload
 
     limits = {
         "max_model_len": args.max_model_len,
@@ -208,7 +209,7 @@ def _workload(args: argparse.Namespace):
 
 def vllm_flags(cfg) -> list[str]:
     """What to pass to vLLM for the same knobs without the plugin."""
-    from .attention import rpa_v3_rejection
+    from .kernels import rpa_v3_rejection
 
     page = cfg.value("page_size")
     out = [f"--block-size {page}"]
@@ -226,11 +227,10 @@ def vllm_flags(cfg) -> list[str]:
 
 def cmd_resolve(args: argparse.Namespace) -> int:
     from .attention import plan
-    from .resolve import resolve
+    from .resolution import resolve
 
-    if args.catalog:
-        os.environ["TPU_REGISTRY_PATH"] = os.pathsep.join([*args.catalog, os.environ.get("TPU_REGISTRY_PATH", "")]).strip(os.pathsep)
-    cfg = resolve(_workload(args), simulate=args.simulate, overrides=args.overrides, allow_runtime_init=args.probe, strict=args.strict)
+    w = _workload(args)
+    cfg = resolve(w, simulate=args.simulate, overrides=args.overrides, allow_runtime_init=args.probe, strict=args.strict, catalog_dirs=tuple(args.catalog))
     fmt = "json" if args.json else args.format
     if fmt == "json":
         _dump({**cfg.to_dict(), "plan": plan(cfg).to_dict(), "vllm": vllm_flags(cfg)})
@@ -247,24 +247,30 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         d = cfg.detection
         print(f"{cfg.spec.id} ({cfg.spec.name}): {d.status}: {d.reason}")
         print(table(["knob", "value", "layer"], [[k, ",".join(map(str, v.value)) if isinstance(v.value, tuple) else v.value, v.layer] for k, v in cfg.knobs.items()]))
-        for p, m in cfg.tuning.faults:
-            print(f"policy fault: {p}: {m}")
+        for f in cfg.tuning.faults:
+            print(f"policy fault: {f.plugin}: {f.message}")
         for n in cfg.notes:
             print(f"note: {n}")
     return EXIT_OK
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import describe_plugins, get_plugin_manager, load_faults
+    from . import settings
+    from .plugins import get_plugins
 
-    get_plugin_manager()
-    infos = describe_plugins()
+    plugins = get_plugins()
+    infos = plugins.describe()
+    faults = plugins.load_faults + plugins.settings_faults
     if args.json:
-        _dump({"plugins": [i.to_dict() for i in infos], "load_faults": [{"name": n, "message": m} for n, m in load_faults]})
+        _dump({
+            "plugins": [i.to_dict() for i in infos],
+            "load_faults": [f.to_dict() for f in faults],
+            "settings": [asdict(s) for s in settings.all_settings()],
+        })
         return EXIT_OK
     print(table(["name", "kind", "distribution", "version", "hooks"], [[i.name, i.kind, i.distribution, i.version, ", ".join(i.hooks)] for i in infos]))
-    for n, m in load_faults:
-        print(f"plugin {n}: {m}")
+    for f in faults:
+        print(f"plugin {f.plugin}: {f.message}")
     return EXIT_OK
 
 

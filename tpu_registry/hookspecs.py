@@ -8,7 +8,8 @@ group, so a plugin package declares::
 
 and decorates its functions with ``@tpu_registry.hookimpl``. Built-in plugins are ordinary
 modules registered the same way. Every hook is documented with an example in
-``docs/hooks.md``; a test fails if one is missing there.
+``docs/hooks.md``; a test fails if one is missing there. An implementation declares only the
+arguments it uses (pluggy passes it those), so hooks gain arguments without breaking plugins.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .detect import DetectContext, Detection, Evidence
+    from .settings import Setting
     from .spec import Generation
-    from .tune import Layer, Workload
+    from .types import DetectContext, Detection, Evidence, Layer, TuneContext
+    from .workload import Workload
 
 PROJECT = "tpu_registry"
 
@@ -30,9 +32,15 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
-# ---------------------------------------------------------------------------------------------
-# Catalog hooks
-# ---------------------------------------------------------------------------------------------
+@hookspec
+def tpu_registry_settings() -> Sequence[Setting] | None:
+    """Declare the environment variables this plugin reads.
+
+    Each is a ``tpu_registry.Setting``; those with ``affects_resolve=True`` become part of the
+    ``resolve()`` cache key, and all appear in ``tpu-registry plugins --json``.
+
+    :returns: a list of settings, or None.
+    """
 
 
 @hookspec
@@ -46,32 +54,23 @@ def tpu_registry_hardware_dirs() -> Sequence[Path | str] | None:
     """
 
 
-# ---------------------------------------------------------------------------------------------
-# Detection hooks
-# ---------------------------------------------------------------------------------------------
-
-
 @hookspec
 def tpu_registry_detect(context: DetectContext) -> Evidence | Sequence[Evidence] | None:
     """Report raw evidence of which TPU this host has.
 
     A detector reports what it saw (a device_kind string, a PCI id, an accelerator type...)
     and never decides the generation: the catalog maps evidence to candidates. It must not
-    initialise a TPU runtime unless ``context.allow_runtime_init`` is true, and should return
-    quickly: detection gives up on a detector after ``context.timeout_s`` seconds.
+    initialise a TPU runtime unless ``context.allow_runtime_init`` is true, should read the
+    environment from ``context.env``, and should return quickly: detection gives up on a
+    detector after ``context.timeout_s`` seconds.
 
     :param context: environment, sysfs root, probing permission and time budget.
     :returns: one piece of evidence, a list of them, or None when it saw nothing.
     """
 
 
-# ---------------------------------------------------------------------------------------------
-# Tuning hooks
-# ---------------------------------------------------------------------------------------------
-
-
 @hookspec
-def tpu_registry_tune(spec: Generation, workload: Workload, detection: Detection) -> Layer | None:
+def tpu_registry_tune(spec: Generation, workload: Workload, detection: Detection, context: TuneContext) -> Layer | None:
     """Return a named, partial layer of knobs for this generation and workload, or None.
 
     Layers merge in call order: an implementation called earlier wins. Built-ins are
@@ -82,5 +81,6 @@ def tpu_registry_tune(spec: Generation, workload: Workload, detection: Detection
     :param spec: the generation being tuned for.
     :param workload: attention shape, dtypes and serving limits.
     :param detection: how the generation was found (a policy may ignore it).
+    :param context: the catalog, the overrides file in force and the environment to use.
     :returns: a ``Layer(name, knobs)``; knob names are ``page_size`` or ``family.knob``.
     """

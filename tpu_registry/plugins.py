@@ -1,25 +1,39 @@
-"""The plugin manager: built-in plugins first, then ``tpu_registry`` entry points.
+"""The plugin manager, and the one place hooks are called.
 
-``TPU_REGISTRY_PLUGINS_AUTOLOAD=0`` skips entry points; ``TPU_REGISTRY_DISABLE_PLUGINS=a,b``
-blocks plugins by name (built-in or third-party). ``check_pending()`` rejects any hookimpl
-whose name matches no hook, so a misspelled hook fails loudly instead of never running.
+Built-in plugins are registered first, as ordinary modules, then ``tpu_registry`` entry points
+one by one (a broken one is a fault, not fatal), then ``check_pending()`` rejects any hookimpl
+whose name matches no hook. ``Plugins`` has one typed method per hook. It calls each
+implementation through pluggy (a subset hook caller per plugin), so hook-call monitoring sees
+every call while a fault stays with the plugin that caused it and a slow detector can be
+abandoned. ``TPU_REGISTRY_TRACE_PLUGINS=1`` logs every call to stderr.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import RegistryError
+from . import hookspecs, settings
+from .errors import CatalogError, RegistryError, TuningError
+from .types import EVIDENCE_KINDS, DetectContext, Evidence, Fault, Layer
+
+if TYPE_CHECKING:
+    from .spec import Generation
+    from .types import Detection, TuneContext
+    from .workload import Workload
 
 ENV_AUTOLOAD = "TPU_REGISTRY_PLUGINS_AUTOLOAD"
 ENV_DISABLE = "TPU_REGISTRY_DISABLE_PLUGINS"
+ENV_TRACE = "TPU_REGISTRY_TRACE_PLUGINS"
 
 BUILTIN_PLUGINS = (
     "tpu_registry.detectors.env",
@@ -31,97 +45,14 @@ BUILTIN_PLUGINS = (
     "tpu_registry.policies.overrides",
 )
 
-_lock = threading.RLock()
-_pm: pluggy.PluginManager | None = None
-_pm_key: tuple | None = None
-
-
-def _reset_after_fork() -> None:
-    global _lock
-    _lock = threading.RLock()  # another thread may have been building the manager at fork
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
-
 
 def short_name(name: str) -> str:
     """``tpu_registry.detectors.env`` -> ``env``: the name used in reports and env lists."""
-    return name.rsplit(".", 1)[-1]
+    return name.rsplit(".", 1)[-1] if name in BUILTIN_PLUGINS else name
 
 
-def _settings() -> tuple:
-    return (os.environ.get(ENV_AUTOLOAD, "1"), os.environ.get(ENV_DISABLE, ""))
-
-
-def get_plugin_manager() -> pluggy.PluginManager:
-    """The process-wide manager, rebuilt when the plugin environment variables change."""
-    global _pm, _pm_key
-    key = _settings()
-    with _lock:
-        if _pm is not None and _pm_key == key:
-            return _pm
-        _pm, _pm_key = _build(*key), key
-        return _pm
-
-
-def _build(autoload: str, disable: str) -> pluggy.PluginManager:
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
-    for name in (n.strip() for n in disable.split(",")):
-        if name:
-            pm.set_blocked(name)
-            for builtin in BUILTIN_PLUGINS:
-                if short_name(builtin) == name:
-                    pm.set_blocked(builtin)
-    for modname in BUILTIN_PLUGINS:
-        if not pm.is_blocked(modname):
-            pm.register(importlib.import_module(modname), modname)
-    if autoload.strip().lower() not in ("0", "false", "no", "off"):
-        _load_entry_points(pm)
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as e:
-        raise RegistryError(f"{e} (hook names start with 'tpu_registry_'; see docs/hooks.md)") from e
-    return pm
-
-
-# Entry points that failed to import: (name, message). Reported by detect/resolve and
-# `tpu-registry plugins`; an error only under --strict. Distributions of loaded plugins.
-load_faults: list[tuple[str, str]] = []
-_dists: dict[str, object] = {}  # entry-point name -> Distribution; read only by `plugins`
-
-
-def _load_entry_points(pm: pluggy.PluginManager) -> None:
-    """Like pluggy's loader, but one broken plugin is recorded and skipped, not fatal."""
-    from importlib.metadata import entry_points
-
-    load_faults.clear()
-    for ep in entry_points(group=hookspecs.PROJECT):
-        if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
-            continue
-        try:
-            plugin = ep.load()
-            pm.register(plugin, name=ep.name)
-        except Exception as e:
-            load_faults.append((ep.name, f"failed to load: {type(e).__name__}: {e}"))
-            continue
-        if ep.dist is not None:
-            _dists[ep.name] = ep.dist
-
-
-def reset() -> None:
-    """Forget the manager (tests, or after installing a plugin at run time)."""
-    global _pm, _pm_key
-    with _lock:
-        _pm = _pm_key = None
-
-
-def hardware_dirs() -> list[Path]:
-    out: list[Path] = []
-    for result in get_plugin_manager().hook.tpu_registry_hardware_dirs():
-        out += [Path(p) for p in (result or [])]
-    return out
+def _off(value: str) -> bool:
+    return value.strip().lower() in ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -133,24 +64,259 @@ class PluginInfo:
     hooks: tuple[str, ...]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "distribution": self.distribution, "version": self.version, "hooks": list(self.hooks)}
+        return {**asdict(self), "hooks": list(self.hooks)}
 
 
-def describe_plugins() -> list[PluginInfo]:
-    pm = get_plugin_manager()
-    out = []
-    for name, plugin in pm.list_name_plugin():
-        if plugin is None:
-            continue
-        builtin = name in BUILTIN_PLUGINS
-        if builtin:
-            dist, ver = "tpu-registry", _own_version()
-        else:
-            d = _dists.get(name)
-            dist, ver = (d.metadata["Name"], d.version) if d is not None else (None, None)
-        hooks = tuple(sorted(h.name for h in pm.get_hookcallers(plugin) or []))
-        out.append(PluginInfo(short_name(name) if builtin else name, "built-in" if builtin else "entry point", dist, ver, hooks))
-    return out
+class Plugins:
+    """The loaded plugins of one configuration, and the hook calls."""
+
+    def __init__(self, *, autoload: bool = True, disable: str = "", trace: bool = False) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.load_faults: list[Fault] = []
+        self._dists: dict[str, Any] = {}  # entry-point name -> Distribution
+        self._block(disable)
+        for modname in BUILTIN_PLUGINS:
+            if not self.pm.is_blocked(modname):
+                self.pm.register(importlib.import_module(modname), modname)
+        if autoload:
+            self._load_entry_points()
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as e:
+            raise RegistryError(f"{e} (hook names start with 'tpu_registry_'; see docs/hooks.md)") from e
+        if trace:
+            self.pm.add_hookcall_monitoring(_trace_before, _trace_after)
+        self.settings_faults = self._declare_settings()
+
+    def _block(self, disable: str) -> None:
+        for name in (n.strip() for n in disable.split(",")):
+            if name:
+                self.pm.set_blocked(name)
+                for builtin in BUILTIN_PLUGINS:
+                    if short_name(builtin) == name:
+                        self.pm.set_blocked(builtin)
+
+    def _load_entry_points(self) -> None:
+        """Like pluggy's loader, but one broken plugin is recorded and skipped, not fatal."""
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=hookspecs.PROJECT):
+            if self.pm.is_blocked(ep.name) or self.pm.has_plugin(ep.name):
+                continue
+            try:
+                self.pm.register(ep.load(), name=ep.name)
+            except Exception as e:
+                self.load_faults.append(Fault(ep.name, f"failed to load: {type(e).__name__}: {e}", stage="load"))
+                continue
+            if ep.dist is not None:
+                self._dists[ep.name] = ep.dist
+
+    # ------------------------------------------------------------------------ calling hooks
+
+    def _impls(self, hook: str) -> list[pluggy.HookImpl]:
+        """Implementations in pluggy's call order (tryfirst first)."""
+        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+
+    def _call(self, hook: str, impl: pluggy.HookImpl, **kwargs: Any) -> Any:
+        """Call one implementation through pluggy; its result, or None."""
+        # Built per call: tests and tools may register plugins after the manager was built.
+        others = [p for _, p in self.pm.list_name_plugin() if p is not None and p is not impl.plugin]
+        results = self.pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
+        return results[0] if results else None
+
+    def _declare_settings(self) -> list[Fault]:
+        faults = []
+        for impl in self._impls("tpu_registry_settings"):
+            name = short_name(impl.plugin_name)
+            try:
+                declared = self._call("tpu_registry_settings", impl) or []
+                settings.register([replace(s, owner=name) if s.owner == "tpu-registry" and impl.plugin_name not in BUILTIN_PLUGINS else s for s in declared])
+            except Exception as e:  # noqa: BLE001 - a plugin fault must not escape
+                faults.append(Fault(name, f"declared bad settings: {type(e).__name__}: {e}", stage="load"))
+        return faults
+
+    def hardware_dirs(self) -> list[Path]:
+        out: list[Path] = []
+        for impl in self._impls("tpu_registry_hardware_dirs"):
+            out += [Path(p) for p in (self._call("tpu_registry_hardware_dirs", impl) or [])]
+        return out
+
+    def detect(self, context: DetectContext) -> tuple[list[Evidence], list[Fault]]:
+        """Every detector, each in its own thread; those still running after
+        ``context.timeout_s`` are abandoned. Exceptions and wrong return types become faults
+        naming the plugin; they never propagate."""
+        impls = self._impls("tpu_registry_detect")
+        results: dict[str, Any] = {}
+        errors: dict[str, BaseException] = {}
+
+        def run(impl: pluggy.HookImpl) -> None:
+            try:
+                results[impl.plugin_name] = self._call("tpu_registry_detect", impl, context=context)
+            except BaseException as e:  # noqa: BLE001 - a plugin fault must not escape
+                errors[impl.plugin_name] = e
+
+        threads = []
+        for impl in impls:
+            t = threading.Thread(target=run, args=(impl,), name=f"tpu-registry-detect-{impl.plugin_name}", daemon=True)
+            t.start()
+            threads.append((impl.plugin_name, t))
+        deadline = time.monotonic() + context.timeout_s
+        evidence: list[Evidence] = []
+        faults = list(self.load_faults) + list(self.settings_faults)
+        for name, t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+            short = short_name(name)
+            if t.is_alive():
+                msg = f"gave no answer within {context.timeout_s:g} s; skipped (TPU_REGISTRY_DETECT_TIMEOUT sets the budget)"
+                faults.append(Fault(short, msg, stage="detect"))
+                continue
+            if name in errors:
+                e = errors[name]
+                faults.append(Fault(short, f"raised {type(e).__name__}: {e}", stage="detect"))
+                continue
+            out = results.get(name)
+            items = [] if out is None else [out] if isinstance(out, Evidence) else out
+            if not isinstance(items, (list, tuple)) or not all(isinstance(x, Evidence) for x in items):
+                msg = f"returned {type(out).__name__}, not Evidence, a list of Evidence, or None"
+                faults.append(Fault(short, msg, stage="detect"))
+                continue
+            for x in items:
+                if x.kind not in EVIDENCE_KINDS:
+                    msg = f"reported unknown evidence kind {x.kind!r} (known: {', '.join(EVIDENCE_KINDS)})"
+                    faults.append(Fault(short, msg, stage="detect"))
+                    continue
+                evidence.append(replace(x, detector=short))
+        return evidence, faults
+
+    def policy_names(self) -> list[str]:
+        return [short_name(i.plugin_name) for i in self._impls("tpu_registry_tune")]
+
+    def tune(self, spec: Generation, workload: Workload, detection: Detection, context: TuneContext, *, only: set[str] | None = None) -> tuple[list[tuple[str, Layer]], list[Fault]]:
+        """Every policy in call order (or those in ``only``): (plugin, layer) pairs and faults.
+
+        A ``TuningError`` (the user's data is wrong) and a built-in policy's ``CatalogError`` (a
+        broken tuning table) propagate; any other exception is the policy's fault."""
+        layers: list[tuple[str, Layer]] = []
+        faults: list[Fault] = []
+        for impl in self._impls("tpu_registry_tune"):
+            name = short_name(impl.plugin_name)
+            if only is not None and name not in only:
+                continue
+            try:
+                out = self._call("tpu_registry_tune", impl, spec=spec, workload=workload, detection=detection, context=context)
+            except TuningError:
+                raise  # the user's own data (an overrides file, a workload) is wrong
+            except Exception as e:  # noqa: BLE001
+                if isinstance(e, CatalogError) and impl.plugin_name in BUILTIN_PLUGINS:
+                    raise  # a broken tuning table read by the built-in tables policy
+                faults.append(Fault(name, f"raised {type(e).__name__}: {e}", stage="tune"))
+                continue
+            if out is None:
+                continue
+            if not isinstance(out, Layer):
+                faults.append(Fault(name, f"returned {type(out).__name__}, not a Layer or None", stage="tune"))
+                continue
+            if not isinstance(out.knobs, Mapping):
+                kind = type(out.knobs).__name__
+                msg = f"returned a Layer whose knobs are a {kind}, not a mapping of knob names to values"
+                faults.append(Fault(name, msg, stage="tune"))
+                continue
+            layers.append((name, out))
+        return layers, faults
+
+    # ------------------------------------------------------------------------ reports
+
+    def describe(self) -> list[PluginInfo]:
+        out = []
+        for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:
+                continue
+            builtin = name in BUILTIN_PLUGINS
+            if builtin:
+                dist, ver = "tpu-registry", _own_version()
+            else:
+                d = self._dists.get(name)
+                dist, ver = (d.metadata["Name"], d.version) if d is not None else (None, None)
+            hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or []))
+            out.append(PluginInfo(short_name(name), "built-in" if builtin else "entry point", dist, ver, hooks))
+        return out
+
+
+# ---------------------------------------------------------------------------- tracing
+
+_trace_local = threading.local()
+
+
+def _impl_names(hook_impls: Sequence[pluggy.HookImpl]) -> str:
+    return ",".join(short_name(i.plugin_name) for i in hook_impls) or "-"
+
+
+def _trace_before(hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
+    stack = getattr(_trace_local, "stack", None)
+    if stack is None:
+        stack = _trace_local.stack = []
+    stack.append(time.perf_counter())
+
+
+def _trace_after(outcome: Any, hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
+    started = _trace_local.stack.pop()
+    ms = (time.perf_counter() - started) * 1000
+    exc = outcome.exception
+    if exc is not None:
+        result = f"raised {type(exc).__name__}: {exc}"
+    else:
+        value = outcome.get_result()
+        value = value[0] if isinstance(value, list) and len(value) == 1 else value
+        result = repr(value)
+        if len(result) > 200:
+            result = result[:197] + "..."
+    sys.stderr.write(f"tpu-registry trace: {hook_name} [{_impl_names(hook_impls)}] {ms:.2f} ms -> {result}\n")
+
+
+# ---------------------------------------------------------------------------- the process's manager
+
+_lock = threading.RLock()
+_plugins: Plugins | None = None
+_key: tuple | None = None
+
+
+def _reset_after_fork() -> None:
+    global _lock
+    _lock = threading.RLock()  # another thread may have been building the manager at fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _env_key() -> tuple:
+    env = os.environ
+    return (env.get(ENV_AUTOLOAD, "1"), env.get(ENV_DISABLE, ""), env.get(ENV_TRACE, ""))
+
+
+def get_plugins() -> Plugins:
+    """The process-wide plugins, rebuilt when the plugin environment variables change."""
+    global _plugins, _key
+    key = _env_key()
+    with _lock:
+        if _plugins is None or _key != key:
+            autoload, disable, trace = key
+            _plugins = Plugins(autoload=not _off(autoload), disable=disable, trace=trace.strip().lower() in ("1", "true", "yes", "on"))
+            _key = key
+        return _plugins
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The pluggy manager of the process's plugins (tests register fakes on it)."""
+    return get_plugins().pm
+
+
+def reset() -> None:
+    """Forget the plugins (tests, or after installing a plugin at run time)."""
+    global _plugins, _key
+    with _lock:
+        _plugins = _key = None
 
 
 def _own_version() -> str | None:

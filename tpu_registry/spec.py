@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from .tomlfile import data_error
+from .modelerrors import data_error
 
 SCHEMA_VERSION = 1
 
@@ -27,7 +27,9 @@ Topology = Literal["2d_torus", "3d_torus", "3d_torus_ocs", "other"]
 KernelFamily = Literal["rpa_v2", "rpa_v3"]
 
 
-class _Model(BaseModel):
+class DataModel(BaseModel):
+    """Base of every data-file model: frozen, strict, no unknown keys, no nan or inf."""
+
     # TOML allows nan and inf; no figure here may be either (nan passes no range check).
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
@@ -36,7 +38,7 @@ def _range(lo: float, hi: float, *, gt: bool = True):
     return Field(gt=lo, le=hi) if gt else Field(ge=lo, le=hi)
 
 
-class Chip(_Model):
+class Chip(DataModel):
     """Per-chip facts. Mirrors JAX's ``TpuInfo`` but per chip, with units in every name."""
 
     tensorcores_per_chip: Annotated[int, _range(0, 16)]
@@ -112,20 +114,20 @@ class Chip(_Model):
         return self.hbm_bytes // self.jax_devices_per_chip
 
 
-class AcceleratorType(_Model):
+class AcceleratorType(DataModel):
     """A Cloud accelerator-type prefix (``v5p`` in ``v5p-128``) and what its suffix counts."""
 
     prefix: str = Field(min_length=1, pattern=r"^[a-z0-9]+$")
     suffix_counts: Literal["cores", "chips"]
 
 
-class PciId(_Model):
+class PciId(DataModel):
     vendor: Annotated[int, Field(ge=0, le=0xFFFF)]
     device: Annotated[int, Field(ge=0, le=0xFFFF)]
     subsystem_device: Annotated[int, Field(ge=0, le=0xFFFF)] | None = None
 
 
-class Identify(_Model):
+class Identify(DataModel):
     """Strings that name this generation. Detectors report them raw; the catalog maps them."""
 
     device_kinds: list[str] = Field(default_factory=list)
@@ -135,7 +137,7 @@ class Identify(_Model):
     torch_xla_versions: list[Annotated[int, Field(ge=1, le=99)]] = Field(default_factory=list)
 
 
-class RpaV2Facts(_Model):
+class RpaV2Facts(DataModel):
     """Defaults of the RPA v2 kernel (torch_xla / JAX ``ragged_paged_attention``)."""
 
     default_num_kv_pages_per_block: Annotated[int, Field(gt=0, le=4096)]
@@ -145,7 +147,7 @@ class RpaV2Facts(_Model):
     vmem_limit_mib: Annotated[float, Field(gt=0, le=4096)]
 
 
-class RpaV3Facts(_Model):
+class RpaV3Facts(DataModel):
     """Parameters of tpu-inference's RPA v3 default block-size heuristic.
 
     Upstream switches on the TPU version; these fields carry the same numbers as data:
@@ -168,7 +170,7 @@ class RpaV3Facts(_Model):
     vmem_limit_mib: Annotated[float, Field(gt=0, le=4096)] | None = None
 
 
-class Kernels(_Model):
+class Kernels(DataModel):
     families: list[KernelFamily] = Field(default_factory=list)
     rpa_v2: RpaV2Facts | None = None
     rpa_v3: RpaV3Facts | None = None
@@ -181,7 +183,7 @@ class Kernels(_Model):
         return self
 
 
-class Source(_Model):
+class Source(DataModel):
     """Where numbers come from: a URL or a repository path, and the fields it supports."""
 
     title: str = Field(min_length=1)
@@ -199,7 +201,7 @@ class Source(_Model):
         return self
 
 
-class Generation(_Model):
+class Generation(DataModel):
     schema_version: int
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=32)
     name: str = Field(min_length=1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import CatalogError, Problem, RegistryError
+from .errors import Problem, RegistryError
 
 
 def file_kind(doc: dict[str, Any]) -> str:
@@ -25,8 +25,11 @@ def file_kind(doc: dict[str, Any]) -> str:
 
 
 def validate_paths(paths: list[Path]) -> tuple[int, list[Problem]]:
+    import os
+
     from . import catalog as cat
-    from .plugins import hardware_dirs
+    from .modelerrors import validate
+    from .plugins import get_plugins
     from .policies.overrides import (
         OverridesFile,
         unknown_generations,
@@ -34,14 +37,14 @@ def validate_paths(paths: list[Path]) -> tuple[int, list[Problem]]:
         writable_by_others,
     )
     from .policies.tables import Table, table_folders
-    from .tomlfile import read_toml, validate
+    from .tomlfile import read_toml
 
     problems: list[Problem] = []
     generation_files: list[tuple[Path, str]] = []
     other_files: list[tuple[Path, str]] = []
     if not paths:
         try:
-            plugin_dirs = hardware_dirs()
+            plugin_dirs = get_plugins().hardware_dirs()
         except RegistryError as e:
             problems += e.problems
             plugin_dirs = []
@@ -49,7 +52,7 @@ def validate_paths(paths: list[Path]) -> tuple[int, list[Problem]]:
             files, probs = cat.list_files(folder, origin)
             problems += probs
             generation_files += [(f, origin) for f in files]
-        for folder in table_folders():
+        for folder in table_folders(os.environ):
             if folder.is_dir():
                 other_files += [(f, "tables") for f in sorted(folder.glob("*.toml"))]
             elif folder != cat.builtin_hardware_dir() / "tuning":
@@ -121,13 +124,6 @@ class _Names:
 
     def find(self, text: str) -> set[str]:
         return set().union(*(c.find(text) for c in self.catalogs))
-
-
-def check(paths: list[Path]) -> None:
-    """Library form of `validate`: raise CatalogError with every problem."""
-    _, problems = validate_paths(paths)
-    if problems:
-        raise CatalogError(problems)
 
 
 def json_schema(kind: str = "generation") -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tpu_registry.detect import DetectContext, Evidence
+import math
+
+from tpu_registry.types import DetectContext, Evidence
 from tpu_registry.hookspecs import hookimpl
 
 EXPLICIT = "TPU_REGISTRY_GENERATION"
@@ -10,17 +12,13 @@ EXPLICIT = "TPU_REGISTRY_GENERATION"
 
 def _product(text: str) -> int | None:
     """``2,2,1`` or ``2x4`` -> 4 / 8; None when it is not a list of positive integers."""
-    parts = text.replace("x", ",").split(",")
     try:
-        nums = [int(p) for p in parts if p.strip()]
+        nums = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
     except ValueError:
         return None
     if not nums or any(n <= 0 for n in nums):
         return None
-    out = 1
-    for n in nums:
-        out *= n
-    return out
+    return math.prod(nums)
 
 
 @hookimpl

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from tpu_registry.detect import DetectContext, Evidence
+from tpu_registry.types import DetectContext, Evidence
 from tpu_registry.hookspecs import hookimpl
 
 

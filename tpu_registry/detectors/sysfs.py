@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from tpu_registry.catalog import pci_key
-from tpu_registry.detect import DetectContext, Evidence
+from tpu_registry.types import DetectContext, Evidence
 from tpu_registry.hookspecs import hookimpl
 
 GOOGLE_VENDOR = 0x1AE0

@@ -12,7 +12,8 @@
     page_size = 64
     "rpa_v3.d_block_sizes" = [1, 1024, 1, 1024]
 
-The file comes from ``TPU_REGISTRY_OVERRIDES`` or ``--overrides``. Overrides are the user's
+The file comes from ``--overrides`` (``resolve(overrides=...)``) or ``TPU_REGISTRY_OVERRIDES``,
+handed to the policy in its context. Overrides are the user's
 own data: a broken one is an error, never skipped. The first matching entry that sets a knob
 wins.
 """
@@ -20,31 +21,29 @@ wins.
 from __future__ import annotations
 
 import logging
-import os
 import stat
-from contextvars import ContextVar
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
 
+from tpu_registry import knobs as knob_registry
 from tpu_registry.errors import Problem, TuningError
 from tpu_registry.hookspecs import hookimpl
-from tpu_registry.spec import SCHEMA_VERSION, _Model
-from tpu_registry.tomlfile import data_error, locate, read_toml, validate
-from tpu_registry.tune import DTYPE_BITS, Layer, Workload, canonical_dtype, coerce_knob
+from tpu_registry.modelerrors import data_error, validate
+from tpu_registry.spec import SCHEMA_VERSION, DataModel
+from tpu_registry.tomlfile import locate, read_toml
+from tpu_registry.types import Layer, TuneContext
+from tpu_registry.units import DTYPE_BITS, canonical_dtype
+from tpu_registry.workload import Workload
 
-ENV_OVERRIDES = "TPU_REGISTRY_OVERRIDES"
 log = logging.getLogger("tpu_registry")
-
-# Set by resolve(overrides=...) for the duration of one tuning call; else the env variable.
-overrides_path: ContextVar[str | None] = ContextVar("tpu_registry_overrides", default=None)
 
 WORKLOAD_FIELDS = tuple(f.name for f in fields(Workload))
 
 
-class Override(_Model):
+class Override(DataModel):
     generation: str = Field(min_length=1)
     match: dict[str, int | str] = Field(default_factory=dict)
     knobs: dict[str, Any] = Field(min_length=1)
@@ -82,7 +81,7 @@ class Override(_Model):
         out = {}
         for k, val in flat.items():
             try:
-                out[k] = coerce_knob(k, val)
+                out[k] = knob_registry.coerce(k, val)
             except ValueError as e:
                 if str(e).startswith("unknown knob"):
                     hint = "check the knob's spelling"
@@ -96,7 +95,7 @@ class Override(_Model):
         return out
 
 
-class OverridesFile(_Model):
+class OverridesFile(DataModel):
     schema_version: int
     override: list[Override] = Field(default_factory=list)
 
@@ -106,10 +105,6 @@ class OverridesFile(_Model):
         if not 1 <= v <= SCHEMA_VERSION:
             raise data_error(f"schema_version {v} is not one this tpu-registry understands ({SCHEMA_VERSION})", "upgrade tpu-registry, or write the schema_version it supports")
         return v
-
-
-def current_path() -> str | None:
-    return overrides_path.get() or os.environ.get(ENV_OVERRIDES) or None
 
 
 def writable_by_others(path: Path) -> bool:
@@ -159,8 +154,6 @@ def matches(o: Override, w: Workload) -> bool:
     for k, want in o.match.items():
         have = getattr(w, k)
         if isinstance(want, str) and k.endswith("dtype"):
-            from tpu_registry.tune import canonical_dtype
-
             want = canonical_dtype(want)
         if have != want:
             return False
@@ -168,22 +161,17 @@ def matches(o: Override, w: Workload) -> bool:
 
 
 @hookimpl(tryfirst=True)
-def tpu_registry_tune(spec, workload: Workload, detection) -> Layer | None:
-    raw = current_path()
-    if not raw:
+def tpu_registry_tune(spec, workload: Workload, context: TuneContext) -> Layer | None:
+    path = context.overrides_path
+    if path is None:
         return None
-    path = Path(raw)
     model, text = load_overrides(path)
-    from tpu_registry.catalog import load_catalog
-
-    catalog = None
     knobs: dict[str, Any] = {}
     for o in model.override:
         if o.generation != "*":
-            catalog = catalog or load_catalog()
-            hits = catalog.find(o.generation)
+            hits = context.catalog.find(o.generation)
             if not hits:
-                raise TuningError(unknown_generations(model, text, path, catalog))
+                raise TuningError(unknown_generations(model, text, path, context.catalog))
             if spec.id not in hits:
                 continue
         if not matches(o, workload):
@@ -195,4 +183,8 @@ def tpu_registry_tune(spec, workload: Workload, detection) -> Layer | None:
     note = f"from {path}"
     if writable_by_others(path):
         note += " (warning: the file is writable by other users)"
-    return Layer("overrides", knobs, note)
+    return Layer("overrides", knobs, note=note)
+
+
+def clear_cache() -> None:
+    _cache.clear()

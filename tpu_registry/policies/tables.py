@@ -15,12 +15,16 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from tpu_registry import kernels
 from tpu_registry.catalog import builtin_hardware_dir
 from tpu_registry.errors import CatalogError, Problem, TuningError
 from tpu_registry.hookspecs import hookimpl
-from tpu_registry.spec import SCHEMA_VERSION, KernelFamily, _Model
-from tpu_registry.tomlfile import data_error, locate, read_toml, validate
-from tpu_registry.tune import DTYPE_BITS, Layer, Workload, align, canonical_dtype, cdiv, next_pow2
+from tpu_registry.modelerrors import data_error, validate
+from tpu_registry.spec import SCHEMA_VERSION, DataModel, KernelFamily
+from tpu_registry.tomlfile import locate, read_toml
+from tpu_registry.types import Layer, TuneContext
+from tpu_registry.units import DTYPE_BITS, align, canonical_dtype, cdiv, next_pow2
+from tpu_registry.workload import Workload
 
 ENV_TABLES = "TPU_REGISTRY_TABLES_PATH"
 
@@ -39,23 +43,7 @@ KeyColumn = Literal[
     "sliding_window",
 ]
 
-BUCKETS = {
-    "q_dtype": "canonical dtype name (bf16 -> bfloat16)",
-    "kv_dtype": "canonical dtype name",
-    "num_q_heads": "query heads per device",
-    "num_kv_heads": "KV heads per device",
-    "num_q_heads_per_block": "query heads per RPA v2 block (the kernel's min_heads_per_blk)",
-    "num_kv_heads_per_block": "KV heads per RPA v2 block",
-    "head_dim": "head dim aligned up to 128",
-    "page_size": "next power of two",
-    "max_num_batched_tokens": "next power of two",
-    "max_model_len_paged": "page_size x pages per sequence (max_model_len rounded up to a page)",
-    "max_model_len_pow2": "next power of two",
-    "sliding_window": "exact, 0 for none",
-}
-
-
-class Table(_Model):
+class Table(DataModel):
     schema_version: int
     kernel: KernelFamily
     generations: list[str] = Field(min_length=1)
@@ -114,9 +102,13 @@ def _dtype(name: str) -> str | None:
 
 
 def bucket(column: str, w: Workload, page: int) -> Any:
-    """The table key cell for a workload: the single definition of the bucketing rules."""
-    from tpu_registry.policies.baseline import min_heads_per_block
+    """The table key cell for a workload: the single definition of the bucketing rules.
 
+    Dtypes by canonical name; heads per device (and per RPA v2 block, the kernel's
+    ``get_min_heads_per_blk``); head dim aligned to 128; page size, batched tokens and
+    ``max_model_len_pow2`` to the next power of two; ``max_model_len_paged`` to whole pages;
+    sliding window exact (0 for none).
+    """
     if column in ("q_dtype", "kv_dtype"):
         return getattr(w, column)
     if column == "num_q_heads":
@@ -124,7 +116,7 @@ def bucket(column: str, w: Workload, page: int) -> Any:
     if column == "num_kv_heads":
         return w.kv_heads_per_device
     if column in ("num_q_heads_per_block", "num_kv_heads_per_block"):
-        heads = min_heads_per_block(w.q_heads_per_device, 2 * w.kv_heads_per_device, w.q_dtype, w.kv_dtype)
+        heads = kernels.min_heads_per_block(w.q_heads_per_device, 2 * w.kv_heads_per_device, w.q_dtype, w.kv_dtype)
         if heads is None:
             return None
         return heads[0] if column == "num_q_heads_per_block" else heads[1] // 2
@@ -161,9 +153,9 @@ def _norm_cell(column: str, value: Any) -> Any:
     return _dtype(value) if column.endswith("dtype") else value
 
 
-def table_folders() -> list[Path]:
+def table_folders(env: Mapping[str, str]) -> list[Path]:
     out = [builtin_hardware_dir() / "tuning"]
-    for part in os.environ.get(ENV_TABLES, "").split(os.pathsep):
+    for part in env.get(ENV_TABLES, "").split(os.pathsep):
         if part.strip():
             out.append(Path(part.strip()))
     return out
@@ -191,8 +183,7 @@ def load_table(path: Path, generation: str | None = None) -> tuple[LoadedTable |
 _cache: dict[tuple, list[LoadedTable]] = {}
 
 
-def load_tables(folders: list[Path] | None = None, generation: str | None = None) -> list[LoadedTable]:
-    folders = table_folders() if folders is None else folders
+def load_tables(folders: list[Path], generation: str | None = None) -> list[LoadedTable]:
     files = []
     problems: list[Problem] = []
     for folder in folders:
@@ -230,13 +221,11 @@ def lookup(spec_id: str, family: str, w: Workload, page: int, tables: list[Loade
 
 
 @hookimpl
-def tpu_registry_tune(spec, workload: Workload, detection) -> Layer | None:
-    from tpu_registry.policies.baseline import min_page_size, page_size_for
-
-    page = workload.page_size or max(page_size_for(workload.max_model_len), min_page_size(spec, workload))
+def tpu_registry_tune(spec, workload: Workload, context: TuneContext) -> Layer | None:
+    page = kernels.default_page_size(spec.chip.smem_bytes_per_core, workload, where=spec.id)
     knobs: dict[str, Any] = {}
     used: list[str] = []
-    tables = load_tables(generation=spec.id)
+    tables = load_tables(table_folders(context.env), generation=spec.id)
     for family in spec.kernels.families:
         hit, names = lookup(spec.id, family, workload, page, tables)
         knobs.update(hit)
@@ -249,8 +238,8 @@ def tpu_registry_tune(spec, workload: Workload, detection) -> Layer | None:
         knobs["rpa_v2.num_kv_pages_per_block"] = min(pages_per_seq, knobs["rpa_v2.num_kv_pages_per_block"])
     if "rpa_v2.num_queries_per_block" in knobs:
         knobs["rpa_v2.num_queries_per_block"] = min(workload.max_num_batched_tokens, knobs["rpa_v2.num_queries_per_block"])
-    return Layer("tables", knobs, "from " + ", ".join(used))
+    return Layer("tables", knobs, note="from " + ", ".join(used))
 
 
-def describe_buckets() -> Mapping[str, str]:
-    return dict(BUCKETS)
+def clear_cache() -> None:
+    _cache.clear()

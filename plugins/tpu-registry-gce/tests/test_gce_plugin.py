@@ -20,7 +20,7 @@ from importlib.metadata import entry_points
 import pytest
 import tpu_registry_gce as gce
 
-from tpu_registry.detect import DetectContext, Evidence, detect
+from tpu_registry.detection import DetectContext, Evidence, detect
 from tpu_registry.errors import DetectionError
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +345,7 @@ def test_detect_reports_a_failing_server_as_a_fault(metadata_server):
     d = detect(env=core_env(metadata_server))
     assert d.generation is None
     [fault] = d.faults
-    assert fault.detector == "gce"
+    assert fault.plugin == "gce"
     assert fault.message.startswith("raised MetadataError: ") and "302 redirect" in fault.message
     with pytest.raises(DetectionError, match="302 redirect"):
         detect(env=core_env(metadata_server), strict=True)
@@ -356,4 +356,4 @@ def test_detect_stays_within_its_budget_when_the_server_hangs(metadata_server):
     start = time.monotonic()
     d = detect(env=core_env(metadata_server))
     assert time.monotonic() - start < 2
-    assert [f.detector for f in d.faults] == ["gce"] and "within 0.5 s" in d.faults[0].message
+    assert [f.plugin for f in d.faults] == ["gce"] and "within 0.5 s" in d.faults[0].message

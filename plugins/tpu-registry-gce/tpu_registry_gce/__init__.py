@@ -21,8 +21,8 @@ import math
 import time
 from urllib.parse import urlsplit
 
-from tpu_registry.detect import DetectContext, Evidence
-from tpu_registry.hookspecs import hookimpl
+import tpu_registry
+from tpu_registry import DetectContext, Evidence, Setting
 
 ENV_ENABLE = "TPU_REGISTRY_GCE"  # "1" turns the plugin on
 ENV_URL = "TPU_REGISTRY_GCE_URL"  # base URL of the attributes (tests use 127.0.0.1)
@@ -106,10 +106,7 @@ def _product(shape: str) -> int | None:
     parts = shape.replace("x", ",").split(",")
     if not all(p.strip().isdecimal() and int(p) > 0 for p in parts):
         return None
-    n = 1
-    for p in parts:
-        n *= int(p)
-    return n
+    return math.prod(int(p) for p in parts)
 
 
 def _suffix(accelerator_type: str) -> int | None:
@@ -118,7 +115,16 @@ def _suffix(accelerator_type: str) -> int | None:
     return int(tail) if tail.isdecimal() and int(tail) > 0 else None
 
 
-@hookimpl
+@tpu_registry.hookimpl
+def tpu_registry_settings() -> list[Setting]:
+    return [
+        Setting(ENV_ENABLE, "`1` lets the GCE detector ask the metadata server (opt-in: it talks to the network).", affects_resolve=True),
+        Setting(ENV_URL, "Base URL of the metadata attributes (tests point it at 127.0.0.1).", default=DEFAULT_URL, affects_resolve=True),
+        Setting(ENV_TIMEOUT, "Seconds per metadata request.", default=str(DEFAULT_TIMEOUT_S), affects_resolve=True),
+    ]
+
+
+@tpu_registry.hookimpl
 def tpu_registry_detect(context: DetectContext) -> list[Evidence] | None:
     env = context.env  # never os.environ: detection may run for an environment given to it
     if env.get(ENV_ENABLE, "").strip().lower() not in ("1", "true", "yes", "on"):

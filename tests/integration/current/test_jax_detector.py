@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import run_python
 
-from tpu_registry.detect import detect
+from tpu_registry.detection import detect
 
 
 def test_jax_on_cpu_gives_no_tpu_evidence_and_no_fault():
@@ -22,7 +22,7 @@ def test_jax_on_cpu_gives_no_tpu_evidence_and_no_fault():
 PROBE = """
 import json, sys
 IMPORT_JAX
-from tpu_registry.detect import detect
+from tpu_registry.detection import detect
 before = dict(getattr(sys.modules.get("jax._src.xla_bridge"), "_backends", {}) or {})
 d = detect()
 xb = sys.modules.get("jax._src.xla_bridge")

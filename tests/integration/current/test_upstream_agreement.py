@@ -28,7 +28,7 @@ from tpu_inference.layers.vllm.backends.flash_attn import PallasAttentionBackend
 
 from tpu_registry import Workload, load_catalog
 from tpu_registry.policies.baseline import tpu_registry_tune
-from tpu_registry.tune import cdiv
+from tpu_registry.units import cdiv
 
 N = 1500  # workloads per generation
 # Generation -> the number tpu-inference's get_tpu_version() returns for it.

@@ -36,7 +36,7 @@ def offline_env(monkeypatch):
     for k, v in OFFLINE.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("TPU_REGISTRY_SYSFS_ROOT", "/nonexistent-sysfs-root")  # not this machine's PCI bus
-    from tpu_registry.resolve import clear_cache
+    from tpu_registry.resolution import clear_cache
 
     clear_cache()
     yield

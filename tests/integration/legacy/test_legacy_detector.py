@@ -20,7 +20,7 @@ def test_torch_xla_evidence_gives_v6e(offline_env, monkeypatch):
     import torch_xla  # noqa: F401  (imported: the detector may use it)
     from torch_xla._internal import tpu
 
-    from tpu_registry.detect import detect
+    from tpu_registry.detection import detect
 
     assert callable(tpu.version) and callable(tpu.get_tpu_type)
     monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", ONLY_TORCH_XLA)
@@ -35,7 +35,7 @@ def test_torch_xla_evidence_gives_v6e(offline_env, monkeypatch):
 def test_torch_xla_evidence_agrees_with_the_environment(offline_env):
     import torch_xla  # noqa: F401
 
-    from tpu_registry.detect import detect
+    from tpu_registry.detection import detect
 
     d = detect()
     assert d.generation == "v6e" and d.status == "detected" and not d.conflicts
@@ -48,7 +48,7 @@ def test_no_metadata_server_without_skip(offline_env, monkeypatch):
     import torch_xla  # noqa: F401
     from torch_xla._internal import tpu
 
-    from tpu_registry.detect import DetectContext, detect
+    from tpu_registry.detection import DetectContext, detect
     from tpu_registry.detectors import torch_xla as detector
 
     calls = []
@@ -74,7 +74,7 @@ def test_no_metadata_server_without_skip(offline_env, monkeypatch):
 
 PROBE = r"""
 import json, sys
-from tpu_registry.detect import detect
+from tpu_registry.detection import detect
 d = detect()
 print(json.dumps({
     "generation": d.generation,

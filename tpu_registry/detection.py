@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from .catalog import Catalog
 from .errors import DetectionError, Problem
+from .types import EVIDENCE_KINDS, Detection, DetectContext, Evidence, Fault, Finding
 
 ENV_TIMEOUT = "TPU_REGISTRY_DETECT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 2.0
@@ -38,87 +37,8 @@ PRIORITY: dict[str, int] = {
     "generation_number": 20,
     "topology": 0,  # carries counts or shape only; names no generation
 }
-KINDS = tuple(PRIORITY)
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """One observation. ``count`` is in ``count_unit`` (chips, cores or devices) over ``scope``."""
-
-    kind: str
-    value: str
-    source: str
-    count: int | None = None
-    count_unit: str = "chips"
-    scope: str = "host"  # "host" (this machine) or "slice" (the whole multi-host slice)
-    topology: str | None = None
-    note: str = ""
-    detector: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("detector", "kind", "value", "source", "count", "count_unit", "scope", "topology", "note")}
-
-
-@dataclass(frozen=True)
-class DetectContext:
-    env: Mapping[str, str]
-    sysfs_root: Path = Path("/")
-    allow_runtime_init: bool = False
-    timeout_s: float = DEFAULT_TIMEOUT_S
-
-
-@dataclass(frozen=True)
-class Finding:
-    """Evidence with what the catalog made of it."""
-
-    evidence: Evidence
-    candidates: tuple[str, ...]
-    status: str  # agrees | decides | conflict | unknown | info | overridden | undecided
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.evidence.to_dict(), "candidates": list(self.candidates), "status": self.status}
-
-
-@dataclass(frozen=True)
-class Fault:
-    detector: str
-    message: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"detector": self.detector, "message": self.message}
-
-
-@dataclass(frozen=True)
-class Detection:
-    generation: str | None
-    status: str  # detected | explicit | simulated | ambiguous | conflict | none
-    reason: str
-    candidates: tuple[str, ...] = ()
-    chips_per_host: int | None = None
-    slice_chips: int | None = None
-    topology: str | None = None
-    findings: tuple[Finding, ...] = ()
-    conflicts: tuple[str, ...] = ()
-    faults: tuple[Fault, ...] = ()
-    elapsed_ms: float = 0.0
-
-    @property
-    def found(self) -> bool:
-        return self.generation is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "generation": self.generation,
-            "status": self.status,
-            "reason": self.reason,
-            "candidates": list(self.candidates),
-            "chips_per_host": self.chips_per_host,
-            "slice_chips": self.slice_chips,
-            "topology": self.topology,
-            "evidence": [f.to_dict() for f in self.findings],
-            "conflicts": list(self.conflicts),
-            "faults": [f.to_dict() for f in self.faults],
-        }
+assert set(PRIORITY) == set(EVIDENCE_KINDS)
+KINDS = EVIDENCE_KINDS
 
 
 def candidates_for(catalog: Catalog, ev: Evidence) -> set[str]:
@@ -295,54 +215,6 @@ def _counts(catalog: Catalog, gid: str | None, evidence: Sequence[Evidence], sta
 # ---------------------------------------------------------------------------------------------
 
 
-def run_detectors(context: DetectContext) -> tuple[list[Evidence], list[Fault]]:
-    """Call every ``tpu_registry_detect`` implementation, each in its own thread, and give up
-    on those still running after ``context.timeout_s``. Exceptions and wrong return types
-    become faults naming the plugin; they never propagate."""
-    from .plugins import get_plugin_manager, load_faults, short_name
-
-    pm = get_plugin_manager()
-    impls = pm.hook.tpu_registry_detect.get_hookimpls()
-    results: dict[str, Any] = {}
-    errors: dict[str, BaseException] = {}
-
-    def call(impl) -> None:
-        try:
-            results[impl.plugin_name] = impl.function(*[{"context": context}[a] for a in impl.argnames])
-        except BaseException as e:  # noqa: BLE001 - a plugin fault must not escape
-            errors[impl.plugin_name] = e
-
-    threads = []
-    for impl in impls:
-        t = threading.Thread(target=call, args=(impl,), name=f"tpu-registry-detect-{impl.plugin_name}", daemon=True)
-        t.start()
-        threads.append((impl.plugin_name, t))
-    deadline = time.monotonic() + context.timeout_s
-    evidence: list[Evidence] = []
-    faults = [Fault(name, msg) for name, msg in load_faults]
-    for name, t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-        short = short_name(name) if name.startswith("tpu_registry.") else name
-        if t.is_alive():
-            faults.append(Fault(short, f"gave no answer within {context.timeout_s:g} s; skipped ({ENV_TIMEOUT} sets the budget)"))
-            continue
-        if name in errors:
-            e = errors[name]
-            faults.append(Fault(short, f"raised {type(e).__name__}: {e}"))
-            continue
-        out = results.get(name)
-        items = [] if out is None else [out] if isinstance(out, Evidence) else out
-        if not isinstance(items, (list, tuple)) or not all(isinstance(x, Evidence) for x in items):
-            faults.append(Fault(short, f"returned {type(out).__name__}, not Evidence, a list of Evidence, or None"))
-            continue
-        for x in items:
-            if x.kind not in PRIORITY:
-                faults.append(Fault(short, f"reported unknown evidence kind {x.kind!r} (known: {', '.join(KINDS)})"))
-                continue
-            evidence.append(replace(x, detector=short))
-    return evidence, faults
-
-
 def detect(
     catalog: Catalog | None = None,
     *,
@@ -358,6 +230,7 @@ def detect(
     ``env`` is what detectors read; which plugins are loaded follows the process environment
     (``TPU_REGISTRY_DISABLE_PLUGINS``, ``TPU_REGISTRY_PLUGINS_AUTOLOAD``)."""
     from .catalog import load_catalog
+    from .plugins import get_plugins
 
     start = time.perf_counter()
     catalog = catalog or load_catalog()
@@ -370,11 +243,13 @@ def detect(
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         raise DetectionError(f"{ENV_TIMEOUT}={env.get(ENV_TIMEOUT, timeout_s)!r} is not a positive number of seconds (the default is {DEFAULT_TIMEOUT_S:g})")
     root = Path(sysfs_root if sysfs_root is not None else env.get("TPU_REGISTRY_SYSFS_ROOT", "/"))
-    context = DetectContext(env=dict(env), sysfs_root=root, allow_runtime_init=allow_runtime_init, timeout_s=timeout_s)
-    evidence, faults = run_detectors(context)
+    context = DetectContext(dict(env), sysfs_root=root, allow_runtime_init=allow_runtime_init, timeout_s=timeout_s)
+    evidence, faults = get_plugins().detect(context)
     if simulate:
-        evidence.append(Evidence("explicit", simulate, "--simulate", detector="simulate", note="simulated: no hardware was consulted for the choice"))
+        note = "simulated: no hardware was consulted for the choice"
+        evidence.append(Evidence("explicit", simulate, "--simulate", detector="simulate", note=note))
     if strict and faults:
-        raise DetectionError([Problem(f"detector {f.detector}", None, "", f.message, "fix or disable the plugin (TPU_REGISTRY_DISABLE_PLUGINS)") for f in faults])
+        hint = "fix or disable the plugin (TPU_REGISTRY_DISABLE_PLUGINS)"
+        raise DetectionError([Problem(f"detector {f.plugin}", None, "", f.message, hint) for f in faults])
     result = reconcile(catalog, evidence, faults)
     return replace(result, elapsed_ms=(time.perf_counter() - start) * 1000)

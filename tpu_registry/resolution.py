@@ -1,4 +1,4 @@
-"""resolve(): catalog + detection + tuning -> one frozen ResolvedConfig.
+"""``resolve()``: catalog + detection + tuning -> one frozen ``ResolvedConfig``.
 
 Cached on its arguments and on the environment variables that change the answer, so every
 worker process can call it freely: a warm call is a dictionary lookup. The cache is safe
@@ -14,32 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import settings
 from .catalog import Catalog, load_catalog
-from .detect import Detection, detect
+from .detection import detect
 from .errors import DetectionError, Problem
 from .spec import Generation
-from .tune import Knob, Tuning, Workload, tune
+from .tune import tune
+from .types import Detection, Knob, TuneContext, Tuning, format_value
+from .workload import Workload
 
-# Environment variables that change detection or tuning. A change invalidates the cache.
-ENV_KEYS = (
-    "TPU_REGISTRY_GENERATION",
-    "TPU_REGISTRY_PATH",
-    "TPU_REGISTRY_OVERRIDES",
-    "TPU_REGISTRY_POLICIES",
-    "TPU_REGISTRY_TABLES_PATH",
-    "TPU_REGISTRY_DISABLE_PLUGINS",
-    "TPU_REGISTRY_PLUGINS_AUTOLOAD",
-    "TPU_REGISTRY_SYSFS_ROOT",
-    "TPU_REGISTRY_DETECT_TIMEOUT",
-    "TPU_REGISTRY_GCE",
-    "TPU_REGISTRY_GCE_URL",
-    "TPU_VERSION",
-    "TPU_ACCELERATOR_TYPE",
-    "TPU_TOPOLOGY",
-    "TPU_CHIPS_PER_HOST_BOUNDS",
-    "CHIPS_PER_HOST_BOUNDS",
-    "TPU_SKIP_MDS_QUERY",
-)
+ENV_OVERRIDES = "TPU_REGISTRY_OVERRIDES"
 
 
 @dataclass(frozen=True)
@@ -80,7 +64,7 @@ class ResolvedConfig:
             "workload": self.workload.to_dict(),
             "knobs": {k: v.to_dict() for k, v in self.tuning.knobs.items()},
             "layers": list(self.tuning.layers),
-            "faults": [{"policy": p, "message": m} for p, m in self.tuning.faults],
+            "faults": [f.to_dict() for f in self.tuning.faults],
             "notes": list(self.notes),
         }
 
@@ -91,20 +75,15 @@ class ResolvedConfig:
             e = f.evidence
             lines.append(f"  evidence: [{f.status}] {e.kind}={e.value!r} from {e.source} -> {', '.join(f.candidates) or '-'}")
         lines += [f"  conflict: {c}" for c in d.conflicts]
-        lines += [f"  detector fault: {x.detector}: {x.message}" for x in d.faults]
+        lines += [f"  detector fault: {x.plugin}: {x.message}" for x in d.faults]
         w = self.workload
         lines.append(f"workload: {w.num_q_heads} q heads, {w.num_kv_heads} kv heads, head dim {w.head_dim}, {w.q_dtype}/{w.kv_dtype}, max_model_len {w.max_model_len}, max_num_seqs {w.max_num_seqs}, max_num_batched_tokens {w.max_num_batched_tokens}, tp {w.tensor_parallel}" + (f", sliding window {w.sliding_window}" if w.sliding_window else ""))
         lines.append(f"layers (most trusted first): {', '.join(self.tuning.layers) or '-'}")
         for name, k in self.tuning.knobs.items():
-            beat = "; beat " + ", ".join(f"{n}={_fmt(v)}" for n, v in k.overrode) if k.overrode else ""
-            lines.append(f"  {name} = {_fmt(k.value)}  [{k.layer}{beat}]")
-        lines += [f"  policy fault: {p}: {m}" for p, m in self.tuning.faults]
+            lines.append(f"  {name} = {format_value(k.value)}  [{k.provenance()}]")
+        lines += [f"  policy fault: {f.plugin}: {f.message}" for f in self.tuning.faults]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def _fmt(v: Any) -> str:
-    return ",".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
 
 
 _lock = threading.Lock()
@@ -123,10 +102,14 @@ if hasattr(os, "register_at_fork"):
 def clear_cache() -> None:
     from . import catalog as _catalog
     from . import plugins as _plugins
+    from .policies import overrides as _overrides
+    from .policies import tables as _tables
 
     with _lock:
         _cache.clear()
     _catalog.clear_cache()
+    _tables.clear_cache()
+    _overrides.clear_cache()
     _plugins.reset()
 
 
@@ -149,9 +132,12 @@ def resolve(
     ``simulate`` or ``TPU_REGISTRY_GENERATION``), and ``TuningError`` or ``CatalogError`` for
     bad workloads, overrides or catalog files.
     """
+    from .plugins import get_plugins
+
     w = _workload(workload)
-    env = os.environ
-    key = (w, simulate, str(overrides) if overrides else None, allow_runtime_init, strict, tuple(str(d) for d in catalog_dirs), tuple(env.get(k) for k in ENV_KEYS))
+    get_plugins()  # plugins declare the settings that make up the key
+    env_key = settings.resolve_key(os.environ)
+    key = (w, simulate, str(overrides) if overrides else None, allow_runtime_init, strict, tuple(str(d) for d in catalog_dirs), env_key)
     hit = _cache.get(key)
     if hit is not None:
         return hit
@@ -164,19 +150,22 @@ def resolve(
 
 
 def _compute(w: Workload, simulate, overrides, allow_runtime_init: bool, strict: bool, catalog_dirs) -> ResolvedConfig:
-    from .policies import overrides as overrides_policy
+    from .plugins import get_plugins
 
+    env = dict(os.environ)
     catalog: Catalog = load_catalog(catalog_dirs)
-    detection = detect(catalog, simulate=simulate, allow_runtime_init=allow_runtime_init, strict=strict)
+    detection = detect(catalog, simulate=simulate, allow_runtime_init=allow_runtime_init, strict=strict, env=env)
     if detection.generation is None:
-        what = {"ambiguous": f"the evidence fits several generations ({', '.join(detection.candidates)})", "conflict": "the evidence conflicts"}.get(detection.status, "no TPU was found")
-        raise DetectionError([Problem("detection", None, "", f"cannot resolve: {what}: {detection.reason}", "say which generation with --simulate ID or TPU_REGISTRY_GENERATION=ID")])
+        what = {
+            "ambiguous": f"the evidence fits several generations ({', '.join(detection.candidates)})",
+            "conflict": "the evidence conflicts",
+        }.get(detection.status, "no TPU was found")
+        hint = "say which generation with --simulate ID or TPU_REGISTRY_GENERATION=ID"
+        raise DetectionError([Problem("detection", None, "", f"cannot resolve: {what}: {detection.reason}", hint)])
     spec = catalog[detection.generation]
-    token = overrides_policy.overrides_path.set(str(Path(overrides)) if overrides else None)
-    try:
-        tuning = tune(spec, w, detection, strict=strict)
-    finally:
-        overrides_policy.overrides_path.reset(token)
+    raw = str(overrides) if overrides else env.get(ENV_OVERRIDES, "").strip()
+    context = TuneContext(catalog, spec, w, detection, overrides_path=Path(raw) if raw else None, env=env)
+    tuning = tune(get_plugins(), context, strict=strict)
     notes = []
     if spec.provisional:
         notes.append(f"{spec.id} is provisional: its figures come from announcements and pre-release code")
