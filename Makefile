@@ -48,6 +48,7 @@ fuzz: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check tpu_registry tests benchmarks plugins scripts
+	PYTHONPATH=plugins/tpu-registry-gce:plugins/tpu-registry-vllm $(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) $(VENV310) dist build .pytest_cache

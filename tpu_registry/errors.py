@@ -6,7 +6,7 @@ terminals can jump to it; a library call raises one exception carrying all of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,7 @@ class Problem:
         return f"{text} ({self.hint})" if self.hint else text
 
     def to_dict(self) -> dict:
-        return {
-            "path": self.path,
-            "line": self.line,
-            "field": self.field,
-            "message": self.message,
-            "hint": self.hint,
-        }
+        return asdict(self)
 
 
 class RegistryError(Exception):

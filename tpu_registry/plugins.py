@@ -125,13 +125,22 @@ class Plugins:
         results = self.pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
         return results[0] if results else None
 
-    def _declare_settings(self) -> list[Fault]:
+    def register(self, plugin: object, name: str) -> None:
+        """Register a plugin after start-up (tools, tests), its settings declared too."""
+        self.pm.register(plugin, name=name)
+        self.settings_faults += self._declare_settings(only=name)
+
+    def _declare_settings(self, only: str | None = None) -> list[Fault]:
         faults = []
         for impl in self._impls("tpu_registry_settings"):
+            if only is not None and impl.plugin_name != only:
+                continue
             name = short_name(impl.plugin_name)
             try:
                 declared = self._call("tpu_registry_settings", impl) or []
-                settings.register([replace(s, owner=name) if s.owner == "tpu-registry" and impl.plugin_name not in BUILTIN_PLUGINS else s for s in declared])
+                if impl.plugin_name not in BUILTIN_PLUGINS:  # owned by the plugin that declares it
+                    declared = [replace(s, owner=name) if s.owner == "tpu-registry" else s for s in declared]
+                settings.register(declared)
             except Exception as e:  # noqa: BLE001 - a plugin fault must not escape
                 faults.append(Fault(name, f"declared bad settings: {type(e).__name__}: {e}", stage="load"))
         return faults

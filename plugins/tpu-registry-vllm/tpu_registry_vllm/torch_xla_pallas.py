@@ -1,41 +1,16 @@
-"""Legacy adapter: vLLM 0.11.2 - 0.13 on torch_xla (RPA v2), GitHub issue 5.
+"""vLLM 0.11.2 - 0.13 on torch_xla: ``PALLAS`` with the registry's RPA v2 knobs.
 
-``register_legacy()`` points vLLM's ``PALLAS`` attention backend at
-``RegistryPallasBackend``, whose impl does what vLLM's ``PallasAttentionBackendImpl.forward``
-does (head dim zero-padded to a multiple of 128 and no further, the KV-cache write, the
-ragged paged attention call, the padding stripped again) but passes the registry's ``rpa_v2``
-knobs to the kernel instead of ``None``: ``num_kv_pages_per_block``,
-``num_queries_per_block`` and ``vmem_limit_bytes`` (upstream leaves them to torch_xla, which
-uses a 120 MiB VMEM limit even on chips with 16 or 64 MiB per core).
+``register()`` points ``AttentionBackendEnum.PALLAS`` at ``RegistryPallasBackend``. Its impl
+does what vLLM's ``PallasAttentionBackendImpl.forward`` does (head dim padded to a multiple of
+128 and no further, the KV-cache write, the kernel call, the padding stripped) but passes the
+registry's ``num_kv_pages_per_block``, ``num_queries_per_block`` and ``vmem_limit_bytes``
+instead of leaving them to torch_xla (which asks for 120 MiB of VMEM even on 16 MiB cores).
 
-The knobs are resolved once per impl, for the shape that impl serves: the impl's own heads,
-head dim, sliding window and KV dtype, and the serving limits of the vLLM config current while
-the model is built. When no vLLM config is current (an impl built by hand) the first forward
-resolves from the tensors instead. vLLM traces the TPU model once, so the knobs are constants
-of the traced graph: they are not clamped per call to the padded token count, as torch_xla's
-own default lookup does (``min(q.shape[0], bq)``).
-
-What cannot be steered from here (vLLM 0.13, read from its sources):
-
-- **The page size.** ``TpuPlatform.check_and_update_config`` sets ``cache_config.block_size =
-  PallasAttentionBackend.get_page_size(vllm_config)`` unconditionally, so ``--block-size`` is
-  ignored, and it and the model runner call the *base class* statics (``get_page_size``,
-  ``get_max_num_seqs``, ``get_kv_cache_shape``, ``get_page_size_bytes``), so overriding them
-  in a subclass changes nothing. The adapter therefore tunes the kernel for the page size
-  vLLM actually uses (the workload's ``page_size`` is pinned to ``cache_config.block_size``)
-  and its start-up line says when the registry would have chosen another one.
-- **The KV cache layout**: ``(pages, page_size, 2 * kv_heads, align(head_dim, 128))`` from the
-  base class; a registry ``head_dim_padded`` other than that is reported, not applied.
-- **Extra impl arguments**: vLLM 0.13's impl ``__init__`` takes exactly ten parameters, and so
-  does this one (models that pass e.g. ``sinks`` fail with this backend as with upstream's).
-
-Kernel calls go through ``kernel_binding``: ``kernel_binding.kernel("rpa_v2")`` (default
-``torch.ops.xla.ragged_paged_attention``, as upstream calls it) and
-``kernel_binding.kernel("kv_cache_update")`` (default vLLM's ``write_to_kv_cache``, which runs a Pallas
-kernel on TPU and cannot run on CPU), so tests on CPU bind reference implementations.
-
-Tested with vLLM 0.13.0 and torch_xla 2.9.0 (CPU only). ``TPU_REGISTRY_VLLM`` decides whether
-the plugin registers this at all (see the package docstring).
+Knobs are resolved once per impl, for that impl's heads, head dim, window and KV dtype and the
+serving limits of the vLLM config current while the model is built (else from the first
+call's tensors). vLLM 0.13 fixes the page size itself and calls the base class's statics, so
+the adapter tunes for the page size vLLM uses and says when the registry would choose another.
+Kernels are called through ``kernel_binding`` so tests on CPU can bind reference code.
 """
 
 from __future__ import annotations
@@ -55,7 +30,7 @@ from vllm.v1.attention.backends.pallas import (
 )
 
 from tpu_registry import ResolvedConfig, Workload, resolve
-from tpu_registry.tune import cdiv
+from tpu_registry import cdiv
 
 from . import kernel_binding
 from .vllm_config import _CACHE_DTYPES, log_line, workload_from_vllm

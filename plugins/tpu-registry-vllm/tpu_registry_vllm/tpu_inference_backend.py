@@ -1,4 +1,4 @@
-"""The current adapter: vLLM >= 0.14 with tpu-inference (tested with vLLM 0.32 / tpu-inference 0.32).
+"""The tpu-inference adapter: vLLM >= 0.14 with tpu-inference (tested with 0.32 / 0.32).
 
 - ``register_current()`` adds the ``TPU_REGISTRY`` attention backend through tpu-inference's
   ``register_attention_backend`` (``--attention-backend TPU_REGISTRY``). ``FLASH_ATTN`` is
@@ -24,12 +24,11 @@ from typing import Any
 
 from tpu_inference.layers.common.attention_backend import AttentionBackend, RPAAttentionBackend
 
-from tpu_registry import ResolvedConfig
-from tpu_registry.attention import kv_cache_shape as plan_kv_cache_shape
-from tpu_registry.attention import rpa_v3_rejection
-from tpu_registry.tune import canonical_dtype
+from tpu_registry import ResolvedConfig, canonical_dtype, rpa_v3_rejection
+from tpu_registry import kv_cache_shape as plan_kv_cache_shape
 
 from . import BACKEND_NAME, kernel_binding
+from .registry_plugin import ENV_EXPORTED
 from .vllm_config import log, log_line, resolve_for_vllm
 
 NAME = BACKEND_NAME.lower()  # tpu-inference keys registered backends by the lower-case name
@@ -43,10 +42,6 @@ BLOCK_SIZE_ENV = {
     "RPA_V3_PREFILL_BLOCK_SIZES": "rpa_v3.p_block_sizes",
     "RPA_V3_MIXED_BLOCK_SIZES": "rpa_v3.m_block_sizes",
 }
-# Remembers what this plugin exported, so a forked child (which inherits the variables) can
-# tell its parent's export from a value the user set.
-ENV_EXPORTED = "TPU_REGISTRY_VLLM_EXPORTED"
-
 _lock = threading.Lock()
 _active: ResolvedConfig | None = None
 _logged: set[str] = set()
@@ -137,12 +132,6 @@ def activate(vllm_config: Any, *, export: bool = True) -> ResolvedConfig:
             _logged.add(line)
             log.info("%s", line)
     return cfg
-
-
-def set_active(cfg: ResolvedConfig | None) -> None:
-    """Make ``cfg`` the process's configuration without exporting or logging (tests, tools)."""
-    global _active
-    _active = cfg
 
 
 def active_config() -> ResolvedConfig:
