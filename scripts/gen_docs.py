@@ -35,7 +35,9 @@ def repo_settings() -> list:
         sys.path.insert(0, str(package.parent))  # the plugin package's own relative imports
         try:
             name = package.name if path.name == "__init__.py" else f"{package.name}.{path.stem}"
-            spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=None)
+            spec = importlib.util.spec_from_file_location(
+                name, path, submodule_search_locations=None
+            )
             if path.name != "__init__.py":
                 importlib.import_module(package.name)  # the parent package first
             module = importlib.util.module_from_spec(spec)
@@ -63,7 +65,10 @@ def main(argv: list[str]) -> int:
     new = render(text)
     if "--check" in argv:
         if new != text:
-            print("README.md's settings table is out of date: run python scripts/gen_docs.py", file=sys.stderr)
+            print(
+                "README.md's settings table is out of date: run python scripts/gen_docs.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     README.write_text(new)

@@ -15,7 +15,11 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "hooks.md"
 
 
 def _hooks() -> list[str]:
-    return [n for n, f in vars(hookspecs).items() if n.startswith("tpu_registry_") and hasattr(f, "tpu_registry_spec")]
+    return [
+        n
+        for n, f in vars(hookspecs).items()
+        if n.startswith("tpu_registry_") and hasattr(f, "tpu_registry_spec")
+    ]
 
 
 def _signature(name: str) -> str:
@@ -33,7 +37,9 @@ def check_hooks_doc(doc: str) -> None:
         assert f"def {name}(" in section, f"{name} has no example in docs/hooks.md"
         assert "@tpu_registry.hookimpl" in section
         spec = getattr(hookspecs, name)
-        assert spec.__doc__ and spec.__annotations__.get("return"), f"{name} is not documented and typed"
+        assert spec.__doc__ and spec.__annotations__.get("return"), (
+            f"{name} is not documented and typed"
+        )
 
 
 def test_every_hook_is_documented_with_its_signature_and_an_example():
@@ -54,6 +60,9 @@ def test_the_check_sees_hooks_added_to_the_code(monkeypatch):
 
 
 def test_the_check_sees_a_stale_signature():
-    doc = DOC.read_text().replace("detection: Detection, context: TuneContext) -> Layer | None", "detection: Detection) -> Layer | None")
+    doc = DOC.read_text().replace(
+        "detection: Detection, context: TuneContext) -> Layer | None",
+        "detection: Detection) -> Layer | None",
+    )
     with pytest.raises(AssertionError):
         check_hooks_doc(doc)

@@ -16,9 +16,20 @@ LINT = str(Path(sys.executable).parent / "lint-imports")
 
 
 def _lint(root: Path) -> subprocess.CompletedProcess:
-    paths = [str(root), str(root / "plugins" / "tpu-registry-gce"), str(root / "plugins" / "tpu-registry-vllm")]
+    paths = [
+        str(root),
+        str(root / "plugins" / "tpu-registry-gce"),
+        str(root / "plugins" / "tpu-registry-vllm"),
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    return subprocess.run([LINT, "--no-cache", "--config", str(root / "pyproject.toml")], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [LINT, "--no-cache", "--config", str(root / "pyproject.toml")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _copy(tmp_path: Path) -> Path:
@@ -49,7 +60,9 @@ def test_every_module_of_the_package_has_a_layer():
 def test_a_lower_module_importing_a_higher_one_breaks_the_layers(tmp_path):
     root = _copy(tmp_path)
     units = root / "tpu_registry" / "units.py"
-    units.write_text(units.read_text() + "\n\ndef _cli():\n    from . import cli\n\n    return cli\n")
+    units.write_text(
+        units.read_text() + "\n\ndef _cli():\n    from . import cli\n\n    return cli\n"
+    )
     r = _lint(root)
     assert r.returncode == 1
     assert "The flow: each module imports only modules below it BROKEN" in r.stdout
@@ -59,7 +72,13 @@ def test_a_lower_module_importing_a_higher_one_breaks_the_layers(tmp_path):
 def test_a_plugin_importing_an_internal_module_breaks_the_public_api_contract(tmp_path):
     root = _copy(tmp_path)
     gce = root / "plugins" / "tpu-registry-gce" / "tpu_registry_gce" / "__init__.py"
-    gce.write_text(gce.read_text().replace("import tpu_registry\n", "import tpu_registry\nfrom tpu_registry.detection import reconcile  # noqa: F401\n", 1))
+    gce.write_text(
+        gce.read_text().replace(
+            "import tpu_registry\n",
+            "import tpu_registry\nfrom tpu_registry.detection import reconcile  # noqa: F401\n",
+            1,
+        )
+    )
     r = _lint(root)
     assert r.returncode == 1
     assert "Plugins and adapters import only the public package BROKEN" in r.stdout

@@ -54,7 +54,43 @@ _EXPORTS = {
     "kv_cache_shape": "attention",
     "kv_bytes_per_token": "attention",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AttentionPlan",
+    "Catalog",
+    "CatalogError",
+    "DetectContext",
+    "Detection",
+    "DetectionError",
+    "Evidence",
+    "Fault",
+    "Finding",
+    "Generation",
+    "Knob",
+    "Layer",
+    "Problem",
+    "RegistryError",
+    "ResolvedConfig",
+    "Setting",
+    "TuneContext",
+    "Tuning",
+    "TuningError",
+    "Violation",
+    "Workload",
+    "canonical_dtype",
+    "cdiv",
+    "clear_cache",
+    "detect",
+    "hookimpl",
+    "hookspec",
+    "kv_bytes_per_token",
+    "kv_cache_shape",
+    "load_catalog",
+    "plan",
+    "reconcile",
+    "resolve",
+    "rpa_v3_rejection",
+]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
@@ -80,6 +116,17 @@ if TYPE_CHECKING:  # for type checkers and editors; never executed
     from .resolution import ResolvedConfig, clear_cache, resolve
     from .settings import Setting
     from .spec import Generation
-    from .types import DetectContext, Detection, Evidence, Fault, Finding, Knob, Layer, TuneContext, Tuning, Violation
+    from .types import (
+        DetectContext,
+        Detection,
+        Evidence,
+        Fault,
+        Finding,
+        Knob,
+        Layer,
+        TuneContext,
+        Tuning,
+        Violation,
+    )
     from .units import canonical_dtype, cdiv
     from .workload import Workload

@@ -24,18 +24,41 @@ from .workload import Workload
 LAYOUTS = ("vllm_pallas", "tpu_inference")
 
 
-def kv_cache_shape(layout: str, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, kv_dtype: str, *, head_align: int = 128) -> tuple[int, ...]:
+def kv_cache_shape(
+    layout: str,
+    num_pages: int,
+    page_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    kv_dtype: str,
+    *,
+    head_align: int = 128,
+) -> tuple[int, ...]:
     if layout == "vllm_pallas":
         return (num_pages, page_size, 2 * num_kv_heads, align(head_dim, head_align))
     if layout == "tpu_inference":
         pack = packing(kv_dtype)
         if head_dim == 64:  # the hd64 kernel: K and V side by side in the 128 lanes, no padding
             return (num_pages, page_size, align(num_kv_heads, pack) // pack, pack, 128)
-        return (num_pages, page_size, align(2 * num_kv_heads, pack) // pack, pack, align(head_dim, 128))
+        return (
+            num_pages,
+            page_size,
+            align(2 * num_kv_heads, pack) // pack,
+            pack,
+            align(head_dim, 128),
+        )
     raise ValueError(f"unknown KV cache layout {layout!r} (known: {', '.join(LAYOUTS)})")
 
 
-def kv_bytes_per_token(layout: str, num_kv_heads: int, head_dim: int, kv_dtype: str, *, head_align: int = 128, num_layers: int = 1) -> int:
+def kv_bytes_per_token(
+    layout: str,
+    num_kv_heads: int,
+    head_dim: int,
+    kv_dtype: str,
+    *,
+    head_align: int = 128,
+    num_layers: int = 1,
+) -> int:
     """HBM bytes one token's K and V take in the cache, per device, over ``num_layers``."""
     shape = kv_cache_shape(layout, 1, 1, num_kv_heads, head_dim, kv_dtype, head_align=head_align)
     return math.prod(shape) * DTYPE_BITS[kv_dtype] // 8 * num_layers
@@ -75,18 +98,38 @@ class AttentionPlan:
 
     def kv_cache_shape(self, layout: str, num_pages: int) -> tuple[int, ...]:
         w = self.workload
-        return kv_cache_shape(layout, num_pages, self.page_size, w.kv_heads_per_device, w.head_dim, w.kv_dtype, head_align=self.config.spec.chip.lanes)
+        return kv_cache_shape(
+            layout,
+            num_pages,
+            self.page_size,
+            w.kv_heads_per_device,
+            w.head_dim,
+            w.kv_dtype,
+            head_align=self.config.spec.chip.lanes,
+        )
 
     def kv_bytes_per_token(self, layout: str, num_layers: int = 1) -> int:
         w = self.workload
-        return kv_bytes_per_token(layout, w.kv_heads_per_device, w.head_dim, w.kv_dtype, head_align=self.config.spec.chip.lanes, num_layers=num_layers)
+        return kv_bytes_per_token(
+            layout,
+            w.kv_heads_per_device,
+            w.head_dim,
+            w.kv_dtype,
+            head_align=self.config.spec.chip.lanes,
+            num_layers=num_layers,
+        )
 
     def tokens_in_budget(self, layout: str, budget_bytes: int, num_layers: int = 1) -> int:
-        return tokens_in_budget(budget_bytes, self.page_size, self.kv_bytes_per_token(layout, num_layers))
+        return tokens_in_budget(
+            budget_bytes, self.page_size, self.kv_bytes_per_token(layout, num_layers)
+        )
 
     def kernel_kwargs(self, family: str) -> dict[str, Any]:
         if family not in self.families:
-            raise ValueError(f"{self.config.spec.id} has no {family} kernel (it has: {', '.join(self.families) or 'none'})")
+            raise ValueError(
+                f"{self.config.spec.id} has no {family} kernel (it has: "
+                f"{', '.join(self.families) or 'none'})"
+            )
         return self.config.kernel_kwargs(family)
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,8 +137,16 @@ class AttentionPlan:
             "page_size": self.page_size,
             "head_dim_padded": self.head_dim_padded,
             "pages_per_seq": self.pages_per_seq,
-            "kv_bytes_per_token_per_layer": {layout: self.kv_bytes_per_token(layout) for layout in LAYOUTS},
-            "kernel_kwargs": {f: {k: list(v) if isinstance(v, tuple) else v for k, v in self.kernel_kwargs(f).items()} for f in self.families},
+            "kv_bytes_per_token_per_layer": {
+                layout: self.kv_bytes_per_token(layout) for layout in LAYOUTS
+            },
+            "kernel_kwargs": {
+                f: {
+                    k: list(v) if isinstance(v, tuple) else v
+                    for k, v in self.kernel_kwargs(f).items()
+                }
+                for f in self.families
+            },
         }
 
 

@@ -19,8 +19,8 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import CatalogError, Problem
-from .spec import Generation
 from .modelerrors import validate
+from .spec import Generation
 from .tomlfile import locate, read_toml
 
 ENV_PATH = "TPU_REGISTRY_PATH"
@@ -129,7 +129,6 @@ class Catalog:
         raise CatalogError(f"{text!r} names more than one generation: {', '.join(sorted(hits))}")
 
 
-
 def identifiers(spec: Generation) -> Iterator[tuple[str, str]]:
     ident = spec.identify
     for dk in ident.device_kinds:
@@ -145,7 +144,9 @@ def identifiers(spec: Generation) -> Iterator[tuple[str, str]]:
     yield "generation_number", str(spec.generation)
 
 
-def search_folders(extra: Iterable[os.PathLike | str] = (), *, plugin_dirs: Iterable[Path] = ()) -> list[tuple[Path, str]]:
+def search_folders(
+    extra: Iterable[os.PathLike | str] = (), *, plugin_dirs: Iterable[Path] = ()
+) -> list[tuple[Path, str]]:
     """Folders to read, each with where it came from (for messages)."""
     out = [(builtin_hardware_dir(), "built-in")]
     out += [(Path(p), "plugin") for p in plugin_dirs]
@@ -161,15 +162,49 @@ def list_files(folder: Path, origin: str) -> tuple[list[Path], list[Problem]]:
     try:
         if not folder.exists():
             if folder.is_symlink():
-                return [], [Problem(shown, None, "", f"folder from {origin} is a broken or looping symlink", "point it at a real folder")]
-            return [], [Problem(shown, None, "", f"folder from {origin} does not exist", f"create it or remove it from {origin}")]
+                return [], [
+                    Problem(
+                        shown,
+                        None,
+                        "",
+                        f"folder from {origin} is a broken or looping symlink",
+                        "point it at a real folder",
+                    )
+                ]
+            return [], [
+                Problem(
+                    shown,
+                    None,
+                    "",
+                    f"folder from {origin} does not exist",
+                    f"create it or remove it from {origin}",
+                )
+            ]
         if not folder.is_dir():
-            return [], [Problem(shown, None, "", f"{origin} names a file, not a folder", "name the folder that holds the .toml files")]
-        files = sorted(p for p in folder.iterdir() if p.suffix == ".toml" and not p.name.startswith("."))
+            return [], [
+                Problem(
+                    shown,
+                    None,
+                    "",
+                    f"{origin} names a file, not a folder",
+                    "name the folder that holds the .toml files",
+                )
+            ]
+        files = sorted(
+            p for p in folder.iterdir() if p.suffix == ".toml" and not p.name.startswith(".")
+        )
         warn_if_writable_by_others(folder, origin)
     except OSError as e:
         msg = "symlink loop" if e.errno == 40 else (e.strerror or str(e))
-        return [], [Problem(shown, None, "", f"cannot read folder from {origin}: {msg}", "check its permissions and links")]
+        return [], [
+            Problem(
+                shown,
+                None,
+                "",
+                f"cannot read folder from {origin}: {msg}",
+                "check its permissions and links",
+            )
+        ]
     return files, []
 
 
@@ -180,7 +215,14 @@ def warn_if_writable_by_others(folder: Path, origin: str) -> bool:
     if not mode & (stat.S_IWGRP | stat.S_IWOTH):
         return False
     who = "all users" if mode & stat.S_IWOTH else "its group"
-    log.warning("catalog folder %s (from %s) is writable by %s; anyone who can write there chooses your TPU facts and kernel knobs (chmod go-w %s)", folder, origin, who, folder)
+    log.warning(
+        "catalog folder %s (from %s) is writable by %s; anyone who can write there chooses your "
+        "TPU facts and kernel knobs (chmod go-w %s)",
+        folder,
+        origin,
+        who,
+        folder,
+    )
     return True
 
 
@@ -211,7 +253,13 @@ def _signature(sources: tuple[tuple[Path, str], ...]) -> tuple:
     sig = []
     for folder, origin in sources:
         try:
-            entries = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir() if p.suffix == ".toml"))
+            entries = tuple(
+                sorted(
+                    (p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                    for p in folder.iterdir()
+                    if p.suffix == ".toml"
+                )
+            )
         except OSError:
             entries = None
         sig.append((str(folder), origin, entries))
@@ -257,7 +305,9 @@ def load_generation_file(path: Path) -> tuple[Generation | None, str, list[Probl
     return spec, text, problems  # type: ignore[return-value]
 
 
-def _assemble(loaded: list[tuple[Generation, Path, str]], folders: tuple[Path, ...], problems: list[Problem]) -> Catalog:
+def _assemble(
+    loaded: list[tuple[Generation, Path, str]], folders: tuple[Path, ...], problems: list[Problem]
+) -> Catalog:
     entries: dict[str, Entry] = {}
     texts = {path: text for _, path, text in loaded}
     replacing = [(s, p) for s, p, _ in loaded if s.replaces]
@@ -266,7 +316,15 @@ def _assemble(loaded: list[tuple[Generation, Path, str]], folders: tuple[Path, .
             continue
         if spec.id in entries:
             other = entries[spec.id].path
-            problems.append(Problem(str(path), locate(text, ("id",)), "id", f"id {spec.id!r} is already defined in {other}", f"pick another id, or write replaces = \"{spec.id}\" to replace it"))
+            problems.append(
+                Problem(
+                    str(path),
+                    locate(text, ("id",)),
+                    "id",
+                    f"id {spec.id!r} is already defined in {other}",
+                    f'pick another id, or write replaces = "{spec.id}" to replace it',
+                )
+            )
             continue
         entries[spec.id] = Entry(spec, path)
     replaced_by: dict[str, Path] = {}
@@ -275,13 +333,37 @@ def _assemble(loaded: list[tuple[Generation, Path, str]], folders: tuple[Path, .
         target = spec.replaces
         line = locate(text, ("replaces",))
         if target in replaced_by:  # checked first: the first replacement removed the target
-            problems.append(Problem(str(path), line, "replaces", f"{target!r} is already replaced by {replaced_by[target]}", "keep only one replacement"))
+            problems.append(
+                Problem(
+                    str(path),
+                    line,
+                    "replaces",
+                    f"{target!r} is already replaced by {replaced_by[target]}",
+                    "keep only one replacement",
+                )
+            )
             continue
         if target not in entries:
-            problems.append(Problem(str(path), line, "replaces", f"replaces {target!r}, but no generation has that id", "use the id of a generation in `tpu-registry list`"))
+            problems.append(
+                Problem(
+                    str(path),
+                    line,
+                    "replaces",
+                    f"replaces {target!r}, but no generation has that id",
+                    "use the id of a generation in `tpu-registry list`",
+                )
+            )
             continue
         if spec.id != target and spec.id in entries:
-            problems.append(Problem(str(path), locate(text, ("id",)), "id", f"id {spec.id!r} is already defined in {entries[spec.id].path}", "pick another id"))
+            problems.append(
+                Problem(
+                    str(path),
+                    locate(text, ("id",)),
+                    "id",
+                    f"id {spec.id!r} is already defined in {entries[spec.id].path}",
+                    "pick another id",
+                )
+            )
             continue
         old = entries.pop(target)
         replaced_by[target] = path
@@ -294,18 +376,44 @@ def _assemble(loaded: list[tuple[Generation, Path, str]], folders: tuple[Path, .
             key = norm(name)
             if key in names and names[key] != gid:
                 other = entries[names[key]].path
-                problems.append(Problem(str(entry.path), locate(text, (label,)), label, f"name {name!r} is already used by {names[key]!r} in {other}", "choose a different alias"))
+                problems.append(
+                    Problem(
+                        str(entry.path),
+                        locate(text, (label,)),
+                        label,
+                        f"name {name!r} is already used by {names[key]!r} in {other}",
+                        "choose a different alias",
+                    )
+                )
                 continue
             names[key] = gid
         for kind, value in identifiers(entry.spec):
             ids = index.setdefault((kind, value), set())
             if kind in UNIQUE_KINDS and ids and gid not in ids:
                 other_id = next(iter(ids))
-                field_name = {"device_kind": "identify.device_kinds", "accelerator_type": "identify.accelerator_types", "gke_accelerator": "identify.gke_accelerators", "pci": "identify.pci"}[kind]
-                problems.append(Problem(str(entry.path), locate(text, tuple(field_name.split("."))), field_name, f"{kind} {value!r} is already claimed by {other_id!r} in {entries[other_id].path}", "an identifier may name only one generation; remove it from one file"))
+                field_name = {
+                    "device_kind": "identify.device_kinds",
+                    "accelerator_type": "identify.accelerator_types",
+                    "gke_accelerator": "identify.gke_accelerators",
+                    "pci": "identify.pci",
+                }[kind]
+                problems.append(
+                    Problem(
+                        str(entry.path),
+                        locate(text, tuple(field_name.split("."))),
+                        field_name,
+                        f"{kind} {value!r} is already claimed by {other_id!r} in "
+                        f"{entries[other_id].path}",
+                        "an identifier may name only one generation; remove it from one file",
+                    )
+                )
                 continue
             ids.add(gid)
-    entries = dict(sorted(entries.items(), key=lambda kv: (kv[1].spec.generation, kv[1].spec.provisional, kv[0])))
+    entries = dict(
+        sorted(
+            entries.items(), key=lambda kv: (kv[1].spec.generation, kv[1].spec.provisional, kv[0])
+        )
+    )
     return Catalog(entries=entries, folders=folders, _names=names, _index=index)
 
 

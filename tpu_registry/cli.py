@@ -24,10 +24,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain-text table: left-aligned text, right-aligned numbers."""
     cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [all(_is_num(r[i]) for r in cells[1:]) and len(cells) > 1 for i in range(len(headers))]
+    numeric = [
+        all(_is_num(r[i]) for r in cells[1:]) and len(cells) > 1 for i in range(len(headers))
+    ]
     lines = []
     for n, r in enumerate(cells):
-        lines.append("  ".join(c.rjust(w) if numeric[i] and n else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+        lines.append(
+            "  ".join(
+                c.rjust(w) if numeric[i] and n else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+        )
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -69,26 +76,53 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for gid, e in cat.entries.items():
         c = e.spec.chip
-        rows.append({
-            "id": gid,
-            "name": e.spec.name,
-            "hbm_gib": c.hbm_gib,
-            "hbm_bandwidth_gb_s": c.hbm_bandwidth_gb_s,
-            "peak_bf16_tflops": c.peak_bf16_tflops,
-            "vmem_mib_per_core": c.vmem_mib_per_core,
-            "mxu": f"{c.mxus_per_core}x{c.mxu_rows}x{c.mxu_cols}",
-            "chips_per_host": c.chips_per_host,
-            "provisional": e.spec.provisional,
-            "path": str(e.path),
-            "replaces": str(e.replaced) if e.replaced else None,
-        })
+        rows.append(
+            {
+                "id": gid,
+                "name": e.spec.name,
+                "hbm_gib": c.hbm_gib,
+                "hbm_bandwidth_gb_s": c.hbm_bandwidth_gb_s,
+                "peak_bf16_tflops": c.peak_bf16_tflops,
+                "vmem_mib_per_core": c.vmem_mib_per_core,
+                "mxu": f"{c.mxus_per_core}x{c.mxu_rows}x{c.mxu_cols}",
+                "chips_per_host": c.chips_per_host,
+                "provisional": e.spec.provisional,
+                "path": str(e.path),
+                "replaces": str(e.replaced) if e.replaced else None,
+            }
+        )
     if args.json:
         _dump(rows)
         return EXIT_OK
-    print(table(
-        ["id", "name", "HBM GiB", "HBM GB/s", "bf16 TFLOPS", "VMEM MiB/core", "MXU/core", "chips/host", "provisional"],
-        [[r["id"], r["name"] + (" (replaces built-in)" if r["replaces"] else ""), _num(r["hbm_gib"]), _num(r["hbm_bandwidth_gb_s"]), _num(r["peak_bf16_tflops"]), _num(r["vmem_mib_per_core"]), r["mxu"], r["chips_per_host"], "yes" if r["provisional"] else ""] for r in rows],
-    ))
+    print(
+        table(
+            [
+                "id",
+                "name",
+                "HBM GiB",
+                "HBM GB/s",
+                "bf16 TFLOPS",
+                "VMEM MiB/core",
+                "MXU/core",
+                "chips/host",
+                "provisional",
+            ],
+            [
+                [
+                    r["id"],
+                    r["name"] + (" (replaces built-in)" if r["replaces"] else ""),
+                    _num(r["hbm_gib"]),
+                    _num(r["hbm_bandwidth_gb_s"]),
+                    _num(r["peak_bf16_tflops"]),
+                    _num(r["vmem_mib_per_core"]),
+                    r["mxu"],
+                    r["chips_per_host"],
+                    "yes" if r["provisional"] else "",
+                ]
+                for r in rows
+            ],
+        )
+    )
     return EXIT_OK
 
 
@@ -106,7 +140,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{spec.id}: {spec.name}{'  [PROVISIONAL]' if spec.provisional else ''}")
     print(f"  file: {entry.path}" + (f" (replaces {entry.replaced})" if entry.replaced else ""))
-    print(f"  generation {spec.generation}, released {spec.release_year}; aliases: {', '.join(spec.aliases) or '-'}")
+    print(
+        f"  generation {spec.generation}, released {spec.release_year}; aliases: "
+        f"{', '.join(spec.aliases) or '-'}"
+    )
     if spec.notes:
         print(f"  notes: {spec.notes}")
     print("chip (per chip unless per_core):")
@@ -115,7 +152,15 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("identify:")
     for k, v in data["identify"].items():
         if k == "pci":
-            v = [f"{p['vendor']:04x}:{p['device']:04x}" + (f" subsystem {p['subsystem_device']:04x}" if p.get("subsystem_device") is not None else "") for p in v]
+            v = [
+                f"{p['vendor']:04x}:{p['device']:04x}"
+                + (
+                    f" subsystem {p['subsystem_device']:04x}"
+                    if p.get("subsystem_device") is not None
+                    else ""
+                )
+                for p in v
+            ]
         elif k == "accelerator_types":
             v = [f"{a['prefix']}-N (N counts {a['suffix_counts']})" for a in v]
         print(f"  {k:36} {', '.join(map(str, v)) or '-'}")
@@ -141,7 +186,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         for p in problems:
             print(p, file=sys.stderr)
-        print(f"{n} file{'s' if n != 1 else ''} checked, {len(problems)} problem{'s' if len(problems) != 1 else ''}")
+        print(
+            f"{n} file{'s' if n != 1 else ''} checked, {len(problems)} "
+            f"problem{'s' if len(problems) != 1 else ''}"
+        )
     return EXIT_INVALID if problems else EXIT_OK
 
 
@@ -160,10 +208,28 @@ def _detection_text(d) -> str:
         lines.append(f"No TPU found ({d.reason}).")
     else:
         lines.append(f"TPU generation not decided: {d.status}: {d.reason}")
-    lines.append(f"chips per host: {d.chips_per_host or '-'}   slice chips: {d.slice_chips or '-'}   topology: {d.topology or '-'}")
+    lines.append(
+        f"chips per host: {d.chips_per_host or '-'}   slice chips: {d.slice_chips or '-'}   "
+        f"topology: {d.topology or '-'}"
+    )
     if d.findings:
         lines.append("")
-        lines.append(table(["detector", "kind", "value", "candidates", "status", "source"], [[f.evidence.detector, f.evidence.kind, f.evidence.value, ", ".join(f.candidates) or "-", f.status, f.evidence.source] for f in d.findings]))
+        lines.append(
+            table(
+                ["detector", "kind", "value", "candidates", "status", "source"],
+                [
+                    [
+                        f.evidence.detector,
+                        f.evidence.kind,
+                        f.evidence.value,
+                        ", ".join(f.candidates) or "-",
+                        f.status,
+                        f.evidence.source,
+                    ]
+                    for f in d.findings
+                ],
+            )
+        )
     for c in d.conflicts:
         lines.append(f"conflict: {c}")
     for f in d.faults:
@@ -175,7 +241,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from .catalog import load_catalog
     from .detection import detect
 
-    d = detect(load_catalog(args.catalog), simulate=args.simulate, allow_runtime_init=args.probe, strict=args.strict)
+    d = detect(
+        load_catalog(args.catalog),
+        simulate=args.simulate,
+        allow_runtime_init=args.probe,
+        strict=args.strict,
+    )
     if args.json:
         _dump(d.to_dict())
     else:
@@ -203,8 +274,12 @@ def _workload(args: argparse.Namespace):
     if args.hf_config:
         return Workload.from_hf_config(args.hf_config, **limits)
     if None in (args.heads, args.kv_heads, args.head_dim):
-        raise TuningError("give the attention shape: --hf-config PATH, or --heads N --kv-heads N --head-dim N")
-    return Workload(num_q_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, **limits)
+        raise TuningError(
+            "give the attention shape: --hf-config PATH, or --heads N --kv-heads N --head-dim N"
+        )
+    return Workload(
+        num_q_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, **limits
+    )
 
 
 def vllm_flags(cfg) -> list[str]:
@@ -213,7 +288,11 @@ def vllm_flags(cfg) -> list[str]:
 
     page = cfg.value("page_size")
     out = [f"--block-size {page}"]
-    for var, knob in (("RPA_V3_DECODE_BLOCK_SIZES", "rpa_v3.d_block_sizes"), ("RPA_V3_PREFILL_BLOCK_SIZES", "rpa_v3.p_block_sizes"), ("RPA_V3_MIXED_BLOCK_SIZES", "rpa_v3.m_block_sizes")):
+    for var, knob in (
+        ("RPA_V3_DECODE_BLOCK_SIZES", "rpa_v3.d_block_sizes"),
+        ("RPA_V3_PREFILL_BLOCK_SIZES", "rpa_v3.p_block_sizes"),
+        ("RPA_V3_MIXED_BLOCK_SIZES", "rpa_v3.m_block_sizes"),
+    ):
         v = cfg.value(knob)
         if v is None:
             continue
@@ -230,7 +309,14 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     from .resolution import resolve
 
     w = _workload(args)
-    cfg = resolve(w, simulate=args.simulate, overrides=args.overrides, allow_runtime_init=args.probe, strict=args.strict, catalog_dirs=tuple(args.catalog))
+    cfg = resolve(
+        w,
+        simulate=args.simulate,
+        overrides=args.overrides,
+        allow_runtime_init=args.probe,
+        strict=args.strict,
+        catalog_dirs=tuple(args.catalog),
+    )
     fmt = "json" if args.json else args.format
     if fmt == "json":
         _dump({**cfg.to_dict(), "plan": plan(cfg).to_dict(), "vllm": vllm_flags(cfg)})
@@ -240,13 +326,28 @@ def cmd_resolve(args: argparse.Namespace) -> int:
             print(line)
         v3 = cfg.value("rpa_v3.vmem_limit_bytes")
         if v3 is not None:
-            print(f"# RPA v3 VMEM limit: {v3} bytes (tpu-inference's kernel default is the whole core VMEM)")
+            print(
+                f"# RPA v3 VMEM limit: {v3} bytes (tpu-inference's kernel default is the whole "
+                "core VMEM)"
+            )
     elif args.explain:
         print(cfg.explain())
     else:
         d = cfg.detection
         print(f"{cfg.spec.id} ({cfg.spec.name}): {d.status}: {d.reason}")
-        print(table(["knob", "value", "layer"], [[k, ",".join(map(str, v.value)) if isinstance(v.value, tuple) else v.value, v.layer] for k, v in cfg.knobs.items()]))
+        print(
+            table(
+                ["knob", "value", "layer"],
+                [
+                    [
+                        k,
+                        ",".join(map(str, v.value)) if isinstance(v.value, tuple) else v.value,
+                        v.layer,
+                    ]
+                    for k, v in cfg.knobs.items()
+                ],
+            )
+        )
         for f in cfg.tuning.faults:
             print(f"policy fault: {f.plugin}: {f.message}")
         for n in cfg.notes:
@@ -262,13 +363,20 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     infos = plugins.describe()
     faults = plugins.load_faults + plugins.settings_faults
     if args.json:
-        _dump({
-            "plugins": [i.to_dict() for i in infos],
-            "load_faults": [f.to_dict() for f in faults],
-            "settings": [asdict(s) for s in settings.all_settings()],
-        })
+        _dump(
+            {
+                "plugins": [i.to_dict() for i in infos],
+                "load_faults": [f.to_dict() for f in faults],
+                "settings": [asdict(s) for s in settings.all_settings()],
+            }
+        )
         return EXIT_OK
-    print(table(["name", "kind", "distribution", "version", "hooks"], [[i.name, i.kind, i.distribution, i.version, ", ".join(i.hooks)] for i in infos]))
+    print(
+        table(
+            ["name", "kind", "distribution", "version", "hooks"],
+            [[i.name, i.kind, i.distribution, i.version, ", ".join(i.hooks)] for i in infos],
+        )
+    )
     for f in faults:
         print(f"plugin {f.plugin}: {f.message}")
     return EXIT_OK
@@ -278,7 +386,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tpu-registry", description="Facts and kernel knobs for Google TPU generations.", epilog="Exit codes: 0 ok, 2 invalid input, 3 no TPU (detect --require), 1 internal error.")
+    p = argparse.ArgumentParser(
+        prog="tpu-registry",
+        description="Facts and kernel knobs for Google TPU generations.",
+        epilog="Exit codes: 0 ok, 2 invalid input, 3 no TPU (detect --require), 1 internal error.",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn, help: str) -> argparse.ArgumentParser:
@@ -288,7 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     def catalog_opt(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--catalog", action="append", default=[], metavar="DIR", help="extra folder of generation files (repeatable)")
+        sp.add_argument(
+            "--catalog",
+            action="append",
+            default=[],
+            metavar="DIR",
+            help="extra folder of generation files (repeatable)",
+        )
 
     sp = add("list", cmd_list, "list the generations in the catalog")
     catalog_opt(sp)
@@ -296,27 +414,69 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", help="id, alias or identifier (e.g. v6e, 'TPU v5 lite', v5p-8)")
     catalog_opt(sp)
     sp = add("validate", cmd_validate, "check generation files, tuning tables and overrides files")
-    sp.add_argument("paths", nargs="*", help="files or folders (default: the whole catalog and tuning tables)")
-    sp = add("schema", cmd_schema, "JSON Schema of a data file (for editors such as Even Better TOML)")
+    sp.add_argument(
+        "paths", nargs="*", help="files or folders (default: the whole catalog and tuning tables)"
+    )
+    sp = add(
+        "schema", cmd_schema, "JSON Schema of a data file (for editors such as Even Better TOML)"
+    )
     sp.add_argument("--kind", choices=["generation", "table", "overrides"], default="generation")
 
-    for name, fn, help in (("detect", cmd_detect, "which TPU this host has, and why"), ("resolve", cmd_resolve, "the knobs for a workload on this (or a simulated) TPU, and who chose each")):
+    for name, fn, help in (
+        ("detect", cmd_detect, "which TPU this host has, and why"),
+        (
+            "resolve",
+            cmd_resolve,
+            "the knobs for a workload on this (or a simulated) TPU, and who chose each",
+        ),
+    ):
         sp = add(name, fn, help)
-        sp.add_argument("--simulate", metavar="ID", help="act as if this generation were detected (shown as simulated)")
-        sp.add_argument("--probe", action="store_true", help="allow initialising JAX / torch_xla to ask them (slow; may lock the TPU)")
+        sp.add_argument(
+            "--simulate",
+            metavar="ID",
+            help="act as if this generation were detected (shown as simulated)",
+        )
+        sp.add_argument(
+            "--probe",
+            action="store_true",
+            help="allow initialising JAX / torch_xla to ask them (slow; may lock the TPU)",
+        )
         sp.add_argument("--strict", action="store_true", help="treat faulty plugins as errors")
         catalog_opt(sp)
         if name == "detect":
             sp.add_argument("--require", action="store_true", help="exit 3 when no TPU is found")
         else:
-            sp.add_argument("--hf-config", metavar="PATH", help="a Hugging Face config.json for the attention shape")
-            for flag, dest in (("--heads", "heads"), ("--kv-heads", "kv_heads"), ("--head-dim", "head_dim"), ("--max-model-len", "max_model_len"), ("--max-num-seqs", "max_num_seqs"), ("--max-num-batched-tokens", "max_num_batched_tokens"), ("--page-size", "page_size"), ("--tp", "tp"), ("--sliding-window", "sliding_window")):
+            sp.add_argument(
+                "--hf-config",
+                metavar="PATH",
+                help="a Hugging Face config.json for the attention shape",
+            )
+            for flag, dest in (
+                ("--heads", "heads"),
+                ("--kv-heads", "kv_heads"),
+                ("--head-dim", "head_dim"),
+                ("--max-model-len", "max_model_len"),
+                ("--max-num-seqs", "max_num_seqs"),
+                ("--max-num-batched-tokens", "max_num_batched_tokens"),
+                ("--page-size", "page_size"),
+                ("--tp", "tp"),
+                ("--sliding-window", "sliding_window"),
+            ):
                 sp.add_argument(flag, dest=dest, type=int, metavar="N")
             sp.add_argument("--q-dtype", metavar="T")
             sp.add_argument("--kv-dtype", metavar="T", help="bf16, fp8 (e4m3), fp8_e5m2, int8")
-            sp.add_argument("--overrides", metavar="PATH", help="a TOML overrides file (else TPU_REGISTRY_OVERRIDES)")
+            sp.add_argument(
+                "--overrides",
+                metavar="PATH",
+                help="a TOML overrides file (else TPU_REGISTRY_OVERRIDES)",
+            )
             sp.add_argument("--explain", action="store_true", help="print the full reasoning")
-            sp.add_argument("--format", choices=["text", "json", "vllm"], default="text", help="vllm: the equivalent vLLM flags and variables")
+            sp.add_argument(
+                "--format",
+                choices=["text", "json", "vllm"],
+                default="text",
+                help="vllm: the equivalent vLLM flags and variables",
+            )
 
     add("plugins", cmd_plugins, "installed plugins, where they come from, their hooks")
     return p
@@ -344,7 +504,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # never a traceback for users; the debug variable shows it
         if os.environ.get("TPU_REGISTRY_DEBUG"):
             raise
-        print(f"internal error: {type(e).__name__}: {e} (set TPU_REGISTRY_DEBUG=1 for details and report it)", file=sys.stderr)
+        print(
+            f"internal error: {type(e).__name__}: {e} (set TPU_REGISTRY_DEBUG=1 for details and "
+            "report it)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
     finally:
         logger.removeHandler(warnings)

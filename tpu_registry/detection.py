@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .catalog import Catalog
 from .errors import DetectionError, Problem
-from .types import EVIDENCE_KINDS, Detection, DetectContext, Evidence, Fault, Finding
+from .types import EVIDENCE_KINDS, DetectContext, Detection, Evidence, Fault, Finding
 
 ENV_TIMEOUT = "TPU_REGISTRY_DETECT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 2.0
@@ -53,11 +53,29 @@ def candidates_for(catalog: Catalog, ev: Evidence) -> set[str]:
     return catalog.lookup(ev.kind, ev.value)
 
 
-def reconcile(catalog: Catalog, evidence: Sequence[Evidence], faults: Sequence[Fault] = ()) -> Detection:
-    """Pure function from evidence to a Detection (no I/O): the part fuzzed for order-independence."""
+def reconcile(
+    catalog: Catalog, evidence: Sequence[Evidence], faults: Sequence[Fault] = ()
+) -> Detection:
+    """Pure function from evidence to a Detection (no I/O); fuzzed for order independence."""
     # A total order over every field: ties broken by set iteration (hash) order would make the
     # result depend on the order evidence arrived in.
-    evidence = sorted(set(evidence), key=lambda e: (-PRIORITY.get(e.kind, -1), e.kind, e.value, e.source, e.detector, e.count is not None, e.count or 0, e.count_unit, e.scope, e.topology is not None, e.topology or "", e.note))
+    evidence = sorted(
+        set(evidence),
+        key=lambda e: (
+            -PRIORITY.get(e.kind, -1),
+            e.kind,
+            e.value,
+            e.source,
+            e.detector,
+            e.count is not None,
+            e.count or 0,
+            e.count_unit,
+            e.scope,
+            e.topology is not None,
+            e.topology or "",
+            e.note,
+        ),
+    )
     cands = {e: frozenset(candidates_for(catalog, e)) for e in evidence}
     status: dict[Evidence, str] = {}
     conflicts: list[str] = []
@@ -71,11 +89,36 @@ def reconcile(catalog: Catalog, evidence: Sequence[Evidence], faults: Sequence[F
         bad = [e for e in explicit if len(named[e]) != 1]
         if bad:
             e = bad[0]
-            what = "names no generation" if not named[e] else f"names several generations ({', '.join(sorted(named[e]))})"
-            raise DetectionError([Problem(e.source, None, "", f"explicit generation {e.value!r} {what}", "use an id from `tpu-registry list`")])
+            what = (
+                "names no generation"
+                if not named[e]
+                else f"names several generations ({', '.join(sorted(named[e]))})"
+            )
+            raise DetectionError(
+                [
+                    Problem(
+                        e.source,
+                        None,
+                        "",
+                        f"explicit generation {e.value!r} {what}",
+                        "use an id from `tpu-registry list`",
+                    )
+                ]
+            )
         ids = set().union(*named.values())
         if len(ids) > 1:
-            raise DetectionError([Problem("detection", None, "", f"explicit overrides disagree: {', '.join(f'{e.source}={e.value}' for e in explicit)}", "set only one")])
+            raise DetectionError(
+                [
+                    Problem(
+                        "detection",
+                        None,
+                        "",
+                        "explicit overrides disagree: "
+                        f"{', '.join(f'{e.source}={e.value}' for e in explicit)}",
+                        "set only one",
+                    )
+                ]
+            )
         current = frozenset(ids)
         gid = next(iter(ids))
         simulated = any(e.detector == "simulate" for e in explicit)
@@ -92,9 +135,14 @@ def reconcile(catalog: Catalog, evidence: Sequence[Evidence], faults: Sequence[F
                 status[e] = "agrees"
             else:
                 status[e] = "overridden"
-                conflicts.append(f"{e.source} says {e.value!r} ({', '.join(sorted(cands[e]))}) but {explicit[0].source} overrides it with {gid}")
+                conflicts.append(
+                    f"{e.source} says {e.value!r} ({', '.join(sorted(cands[e]))}) but "
+                    f"{explicit[0].source} overrides it with {gid}"
+                )
     else:
-        levels = sorted({PRIORITY.get(e.kind, -1) for e in evidence if e.kind != "topology"}, reverse=True)
+        levels = sorted(
+            {PRIORITY.get(e.kind, -1) for e in evidence if e.kind != "topology"}, reverse=True
+        )
         undecided = False
         for level in levels:
             pieces = [e for e in evidence if PRIORITY.get(e.kind, -1) == level]
@@ -119,7 +167,13 @@ def reconcile(catalog: Catalog, evidence: Sequence[Evidence], faults: Sequence[F
                 undecided = True
                 for e in known:
                     status[e] = "conflict"
-                conflicts.append("; ".join(f"{e.source} says {e.value!r} ({', '.join(sorted(cands[e]))})" for e in known) + " — equally trusted, no winner")
+                conflicts.append(
+                    "; ".join(
+                        f"{e.source} says {e.value!r} ({', '.join(sorted(cands[e]))})"
+                        for e in known
+                    )
+                    + " — equally trusted, no winner"
+                )
                 continue
             # More trusted evidence already narrowed the candidates: pieces that fit them
             # agree, the others are outranked.
@@ -130,7 +184,11 @@ def reconcile(catalog: Catalog, evidence: Sequence[Evidence], faults: Sequence[F
                     status[e] = "agrees"
                 else:
                     status[e] = "conflict"
-                    conflicts.append(f"{e.source} says {e.value!r} ({', '.join(sorted(cands[e]))}) but {top.source} ({top.kind}) says {', '.join(sorted(current))}; {e.kind} is trusted less")
+                    conflicts.append(
+                        f"{e.source} says {e.value!r} ({', '.join(sorted(cands[e]))}) but "
+                        f"{top.source} ({top.kind}) says {', '.join(sorted(current))}; {e.kind} "
+                        "is trusted less"
+                    )
             narrowed = current.intersection(*(cands[e] for e in fitting))
             if fitting and not narrowed:
                 undecided = True
@@ -139,10 +197,18 @@ def reconcile(catalog: Catalog, evidence: Sequence[Evidence], faults: Sequence[F
             elif narrowed:
                 current = narrowed
         if undecided and (current == everything or len(current) != 1):
-            winner_status, reason = "conflict", "evidence disagrees and nothing more trusted settles it"
+            winner_status, reason = (
+                "conflict",
+                "evidence disagrees and nothing more trusted settles it",
+            )
             current = frozenset() if current == everything else current
         elif current == everything:
-            winner_status, reason = "none", "no TPU evidence found" if not any(cands.values()) else "no evidence named a known generation"
+            winner_status, reason = (
+                "none",
+                "no TPU evidence found"
+                if not any(cands.values())
+                else "no evidence named a known generation",
+            )
             current = frozenset()
         elif len(current) == 1:
             winner_status = "detected"
@@ -158,9 +224,15 @@ def reconcile(catalog: Catalog, evidence: Sequence[Evidence], faults: Sequence[F
     for e in evidence:
         if e.kind == "topology":
             status[e] = "info"
-    gid = next(iter(current)) if len(current) == 1 and winner_status in ("detected", "explicit", "simulated") else None
+    gid = (
+        next(iter(current))
+        if len(current) == 1 and winner_status in ("detected", "explicit", "simulated")
+        else None
+    )
     chips_host, chips_slice, topo = _counts(catalog, gid, evidence, status)
-    findings = tuple(Finding(e, tuple(sorted(cands[e])), status.get(e, "unknown")) for e in evidence)
+    findings = tuple(
+        Finding(e, tuple(sorted(cands[e])), status.get(e, "unknown")) for e in evidence
+    )
     return Detection(
         generation=gid,
         status=winner_status,
@@ -183,14 +255,22 @@ def to_chips(catalog: Catalog, gid: str, ev: Evidence) -> int | None:
     unit = ev.count_unit
     if unit == "suffix":  # an accelerator-type suffix counts cores or chips, per the catalog
         prefix = catalog.accelerator_prefix(ev.value)[1]
-        unit = next((a.suffix_counts for a in spec.identify.accelerator_types if a.prefix == prefix), "")
-    per = {"chips": 1, "cores": chip.tensorcores_per_chip, "devices": chip.jax_devices_per_chip}.get(unit)
+        unit = next(
+            (a.suffix_counts for a in spec.identify.accelerator_types if a.prefix == prefix), ""
+        )
+    per = {
+        "chips": 1,
+        "cores": chip.tensorcores_per_chip,
+        "devices": chip.jax_devices_per_chip,
+    }.get(unit)
     if not per:
         return None
     return max(1, ev.count // per)
 
 
-def _counts(catalog: Catalog, gid: str | None, evidence: Sequence[Evidence], status: Mapping[Evidence, str]) -> tuple[int | None, int | None, str | None]:
+def _counts(
+    catalog: Catalog, gid: str | None, evidence: Sequence[Evidence], status: Mapping[Evidence, str]
+) -> tuple[int | None, int | None, str | None]:
     host = slice_ = topo = None
     if gid is None:
         return None, None, None
@@ -241,15 +321,24 @@ def detect(
         except ValueError:
             timeout_s = math.nan
     if not (math.isfinite(timeout_s) and timeout_s > 0):
-        raise DetectionError(f"{ENV_TIMEOUT}={env.get(ENV_TIMEOUT, timeout_s)!r} is not a positive number of seconds (the default is {DEFAULT_TIMEOUT_S:g})")
+        raise DetectionError(
+            f"{ENV_TIMEOUT}={env.get(ENV_TIMEOUT, timeout_s)!r} is not a positive number of "
+            f"seconds (the default is {DEFAULT_TIMEOUT_S:g})"
+        )
     root = Path(sysfs_root if sysfs_root is not None else env.get("TPU_REGISTRY_SYSFS_ROOT", "/"))
-    context = DetectContext(dict(env), sysfs_root=root, allow_runtime_init=allow_runtime_init, timeout_s=timeout_s)
+    context = DetectContext(
+        dict(env), sysfs_root=root, allow_runtime_init=allow_runtime_init, timeout_s=timeout_s
+    )
     evidence, faults = get_plugins().detect(context)
     if simulate:
         note = "simulated: no hardware was consulted for the choice"
-        evidence.append(Evidence("explicit", simulate, "--simulate", detector="simulate", note=note))
+        evidence.append(
+            Evidence("explicit", simulate, "--simulate", detector="simulate", note=note)
+        )
     if strict and faults:
         hint = "fix or disable the plugin (TPU_REGISTRY_DISABLE_PLUGINS)"
-        raise DetectionError([Problem(f"detector {f.plugin}", None, "", f.message, hint) for f in faults])
+        raise DetectionError(
+            [Problem(f"detector {f.plugin}", None, "", f.message, hint) for f in faults]
+        )
     result = reconcile(catalog, evidence, faults)
     return replace(result, elapsed_ms=(time.perf_counter() - start) * 1000)

@@ -70,7 +70,9 @@ def tpu_registry_detect(context: DetectContext) -> Evidence | Sequence[Evidence]
 
 
 @hookspec
-def tpu_registry_tune(spec: Generation, workload: Workload, detection: Detection, context: TuneContext) -> Layer | None:
+def tpu_registry_tune(
+    spec: Generation, workload: Workload, detection: Detection, context: TuneContext
+) -> Layer | None:
     """Return a named, partial layer of knobs for this generation and workload, or None.
 
     Layers merge in call order: an implementation called earlier wins. Built-ins are

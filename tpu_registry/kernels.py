@@ -45,7 +45,9 @@ def max_pages_per_seq(smem_bytes: int, max_num_seqs: int) -> int:
     return smem_bytes // SMEM_SHARE // max_num_seqs // BLOCK_TABLE_ENTRY_BYTES
 
 
-def min_page_size(smem_bytes: int, max_model_len: int, max_num_seqs: int, *, where: str = "") -> int:
+def min_page_size(
+    smem_bytes: int, max_model_len: int, max_num_seqs: int, *, where: str = ""
+) -> int:
     """vLLM's ``get_min_page_size``: the smallest page whose block tables fit half of SMEM."""
     per_req = max_pages_per_seq(smem_bytes, max_num_seqs)
     if per_req == 0:
@@ -81,7 +83,9 @@ def padded_head_dim(head_dim: int, lanes: int = HEAD_ALIGNMENT) -> int:
 # (``ragged_paged_attention_v2.py``).
 
 
-def min_heads_per_block(num_q_heads: int, num_combined_kv: int, q_dtype: str, kv_dtype: str) -> tuple[int, int] | None:
+def min_heads_per_block(
+    num_q_heads: int, num_combined_kv: int, q_dtype: str, kv_dtype: str
+) -> tuple[int, int] | None:
     """The v2 kernel's ``get_min_heads_per_blk`` (None: the KV heads cannot be tiled)."""
     q_pack, kv_pack = packing(q_dtype), packing(kv_dtype)
 
@@ -99,7 +103,16 @@ def min_heads_per_block(num_q_heads: int, num_combined_kv: int, q_dtype: str, kv
     return num_q_heads, num_combined_kv
 
 
-def rpa_v2_block_bytes(bkv: int, bq: int, q_heads_blk: int, kv_heads_blk: int, head_dim: int, page: int, q_dtype: str, kv_dtype: str) -> int:
+def rpa_v2_block_bytes(
+    bkv: int,
+    bq: int,
+    q_heads_blk: int,
+    kv_heads_blk: int,
+    head_dim: int,
+    page: int,
+    q_dtype: str,
+    kv_dtype: str,
+) -> int:
     """VMEM the v2 blocks take: double-buffered q in/out, KV, and f32 scratch."""
     q_block = bq * q_heads_blk * head_dim * itemsize(q_dtype)
     kv_block = 2 * bkv * page * 2 * kv_heads_blk * head_dim * itemsize(kv_dtype)
@@ -108,20 +121,31 @@ def rpa_v2_block_bytes(bkv: int, bq: int, q_heads_blk: int, kv_heads_blk: int, h
     return 2 * (q_block + q_block) + kv_block + 2 * lm + acc
 
 
-def rpa_v2_defaults(facts: RpaV2Facts, lanes: int, vmem_core_bytes: int, w: Workload, page: int) -> dict[str, int] | str:
+def rpa_v2_defaults(
+    facts: RpaV2Facts, lanes: int, vmem_core_bytes: int, w: Workload, page: int
+) -> dict[str, int] | str:
     """torch_xla's defaults: the catalog's blocks, KV block halved while the blocks would take
     the catalog's VMEM threshold or more, clamped per sequence and batch (``min(pages_per_seq,
     bkv)``, ``min(num_tokens, bq)``); VMEM as torch_xla passes it, capped at the core.
     A string says why the kernel cannot run this shape."""
     head_dim = padded_head_dim(w.head_dim, lanes)
-    heads = min_heads_per_block(w.q_heads_per_device, 2 * w.kv_heads_per_device, w.q_dtype, w.kv_dtype)
+    heads = min_heads_per_block(
+        w.q_heads_per_device, 2 * w.kv_heads_per_device, w.q_dtype, w.kv_dtype
+    )
     if heads is None:
-        return f"rpa_v2: {2 * w.kv_heads_per_device} combined KV heads cannot be tiled for {w.kv_dtype}"
+        return (
+            f"rpa_v2: {2 * w.kv_heads_per_device} combined KV heads cannot be tiled for "
+            f"{w.kv_dtype}"
+        )
     q_blk, kv_blk = heads[0], heads[1] // 2
     bkv, bq = facts.default_num_kv_pages_per_block, facts.default_num_queries_per_block
     if facts.halve_kv_block_at_vmem_mib is not None:
         threshold = mib_to_bytes(facts.halve_kv_block_at_vmem_mib)
-        while bkv > 1 and rpa_v2_block_bytes(bkv, bq, q_blk, kv_blk, head_dim, page, w.q_dtype, w.kv_dtype) >= threshold:
+        while (
+            bkv > 1
+            and rpa_v2_block_bytes(bkv, bq, q_blk, kv_blk, head_dim, page, w.q_dtype, w.kv_dtype)
+            >= threshold
+        ):
             bkv //= 2
     return {
         "rpa_v2.num_kv_pages_per_block": min(cdiv(w.max_model_len, page), max(bkv, 1)),
@@ -133,10 +157,16 @@ def rpa_v2_defaults(facts: RpaV2Facts, lanes: int, vmem_core_bytes: int, w: Work
 # --------------------------------------------------------------------------- RPA v3
 # tpu-inference's ``ragged_paged_attention`` v3 (``kernels/ragged_paged_attention/v3/kernel.py``).
 
-RPA_V3_CASES = {"decode": "rpa_v3.d_block_sizes", "prefill": "rpa_v3.p_block_sizes", "mixed": "rpa_v3.m_block_sizes"}
+RPA_V3_CASES = {
+    "decode": "rpa_v3.d_block_sizes",
+    "prefill": "rpa_v3.p_block_sizes",
+    "mixed": "rpa_v3.m_block_sizes",
+}
 
 
-def rpa_v3_block_sizes(facts: RpaV3Facts, w: Workload, page: int, case: str) -> tuple[int, int, int, int]:
+def rpa_v3_block_sizes(
+    facts: RpaV3Facts, w: Workload, page: int, case: str
+) -> tuple[int, int, int, int]:
     """``get_default_block_sizes``: (bq_sz, bkv_sz, bq_csz, bkv_csz) for one case, computed
     from the heads of one shard and the padded token count (``max_num_batched_tokens``)."""
     kv_pack = packing(w.kv_dtype)
@@ -156,10 +186,18 @@ def rpa_v3_block_sizes(facts: RpaV3Facts, w: Workload, page: int, case: str) -> 
     return max(1, bq_sz), align(bkv_sz, page), max(1, bq_csz), align(bkv_csz, page)
 
 
-def rpa_v3_defaults(facts: RpaV3Facts, vmem_core_bytes: int, w: Workload, page: int) -> dict[str, Any]:
+def rpa_v3_defaults(
+    facts: RpaV3Facts, vmem_core_bytes: int, w: Workload, page: int
+) -> dict[str, Any]:
     """Block sizes for each case and the VMEM limit (the whole core unless the catalog says)."""
-    vmem = vmem_core_bytes if facts.vmem_limit_mib is None else min(mib_to_bytes(facts.vmem_limit_mib), vmem_core_bytes)
-    out: dict[str, Any] = {knob: rpa_v3_block_sizes(facts, w, page, case) for case, knob in RPA_V3_CASES.items()}
+    vmem = (
+        vmem_core_bytes
+        if facts.vmem_limit_mib is None
+        else min(mib_to_bytes(facts.vmem_limit_mib), vmem_core_bytes)
+    )
+    out: dict[str, Any] = {
+        knob: rpa_v3_block_sizes(facts, w, page, case) for case, knob in RPA_V3_CASES.items()
+    }
     out["rpa_v3.vmem_limit_bytes"] = vmem
     return out
 
@@ -190,31 +228,57 @@ def check(spec: Generation, w: Workload, knobs: Mapping[str, Any]) -> list[Viola
     vmem = spec.chip.vmem_bytes_per_core
     page = knobs.get("page_size")
     if page is not None and (page <= 0 or page & (page - 1)):
-        out.append(Violation("page_power_of_two", ("page_size",), f"page_size {page} is not a positive power of two"))
+        out.append(
+            Violation(
+                "page_power_of_two",
+                ("page_size",),
+                f"page_size {page} is not a positive power of two",
+            )
+        )
         page = None
     for name in VMEM_KNOBS:
         v = knobs.get(name)
         if v is not None and not 0 < v <= vmem:
-            where = "not positive" if v <= 0 else f"above the {spec.id} core VMEM of {vmem} bytes ({spec.chip.vmem_mib_per_core:g} MiB)"
+            mib = spec.chip.vmem_mib_per_core
+            where = (
+                "not positive"
+                if v <= 0
+                else f"above the {spec.id} core VMEM of {vmem} bytes ({mib:g} MiB)"
+            )
             out.append(Violation("vmem_within_core", (name,), f"{name} {v} is {where}"))
     ceiling = knobs.get("vmem_limit_bytes")
     for name in FAMILY_VMEM_KNOBS:
         v = knobs.get(name)
         if v is not None and ceiling is not None and ceiling < v <= vmem:
-            out.append(Violation("vmem_within_ceiling", (name, "vmem_limit_bytes"), f"{name} {v} is above vmem_limit_bytes {ceiling}"))
+            out.append(
+                Violation(
+                    "vmem_within_ceiling",
+                    (name, "vmem_limit_bytes"),
+                    f"{name} {v} is above vmem_limit_bytes {ceiling}",
+                )
+            )
     hd = knobs.get("head_dim_padded")
     if hd is not None and (hd < w.head_dim or hd % spec.chip.lanes):
-        msg = f"head_dim_padded {hd} must be at least head_dim {w.head_dim} and a multiple of {spec.chip.lanes} lanes"
+        msg = (
+            f"head_dim_padded {hd} must be at least head_dim {w.head_dim} and a multiple of "
+            f"{spec.chip.lanes} lanes"
+        )
         out.append(Violation("head_padding", ("head_dim_padded",), msg))
     if page:
         pages_per_seq = cdiv(w.max_model_len, page)
         bkv = knobs.get("rpa_v2.num_kv_pages_per_block")
         bq = knobs.get("rpa_v2.num_queries_per_block")
         if bkv is not None and not 0 < bkv <= pages_per_seq:
-            msg = f"rpa_v2.num_kv_pages_per_block {bkv} must be in 1..{pages_per_seq} (pages per sequence)"
+            msg = (
+                f"rpa_v2.num_kv_pages_per_block {bkv} must be in 1..{pages_per_seq} (pages per "
+                "sequence)"
+            )
             out.append(Violation("rpa_v2_kv_block", ("rpa_v2.num_kv_pages_per_block",), msg))
         if bq is not None and not 0 < bq <= w.max_num_batched_tokens:
-            msg = f"rpa_v2.num_queries_per_block {bq} must be in 1..{w.max_num_batched_tokens} (max batched tokens)"
+            msg = (
+                f"rpa_v2.num_queries_per_block {bq} must be in 1..{w.max_num_batched_tokens} (max "
+                "batched tokens)"
+            )
             out.append(Violation("rpa_v2_q_block", ("rpa_v2.num_queries_per_block",), msg))
         max_kv = pages_per_seq * page
         max_q = next_pow2(w.max_num_batched_tokens)
@@ -230,7 +294,10 @@ def check(spec: Generation, w: Workload, knobs: Mapping[str, Any]) -> list[Viola
                 msg = f"{name} {t}: KV block sizes must be multiples of page_size {page}"
                 out.append(Violation("rpa_v3_kv_page_multiple", (name, "page_size"), msg))
             if bkv_sz > align(max_kv, page) or bkv_csz > bkv_sz:
-                msg = f"{name} {t}: KV blocks must satisfy bkv_csz <= bkv_sz <= {max_kv} (tokens per sequence)"
+                msg = (
+                    f"{name} {t}: KV blocks must satisfy bkv_csz <= bkv_sz <= {max_kv} (tokens "
+                    "per sequence)"
+                )
                 out.append(Violation("rpa_v3_kv_block_bounds", (name,), msg))
             if max(bq_sz, bq_csz) > max_q:
                 msg = f"{name} {t}: query blocks must be within {max_q} batched tokens"

@@ -29,18 +29,55 @@ _BLOCKS = "(bq_sz, bkv_sz, bq_csz, bkv_csz): query and KV tokens per block, and 
 REGISTRY: dict[str, KnobSpec] = {
     k.name: k
     for k in (
-        KnobSpec("head_dim_padded", "int", "head dim as the KV cache stores it (the lane width's multiple)"),
+        KnobSpec(
+            "head_dim_padded",
+            "int",
+            "head dim as the KV cache stores it (the lane width's multiple)",
+        ),
         KnobSpec("page_size", "int", "tokens per KV-cache page (vLLM's block size)", unit="tokens"),
-        KnobSpec("min_page_size", "int", "smallest page whose block tables fit half of SMEM", unit="tokens"),
-        KnobSpec("max_num_seqs_smem", "int", "sequences whose block tables fit half of SMEM at this page size"),
-        KnobSpec("vmem_limit_bytes", "int", "VMEM ceiling for every attention kernel", unit="bytes"),
-        KnobSpec("rpa_v2.num_kv_pages_per_block", "int", "KV pages per block of the RPA v2 kernel", unit="pages"),
-        KnobSpec("rpa_v2.num_queries_per_block", "int", "query tokens per block of the RPA v2 kernel", unit="tokens"),
-        KnobSpec("rpa_v2.vmem_limit_bytes", "int", "VMEM limit passed to the RPA v2 kernel", unit="bytes"),
-        KnobSpec("rpa_v3.d_block_sizes", "blocks", "RPA v3 block sizes of decode-only batches " + _BLOCKS),
-        KnobSpec("rpa_v3.p_block_sizes", "blocks", "RPA v3 block sizes of prefill-only batches " + _BLOCKS),
-        KnobSpec("rpa_v3.m_block_sizes", "blocks", "RPA v3 block sizes of mixed batches " + _BLOCKS),
-        KnobSpec("rpa_v3.vmem_limit_bytes", "int", "VMEM limit passed to the RPA v3 kernel", unit="bytes"),
+        KnobSpec(
+            "min_page_size",
+            "int",
+            "smallest page whose block tables fit half of SMEM",
+            unit="tokens",
+        ),
+        KnobSpec(
+            "max_num_seqs_smem",
+            "int",
+            "sequences whose block tables fit half of SMEM at this page size",
+        ),
+        KnobSpec(
+            "vmem_limit_bytes", "int", "VMEM ceiling for every attention kernel", unit="bytes"
+        ),
+        KnobSpec(
+            "rpa_v2.num_kv_pages_per_block",
+            "int",
+            "KV pages per block of the RPA v2 kernel",
+            unit="pages",
+        ),
+        KnobSpec(
+            "rpa_v2.num_queries_per_block",
+            "int",
+            "query tokens per block of the RPA v2 kernel",
+            unit="tokens",
+        ),
+        KnobSpec(
+            "rpa_v2.vmem_limit_bytes", "int", "VMEM limit passed to the RPA v2 kernel", unit="bytes"
+        ),
+        KnobSpec(
+            "rpa_v3.d_block_sizes", "blocks", "RPA v3 block sizes of decode-only batches " + _BLOCKS
+        ),
+        KnobSpec(
+            "rpa_v3.p_block_sizes",
+            "blocks",
+            "RPA v3 block sizes of prefill-only batches " + _BLOCKS,
+        ),
+        KnobSpec(
+            "rpa_v3.m_block_sizes", "blocks", "RPA v3 block sizes of mixed batches " + _BLOCKS
+        ),
+        KnobSpec(
+            "rpa_v3.vmem_limit_bytes", "int", "VMEM limit passed to the RPA v3 kernel", unit="bytes"
+        ),
     )
 }
 COMMON_KNOBS = tuple(k for k in REGISTRY if "." not in k)
@@ -53,7 +90,9 @@ def coerce(name: str, value: Any) -> Any:
     if spec is None:
         if "." not in name:
             common = ", ".join(COMMON_KNOBS)
-            raise ValueError(f"unknown knob {name!r} (common knobs: {common}; kernel knobs are 'family.name')")
+            raise ValueError(
+                f"unknown knob {name!r} (common knobs: {common}; kernel knobs are 'family.name')"
+            )
         return value
     if spec.kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
@@ -63,9 +102,16 @@ def coerce(name: str, value: Any) -> Any:
         value = [p.strip() for p in value.split(",")]
     try:
         # Whole numbers only: 1.5 must be an error, not silently 1.
-        items = tuple(v if isinstance(v, int) and not isinstance(v, bool) else int(str(v).strip()) for v in value)
+        items = tuple(
+            v if isinstance(v, int) and not isinstance(v, bool) else int(str(v).strip())
+            for v in value
+        )
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{name} must be 4 whole numbers (bq_sz, bkv_sz, bq_csz, bkv_csz), got {value!r}") from None
+        raise ValueError(
+            f"{name} must be 4 whole numbers (bq_sz, bkv_sz, bq_csz, bkv_csz), got {value!r}"
+        ) from None
     if len(items) != 4:
-        raise ValueError(f"{name} must be 4 whole numbers (bq_sz, bkv_sz, bq_csz, bkv_csz), got {len(items)}")
+        raise ValueError(
+            f"{name} must be 4 whole numbers (bq_sz, bkv_sz, bq_csz, bkv_csz), got {len(items)}"
+        )
     return items

@@ -53,10 +53,14 @@ def data_error(message: str, hint: str = "", at: tuple = ()) -> PydanticCustomEr
     """An error for a validator to raise: ``message`` is shown as is, ``hint`` as the fix,
     ``at`` is appended to the location pydantic reports (a field validator's field, or a model
     validator's model)."""
-    return PydanticCustomError(DATA_ERROR, "{message}", {"message": message, "hint": hint, "at": tuple(at)})
+    return PydanticCustomError(
+        DATA_ERROR, "{message}", {"message": message, "hint": hint, "at": tuple(at)}
+    )
 
 
-def validate(model: type[BaseModel], doc: dict, text: str, path: Path, prefix: tuple = ()) -> tuple[BaseModel | None, list[Problem]]:
+def validate(
+    model: type[BaseModel], doc: dict, text: str, path: Path, prefix: tuple = ()
+) -> tuple[BaseModel | None, list[Problem]]:
     try:
         return model.model_validate(doc), []
     except ValidationError as e:
@@ -70,17 +74,32 @@ def problems_from(err: ValidationError, text: str, shown: str, prefix: tuple = (
         if item["type"] == DATA_ERROR:
             ctx = item.get("ctx") or {}
             loc += tuple(ctx.get("at", ()))
-            out.append(Problem(shown, locate(text, loc), dotted(loc), str(ctx.get("message", item["msg"])), str(ctx.get("hint", ""))))
+            out.append(
+                Problem(
+                    shown,
+                    locate(text, loc),
+                    dotted(loc),
+                    str(ctx.get("message", item["msg"])),
+                    str(ctx.get("hint", "")),
+                )
+            )
             continue
         field = dotted(loc)
         msg = item["msg"]
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        if item["type"] not in ("missing", "extra_forbidden", "model_type") and "input" in item and not isinstance(item["input"], (dict, list)):
+            msg = msg[len("Value error, ") :]
+        if (
+            item["type"] not in ("missing", "extra_forbidden", "model_type")
+            and "input" in item
+            and not isinstance(item["input"], (dict, list))
+        ):
             got = item["input"]
-            msg = f"{msg} (got {str(got).lower() if isinstance(got, bool) else repr(got)})"  # as TOML spells it
+            as_toml = str(got).lower() if isinstance(got, bool) else repr(got)
+            msg = f"{msg} (got {as_toml})"
         hint = _HINTS.get(item["type"], "")
-        if item["type"] in _RANGE_ERRORS and not any(m in str(loc[-1] if loc else "") for m in _UNIT_MARKERS):
+        if item["type"] in _RANGE_ERRORS and not any(
+            m in str(loc[-1] if loc else "") for m in _UNIT_MARKERS
+        ):
             hint = _HINTS_NO_UNIT[item["type"]]
         if item["type"] == "int_type" and isinstance(item.get("input"), bool):
             hint = "write a whole number, not true or false"
@@ -98,5 +117,3 @@ def dotted(loc: tuple) -> str:
         else:
             parts.append(("." if parts else "") + str(p))
     return "".join(parts)
-
-

@@ -20,7 +20,9 @@ ENV_CACHE = "TPU_REGISTRY_CACHE_DIR"
 
 
 def cache_dir() -> Path:
-    base = os.environ.get(ENV_CACHE) or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tpu-registry")
+    base = os.environ.get(ENV_CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tpu-registry"
+    )
     return Path(base) / "toml-json"
 
 
@@ -44,7 +46,12 @@ def _cache_trusted(folder: Path) -> bool:
         return True
     if str(folder) not in _untrusted_warned:
         _untrusted_warned.add(str(folder))
-        logging.getLogger("tpu_registry").warning("parse cache %s is writable by other users or not yours; not using it (chmod 700 it, or set %s)", folder, ENV_CACHE)
+        logging.getLogger("tpu_registry").warning(
+            "parse cache %s is writable by other users or not yours; not using it (chmod 700 it, "
+            "or set %s)",
+            folder,
+            ENV_CACHE,
+        )
     return False
 
 
@@ -73,5 +80,3 @@ def put(raw: bytes, doc: dict[str, Any]) -> None:
         os.replace(tmp, target)
     except OSError:
         pass
-
-

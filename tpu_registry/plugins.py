@@ -84,7 +84,9 @@ class Plugins:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as e:
-            raise RegistryError(f"{e} (hook names start with 'tpu_registry_'; see docs/hooks.md)") from e
+            raise RegistryError(
+                f"{e} (hook names start with 'tpu_registry_'; see docs/hooks.md)"
+            ) from e
         if trace:
             self.pm.add_hookcall_monitoring(_trace_before, _trace_after)
         self.settings_faults = self._declare_settings()
@@ -107,7 +109,9 @@ class Plugins:
             try:
                 self.pm.register(ep.load(), name=ep.name)
             except Exception as e:
-                self.load_faults.append(Fault(ep.name, f"failed to load: {type(e).__name__}: {e}", stage="load"))
+                self.load_faults.append(
+                    Fault(ep.name, f"failed to load: {type(e).__name__}: {e}", stage="load")
+                )
                 continue
             if ep.dist is not None:
                 self._dists[ep.name] = ep.dist
@@ -121,7 +125,9 @@ class Plugins:
     def _call(self, hook: str, impl: pluggy.HookImpl, **kwargs: Any) -> Any:
         """Call one implementation through pluggy; its result, or None."""
         # Built per call: tests and tools may register plugins after the manager was built.
-        others = [p for _, p in self.pm.list_name_plugin() if p is not None and p is not impl.plugin]
+        others = [
+            p for _, p in self.pm.list_name_plugin() if p is not None and p is not impl.plugin
+        ]
         results = self.pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
         return results[0] if results else None
 
@@ -139,10 +145,14 @@ class Plugins:
             try:
                 declared = self._call("tpu_registry_settings", impl) or []
                 if impl.plugin_name not in BUILTIN_PLUGINS:  # owned by the plugin that declares it
-                    declared = [replace(s, owner=name) if s.owner == "tpu-registry" else s for s in declared]
+                    declared = [
+                        replace(s, owner=name) if s.owner == "tpu-registry" else s for s in declared
+                    ]
                 settings.register(declared)
             except Exception as e:  # noqa: BLE001 - a plugin fault must not escape
-                faults.append(Fault(name, f"declared bad settings: {type(e).__name__}: {e}", stage="load"))
+                faults.append(
+                    Fault(name, f"declared bad settings: {type(e).__name__}: {e}", stage="load")
+                )
         return faults
 
     def hardware_dirs(self) -> list[Path]:
@@ -167,7 +177,12 @@ class Plugins:
 
         threads = []
         for impl in impls:
-            t = threading.Thread(target=run, args=(impl,), name=f"tpu-registry-detect-{impl.plugin_name}", daemon=True)
+            t = threading.Thread(
+                target=run,
+                args=(impl,),
+                name=f"tpu-registry-detect-{impl.plugin_name}",
+                daemon=True,
+            )
             t.start()
             threads.append((impl.plugin_name, t))
         deadline = time.monotonic() + context.timeout_s
@@ -177,7 +192,10 @@ class Plugins:
             t.join(max(0.0, deadline - time.monotonic()))
             short = short_name(name)
             if t.is_alive():
-                msg = f"gave no answer within {context.timeout_s:g} s; skipped (TPU_REGISTRY_DETECT_TIMEOUT sets the budget)"
+                msg = (
+                    f"gave no answer within {context.timeout_s:g} s; skipped "
+                    "(TPU_REGISTRY_DETECT_TIMEOUT sets the budget)"
+                )
                 faults.append(Fault(short, msg, stage="detect"))
                 continue
             if name in errors:
@@ -186,13 +204,18 @@ class Plugins:
                 continue
             out = results.get(name)
             items = [] if out is None else [out] if isinstance(out, Evidence) else out
-            if not isinstance(items, (list, tuple)) or not all(isinstance(x, Evidence) for x in items):
+            if not isinstance(items, (list, tuple)) or not all(
+                isinstance(x, Evidence) for x in items
+            ):
                 msg = f"returned {type(out).__name__}, not Evidence, a list of Evidence, or None"
                 faults.append(Fault(short, msg, stage="detect"))
                 continue
             for x in items:
                 if x.kind not in EVIDENCE_KINDS:
-                    msg = f"reported unknown evidence kind {x.kind!r} (known: {', '.join(EVIDENCE_KINDS)})"
+                    msg = (
+                        f"reported unknown evidence kind {x.kind!r} (known: "
+                        f"{', '.join(EVIDENCE_KINDS)})"
+                    )
                     faults.append(Fault(short, msg, stage="detect"))
                     continue
                 evidence.append(replace(x, detector=short))
@@ -201,7 +224,15 @@ class Plugins:
     def policy_names(self) -> list[str]:
         return [short_name(i.plugin_name) for i in self._impls("tpu_registry_tune")]
 
-    def tune(self, spec: Generation, workload: Workload, detection: Detection, context: TuneContext, *, only: set[str] | None = None) -> tuple[list[tuple[str, Layer]], list[Fault]]:
+    def tune(
+        self,
+        spec: Generation,
+        workload: Workload,
+        detection: Detection,
+        context: TuneContext,
+        *,
+        only: set[str] | None = None,
+    ) -> tuple[list[tuple[str, Layer]], list[Fault]]:
         """Every policy in call order (or those in ``only``): (plugin, layer) pairs and faults.
 
         A ``TuningError`` (the user's data is wrong) and a built-in policy's ``CatalogError`` (a
@@ -213,7 +244,14 @@ class Plugins:
             if only is not None and name not in only:
                 continue
             try:
-                out = self._call("tpu_registry_tune", impl, spec=spec, workload=workload, detection=detection, context=context)
+                out = self._call(
+                    "tpu_registry_tune",
+                    impl,
+                    spec=spec,
+                    workload=workload,
+                    detection=detection,
+                    context=context,
+                )
             except TuningError:
                 raise  # the user's own data (an overrides file, a workload) is wrong
             except Exception as e:  # noqa: BLE001
@@ -224,11 +262,16 @@ class Plugins:
             if out is None:
                 continue
             if not isinstance(out, Layer):
-                faults.append(Fault(name, f"returned {type(out).__name__}, not a Layer or None", stage="tune"))
+                faults.append(
+                    Fault(name, f"returned {type(out).__name__}, not a Layer or None", stage="tune")
+                )
                 continue
             if not isinstance(out.knobs, Mapping):
                 kind = type(out.knobs).__name__
-                msg = f"returned a Layer whose knobs are a {kind}, not a mapping of knob names to values"
+                msg = (
+                    f"returned a Layer whose knobs are a {kind}, not a mapping of knob names to "
+                    "values"
+                )
                 faults.append(Fault(name, msg, stage="tune"))
                 continue
             layers.append((name, out))
@@ -248,7 +291,11 @@ class Plugins:
                 d = self._dists.get(name)
                 dist, ver = (d.metadata["Name"], d.version) if d is not None else (None, None)
             hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or []))
-            out.append(PluginInfo(short_name(name), "built-in" if builtin else "entry point", dist, ver, hooks))
+            out.append(
+                PluginInfo(
+                    short_name(name), "built-in" if builtin else "entry point", dist, ver, hooks
+                )
+            )
         return out
 
 
@@ -261,14 +308,18 @@ def _impl_names(hook_impls: Sequence[pluggy.HookImpl]) -> str:
     return ",".join(short_name(i.plugin_name) for i in hook_impls) or "-"
 
 
-def _trace_before(hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
+def _trace_before(
+    hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]
+) -> None:
     stack = getattr(_trace_local, "stack", None)
     if stack is None:
         stack = _trace_local.stack = []
     stack.append(time.perf_counter())
 
 
-def _trace_after(outcome: Any, hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
+def _trace_after(
+    outcome: Any, hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]
+) -> None:
     started = _trace_local.stack.pop()
     ms = (time.perf_counter() - started) * 1000
     exc = outcome.exception
@@ -280,7 +331,9 @@ def _trace_after(outcome: Any, hook_name: str, hook_impls: Sequence[pluggy.HookI
         result = repr(value)
         if len(result) > 200:
             result = result[:197] + "..."
-    sys.stderr.write(f"tpu-registry trace: {hook_name} [{_impl_names(hook_impls)}] {ms:.2f} ms -> {result}\n")
+    sys.stderr.write(
+        f"tpu-registry trace: {hook_name} [{_impl_names(hook_impls)}] {ms:.2f} ms -> {result}\n"
+    )
 
 
 # ---------------------------------------------------------------------------- the process's manager
@@ -311,7 +364,11 @@ def get_plugins() -> Plugins:
     with _lock:
         if _plugins is None or _key != key:
             autoload, disable, trace = key
-            _plugins = Plugins(autoload=not _off(autoload), disable=disable, trace=trace.strip().lower() in ("1", "true", "yes", "on"))
+            _plugins = Plugins(
+                autoload=not _off(autoload),
+                disable=disable,
+                trace=trace.strip().lower() in ("1", "true", "yes", "on"),
+            )
             _key = key
         return _plugins
 

@@ -53,7 +53,9 @@ class ResolvedConfig:
     def kernel_kwargs(self, family: str) -> dict[str, Any]:
         """Knobs of one kernel family, as keyword arguments for that kernel."""
         prefix = family + "."
-        return {k[len(prefix):]: v.value for k, v in self.tuning.knobs.items() if k.startswith(prefix)}
+        return {
+            k[len(prefix) :]: v.value for k, v in self.tuning.knobs.items() if k.startswith(prefix)
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,14 +72,27 @@ class ResolvedConfig:
 
     def explain(self) -> str:
         d = self.detection
-        lines = [f"generation: {self.spec.id} ({self.spec.name}){' PROVISIONAL' if self.spec.provisional else ''}", f"  why: {d.status}: {d.reason}"]
+        lines = [
+            f"generation: {self.spec.id} "
+            f"({self.spec.name}){' PROVISIONAL' if self.spec.provisional else ''}",
+            f"  why: {d.status}: {d.reason}",
+        ]
         for f in d.findings:
             e = f.evidence
-            lines.append(f"  evidence: [{f.status}] {e.kind}={e.value!r} from {e.source} -> {', '.join(f.candidates) or '-'}")
+            lines.append(
+                f"  evidence: [{f.status}] {e.kind}={e.value!r} from {e.source} -> "
+                f"{', '.join(f.candidates) or '-'}"
+            )
         lines += [f"  conflict: {c}" for c in d.conflicts]
         lines += [f"  detector fault: {x.plugin}: {x.message}" for x in d.faults]
         w = self.workload
-        lines.append(f"workload: {w.num_q_heads} q heads, {w.num_kv_heads} kv heads, head dim {w.head_dim}, {w.q_dtype}/{w.kv_dtype}, max_model_len {w.max_model_len}, max_num_seqs {w.max_num_seqs}, max_num_batched_tokens {w.max_num_batched_tokens}, tp {w.tensor_parallel}" + (f", sliding window {w.sliding_window}" if w.sliding_window else ""))
+        lines.append(
+            f"workload: {w.num_q_heads} q heads, {w.num_kv_heads} kv heads, head dim "
+            f"{w.head_dim}, {w.q_dtype}/{w.kv_dtype}, max_model_len {w.max_model_len}, "
+            f"max_num_seqs {w.max_num_seqs}, max_num_batched_tokens {w.max_num_batched_tokens}, "
+            f"tp {w.tensor_parallel}"
+            + (f", sliding window {w.sliding_window}" if w.sliding_window else "")
+        )
         lines.append(f"layers (most trusted first): {', '.join(self.tuning.layers) or '-'}")
         for name, k in self.tuning.knobs.items():
             lines.append(f"  {name} = {format_value(k.value)}  [{k.provenance()}]")
@@ -137,7 +152,15 @@ def resolve(
     w = _workload(workload)
     get_plugins()  # plugins declare the settings that make up the key
     env_key = settings.resolve_key(os.environ)
-    key = (w, simulate, str(overrides) if overrides else None, allow_runtime_init, strict, tuple(str(d) for d in catalog_dirs), env_key)
+    key = (
+        w,
+        simulate,
+        str(overrides) if overrides else None,
+        allow_runtime_init,
+        strict,
+        tuple(str(d) for d in catalog_dirs),
+        env_key,
+    )
     hit = _cache.get(key)
     if hit is not None:
         return hit
@@ -149,26 +172,40 @@ def resolve(
     return hit
 
 
-def _compute(w: Workload, simulate, overrides, allow_runtime_init: bool, strict: bool, catalog_dirs) -> ResolvedConfig:
+def _compute(
+    w: Workload, simulate, overrides, allow_runtime_init: bool, strict: bool, catalog_dirs
+) -> ResolvedConfig:
     from .plugins import get_plugins
 
     env = dict(os.environ)
     catalog: Catalog = load_catalog(catalog_dirs)
-    detection = detect(catalog, simulate=simulate, allow_runtime_init=allow_runtime_init, strict=strict, env=env)
+    detection = detect(
+        catalog, simulate=simulate, allow_runtime_init=allow_runtime_init, strict=strict, env=env
+    )
     if detection.generation is None:
         what = {
-            "ambiguous": f"the evidence fits several generations ({', '.join(detection.candidates)})",
+            "ambiguous": (
+                f"the evidence fits several generations ({', '.join(detection.candidates)})"
+            ),
             "conflict": "the evidence conflicts",
         }.get(detection.status, "no TPU was found")
         hint = "say which generation with --simulate ID or TPU_REGISTRY_GENERATION=ID"
-        raise DetectionError([Problem("detection", None, "", f"cannot resolve: {what}: {detection.reason}", hint)])
+        raise DetectionError(
+            [Problem("detection", None, "", f"cannot resolve: {what}: {detection.reason}", hint)]
+        )
     spec = catalog[detection.generation]
     raw = str(overrides) if overrides else env.get(ENV_OVERRIDES, "").strip()
-    context = TuneContext(catalog, spec, w, detection, overrides_path=Path(raw) if raw else None, env=env)
+    context = TuneContext(
+        catalog, spec, w, detection, overrides_path=Path(raw) if raw else None, env=env
+    )
     tuning = tune(get_plugins(), context, strict=strict)
     notes = []
     if spec.provisional:
-        notes.append(f"{spec.id} is provisional: its figures come from announcements and pre-release code")
+        notes.append(
+            f"{spec.id} is provisional: its figures come from announcements and pre-release code"
+        )
     if not spec.kernels.families:
         notes.append(f"no paged-attention kernel supports {spec.id}")
-    return ResolvedConfig(spec=spec, detection=detection, workload=w, tuning=tuning, notes=tuple(notes))
+    return ResolvedConfig(
+        spec=spec, detection=detection, workload=w, tuning=tuning, notes=tuple(notes)
+    )

@@ -25,25 +25,90 @@ class Setting:
 
 
 BUILTIN: tuple[Setting, ...] = (
-    Setting("TPU_REGISTRY_GENERATION", "Say which generation this is (id, alias or identifier); wins over detection.", affects_resolve=True),
-    Setting("TPU_REGISTRY_PATH", "Extra folders of generation files, separated by the path separator.", affects_resolve=True),
-    Setting("TPU_REGISTRY_TABLES_PATH", "Extra folders of tuning tables, separated by the path separator.", affects_resolve=True),
-    Setting("TPU_REGISTRY_OVERRIDES", "An overrides file (TOML) applied by the overrides policy; `--overrides` wins.", affects_resolve=True),
-    Setting("TPU_REGISTRY_POLICIES", "Comma-separated tuning policies to run besides the baseline (default: all).", affects_resolve=True),
-    Setting("TPU_REGISTRY_DISABLE_PLUGINS", "Comma-separated plugin names not to load (built-in or third-party).", affects_resolve=True),
-    Setting("TPU_REGISTRY_PLUGINS_AUTOLOAD", "`0` loads no third-party plugins from entry points.", default="1", affects_resolve=True),
-    Setting("TPU_REGISTRY_SYSFS_ROOT", "Root of the tree the sysfs detector reads (tests point it at a fake tree).", default="/", affects_resolve=True),
-    Setting("TPU_REGISTRY_DETECT_TIMEOUT", "Seconds a detector may take before it is skipped.", default="2", affects_resolve=True),
-    Setting("TPU_REGISTRY_CACHE_DIR", "Folder of the parse cache; `off` disables it.", default="~/.cache/tpu-registry"),
-    Setting("TPU_REGISTRY_TRACE_PLUGINS", "`1` logs every hook call (plugin, hook, time, result) to stderr."),
+    Setting(
+        "TPU_REGISTRY_GENERATION",
+        "Say which generation this is (id, alias or identifier); wins over detection.",
+        affects_resolve=True,
+    ),
+    Setting(
+        "TPU_REGISTRY_PATH",
+        "Extra folders of generation files, separated by the path separator.",
+        affects_resolve=True,
+    ),
+    Setting(
+        "TPU_REGISTRY_TABLES_PATH",
+        "Extra folders of tuning tables, separated by the path separator.",
+        affects_resolve=True,
+    ),
+    Setting(
+        "TPU_REGISTRY_OVERRIDES",
+        "An overrides file (TOML) applied by the overrides policy; `--overrides` wins.",
+        affects_resolve=True,
+    ),
+    Setting(
+        "TPU_REGISTRY_POLICIES",
+        "Comma-separated tuning policies to run besides the baseline (default: all).",
+        affects_resolve=True,
+    ),
+    Setting(
+        "TPU_REGISTRY_DISABLE_PLUGINS",
+        "Comma-separated plugin names not to load (built-in or third-party).",
+        affects_resolve=True,
+    ),
+    Setting(
+        "TPU_REGISTRY_PLUGINS_AUTOLOAD",
+        "`0` loads no third-party plugins from entry points.",
+        default="1",
+        affects_resolve=True,
+    ),
+    Setting(
+        "TPU_REGISTRY_SYSFS_ROOT",
+        "Root of the tree the sysfs detector reads (tests point it at a fake tree).",
+        default="/",
+        affects_resolve=True,
+    ),
+    Setting(
+        "TPU_REGISTRY_DETECT_TIMEOUT",
+        "Seconds a detector may take before it is skipped.",
+        default="2",
+        affects_resolve=True,
+    ),
+    Setting(
+        "TPU_REGISTRY_CACHE_DIR",
+        "Folder of the parse cache; `off` disables it.",
+        default="~/.cache/tpu-registry",
+    ),
+    Setting(
+        "TPU_REGISTRY_TRACE_PLUGINS",
+        "`1` logs every hook call (plugin, hook, time, result) to stderr.",
+    ),
     Setting("TPU_REGISTRY_DEBUG", "`1` makes the CLI show the traceback of an internal error."),
     # Read by the built-in detectors: evidence, not configuration, but it changes the answer.
-    Setting("TPU_VERSION", "Evidence: a bare TPU version number (5 means v5e or v5p).", affects_resolve=True),
-    Setting("TPU_ACCELERATOR_TYPE", "Evidence: the Cloud accelerator type of the slice (`v5p-8`).", affects_resolve=True),
+    Setting(
+        "TPU_VERSION",
+        "Evidence: a bare TPU version number (5 means v5e or v5p).",
+        affects_resolve=True,
+    ),
+    Setting(
+        "TPU_ACCELERATOR_TYPE",
+        "Evidence: the Cloud accelerator type of the slice (`v5p-8`).",
+        affects_resolve=True,
+    ),
     Setting("TPU_TOPOLOGY", "Evidence: the slice topology (`2x2x1`).", affects_resolve=True),
-    Setting("TPU_CHIPS_PER_HOST_BOUNDS", "Evidence: chips on this host (`2,2,1`).", affects_resolve=True),
-    Setting("CHIPS_PER_HOST_BOUNDS", "Evidence: as TPU_CHIPS_PER_HOST_BOUNDS, older spelling.", affects_resolve=True),
-    Setting("TPU_SKIP_MDS_QUERY", "Set: the torch_xla detector may call torch_xla's TPU helpers (they read no metadata server then).", affects_resolve=True),
+    Setting(
+        "TPU_CHIPS_PER_HOST_BOUNDS", "Evidence: chips on this host (`2,2,1`).", affects_resolve=True
+    ),
+    Setting(
+        "CHIPS_PER_HOST_BOUNDS",
+        "Evidence: as TPU_CHIPS_PER_HOST_BOUNDS, older spelling.",
+        affects_resolve=True,
+    ),
+    Setting(
+        "TPU_SKIP_MDS_QUERY",
+        "Set: the torch_xla detector may call torch_xla's TPU helpers (they read no metadata "
+        "server then).",
+        affects_resolve=True,
+    ),
 )
 
 _lock = threading.Lock()
@@ -64,7 +129,9 @@ def register(settings: Iterable[Setting]) -> None:
 
 def all_settings() -> list[Setting]:
     with _lock:
-        return sorted(_registry.values(), key=lambda s: (s.owner != "tpu-registry", s.owner, s.name))
+        return sorted(
+            _registry.values(), key=lambda s: (s.owner != "tpu-registry", s.owner, s.name)
+        )
 
 
 def names() -> frozenset[str]:
@@ -81,9 +148,14 @@ def resolve_key(env: Mapping[str, str]) -> tuple:
 
 def markdown_table(settings: Iterable[Setting] | None = None) -> str:
     """README's settings table."""
-    rows = ["| variable | read by | default | changes `resolve()` | what it does |", "|---|---|---|---|---|"]
+    rows = [
+        "| variable | read by | default | changes `resolve()` | what it does |",
+        "|---|---|---|---|---|",
+    ]
     for s in settings if settings is not None else all_settings():
         default = f"`{s.default}`" if s.default else ""
-        rows.append(f"| `{s.name}` | {s.owner} | {default} | {'yes' if s.affects_resolve else ''} | {s.doc} |")
+        rows.append(
+            f"| `{s.name}` | {s.owner} | {default} | {'yes' if s.affects_resolve else ''} | "
+            f"{s.doc} |"
+        )
     return "\n".join(rows)
-

@@ -68,7 +68,10 @@ class Chip(DataModel):
     @classmethod
     def _mxu_multiple_of_128(cls, v: int) -> int:
         if v % 128:
-            raise data_error(f"must be a multiple of 128, got {v}", "MXUs are 128x128 or 256x256; check rows and columns")
+            raise data_error(
+                f"must be a multiple of 128, got {v}",
+                "MXUs are 128x128 or 256x256; check rows and columns",
+            )
         return v
 
     @field_validator("lanes")
@@ -81,19 +84,36 @@ class Chip(DataModel):
     @model_validator(mode="after")
     def _cross_checks(self) -> Chip:
         if self.peak_int8_tops is not None and "int8" not in self.matmul_dtypes:
-            raise data_error("peak_int8_tops is set but 'int8' is not in matmul_dtypes", "add \"int8\" to chip.matmul_dtypes, or remove chip.peak_int8_tops", ("peak_int8_tops",))
+            raise data_error(
+                "peak_int8_tops is set but 'int8' is not in matmul_dtypes",
+                'add "int8" to chip.matmul_dtypes, or remove chip.peak_int8_tops',
+                ("peak_int8_tops",),
+            )
         if self.peak_fp8_tflops is not None and "fp8" not in self.matmul_dtypes:
-            raise data_error("peak_fp8_tflops is set but 'fp8' is not in matmul_dtypes", "add \"fp8\" to chip.matmul_dtypes, or remove chip.peak_fp8_tflops", ("peak_fp8_tflops",))
+            raise data_error(
+                "peak_fp8_tflops is set but 'fp8' is not in matmul_dtypes",
+                'add "fp8" to chip.matmul_dtypes, or remove chip.peak_fp8_tflops',
+                ("peak_fp8_tflops",),
+            )
         if self.vmem_mib_per_core * self.tensorcores_per_chip >= self.hbm_gib * 1024:
             raise data_error(
-                f"VMEM per chip must be smaller than HBM per chip ({self.vmem_mib_per_core:g} MiB x {self.tensorcores_per_chip} cores >= {self.hbm_gib:g} GiB)",
+                f"VMEM per chip must be smaller than HBM per chip ({self.vmem_mib_per_core:g} MiB "
+                f"x {self.tensorcores_per_chip} cores >= {self.hbm_gib:g} GiB)",
                 "vmem_mib_per_core is MiB per core and hbm_gib is GiB per chip; check both units",
                 ("vmem_mib_per_core",),
             )
         if self.jax_devices_per_chip > self.tensorcores_per_chip:
-            raise data_error("jax_devices_per_chip cannot exceed tensorcores_per_chip", "JAX shows at most one device per TensorCore", ("jax_devices_per_chip",))
+            raise data_error(
+                "jax_devices_per_chip cannot exceed tensorcores_per_chip",
+                "JAX shows at most one device per TensorCore",
+                ("jax_devices_per_chip",),
+            )
         if self.chips_per_host and self.max_pod_chips and self.chips_per_host > self.max_pod_chips:
-            raise data_error("chips_per_host cannot exceed max_pod_chips", "check both counts", ("chips_per_host",))
+            raise data_error(
+                "chips_per_host cannot exceed max_pod_chips",
+                "check both counts",
+                ("chips_per_host",),
+            )
         return self
 
     # Derived values used by tuning; computed, never stored, so they cannot disagree.
@@ -153,7 +173,8 @@ class RpaV3Facts(DataModel):
     Upstream switches on the TPU version; these fields carry the same numbers as data:
     prefill/mixed ``bq = min(q_budget // q_per_kv, max_q // q_max_divisor)`` and
     ``bkv = min(kv_tokens, max_kv // kv_max_divisor)``; compute sizes likewise with the
-    ``chunk_*`` fields; decode ``bkv = decode_kv_bytes * kv_packing // 4 // head_dim // kv_heads_x2``.
+    ``chunk_*`` fields; decode
+    ``bkv = decode_kv_bytes * kv_packing // 4 // head_dim // kv_heads_x2``.
     """
 
     decode_kv_bytes: Annotated[int, Field(gt=0)]
@@ -179,7 +200,11 @@ class Kernels(DataModel):
     def _facts_for_families(self) -> Kernels:
         for fam in self.families:
             if getattr(self, fam) is None:
-                raise data_error(f"'{fam}' is listed in families but [kernels.{fam}] is missing", f"add a [kernels.{fam}] table, or remove '{fam}' from families", ("families",))
+                raise data_error(
+                    f"'{fam}' is listed in families but [kernels.{fam}] is missing",
+                    f"add a [kernels.{fam}] table, or remove '{fam}' from families",
+                    ("families",),
+                )
         return self
 
 
@@ -197,7 +222,10 @@ class Source(DataModel):
     @model_validator(mode="after")
     def _traceable(self) -> Source:
         if not self.url and not (self.repo and self.path):
-            raise data_error("a source needs a url, or a repo and a path", 'add url = "https://...", or repo = "owner/name" and path = "file/in/repo"')
+            raise data_error(
+                "a source needs a url, or a repo and a path",
+                'add url = "https://...", or repo = "owner/name" and path = "file/in/repo"',
+            )
         return self
 
 
@@ -221,11 +249,14 @@ class Generation(DataModel):
     def _known_schema(cls, v: int) -> int:
         if v > SCHEMA_VERSION:
             raise data_error(
-                f"schema_version {v} is newer than this tpu-registry understands ({SCHEMA_VERSION})",
+                f"schema_version {v} is newer than this tpu-registry understands "
+                f"({SCHEMA_VERSION})",
                 "upgrade tpu-registry to read this file",
             )
         if v < 1:
-            raise data_error("schema_version must be 1 or more", f"write schema_version = {SCHEMA_VERSION}")
+            raise data_error(
+                "schema_version must be 1 or more", f"write schema_version = {SCHEMA_VERSION}"
+            )
         return v
 
     @field_validator("sources")
@@ -236,7 +267,10 @@ class Generation(DataModel):
             f for f in covered if f.startswith("chip.") and f[5:] not in Chip.model_fields
         )
         if unknown:
-            raise data_error(f"sources name unknown chip fields: {', '.join(unknown)}", "use the field names of [chip]; `tpu-registry schema` lists them")
+            raise data_error(
+                f"sources name unknown chip fields: {', '.join(unknown)}",
+                "use the field names of [chip]; `tpu-registry schema` lists them",
+            )
         chip = info.data.get("chip")
         if chip is not None:
             missing = [
@@ -245,13 +279,20 @@ class Generation(DataModel):
                 if value is not None and f"chip.{name}" not in covered
             ]
             if missing:
-                raise data_error(f"no source covers {', '.join(missing)}", "add each field to the `fields` list of the [[sources]] entry it comes from")
+                raise data_error(
+                    f"no source covers {', '.join(missing)}",
+                    "add each field to the `fields` list of the [[sources]] entry it comes from",
+                )
         return sources
 
     @model_validator(mode="after")
     def _published_unless_provisional(self) -> Generation:
         if not self.provisional:
-            unset = [f for f in ("topology", "max_pod_chips", "chips_per_host") if getattr(self.chip, f) is None]
+            unset = [
+                f
+                for f in ("topology", "max_pod_chips", "chips_per_host")
+                if getattr(self.chip, f) is None
+            ]
             if unset:
                 raise data_error(
                     f"chip.{unset[0]} is required unless the generation is marked provisional",

@@ -30,15 +30,51 @@ def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
-            return None, "", [Problem(shown, None, "", f"file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit", "data files are small; is this the right file?")]
+            return (
+                None,
+                "",
+                [
+                    Problem(
+                        shown,
+                        None,
+                        "",
+                        f"file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit",
+                        "data files are small; is this the right file?",
+                    )
+                ],
+            )
         raw = path.read_bytes()
     except OSError as e:
-        return None, "", [Problem(shown, None, "", f"cannot read file: {e.strerror or e}", "check that it exists and is readable")]
+        return (
+            None,
+            "",
+            [
+                Problem(
+                    shown,
+                    None,
+                    "",
+                    f"cannot read file: {e.strerror or e}",
+                    "check that it exists and is readable",
+                )
+            ],
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        return None, "", [Problem(shown, line, "", f"not valid UTF-8 (byte 0x{raw[e.start]:02x})", "save the file as UTF-8")]
+        return (
+            None,
+            "",
+            [
+                Problem(
+                    shown,
+                    line,
+                    "",
+                    f"not valid UTF-8 (byte 0x{raw[e.start]:02x})",
+                    "save the file as UTF-8",
+                )
+            ],
+        )
     if not text.strip():
         return None, text, [Problem(shown, None, "", "file is empty", "fill it in, or delete it")]
     cached = parse_cache.get(raw)
@@ -46,7 +82,19 @@ def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
         return cached, text, []
     depth, deep_line = _max_bracket_depth(text)
     if depth > MAX_NESTING:
-        return None, text, [Problem(shown, deep_line, "", f"nesting is {depth} levels deep, over the limit of {MAX_NESTING}", "flatten the file")]
+        return (
+            None,
+            text,
+            [
+                Problem(
+                    shown,
+                    deep_line,
+                    "",
+                    f"nesting is {depth} levels deep, over the limit of {MAX_NESTING}",
+                    "flatten the file",
+                )
+            ],
+        )
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -64,11 +112,27 @@ def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
             hint = "a bracket, brace or quote opened earlier is never closed"
         return None, text, [Problem(shown, line, "", f"TOML syntax error: {msg}", hint)]
     except RecursionError:
-        return None, text, [Problem(shown, None, "", "nesting too deep to parse", "flatten the file")]
+        return (
+            None,
+            text,
+            [Problem(shown, None, "", "nesting too deep to parse", "flatten the file")],
+        )
     # Dotted keys and table headers nest without brackets (a.a.a... = 1): check the result too.
     depth = _max_doc_depth(doc)
     if depth > MAX_NESTING:
-        return None, text, [Problem(shown, None, "", f"nesting is {depth} levels deep, over the limit of {MAX_NESTING}", "flatten the file")]
+        return (
+            None,
+            text,
+            [
+                Problem(
+                    shown,
+                    None,
+                    "",
+                    f"nesting is {depth} levels deep, over the limit of {MAX_NESTING}",
+                    "flatten the file",
+                )
+            ],
+        )
     parse_cache.put(raw, doc)
     return doc, text, []
 
@@ -128,7 +192,12 @@ def locate(text: str, loc: tuple) -> int | None:
             table = _table_path(name, counts, h.group(1) == "[[")
             if _is_prefix(table, loc) and len(table) > header_depth:
                 header_line, header_depth = n, len(table)
-            elif h.group(1) == "[[" and header_line is None and _is_prefix(name, loc) and len(name) == len(loc):
+            elif (
+                h.group(1) == "[["
+                and header_line is None
+                and _is_prefix(name, loc)
+                and len(name) == len(loc)
+            ):
                 header_line = n  # the array as a whole (``sources``): its first entry
             continue
         k = _KEY.match(line)

@@ -34,7 +34,9 @@ def _active_policies(env: Mapping[str, str]) -> set[str] | None:
 def run_policies(plugins: Plugins, context: TuneContext) -> tuple[list[Layer], list[Fault]]:
     """Every ``tpu_registry_tune`` implementation in hook order, each answer checked."""
     active = _active_policies(context.env)
-    pairs, faults = plugins.tune(context.spec, context.workload, context.detection, context, only=active)
+    pairs, faults = plugins.tune(
+        context.spec, context.workload, context.detection, context, only=active
+    )
     layers: list[Layer] = []
     for plugin, out in pairs:
         if out.name in RESERVED_LAYERS and plugin not in RESERVED_LAYERS:
@@ -44,14 +46,19 @@ def run_policies(plugins: Plugins, context: TuneContext) -> tuple[list[Layer], l
             faults.append(Fault(plugin, msg, stage="tune"))
             continue
         try:
-            layers.append(replace(out, knobs={k: knob_registry.coerce(k, v) for k, v in out.knobs.items()}))
+            layers.append(
+                replace(out, knobs={k: knob_registry.coerce(k, v) for k, v in out.knobs.items()})
+            )
         except ValueError as e:
             faults.append(Fault(plugin, str(e), stage="tune"))
     if active is not None:
         known = set(plugins.policy_names())
         if missing := sorted(active - known):
             names = ", ".join(missing)
-            raise TuningError(f"{ENV_POLICIES} names unknown policies: {names} (known: {', '.join(sorted(known))})")
+            raise TuningError(
+                f"{ENV_POLICIES} names unknown policies: {names} (known: "
+                f"{', '.join(sorted(known))})"
+            )
     return layers, faults
 
 
@@ -82,7 +89,9 @@ def tune(plugins: Plugins, context: TuneContext, *, strict: bool = False) -> Tun
     spec, workload = context.spec, context.workload
     layers, faults = run_policies(plugins, context)
     if workload.page_size is not None:
-        layers.insert(0, Layer("workload", {"page_size": workload.page_size}, note="fixed by the user"))
+        layers.insert(
+            0, Layer("workload", {"page_size": workload.page_size}, note="fixed by the user")
+        )
     knobs = merge(layers)
     page = knobs.get("page_size")
     dropped: set[str] = set()
@@ -95,7 +104,9 @@ def tune(plugins: Plugins, context: TuneContext, *, strict: bool = False) -> Tun
         layers = [layer for layer in layers if layer.name not in dropped]
         knobs = merge(layers)
         page = knobs.get("page_size")
-        bad_page = kernels.check(spec, workload, {"page_size": page.value}) if page is not None else []
+        bad_page = (
+            kernels.check(spec, workload, {"page_size": page.value}) if page is not None else []
+        )
     # A broken page size is never pinned (the workload would reject it): the check below
     # reports it.
     if page is not None and page.layer not in ("workload", "baseline") and not bad_page:
@@ -125,14 +136,28 @@ def tune(plugins: Plugins, context: TuneContext, *, strict: bool = False) -> Tun
         violations = kernels.check(spec, workload, _values(knobs))
     if strict and faults:
         hint = "fix or disable the plugin (TPU_REGISTRY_DISABLE_PLUGINS), or drop strict"
-        raise TuningError([Problem(f"policy {f.plugin}", None, "", f.message, hint) for f in faults])
-    return Tuning(dict(sorted(knobs.items())), tuple(layer.name for layer in layers), faults=tuple(faults))
+        raise TuningError(
+            [Problem(f"policy {f.plugin}", None, "", f.message, hint) for f in faults]
+        )
+    return Tuning(
+        dict(sorted(knobs.items())), tuple(layer.name for layer in layers), faults=tuple(faults)
+    )
 
 
 def _dropped(layer: str, violations: list[Violation]) -> Fault:
-    return Fault(layer, "knobs break kernel constraints, layer dropped: " + "; ".join(map(str, violations)), stage="tune")
+    return Fault(
+        layer,
+        "knobs break kernel constraints, layer dropped: " + "; ".join(map(str, violations)),
+        stage="tune",
+    )
 
 
 def _problem(v: Violation, knobs: Mapping[str, Knob]) -> Problem:
     layer = knobs[v.knob].layer if v.knob in knobs else "?"
-    return Problem(f"layer {layer}", None, v.knob, v.message, v.hint or "lower the value or remove the override")
+    return Problem(
+        f"layer {layer}",
+        None,
+        v.knob,
+        v.message,
+        v.hint or "lower the value or remove the override",
+    )

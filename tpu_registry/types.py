@@ -78,7 +78,11 @@ class Finding:
     status: str  # agrees | decides | conflict | unknown | info | overridden | undecided
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.evidence.to_dict(), "candidates": list(self.candidates), "status": self.status}
+        return {
+            **self.evidence.to_dict(),
+            "candidates": list(self.candidates),
+            "status": self.status,
+        }
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,9 @@ def canonical_dtype(name: str) -> str:
     key = DTYPE_ALIASES.get(key, key)
     if key not in DTYPE_BITS:
         known = ", ".join(sorted(DTYPE_BITS))
-        raise TuningError(f"unknown dtype {name!r} (use one of: {known}, or bf16, fp8, fp8_e5m2, int8)")
+        raise TuningError(
+            f"unknown dtype {name!r} (use one of: {known}, or bf16, fp8, fp8_e5m2, int8)"
+        )
     return key
 
 

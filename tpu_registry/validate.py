@@ -56,7 +56,15 @@ def validate_paths(paths: list[Path]) -> tuple[int, list[Problem]]:
             if folder.is_dir():
                 other_files += [(f, "tables") for f in sorted(folder.glob("*.toml"))]
             elif folder != cat.builtin_hardware_dir() / "tuning":
-                problems.append(Problem(str(folder), None, "", "tuning-table folder does not exist", "create it or fix TPU_REGISTRY_TABLES_PATH"))
+                problems.append(
+                    Problem(
+                        str(folder),
+                        None,
+                        "",
+                        "tuning-table folder does not exist",
+                        "create it or fix TPU_REGISTRY_TABLES_PATH",
+                    )
+                )
     else:
         builtin = cat.builtin_hardware_dir().resolve()
         for path in paths:
@@ -69,11 +77,19 @@ def validate_paths(paths: list[Path]) -> tuple[int, list[Problem]]:
             elif path.exists() or path.is_symlink():
                 other_files.append((path, "argument"))
             else:
-                problems.append(Problem(str(path), None, "", "no such file or folder", "check the path"))
+                problems.append(
+                    Problem(str(path), None, "", "no such file or folder", "check the path")
+                )
         # Check the named generation files against the built-in catalog for collisions.
-        named = {p.resolve() for p, _ in generation_files + other_files}  # a built-in file named itself is not a duplicate
+        named = {
+            p.resolve() for p, _ in generation_files + other_files
+        }  # a built-in file named itself is not a duplicate
         if builtin not in {p.resolve() for p in paths}:
-            generation_files = [(f, "built-in") for f in cat.list_files(builtin, "built-in")[0] if f.resolve() not in named] + generation_files
+            generation_files = [
+                (f, "built-in")
+                for f in cat.list_files(builtin, "built-in")[0]
+                if f.resolve() not in named
+            ] + generation_files
 
     loaded = []
     overrides: list[tuple[Any, str, Path]] = []

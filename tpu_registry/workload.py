@@ -46,23 +46,52 @@ class Workload:
         def bad(name: str, msg: str, hint: str) -> None:
             problems.append(Problem("workload", None, name, msg, hint))
 
-        for name in ("num_q_heads", "num_kv_heads", "head_dim", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel"):
+        for name in (
+            "num_q_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_model_len",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "tensor_parallel",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 bad(name, f"must be a positive whole number, got {v!r}", "check the model config")
         for name in ("page_size", "sliding_window"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                bad(name, f"must be a positive whole number or unset, got {v!r}", "leave it unset to let the registry choose")
+                bad(
+                    name,
+                    f"must be a positive whole number or unset, got {v!r}",
+                    "leave it unset to let the registry choose",
+                )
         if not problems:
             if self.num_q_heads % self.num_kv_heads:
-                bad("num_kv_heads", f"{self.num_kv_heads} KV heads do not divide {self.num_q_heads} query heads", "grouped-query attention needs q heads = k x kv heads")
+                bad(
+                    "num_kv_heads",
+                    f"{self.num_kv_heads} KV heads do not divide {self.num_q_heads} query heads",
+                    "grouped-query attention needs q heads = k x kv heads",
+                )
             if self.num_q_heads % self.tensor_parallel:
-                bad("tensor_parallel", f"{self.tensor_parallel}-way tensor parallelism does not divide {self.num_q_heads} query heads", "use a tensor-parallel degree that divides the heads")
+                bad(
+                    "tensor_parallel",
+                    f"{self.tensor_parallel}-way tensor parallelism does not divide "
+                    f"{self.num_q_heads} query heads",
+                    "use a tensor-parallel degree that divides the heads",
+                )
             if self.page_size is not None and self.page_size & (self.page_size - 1):
-                bad("page_size", f"must be a power of two, got {self.page_size}", "use 16, 32, 64, 128 or 256")
+                bad(
+                    "page_size",
+                    f"must be a power of two, got {self.page_size}",
+                    "use 16, 32, 64, 128 or 256",
+                )
             if self.head_dim > 1024:
-                bad("head_dim", f"{self.head_dim} is beyond any attention kernel's range", "check hidden_size / num_attention_heads")
+                bad(
+                    "head_dim",
+                    f"{self.head_dim} is beyond any attention kernel's range",
+                    "check hidden_size / num_attention_heads",
+                )
         for name in ("q_dtype", "kv_dtype"):
             try:
                 object.__setattr__(self, name, canonical_dtype(getattr(self, name)))
@@ -89,11 +118,24 @@ class Workload:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise TuningError([Problem(where, None, k, "unknown workload field", f"known: {', '.join(sorted(names))}") for k in unknown])
+            raise TuningError(
+                [
+                    Problem(
+                        where,
+                        None,
+                        k,
+                        "unknown workload field",
+                        f"known: {', '.join(sorted(names))}",
+                    )
+                    for k in unknown
+                ]
+            )
         try:
             return cls(**dict(data))
         except TypeError as e:
-            raise TuningError([Problem(where, None, "", str(e), "give num_q_heads, num_kv_heads and head_dim")]) from None
+            raise TuningError(
+                [Problem(where, None, "", str(e), "give num_q_heads, num_kv_heads and head_dim")]
+            ) from None
 
     @classmethod
     def from_hf_config(cls, path: os.PathLike | str, **limits: Any) -> Workload:
@@ -102,28 +144,77 @@ class Workload:
         try:
             cfg = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as e:
-            raise TuningError([Problem(str(p), None, "", f"cannot read: {e}", "pass the model's config.json")]) from None
+            raise TuningError(
+                [Problem(str(p), None, "", f"cannot read: {e}", "pass the model's config.json")]
+            ) from None
         except json.JSONDecodeError as e:
-            raise TuningError([Problem(str(p), e.lineno, "", f"not valid JSON: {e.msg}", "pass the model's config.json")]) from None
+            raise TuningError(
+                [
+                    Problem(
+                        str(p),
+                        e.lineno,
+                        "",
+                        f"not valid JSON: {e.msg}",
+                        "pass the model's config.json",
+                    )
+                ]
+            ) from None
         if not isinstance(cfg, dict):
-            raise TuningError([Problem(str(p), None, "", "is not a JSON object", "pass the model's config.json")])
+            raise TuningError(
+                [Problem(str(p), None, "", "is not a JSON object", "pass the model's config.json")]
+            )
         cfg = cfg.get("text_config", cfg) if "num_attention_heads" not in cfg else cfg
         for key, what in UNSUPPORTED_ATTENTION.items():
             if cfg.get(key) is not None:
-                raise TuningError([Problem(str(p), None, key, f"the model uses {what}, which tpu-registry does not model yet", "MLA models keep tpu-inference's own MLA kernel settings; nothing here would be right for them")])
+                raise TuningError(
+                    [
+                        Problem(
+                            str(p),
+                            None,
+                            key,
+                            f"the model uses {what}, which tpu-registry does not model yet",
+                            "MLA models keep tpu-inference's own MLA kernel settings; nothing "
+                            "here would be right for them",
+                        )
+                    ]
+                )
         heads = cfg.get("num_attention_heads")
         if not isinstance(heads, int):
-            raise TuningError([Problem(str(p), None, "num_attention_heads", "missing or not a number", "is this a transformer config.json?")])
+            raise TuningError(
+                [
+                    Problem(
+                        str(p),
+                        None,
+                        "num_attention_heads",
+                        "missing or not a number",
+                        "is this a transformer config.json?",
+                    )
+                ]
+            )
         kv = cfg.get("num_key_value_heads") or heads
         head_dim = cfg.get("head_dim")
         if not head_dim:
             hidden = cfg.get("hidden_size")
             if not isinstance(hidden, int):
-                raise TuningError([Problem(str(p), None, "head_dim", "neither head_dim nor hidden_size is given", "add head_dim")])
+                raise TuningError(
+                    [
+                        Problem(
+                            str(p),
+                            None,
+                            "head_dim",
+                            "neither head_dim nor hidden_size is given",
+                            "add head_dim",
+                        )
+                    ]
+                )
             head_dim = hidden // heads
         values: dict[str, Any] = {"num_q_heads": heads, "num_kv_heads": kv, "head_dim": head_dim}
         window = cfg.get("sliding_window")
-        if isinstance(window, int) and window > 0 and cfg.get("use_sliding_window", True) is not False:
+        if (
+            isinstance(window, int)
+            and window > 0
+            and cfg.get("use_sliding_window", True) is not False
+        ):
             values["sliding_window"] = window
         if "max_model_len" not in limits and isinstance(cfg.get("max_position_embeddings"), int):
             values["max_model_len"] = min(cfg["max_position_embeddings"], 8192)

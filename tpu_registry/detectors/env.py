@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from tpu_registry.types import DetectContext, Evidence
 from tpu_registry.hookspecs import hookimpl
+from tpu_registry.types import DetectContext, Evidence
 
 EXPLICIT = "TPU_REGISTRY_GENERATION"
 
@@ -28,15 +28,42 @@ def tpu_registry_detect(context: DetectContext) -> list[Evidence]:
     if value := env.get(EXPLICIT, "").strip():
         out.append(Evidence("explicit", value, f"env {EXPLICIT}"))
     if value := env.get("TPU_VERSION", "").strip():
-        out.append(Evidence("generation_number", value, "env TPU_VERSION", note="a bare version number: 5 means v5e or v5p"))
+        out.append(
+            Evidence(
+                "generation_number",
+                value,
+                "env TPU_VERSION",
+                note="a bare version number: 5 means v5e or v5p",
+            )
+        )
     if value := env.get("TPU_ACCELERATOR_TYPE", "").strip():
         suffix = value.rpartition("-")[2]
         count = int(suffix) if suffix.isdigit() and int(suffix) > 0 else None
-        out.append(Evidence("accelerator_type", value, "env TPU_ACCELERATOR_TYPE", count=count, count_unit="suffix", scope="slice"))
+        out.append(
+            Evidence(
+                "accelerator_type",
+                value,
+                "env TPU_ACCELERATOR_TYPE",
+                count=count,
+                count_unit="suffix",
+                scope="slice",
+            )
+        )
     if value := env.get("TPU_TOPOLOGY", "").strip():
-        out.append(Evidence("topology", value, "env TPU_TOPOLOGY", count=_product(value), scope="slice", topology=value))
+        out.append(
+            Evidence(
+                "topology",
+                value,
+                "env TPU_TOPOLOGY",
+                count=_product(value),
+                scope="slice",
+                topology=value,
+            )
+        )
     for name in ("TPU_CHIPS_PER_HOST_BOUNDS", "CHIPS_PER_HOST_BOUNDS"):
         if value := env.get(name, "").strip():
-            out.append(Evidence("topology", value, f"env {name}", count=_product(value), scope="host"))
+            out.append(
+                Evidence("topology", value, f"env {name}", count=_product(value), scope="host")
+            )
             break
     return out

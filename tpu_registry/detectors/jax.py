@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from tpu_registry.types import DetectContext, Evidence
 from tpu_registry.hookspecs import hookimpl
+from tpu_registry.types import DetectContext, Evidence
 
 
 def backend_initialised() -> bool:
@@ -30,4 +30,10 @@ def tpu_registry_detect(context: DetectContext) -> Evidence | None:
     devices = [d for d in jax.local_devices() if d.platform == "tpu"]
     if not devices:
         return None
-    return Evidence("device_kind", devices[0].device_kind, "jax.local_devices()", count=len(devices), count_unit="devices")
+    return Evidence(
+        "device_kind",
+        devices[0].device_kind,
+        "jax.local_devices()",
+        count=len(devices),
+        count_unit="devices",
+    )

@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 from tpu_registry.catalog import pci_key
-from tpu_registry.types import DetectContext, Evidence
 from tpu_registry.hookspecs import hookimpl
+from tpu_registry.types import DetectContext, Evidence
 
 GOOGLE_VENDOR = 0x1AE0
 
@@ -45,7 +45,11 @@ def count_device_nodes(root: Path) -> int:
     dev = root / "dev"
     try:
         accel = [p for p in dev.glob("accel*") if p.name[5:].isdigit()]
-        vfio = [p for p in (dev / "vfio").glob("*") if p.name.isdigit()] if (dev / "vfio").is_dir() else []
+        vfio = (
+            [p for p in (dev / "vfio").glob("*") if p.name.isdigit()]
+            if (dev / "vfio").is_dir()
+            else []
+        )
     except OSError:
         return 0
     return len(accel) + len(vfio)
@@ -67,5 +71,13 @@ def tpu_registry_detect(context: DetectContext) -> list[Evidence]:
             note = f"/dev has {nodes} accelerator nodes, PCI has {count} devices"
         out.append(Evidence("pci", key, f"sysfs {where}", count=count, note=note))
     if not pci and nodes:
-        out.append(Evidence("topology", f"{nodes} device nodes", f"{root / 'dev'}", count=nodes, note="accelerator device nodes without Google PCI devices"))
+        out.append(
+            Evidence(
+                "topology",
+                f"{nodes} device nodes",
+                f"{root / 'dev'}",
+                count=nodes,
+                note="accelerator device nodes without Google PCI devices",
+            )
+        )
     return out

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from tpu_registry.types import DetectContext, Evidence
 from tpu_registry.hookspecs import hookimpl
+from tpu_registry.types import DetectContext, Evidence
 
 
 @hookimpl
@@ -24,5 +24,7 @@ def tpu_registry_detect(context: DetectContext) -> list[Evidence] | None:
     out = [Evidence("torch_xla_version", str(tpu.version()), "torch_xla._internal.tpu.version()")]
     accel = getattr(tpu, "get_tpu_type", None)
     if accel is not None:
-        out.append(Evidence("accelerator_type", str(accel()), "torch_xla._internal.tpu.get_tpu_type()"))
+        out.append(
+            Evidence("accelerator_type", str(accel()), "torch_xla._internal.tpu.get_tpu_type()")
+        )
     return out

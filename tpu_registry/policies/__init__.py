@@ -1,1 +1,1 @@
-"""Built-in tuning policies. Each module is an ordinary plugin implementing ``tpu_registry_tune``."""
+"""Built-in tuning policies: each module is an ordinary plugin implementing the tune hook."""

@@ -21,20 +21,28 @@ def knobs_for(spec: Generation, w: Workload, page: int) -> tuple[dict, list[str]
     knobs: dict = {
         "head_dim_padded": kernels.padded_head_dim(w.head_dim, chip.lanes),
         "page_size": page,
-        "min_page_size": kernels.min_page_size(chip.smem_bytes_per_core, w.max_model_len, w.max_num_seqs, where=spec.id),
-        "max_num_seqs_smem": kernels.max_num_seqs_for(chip.smem_bytes_per_core, w.max_model_len, page),
+        "min_page_size": kernels.min_page_size(
+            chip.smem_bytes_per_core, w.max_model_len, w.max_num_seqs, where=spec.id
+        ),
+        "max_num_seqs_smem": kernels.max_num_seqs_for(
+            chip.smem_bytes_per_core, w.max_model_len, page
+        ),
         "vmem_limit_bytes": chip.vmem_bytes_per_core,
     }
     notes = []
     families = spec.kernels.families
     if "rpa_v2" in families:
-        v2 = kernels.rpa_v2_defaults(spec.kernels.rpa_v2, chip.lanes, chip.vmem_bytes_per_core, w, page)
+        v2 = kernels.rpa_v2_defaults(
+            spec.kernels.rpa_v2, chip.lanes, chip.vmem_bytes_per_core, w, page
+        )
         if isinstance(v2, str):
             notes.append(v2)
         else:
             knobs.update(v2)
     if "rpa_v3" in families:
-        knobs.update(kernels.rpa_v3_defaults(spec.kernels.rpa_v3, chip.vmem_bytes_per_core, w, page))
+        knobs.update(
+            kernels.rpa_v3_defaults(spec.kernels.rpa_v3, chip.vmem_bytes_per_core, w, page)
+        )
     if not families:
         notes.append(f"no paged-attention kernel supports {spec.id}; only common knobs are given")
     return knobs, notes

@@ -54,16 +54,28 @@ class Override(DataModel):
     def _known_fields(cls, v: dict) -> dict:
         unknown = sorted(set(v) - set(WORKLOAD_FIELDS))
         if unknown:
-            raise data_error(f"match names unknown workload fields: {', '.join(unknown)}", f"known: {', '.join(WORKLOAD_FIELDS)}", (unknown[0],))
+            raise data_error(
+                f"match names unknown workload fields: {', '.join(unknown)}",
+                f"known: {', '.join(WORKLOAD_FIELDS)}",
+                (unknown[0],),
+            )
         # A value of the wrong kind would silently never match; a dtype must be one we know.
         for k, want in v.items():
             if k.endswith("dtype"):
                 try:
                     canonical_dtype(want)
                 except TuningError:
-                    raise data_error(f"match {k} {want!r} is not a dtype", f"use one of: {', '.join(sorted(DTYPE_BITS))}", (k,)) from None
+                    raise data_error(
+                        f"match {k} {want!r} is not a dtype",
+                        f"use one of: {', '.join(sorted(DTYPE_BITS))}",
+                        (k,),
+                    ) from None
             elif not isinstance(want, int) or isinstance(want, bool):
-                raise data_error(f"match {k} must be a whole number, got {want!r}", "write the number without quotes", (k,))
+                raise data_error(
+                    f"match {k} must be a whole number, got {want!r}",
+                    "write the number without quotes",
+                    (k,),
+                )
         return v
 
     @field_validator("knobs", mode="before")
@@ -103,7 +115,10 @@ class OverridesFile(DataModel):
     @classmethod
     def _schema(cls, v: int) -> int:
         if not 1 <= v <= SCHEMA_VERSION:
-            raise data_error(f"schema_version {v} is not one this tpu-registry understands ({SCHEMA_VERSION})", "upgrade tpu-registry, or write the schema_version it supports")
+            raise data_error(
+                f"schema_version {v} is not one this tpu-registry understands ({SCHEMA_VERSION})",
+                "upgrade tpu-registry, or write the schema_version it supports",
+            )
         return v
 
 
@@ -115,7 +130,12 @@ def writable_by_others(path: Path) -> bool:
 
 
 def warn_writable(path: Path) -> None:
-    log.warning("overrides file %s is writable by other users; anyone who can write it chooses your kernel knobs (chmod go-w %s)", path, path)
+    log.warning(
+        "overrides file %s is writable by other users; anyone who can write it chooses your "
+        "kernel knobs (chmod go-w %s)",
+        path,
+        path,
+    )
 
 
 _cache: dict[tuple, tuple[OverridesFile, str]] = {}
@@ -144,7 +164,13 @@ def load_overrides(path: Path) -> tuple[OverridesFile, str]:
 def unknown_generations(model: OverridesFile, text: str, path: Path, catalog) -> list[Problem]:
     """Entries whose ``generation`` names nothing in the catalog (``"*"`` names everything)."""
     return [
-        Problem(str(path), locate(text, ("override", i, "generation")), f"override[{i}].generation", f"{o.generation!r} names no generation", "use an id from `tpu-registry list`, or \"*\"")
+        Problem(
+            str(path),
+            locate(text, ("override", i, "generation")),
+            f"override[{i}].generation",
+            f"{o.generation!r} names no generation",
+            'use an id from `tpu-registry list`, or "*"',
+        )
         for i, o in enumerate(model.override)
         if o.generation != "*" and not catalog.find(o.generation)
     ]

@@ -43,6 +43,7 @@ KeyColumn = Literal[
     "sliding_window",
 ]
 
+
 class Table(DataModel):
     schema_version: int
     kernel: KernelFamily
@@ -58,7 +59,10 @@ class Table(DataModel):
     @classmethod
     def _schema(cls, v: int) -> int:
         if not 1 <= v <= SCHEMA_VERSION:
-            raise data_error(f"schema_version {v} is not one this tpu-registry understands ({SCHEMA_VERSION})", "upgrade tpu-registry, or write the schema_version it supports")
+            raise data_error(
+                f"schema_version {v} is not one this tpu-registry understands ({SCHEMA_VERSION})",
+                "upgrade tpu-registry, or write the schema_version it supports",
+            )
         return v
 
     @model_validator(mode="after")
@@ -67,22 +71,47 @@ class Table(DataModel):
         width = len(columns)
         n = len(self.key)
         # Per-column checks are decided once, not per cell: tables have thousands of cells.
-        kinds = ["dtype" if c.endswith("dtype") else "count0" if c == "sliding_window" else "count" for c in columns]
+        kinds = [
+            "dtype" if c.endswith("dtype") else "count0" if c == "sliding_window" else "count"
+            for c in columns
+        ]
         seen: dict[tuple, int] = {}
         for i, row in enumerate(self.rows):
             if len(row) != width:
-                raise data_error(f"rows[{i}] has {len(row)} columns, expected {width} ({', '.join(columns)})", "give one cell per key and value column", ("rows", i))
+                raise data_error(
+                    f"rows[{i}] has {len(row)} columns, expected {width} ({', '.join(columns)})",
+                    "give one cell per key and value column",
+                    ("rows", i),
+                )
             for col, kind, cell in zip(columns, kinds, row, strict=True):
                 if kind == "dtype":
                     if not (isinstance(cell, str) and _dtype(cell)):
-                        raise data_error(f"rows[{i}] {col} must be a dtype name, got {cell!r}", f"use one of: {', '.join(sorted(DTYPE_BITS))}", ("rows", i))
+                        raise data_error(
+                            f"rows[{i}] {col} must be a dtype name, got {cell!r}",
+                            f"use one of: {', '.join(sorted(DTYPE_BITS))}",
+                            ("rows", i),
+                        )
                 elif type(cell) is not int or cell < (0 if kind == "count0" else 1):
-                    what = "a whole number, 0 or more" if kind == "count0" else "a positive whole number"
-                    hint = "write the number without quotes" if type(cell) is not int else "check the cell against its column"
-                    raise data_error(f"rows[{i}] {col} must be {what}, got {cell!r}", hint, ("rows", i))
+                    what = (
+                        "a whole number, 0 or more"
+                        if kind == "count0"
+                        else "a positive whole number"
+                    )
+                    hint = (
+                        "write the number without quotes"
+                        if type(cell) is not int
+                        else "check the cell against its column"
+                    )
+                    raise data_error(
+                        f"rows[{i}] {col} must be {what}, got {cell!r}", hint, ("rows", i)
+                    )
             k = tuple(_norm_cell(c, v) for c, v in zip(self.key, row[:n], strict=True))
             if k in seen:
-                raise data_error(f"rows[{i}] repeats the key of rows[{seen[k]}]", "keep one row per key: remove or merge the duplicate", ("rows", i))
+                raise data_error(
+                    f"rows[{i}] repeats the key of rows[{seen[k]}]",
+                    "keep one row per key: remove or merge the duplicate",
+                    ("rows", i),
+                )
             seen[k] = i
         self._index = seen  # reused by LoadedTable: the key of every row, normalised
         return self
@@ -116,7 +145,9 @@ def bucket(column: str, w: Workload, page: int) -> Any:
     if column == "num_kv_heads":
         return w.kv_heads_per_device
     if column in ("num_q_heads_per_block", "num_kv_heads_per_block"):
-        heads = kernels.min_heads_per_block(w.q_heads_per_device, 2 * w.kv_heads_per_device, w.q_dtype, w.kv_dtype)
+        heads = kernels.min_heads_per_block(
+            w.q_heads_per_device, 2 * w.kv_heads_per_device, w.q_dtype, w.kv_dtype
+        )
         if heads is None:
             return None
         return heads[0] if column == "num_q_heads_per_block" else heads[1] // 2
@@ -146,7 +177,10 @@ class LoadedTable:
         hit = self.index.get(key)
         if hit is None:
             return None
-        return {f"{self.table.kernel}.{name}": value for name, value in zip(self.table.value, hit, strict=True)}
+        return {
+            f"{self.table.kernel}.{name}": value
+            for name, value in zip(self.table.value, hit, strict=True)
+        }
 
 
 def _norm_cell(column: str, value: Any) -> Any:
@@ -161,7 +195,9 @@ def table_folders(env: Mapping[str, str]) -> list[Path]:
     return out
 
 
-def load_table(path: Path, generation: str | None = None) -> tuple[LoadedTable | None, list[Problem]]:
+def load_table(
+    path: Path, generation: str | None = None
+) -> tuple[LoadedTable | None, list[Problem]]:
     """Parse and validate one table. With ``generation``, a well-formed table that does not
     list it is skipped unvalidated (returns None, no problems): resolve() validates only what
     it uses; ``tpu-registry validate`` checks every table."""
@@ -169,7 +205,12 @@ def load_table(path: Path, generation: str | None = None) -> tuple[LoadedTable |
     if doc is None:
         return None, problems
     listed = doc.get("generations")
-    if generation is not None and isinstance(listed, list) and all(isinstance(g, str) for g in listed) and generation not in listed:
+    if (
+        generation is not None
+        and isinstance(listed, list)
+        and all(isinstance(g, str) for g in listed)
+        and generation not in listed
+    ):
         return None, []
     table, problems = validate(Table, doc, text, path)
     if table is None:
@@ -177,7 +218,15 @@ def load_table(path: Path, generation: str | None = None) -> tuple[LoadedTable |
     try:
         return LoadedTable(table, path), []  # type: ignore[arg-type]
     except Exception as e:  # a dtype cell that names no dtype
-        return None, [Problem(str(path), locate(text, ("rows",)), "rows", str(e), "use dtype names such as bfloat16")]
+        return None, [
+            Problem(
+                str(path),
+                locate(text, ("rows",)),
+                "rows",
+                str(e),
+                "use dtype names such as bfloat16",
+            )
+        ]
 
 
 _cache: dict[tuple, list[LoadedTable]] = {}
@@ -189,7 +238,15 @@ def load_tables(folders: list[Path], generation: str | None = None) -> list[Load
     for folder in folders:
         if not folder.is_dir():
             if folder != builtin_hardware_dir() / "tuning":
-                problems.append(Problem(str(folder), None, "", f"tuning-table folder from {ENV_TABLES} does not exist", "create it or fix the variable"))
+                problems.append(
+                    Problem(
+                        str(folder),
+                        None,
+                        "",
+                        f"tuning-table folder from {ENV_TABLES} does not exist",
+                        "create it or fix the variable",
+                    )
+                )
             continue
         files += sorted(p for p in folder.glob("*.toml") if not p.name.startswith("."))
     key = (generation, *((str(p), p.stat().st_mtime_ns) for p in files))
@@ -207,7 +264,9 @@ def load_tables(folders: list[Path], generation: str | None = None) -> list[Load
     return tables
 
 
-def lookup(spec_id: str, family: str, w: Workload, page: int, tables: list[LoadedTable]) -> tuple[dict[str, Any], list[str]]:
+def lookup(
+    spec_id: str, family: str, w: Workload, page: int, tables: list[LoadedTable]
+) -> tuple[dict[str, Any], list[str]]:
     knobs: dict[str, Any] = {}
     used = []
     for t in tables:
@@ -235,9 +294,13 @@ def tpu_registry_tune(spec, workload: Workload, context: TuneContext) -> Layer |
     pages_per_seq = cdiv(workload.max_model_len, page)
     # Upstream clamps a table hit the same way it clamps its defaults.
     if "rpa_v2.num_kv_pages_per_block" in knobs:
-        knobs["rpa_v2.num_kv_pages_per_block"] = min(pages_per_seq, knobs["rpa_v2.num_kv_pages_per_block"])
+        knobs["rpa_v2.num_kv_pages_per_block"] = min(
+            pages_per_seq, knobs["rpa_v2.num_kv_pages_per_block"]
+        )
     if "rpa_v2.num_queries_per_block" in knobs:
-        knobs["rpa_v2.num_queries_per_block"] = min(workload.max_num_batched_tokens, knobs["rpa_v2.num_queries_per_block"])
+        knobs["rpa_v2.num_queries_per_block"] = min(
+            workload.max_num_batched_tokens, knobs["rpa_v2.num_queries_per_block"]
+        )
     return Layer("tables", knobs, note="from " + ", ".join(used))
 
 

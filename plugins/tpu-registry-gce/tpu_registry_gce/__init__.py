@@ -63,12 +63,17 @@ def fetch(base_url: str, key: str, timeout_s: float) -> str | None:
         if resp.status == 404:
             return None
         if 300 <= resp.status < 400:
-            raise MetadataError(f"{url}: HTTP {resp.status} redirect to {resp.getheader('Location')!r} refused (redirects are not followed)")
+            raise MetadataError(
+                f"{url}: HTTP {resp.status} redirect to {resp.getheader('Location')!r} refused "
+                "(redirects are not followed)"
+            )
         if resp.status != 200:
             raise MetadataError(f"{url}: HTTP {resp.status} {resp.reason}")
         length = resp.getheader("Content-Length")
         if length and length.isdigit() and int(length) > MAX_BYTES:
-            raise MetadataError(f"{url}: response of {length} bytes exceeds the {MAX_BYTES // 1024} KiB limit")
+            raise MetadataError(
+                f"{url}: response of {length} bytes exceeds the {MAX_BYTES // 1024} KiB limit"
+            )
         body = b""
         while len(body) <= MAX_BYTES:  # bounded: each pass reads >= 1 byte or stops
             sock.settimeout(left())
@@ -80,7 +85,9 @@ def fetch(base_url: str, key: str, timeout_s: float) -> str | None:
             raise MetadataError(f"{url}: response exceeds the {MAX_BYTES // 1024} KiB limit")
         return body.decode("utf-8", errors="replace")
     except TimeoutError:
-        raise MetadataError(f"{url}: no complete answer within {timeout_s:g} s ({ENV_TIMEOUT})") from None
+        raise MetadataError(
+            f"{url}: no complete answer within {timeout_s:g} s ({ENV_TIMEOUT})"
+        ) from None
     except (OSError, http.client.HTTPException) as e:
         raise MetadataError(f"{url}: {type(e).__name__}: {e}") from e
     finally:
@@ -118,9 +125,23 @@ def _suffix(accelerator_type: str) -> int | None:
 @tpu_registry.hookimpl
 def tpu_registry_settings() -> list[Setting]:
     return [
-        Setting(ENV_ENABLE, "`1` lets the GCE detector ask the metadata server (opt-in: it talks to the network).", affects_resolve=True),
-        Setting(ENV_URL, "Base URL of the metadata attributes (tests point it at 127.0.0.1).", default=DEFAULT_URL, affects_resolve=True),
-        Setting(ENV_TIMEOUT, "Seconds per metadata request.", default=str(DEFAULT_TIMEOUT_S), affects_resolve=True),
+        Setting(
+            ENV_ENABLE,
+            "`1` lets the GCE detector ask the metadata server (opt-in: it talks to the network).",
+            affects_resolve=True,
+        ),
+        Setting(
+            ENV_URL,
+            "Base URL of the metadata attributes (tests point it at 127.0.0.1).",
+            default=DEFAULT_URL,
+            affects_resolve=True,
+        ),
+        Setting(
+            ENV_TIMEOUT,
+            "Seconds per metadata request.",
+            default=str(DEFAULT_TIMEOUT_S),
+            affects_resolve=True,
+        ),
     ]
 
 
@@ -133,9 +154,13 @@ def tpu_registry_detect(context: DetectContext) -> list[Evidence] | None:
     try:
         timeout_s = float(env.get(ENV_TIMEOUT, "").strip() or DEFAULT_TIMEOUT_S)
     except ValueError:
-        raise MetadataError(f"{ENV_TIMEOUT}={env.get(ENV_TIMEOUT)!r} is not a number of seconds") from None
+        raise MetadataError(
+            f"{ENV_TIMEOUT}={env.get(ENV_TIMEOUT)!r} is not a number of seconds"
+        ) from None
     if not 0 < timeout_s < math.inf:
-        raise MetadataError(f"{ENV_TIMEOUT}={env.get(ENV_TIMEOUT)!r} must be a positive number of seconds")
+        raise MetadataError(
+            f"{ENV_TIMEOUT}={env.get(ENV_TIMEOUT)!r} must be a positive number of seconds"
+        )
 
     out: list[Evidence] = []
     accel = (fetch(base, "accelerator-type", timeout_s) or "").strip()
@@ -144,9 +169,13 @@ def tpu_registry_detect(context: DetectContext) -> list[Evidence] | None:
     if not accel and tpu_env.get("ACCELERATOR_TYPE"):
         accel, source = tpu_env["ACCELERATOR_TYPE"], "gce metadata tpu-env ACCELERATOR_TYPE"
     if accel:
-        out.append(Evidence("accelerator_type", accel, source, count=_suffix(accel), count_unit="suffix", scope="slice"))
+        count = _suffix(accel)  # cores or chips: the catalog knows, per generation
+        kind = "accelerator_type"
+        out.append(Evidence(kind, accel, source, count=count, count_unit="suffix", scope="slice"))
     if bounds := tpu_env.get("CHIPS_PER_HOST_BOUNDS"):
-        out.append(Evidence("topology", bounds, "gce metadata tpu-env CHIPS_PER_HOST_BOUNDS", count=_product(bounds), scope="host"))
+        where = "gce metadata tpu-env CHIPS_PER_HOST_BOUNDS"
+        out.append(Evidence("topology", bounds, where, count=_product(bounds), scope="host"))
     if topo := tpu_env.get("TOPOLOGY"):
-        out.append(Evidence("topology", topo, "gce metadata tpu-env TOPOLOGY", count=_product(topo), scope="slice", topology=topo))
+        where, count = "gce metadata tpu-env TOPOLOGY", _product(topo)
+        out.append(Evidence("topology", topo, where, count=count, scope="slice", topology=topo))
     return out or None

@@ -19,6 +19,15 @@ ENV_EXPORTED = "TPU_REGISTRY_VLLM_EXPORTED"
 @tpu_registry.hookimpl
 def tpu_registry_settings() -> list[Setting]:
     return [
-        Setting(ENV_MODE, "`auto` (only on TPU), `force` or `off`: whether the vLLM plugin registers its backend and platform.", default="auto"),
-        Setting(ENV_EXPORTED, "Internal: the RPA_V3_*_BLOCK_SIZES values the vLLM plugin exported, so a child process can tell them from the user's."),
+        Setting(
+            ENV_MODE,
+            "`auto` (only on TPU), `force` or `off`: whether the vLLM plugin registers its "
+            "backend and platform.",
+            default="auto",
+        ),
+        Setting(
+            ENV_EXPORTED,
+            "Internal: the RPA_V3_*_BLOCK_SIZES values the vLLM plugin exported, so a child "
+            "process can tell them from the user's.",
+        ),
     ]

@@ -29,8 +29,7 @@ from vllm.v1.attention.backends.pallas import (
     PallasMetadata,
 )
 
-from tpu_registry import ResolvedConfig, Workload, resolve
-from tpu_registry import cdiv
+from tpu_registry import ResolvedConfig, Workload, cdiv, resolve
 
 from . import kernel_binding
 from .vllm_config import _CACHE_DTYPES, log_line, workload_from_vllm
@@ -54,9 +53,13 @@ def register() -> bool:
 
     member = AttentionBackendEnum.PALLAS
     if member.is_overridden() and member.get_path() != BACKEND_PATH:
-        log.warning("tpu-registry: PALLAS is already overridden by %s; not replacing it", member.get_path())
+        log.warning(
+            "tpu-registry: PALLAS is already overridden by %s; not replacing it", member.get_path()
+        )
         return False
-    register_backend(member, class_path=BACKEND_PATH)  # keyword: the positional order changed between versions
+    register_backend(
+        member, class_path=BACKEND_PATH
+    )  # keyword: the positional order changed between versions
     return True
 
 
@@ -64,7 +67,15 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-def workload_for_impl(vllm_config: Any, *, num_heads: int, num_kv_heads: int, head_size: int, sliding_window: int | None, kv_cache_dtype: str) -> Workload:
+def workload_for_impl(
+    vllm_config: Any,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    sliding_window: int | None,
+    kv_cache_dtype: str,
+) -> Workload:
     """The workload one attention impl serves: its own shape, the config's serving limits.
 
     The impl's head counts are per device. The model-wide workload from the config is used
@@ -73,13 +84,28 @@ def workload_for_impl(vllm_config: Any, *, num_heads: int, num_kv_heads: int, he
     """
     base = workload_from_vllm(vllm_config)
     kv_dtype = _CACHE_DTYPES.get(str(kv_cache_dtype), None) or base.q_dtype
-    w = replace(base, head_dim=head_size, sliding_window=sliding_window or None, kv_dtype=kv_dtype, page_size=vllm_config.cache_config.block_size or None)
+    w = replace(
+        base,
+        head_dim=head_size,
+        sliding_window=sliding_window or None,
+        kv_dtype=kv_dtype,
+        page_size=vllm_config.cache_config.block_size or None,
+    )
     if (w.q_heads_per_device, w.kv_heads_per_device) != (num_heads, num_kv_heads):
         w = replace(w, num_q_heads=num_heads, num_kv_heads=num_kv_heads, tensor_parallel=1)
     return w
 
 
-def workload_from_tensors(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_size: int, sliding_window: int | None) -> Workload:
+def workload_from_tensors(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    sliding_window: int | None,
+) -> Workload:
     """Fallback when no vLLM config was current: limits read from the first call's tensors."""
     page = int(kv_cache.shape[1])
     return Workload(
@@ -120,7 +146,18 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
         attn_type: str = AttentionType.DECODER,
         kv_sharing_target_layer_name: int | None = None,
     ) -> None:
-        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name)
+        super().__init__(
+            num_heads,
+            head_size,
+            scale,
+            num_kv_heads,
+            alibi_slopes,
+            sliding_window,
+            kv_cache_dtype,
+            logits_soft_cap,
+            attn_type,
+            kv_sharing_target_layer_name,
+        )
         self.head_size_padded = cdiv(head_size, TPU_HEAD_SIZE_ALIGNMENT) * TPU_HEAD_SIZE_ALIGNMENT
         self.registry_config: ResolvedConfig | None = None
         self.kernel_kwargs: dict[str, int | None] | None = None  # None: not resolved yet
@@ -128,7 +165,17 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
             kernel_binding.kernel(family)  # load the defaults now, not inside the traced forward
         vllm_config = _current_vllm_config()
         if vllm_config is not None and getattr(vllm_config, "model_config", None) is not None:
-            self._resolve(lambda: workload_for_impl(vllm_config, num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, sliding_window=sliding_window, kv_cache_dtype=kv_cache_dtype), vllm_config)
+            self._resolve(
+                lambda: workload_for_impl(
+                    vllm_config,
+                    num_heads=num_heads,
+                    num_kv_heads=num_kv_heads,
+                    head_size=head_size,
+                    sliding_window=sliding_window,
+                    kv_cache_dtype=kv_cache_dtype,
+                ),
+                vllm_config,
+            )
 
     def _resolve(self, make_workload, vllm_config: Any = None) -> None:
         """Resolve once; on any failure fall back to upstream's choice (``None`` knobs), loudly."""
@@ -137,13 +184,22 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
             cfg = resolve(w)
         except Exception as e:  # noqa: BLE001 - a tuning failure must not stop serving
             self.kernel_kwargs = dict.fromkeys(KNOBS)
-            _log_once(f"tpu-registry: cannot resolve RPA v2 knobs ({type(e).__name__}: {e}); torch_xla chooses them as upstream does", logging.WARNING)
+            _log_once(
+                f"tpu-registry: cannot resolve RPA v2 knobs ({type(e).__name__}: {e}); torch_xla "
+                "chooses them as upstream does",
+                logging.WARNING,
+            )
             return
         kwargs = cfg.kernel_kwargs(FAMILY)
         self.registry_config = cfg
         if set(kwargs) != set(KNOBS):
             self.kernel_kwargs = dict.fromkeys(KNOBS)
-            _log_once(f"tpu-registry: {cfg.spec.id} has no rpa_v2 knobs ({', '.join(cfg.spec.kernels.families) or 'no kernel families'}); torch_xla chooses them as upstream does", logging.WARNING)
+            _log_once(
+                f"tpu-registry: {cfg.spec.id} has no rpa_v2 knobs "
+                f"({', '.join(cfg.spec.kernels.families) or 'no kernel families'}); torch_xla "
+                "chooses them as upstream does",
+                logging.WARNING,
+            )
             return
         notes = []
         most = _most_model_len(vllm_config)
@@ -153,15 +209,26 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
             cap = cdiv(most, w.page_size)
             if kwargs["num_kv_pages_per_block"] > cap:
                 kwargs["num_kv_pages_per_block"] = cap
-                notes.append(f"num_kv_pages_per_block capped at {cap} for VLLM_TPU_MOST_MODEL_LEN={most}")
+                notes.append(
+                    f"num_kv_pages_per_block capped at {cap} for VLLM_TPU_MOST_MODEL_LEN={most}"
+                )
         self.kernel_kwargs = kwargs
         preferred = _preferred_page_size(w)
         if preferred is not None and preferred != w.page_size:
-            notes.append(f"vLLM fixes the page size at {w.page_size}; the registry would choose {preferred}")
+            notes.append(
+                f"vLLM fixes the page size at {w.page_size}; the registry would choose {preferred}"
+            )
         hd = cfg.value("head_dim_padded")
         if hd is not None and hd != self.head_size_padded:
-            notes.append(f"KV cache head dim is {self.head_size_padded} (vLLM's layout); registry head_dim_padded {hd} not applied")
-        line = log_line(cfg, family=FAMILY) + (f"; head_dim {w.head_dim}->{self.head_size_padded}") + "".join(f"; {n}" for n in notes)
+            notes.append(
+                f"KV cache head dim is {self.head_size_padded} (vLLM's layout); registry "
+                f"head_dim_padded {hd} not applied"
+            )
+        line = (
+            log_line(cfg, family=FAMILY)
+            + (f"; head_dim {w.head_dim}->{self.head_size_padded}")
+            + "".join(f"; {n}" for n in notes)
+        )
         _log_once(line)
 
     def forward(
@@ -177,11 +244,23 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("fused output quantization is not supported by the tpu-registry Pallas backend")
+            raise NotImplementedError(
+                "fused output quantization is not supported by the tpu-registry Pallas backend"
+            )
         if kv_cache.numel() == 0:  # vLLM's memory-profiling call
             return torch.ones_like(query) if output is None else output
         if self.kernel_kwargs is None:
-            self._resolve(lambda: workload_from_tensors(query, kv_cache, attn_metadata.block_tables, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_size=self.head_size, sliding_window=self.sliding_window))
+            self._resolve(
+                lambda: workload_from_tensors(
+                    query,
+                    kv_cache,
+                    attn_metadata.block_tables,
+                    num_heads=self.num_heads,
+                    num_kv_heads=self.num_kv_heads,
+                    head_size=self.head_size,
+                    sliding_window=self.sliding_window,
+                )
+            )
         assert self.kernel_kwargs is not None
 
         num_tokens, hidden_size = query.shape
@@ -206,7 +285,9 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
                 layer._k_scale_float,
                 layer._v_scale_float,
             )
-        if self.kv_cache_quantized_dtype is not None and (layer._k_scale_float == 0.0 or layer._v_scale_float == 0.0):
+        if self.kv_cache_quantized_dtype is not None and (
+            layer._k_scale_float == 0.0 or layer._v_scale_float == 0.0
+        ):
             raise ValueError("k_scale_float and v_scale_float must be non-zero")
 
         out = kernel_binding.kernel(FAMILY)(

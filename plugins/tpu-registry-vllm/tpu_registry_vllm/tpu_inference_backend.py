@@ -1,14 +1,14 @@
 """The tpu-inference adapter: vLLM >= 0.14 with tpu-inference (tested with 0.32 / 0.32).
 
-- ``register_current()`` adds the ``TPU_REGISTRY`` attention backend through tpu-inference's
+- ``register()`` adds the ``TPU_REGISTRY`` attention backend through tpu-inference's
   ``register_attention_backend`` (``--attention-backend TPU_REGISTRY``). ``FLASH_ATTN`` is
   left alone.
 - ``RegistryAttentionBackend`` is tpu-inference's kind of backend (KV cache layout + the
   attention computation). Its ``attention()`` calls the RPA v3 kernel through
-  ``kernel_binding.kernel("rpa_v3")`` with the registry's block sizes and VMEM limit; its KV cache shape
-  comes from the registry's attention plan. Calls the registry has no knobs for (head dim 64
-  and attention sinks, which need the hd64 kernel; context parallelism; the experimental
-  batched kernel) go to tpu-inference's own RPA path unchanged.
+  ``kernel_binding.kernel("rpa_v3")`` with the registry's block sizes and VMEM limit; its KV
+  cache shape comes from the registry's attention plan. Calls the registry has no knobs for
+  (head dim 64 and attention sinks, which need the hd64 kernel; context parallelism; the
+  experimental batched kernel) go to tpu-inference's own RPA path unchanged.
 - ``activate(vllm_config)`` resolves the registry for this engine once per process, exports
   ``RPA_V3_*_BLOCK_SIZES`` for models tpu-inference runs as JAX modules (never over a value the
   user set) and logs the one start-up line. The platform plugin calls it; the vLLM attention
@@ -109,7 +109,9 @@ def export_block_sizes(cfg: ResolvedConfig, env: dict[str, str] | None = None) -
     if ours:
         env[ENV_EXPORTED] = ";".join(f"{k}={v}" for k, v in ours.items())
     if exported:
-        notes.insert(0, f"RPA_V3_{{{','.join(exported).upper()}}}_BLOCK_SIZES exported for JAX-native models")
+        notes.insert(
+            0, f"RPA_V3_{{{','.join(exported).upper()}}}_BLOCK_SIZES exported for JAX-native models"
+        )
     return notes
 
 
@@ -181,22 +183,91 @@ class RegistryAttentionBackend(AttentionBackend):
     def config(self) -> ResolvedConfig:
         return self._config if self._config is not None else active_config()
 
-    def get_kv_cache_shape(self, total_num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, kv_dtype: Any) -> tuple[int, ...]:
+    def get_kv_cache_shape(
+        self, total_num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, kv_dtype: Any
+    ) -> tuple[int, ...]:
         import jax.numpy as jnp  # the plan knows both layouts, the hd64 kernel's included
 
         dtype = canonical_dtype(jnp.dtype(kv_dtype).name)
-        return plan_kv_cache_shape("tpu_inference", total_num_pages, page_size, num_kv_heads, head_dim, dtype)
+        return plan_kv_cache_shape(
+            "tpu_inference", total_num_pages, page_size, num_kv_heads, head_dim, dtype
+        )
 
-    def attention(self, kv_cache, q, k, v, md, shared_md, mesh, *, head_dim_original: int, sm_scale: float, attention_chunk_size: int | None, q_scale: float | None, k_scale: float | None, v_scale: float | None, sinks, update_kv_cache: bool, use_causal_mask: bool, attn_logits_soft_cap: float | None, decode_query_size: int):
-        common = dict(head_dim_original=head_dim_original, sm_scale=sm_scale, attention_chunk_size=attention_chunk_size, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, sinks=sinks, update_kv_cache=update_kv_cache, use_causal_mask=use_causal_mask, attn_logits_soft_cap=attn_logits_soft_cap, decode_query_size=decode_query_size)
+    def attention(
+        self,
+        kv_cache,
+        q,
+        k,
+        v,
+        md,
+        shared_md,
+        mesh,
+        *,
+        head_dim_original: int,
+        sm_scale: float,
+        attention_chunk_size: int | None,
+        q_scale: float | None,
+        k_scale: float | None,
+        v_scale: float | None,
+        sinks,
+        update_kv_cache: bool,
+        use_causal_mask: bool,
+        attn_logits_soft_cap: float | None,
+        decode_query_size: int,
+    ):
+        common = dict(
+            head_dim_original=head_dim_original,
+            sm_scale=sm_scale,
+            attention_chunk_size=attention_chunk_size,
+            q_scale=q_scale,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            sinks=sinks,
+            update_kv_cache=update_kv_cache,
+            use_causal_mask=use_causal_mask,
+            attn_logits_soft_cap=attn_logits_soft_cap,
+            decode_query_size=decode_query_size,
+        )
         if _delegate(q, sinks, mesh):
             return RPAAttentionBackend().attention(kv_cache, q, k, v, md, shared_md, mesh, **common)
         tuning = kernel_kwargs(self.config)
-        output, kv_cache = _sharded_rpa_v3(mesh, q, k, v, kv_cache, shared_md.seq_lens, md.block_tables, shared_md.query_start_loc, shared_md.request_distribution, tuning=tuning, sm_scale=sm_scale, sliding_window=attention_chunk_size, soft_cap=attn_logits_soft_cap, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, update_kv_cache=update_kv_cache, use_causal_mask=use_causal_mask)
+        output, kv_cache = _sharded_rpa_v3(
+            mesh,
+            q,
+            k,
+            v,
+            kv_cache,
+            shared_md.seq_lens,
+            md.block_tables,
+            shared_md.query_start_loc,
+            shared_md.request_distribution,
+            tuning=tuning,
+            sm_scale=sm_scale,
+            sliding_window=attention_chunk_size,
+            soft_cap=attn_logits_soft_cap,
+            q_scale=q_scale,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            update_kv_cache=update_kv_cache,
+            use_causal_mask=use_causal_mask,
+        )
         return kv_cache, output
 
 
-def _sharded_rpa_v3(mesh, q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, tuning: Mapping[str, Any], **kernel_args):
+def _sharded_rpa_v3(
+    mesh,
+    q,
+    k,
+    v,
+    kv_cache,
+    kv_lens,
+    page_indices,
+    cu_q_lens,
+    distribution,
+    *,
+    tuning: Mapping[str, Any],
+    **kernel_args,
+):
     """The v3 kernel under ``shard_map`` over tpu-inference's attention axes (KV heads split
     across the head axis, sequences across the data axis), as tpu-inference shards it."""
     import jax
@@ -208,7 +279,9 @@ def _sharded_rpa_v3(mesh, q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, d
     heads = get_mesh_shape_product(mesh, Axis.ATTN_HEAD)
     if heads > 1 and k.shape[1] < heads:  # fewer KV heads than devices: replicate them
         if heads % k.shape[1]:
-            raise ValueError(f"{heads} devices on the head axis do not divide into {k.shape[1]} KV heads")
+            raise ValueError(
+                f"{heads} devices on the head axis do not divide into {k.shape[1]} KV heads"
+            )
         factor = heads // k.shape[1]
         k, v = jnp.repeat(k, factor, axis=1), jnp.repeat(v, factor, axis=1)
     qkv = P(Axis.ATTN_DATA, Axis.ATTN_HEAD, None)
@@ -217,6 +290,23 @@ def _sharded_rpa_v3(mesh, q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, d
     kernel = kernel_binding.kernel(FAMILY)
 
     def body(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution):
-        return kernel(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, **kernel_args, **tuning)
+        return kernel(
+            q,
+            k,
+            v,
+            kv_cache,
+            kv_lens,
+            page_indices,
+            cu_q_lens,
+            distribution,
+            **kernel_args,
+            **tuning,
+        )
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(qkv, qkv, qkv, cache, meta, meta, meta, meta), out_specs=(qkv, cache), check_vma=False)(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution)
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(qkv, qkv, qkv, cache, meta, meta, meta, meta),
+        out_specs=(qkv, cache),
+        check_vma=False,
+    )(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution)

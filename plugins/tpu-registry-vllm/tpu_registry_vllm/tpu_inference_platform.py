@@ -27,7 +27,12 @@ class TpuRegistryPlatform(TpuPlatform):
             except RegistryError as e:
                 if backend.selected(vllm_config):
                     raise
-                log.warning("tpu-registry: cannot resolve (%s); tpu-inference's defaults apply. --attention-backend %s would need it.", e, BACKEND_NAME)
+                log.warning(
+                    "tpu-registry: cannot resolve (%s); tpu-inference's defaults apply. "
+                    "--attention-backend %s would need it.",
+                    e,
+                    BACKEND_NAME,
+                )
         if cfg is None or cache_config.user_specified_block_size:
             super().check_and_update_config(vllm_config)
             return

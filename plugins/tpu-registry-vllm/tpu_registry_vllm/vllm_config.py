@@ -10,7 +10,14 @@ from tpu_registry import ResolvedConfig, Workload, resolve
 
 log = logging.getLogger("vllm.tpu_registry_vllm")  # under vLLM's logger, so its handler prints it
 
-_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2", "int8": "int8"}
+_CACHE_DTYPES = {
+    "auto": None,
+    "bfloat16": "bfloat16",
+    "fp8": "float8_e4m3fn",
+    "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
+    "int8": "int8",
+}
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -19,11 +26,20 @@ def _dtype_name(dtype: Any) -> str:
 
 def workload_from_vllm(vllm_config: Any) -> Workload:
     """The attention shape and serving limits vLLM is about to use."""
-    mc, sc, cc, pc = vllm_config.model_config, vllm_config.scheduler_config, vllm_config.cache_config, vllm_config.parallel_config
+    mc, sc, cc, pc = (
+        vllm_config.model_config,
+        vllm_config.scheduler_config,
+        vllm_config.cache_config,
+        vllm_config.parallel_config,
+    )
     q_dtype = _dtype_name(mc.dtype)
     kv_dtype = _CACHE_DTYPES.get(str(cc.cache_dtype), None) or q_dtype
     user_block = getattr(cc, "user_specified_block_size", False)
-    window = getattr(mc.hf_text_config, "sliding_window", None) if hasattr(mc, "hf_text_config") else None
+    window = (
+        getattr(mc.hf_text_config, "sliding_window", None)
+        if hasattr(mc, "hf_text_config")
+        else None
+    )
     return Workload(
         num_q_heads=mc.get_num_attention_heads(pc) * pc.tensor_parallel_size,
         num_kv_heads=max(mc.get_total_num_kv_heads(), 1),
@@ -43,7 +59,9 @@ def resolve_for_vllm(vllm_config: Any) -> ResolvedConfig:
     return resolve(workload_from_vllm(vllm_config))
 
 
-def log_line(cfg: ResolvedConfig, *, family: str, exported: bool = False, extra: Sequence[str] = ()) -> str:
+def log_line(
+    cfg: ResolvedConfig, *, family: str, exported: bool = False, extra: Sequence[str] = ()
+) -> str:
     """One line: generation and how it was found; page size, block sizes, VMEM, each with its layer.
 
     ``extra``: further phrases appended as they are (e.g. what happened to exported variables).
@@ -59,9 +77,18 @@ def log_line(cfg: ResolvedConfig, *, family: str, exported: bool = False, extra:
 
     parts = [f"tpu-registry: {cfg.spec.id} ({d.status}: {d.reason})", knob("page_size")]
     if family == "rpa_v3":
-        parts += [knob("rpa_v3.d_block_sizes"), knob("rpa_v3.p_block_sizes"), knob("rpa_v3.m_block_sizes"), knob("rpa_v3.vmem_limit_bytes")]
+        parts += [
+            knob("rpa_v3.d_block_sizes"),
+            knob("rpa_v3.p_block_sizes"),
+            knob("rpa_v3.m_block_sizes"),
+            knob("rpa_v3.vmem_limit_bytes"),
+        ]
     else:
-        parts += [knob("rpa_v2.num_kv_pages_per_block"), knob("rpa_v2.num_queries_per_block"), knob("rpa_v2.vmem_limit_bytes")]
+        parts += [
+            knob("rpa_v2.num_kv_pages_per_block"),
+            knob("rpa_v2.num_queries_per_block"),
+            knob("rpa_v2.vmem_limit_bytes"),
+        ]
     if exported:
         parts.append("RPA_V3_*_BLOCK_SIZES exported for models tpu-inference runs as JAX modules")
     parts += list(extra)
