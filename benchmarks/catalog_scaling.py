@@ -33,9 +33,15 @@ SUBSTITUTIONS = {
     r"^aliases = \[.*\]$": lambda n: f'aliases = ["bench alias {n}"]',
     r"^device_kinds = \[.*\]$": lambda n: f'device_kinds = ["Bench TPU {n}"]',
     r"^gke_accelerators = \[.*\]$": lambda n: f'gke_accelerators = ["tpu-bench{n}-slice"]',
-    r"^accelerator_types = \[.*\]$": lambda n: f'accelerator_types = [{{ prefix = "bench{n}", suffix_counts = "chips" }}]',
-    # 65,536 device ids are not enough for distinct files at scale: distinct (device, subsystem) pairs.
-    r"^pci = \[.*\]$": lambda n: f"pci = [{{ vendor = 0x1ae0, device = 0x{0xB000 + (n >> 8):04x}, subsystem_device = 0x{n & 0xFF:04x} }}]",
+    r"^accelerator_types = \[.*\]$": lambda n: (
+        f'accelerator_types = [{{ prefix = "bench{n}", suffix_counts = "chips" }}]'
+    ),
+    # 65,536 device ids are not enough for distinct files at scale:
+    # distinct (device, subsystem) pairs.
+    r"^pci = \[.*\]$": lambda n: (
+        f"pci = [{{ vendor = 0x1ae0, device = 0x{0xB000 + (n >> 8):04x}, "
+        f"subsystem_device = 0x{n & 0xFF:04x} }}]"
+    ),
 }
 
 
@@ -49,7 +55,10 @@ def render(text: str, n: int) -> str:
     for pattern, repl in SUBSTITUTIONS.items():
         text, count = re.subn(pattern, repl(n), text, count=1, flags=re.M)
         if count != 1:
-            raise RuntimeError(f"v6e.toml no longer has a line matching {pattern!r}; update benchmarks/catalog_scaling.py")
+            raise RuntimeError(
+                f"v6e.toml no longer has a line matching {pattern!r}; "
+                "update benchmarks/catalog_scaling.py"
+            )
     return text
 
 
@@ -58,7 +67,6 @@ def generate(folder: Path, count: int, text: str) -> Path:
     for n in range(count):
         (folder / f"bench-{n:05d}.toml").write_text(render(text, n))
     return folder
-
 
 
 def run(small: bool) -> dict:
@@ -72,7 +80,10 @@ def run(small: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="tpu-registry-bench-catalog-") as tmp:
         t0 = time.perf_counter()
         folders = {n: generate(Path(tmp) / f"n{n}", n, text) for n in sizes}
-        print(f"catalog_scaling: generated {sum(sizes):,} files in {time.perf_counter() - t0:.1f} s; built-in folder has {builtin} files; {rounds} rounds")
+        print(
+            f"catalog_scaling: generated {sum(sizes):,} files in {time.perf_counter() - t0:.1f} s; "
+            f"built-in folder has {builtin} files; {rounds} rounds"
+        )
 
         def load(folder: Path | None, collect: bool = True):
             catalog.clear_cache()
@@ -92,12 +103,14 @@ def run(small: bool) -> dict:
             assert cat.lookup("device_kind", f"Bench TPU {n - 1}") == {f"bench-{n - 1:05d}"}
         del cat
         all_sizes = [0, *sizes]
-        times: dict[tuple[int, bool], list[float]] = {(n, c): [] for n in all_sizes for c in (True, False)}
+        times: dict[tuple[int, bool], list[float]] = {
+            (n, c): [] for n in all_sizes for c in (True, False)
+        }
         for r in range(rounds):
-            for n in (all_sizes if r % 2 == 0 else all_sizes[::-1]):
+            for n in all_sizes if r % 2 == 0 else all_sizes[::-1]:
                 # Small sizes are repeated within a round so each gets a comparable share of time.
                 for i in range(max(1, min(20, 500 // max(n, 1)))):
-                    for collect in ((True, False) if (r + i) % 2 == 0 else (False, True)):
+                    for collect in (True, False) if (r + i) % 2 == 0 else (False, True):
                         times[(n, collect)].append(load(folders.get(n), collect)[0])
             print(f"  round {r + 1}/{rounds} done", flush=True)
 
@@ -110,9 +123,36 @@ def run(small: bool) -> dict:
             per_file[(n, True)], per_file[(n, False)] = s.median / files, s_off.median / files
             extra = "-" if n == 0 else f"{(s.median - base.median) / n * 1000:.3f}"
             vs10 = "-" if n == 0 else f"{per_file[(n, True)] / per_file[(sizes[0], True)]:.2f}"
-            vs10_off = "-" if n == 0 else f"{per_file[(n, False)] / per_file[(sizes[0], False)]:.2f}"
-            load_rows.append([f"{n:,}" if n else "0 (built-in only)", f"{files:,}", s.fmt(1000, 1), f"{per_file[(n, True)] * 1000:.3f}", extra, vs10, f"{per_file[(n, False)] * 1000:.3f}", vs10_off, s.n])
-        load_table = md_table(["generated files", "files loaded", "load_catalog() ms", "ms per file loaded", "ms per generated file (minus built-in only)", "per file vs 10", "ms per file, GC off", "per file vs 10, GC off", "runs"], load_rows)
+            vs10_off = (
+                "-" if n == 0 else f"{per_file[(n, False)] / per_file[(sizes[0], False)]:.2f}"
+            )
+            load_rows.append(
+                [
+                    f"{n:,}" if n else "0 (built-in only)",
+                    f"{files:,}",
+                    s.fmt(1000, 1),
+                    f"{per_file[(n, True)] * 1000:.3f}",
+                    extra,
+                    vs10,
+                    f"{per_file[(n, False)] * 1000:.3f}",
+                    vs10_off,
+                    s.n,
+                ]
+            )
+        load_table = md_table(
+            [
+                "generated files",
+                "files loaded",
+                "load_catalog() ms",
+                "ms per file loaded",
+                "ms per generated file (minus built-in only)",
+                "per file vs 10",
+                "ms per file, GC off",
+                "per file vs 10, GC off",
+                "runs",
+            ],
+            load_rows,
+        )
 
         # Lookups: every size's catalog alive at once, measured in alternating rounds.
         cats = {}
@@ -127,7 +167,9 @@ def run(small: bool) -> dict:
             return {
                 "lookup('device_kind', ...)": lambda: cat.lookup("device_kind", f"Bench TPU {mid}"),
                 "lookup('pci', ...)": lambda: cat.lookup("pci", pci),
-                "lookup('gke_accelerator', ...)": lambda: cat.lookup("gke_accelerator", f"tpu-bench{mid}-slice"),
+                "lookup('gke_accelerator', ...)": lambda: cat.lookup(
+                    "gke_accelerator", f"tpu-bench{mid}-slice"
+                ),
                 "find(alias)": lambda: cat.find(f"Bench Alias {mid}"),
                 "find('<prefix>-8') (accelerator type)": lambda: cat.find(f"bench{mid}-8"),
                 "find(unknown text)": lambda: cat.find("no such tpu"),
@@ -137,15 +179,25 @@ def run(small: bool) -> dict:
         for n in sizes:
             for label, fn in probes(n).items():
                 got = fn()
-                assert got == (set() if "unknown" in label else {f"bench-{n // 2:05d}"}), (label, got)
+                assert got == (set() if "unknown" in label else {f"bench-{n // 2:05d}"}), (
+                    label,
+                    got,
+                )
         for b in range(batches):
-            for n in (sizes if b % 2 == 0 else sizes[::-1]):
+            for n in sizes if b % 2 == 0 else sizes[::-1]:
                 for label, fn in probes(n).items():
                     samples.setdefault((n, label), []).extend(per_call(fn, calls, 1))
         labels = list(probes(sizes[0]))
-        lookup_us = {label: [stats(samples[(n, label)]).median * 1e6 for n in sizes] for label in labels}
-        lookup_rows = [[f"{n:,}", *[f"{lookup_us[label][i]:.2f}" for label in labels]] for i, n in enumerate(sizes)]
-        lookup_rows.append(["largest / smallest", *[f"{v[-1] / v[0]:.2f}x" for v in lookup_us.values()]])
+        lookup_us = {
+            label: [stats(samples[(n, label)]).median * 1e6 for n in sizes] for label in labels
+        }
+        lookup_rows = [
+            [f"{n:,}", *[f"{lookup_us[label][i]:.2f}" for label in labels]]
+            for i, n in enumerate(sizes)
+        ]
+        lookup_rows.append(
+            ["largest / smallest", *[f"{v[-1] / v[0]:.2f}x" for v in lookup_us.values()]]
+        )
         lookup_table = md_table(["generated files", *[f"{k} µs" for k in labels]], lookup_rows)
         cats.clear()
 
@@ -155,25 +207,54 @@ def run(small: bool) -> dict:
     ratio = per_file[(sizes[-1], True)] / per_file[(sizes[0], True)]
     ratio_off = per_file[(sizes[-1], False)] / per_file[(sizes[0], False)]
     worst_lookup = max(v[-1] / v[0] for v in lookup_us.values())
-    md = "\n".join([
-        f"Generated files are copies of `hardware/v6e.toml` with unique identifiers. Each `load_catalog()` starts from "
-        f"`catalog.clear_cache()` and also loads the {builtin} built-in files; rounds alternate the order of sizes, small sizes "
-        f"are repeated within a round, and every load is timed twice, with Python's cyclic garbage collector on (as users run it) "
-        f"and off (`gc.disable()`, to show what the collector costs as the heap grows). {rounds} rounds after one warm-up load per size. "
-        f"Lookups: all sizes' catalogs alive at once, {batches} alternating batches of {calls:,} calls each, median per call, "
-        f"for an identifier in the middle of the generated files.",
-        "",
-        load_table,
-        "",
-        lookup_table,
-    ])
+    md = "\n".join(
+        [
+            f"Generated files are copies of `hardware/v6e.toml` with unique identifiers. Each "
+            f"`load_catalog()` starts from `catalog.clear_cache()` and also loads the {builtin} "
+            f"built-in files; rounds alternate the order of sizes, small sizes are repeated within "
+            f"a round, and every load is timed twice, with Python's cyclic garbage collector on "
+            f"(as users run it) and off (`gc.disable()`, to show what the collector costs as the "
+            f"heap grows). {rounds} rounds after one warm-up load per size. Lookups: all sizes' "
+            f"catalogs alive at once, {batches} alternating batches of {calls:,} calls each, "
+            f"median per call, for an identifier in the middle of the generated files.",
+            "",
+            load_table,
+            "",
+            lookup_table,
+        ]
+    )
     targets = [
-        target(f"load cost per file at {sizes[-1]:,} / at {sizes[0]} generated files", f"< {TARGET_RATIO}", f"{ratio:.2f}", ratio < TARGET_RATIO,
-               f"with the garbage collector off: {ratio_off:.2f}" + ("" if ratio < TARGET_RATIO else
-               " — the growth is the cyclic GC traversing the ever larger live heap of parsed documents and models during the load")),
-        target(f"lookup time at {sizes[-1]:,} / at {sizes[0]} generated files (worst probe)", "constant (< 1.5)", f"{worst_lookup:.2f}", worst_lookup < 1.5),
+        target(
+            f"load cost per file at {sizes[-1]:,} / at {sizes[0]} generated files",
+            f"< {TARGET_RATIO}",
+            f"{ratio:.2f}",
+            ratio < TARGET_RATIO,
+            f"with the garbage collector off: {ratio_off:.2f}"
+            + (
+                ""
+                if ratio < TARGET_RATIO
+                else (
+                    " — the growth is the cyclic GC traversing the ever larger live heap"
+                    " of parsed documents and models during the load"
+                )
+            ),
+        ),
+        target(
+            f"lookup time at {sizes[-1]:,} / at {sizes[0]} generated files (worst probe)",
+            "constant (< 1.5)",
+            f"{worst_lookup:.2f}",
+            worst_lookup < 1.5,
+        ),
     ]
-    return {"name": "catalog_scaling", "short": "catalog", "title": "Catalog scaling: load and lookup against catalog size", "command": "python benchmarks/catalog_scaling.py", "markdown": md, "targets": targets, "ok": True}
+    return {
+        "name": "catalog_scaling",
+        "short": "catalog",
+        "title": "Catalog scaling: load and lookup against catalog size",
+        "command": "python benchmarks/catalog_scaling.py",
+        "markdown": md,
+        "targets": targets,
+        "ok": True,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,12 @@ from run_all import (
 
 TARGET_RATIO = 100.0
 VENV_PY = ROOT / ".venv" / "bin" / "python"
-OFFLINE = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v6e-8", "PJRT_DEVICE": "CPU", "JAX_PLATFORMS": "cpu"}
+OFFLINE = {
+    "TPU_SKIP_MDS_QUERY": "1",
+    "TPU_ACCELERATOR_TYPE": "v6e-8",
+    "PJRT_DEVICE": "CPU",
+    "JAX_PLATFORMS": "cpu",
+}
 
 SEED_CODE = r"""
 import json, time
@@ -61,17 +66,20 @@ import jax
 t1 = time.perf_counter()
 devices = jax.devices()
 t2 = time.perf_counter()
-print(json.dumps({"import_s": t1 - t0, "call_s": t2 - t1, "answer": f"{len(devices)} x {devices[0].platform} ({devices[0].device_kind})"}))
+answer = f"{len(devices)} x {devices[0].platform} ({devices[0].device_kind})"
+print(json.dumps({"import_s": t1 - t0, "call_s": t2 - t1, "answer": answer}))
 """
 
 OURS_CODE = r"""
 import json, time
 t0 = time.perf_counter()
-from tpu_registry.detection import detect  # the package attribute tpu_registry.detect is the function
+# the package attribute tpu_registry.detect is the function
+from tpu_registry.detection import detect
 t1 = time.perf_counter()
 d = detect()
 t2 = time.perf_counter()
-print(json.dumps({"import_s": t1 - t0, "call_s": t2 - t1, "answer": f"{d.generation} ({d.status}: {d.reason})"}))
+answer = f"{d.generation} ({d.status}: {d.reason})"
+print(json.dumps({"import_s": t1 - t0, "call_s": t2 - t1, "answer": answer}))
 """
 
 
@@ -91,7 +99,15 @@ def find_legacy() -> Path | None:
 
 def has_registry(python: Path) -> bool:
     env = child_env()
-    return subprocess.run([str(python), "-c", "import tpu_registry.detect"], env=env, capture_output=True, timeout=120).returncode == 0
+    return (
+        subprocess.run(
+            [str(python), "-c", "import tpu_registry.detect"],
+            env=env,
+            capture_output=True,
+            timeout=120,
+        ).returncode
+        == 0
+    )
 
 
 def run(small: bool, skip_legacy: bool) -> dict:
@@ -102,31 +118,47 @@ def run(small: bool, skip_legacy: bool) -> dict:
     if skip_legacy:
         notes.append("(a) skipped on request (--skip-legacy).")
     elif legacy is None:
-        msg = (f"LEGACY ENVIRONMENT MISSING: no {cache_root()}/envs/legacy-*/bin/python with a .healthy marker. "
-               "Build it with `integration/build_env.sh legacy` (Python 3.11, torch 2.9.0 + torch-xla 2.9.0 + vllm 0.13; ~11 GB) "
-               "and run this benchmark again. Skipping (a); (b) and (c) still run.")
+        msg = (
+            f"LEGACY ENVIRONMENT MISSING: no {cache_root()}/envs/legacy-*/bin/python with a "
+            ".healthy marker. Build it with `integration/build_env.sh legacy` (Python 3.11, torch "
+            "2.9.0 + torch-xla 2.9.0 + vllm 0.13; ~11 GB) and run this benchmark again. Skipping "
+            "(a); (b) and (c) still run."
+        )
         print(msg)
         notes.append(msg)
     ours_legacy_py = None
     if legacy is not None:
         ours_legacy_py = legacy if has_registry(legacy) else venv_py
         if ours_legacy_py != legacy:
-            notes.append(f"tpu_registry is not installed in {legacy.parent.parent}; (c) paired with (a) runs with {venv_py} instead.")
+            notes.append(
+                f"tpu_registry is not installed in {legacy.parent.parent}; "
+                f"(c) paired with (a) runs with {venv_py} instead."
+            )
 
     # name -> (python, code, bytecode cache?). Ours runs from a private bytecode cache (as an
     # installed package would); torch_xla and jax run from the bytecode their install wrote.
     kinds: dict[str, tuple[Path, str, bool]] = {}
     if legacy is not None:
         kinds["(a) import torch_xla + tpu.version()"] = (legacy, SEED_CODE, False)
-        kinds["(c) import tpu_registry + detect(), legacy env" if ours_legacy_py == legacy else "(c) import tpu_registry + detect(), .venv (paired with a)"] = (ours_legacy_py, OURS_CODE, True)
+        kinds[
+            "(c) import tpu_registry + detect(), legacy env"
+            if ours_legacy_py == legacy
+            else "(c) import tpu_registry + detect(), .venv (paired with a)"
+        ] = (ours_legacy_py, OURS_CODE, True)
     kinds["(b) import jax + jax.devices()"] = (venv_py, JAX_CODE, False)
     kinds["(c) import tpu_registry + detect(), .venv"] = (venv_py, OURS_CODE, True)
     names = list(kinds)
-    print(f"detect_vs_seed: {rounds} round(s) of {len(names)} processes after {warmup} warm-up round(s)" + (f"; legacy env {legacy.parent.parent}" if legacy else ""))
+    print(
+        f"detect_vs_seed: {rounds} round(s) of {len(names)} processes "
+        f"after {warmup} warm-up round(s)"
+        + (f"; legacy env {legacy.parent.parent}" if legacy else "")
+    )
 
     def one(name: str) -> dict:
         python, code, cached = kinds[name]
-        proc = run_process([str(python), "-c", code], child_env(OFFLINE, bytecode_cache=cached), timeout=1800).check(name)
+        proc = run_process(
+            [str(python), "-c", code], child_env(OFFLINE, bytecode_cache=cached), timeout=1800
+        ).check(name)
         out = last_json_line(proc.stdout)
         out["wall_s"], out["rss_mb"] = proc.wall_s, proc.maxrss_kib * 1024 / 1e6
         return out
@@ -137,7 +169,7 @@ def run(small: bool, skip_legacy: bool) -> dict:
     res: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     answers: dict[str, str] = {}
     for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             out = one(name)
             answers[name] = out["answer"]
             for k in ("import_s", "call_s", "wall_s", "rss_mb"):
@@ -147,7 +179,13 @@ def run(small: bool, skip_legacy: bool) -> dict:
 
     ok = True
     for name, answer in answers.items():
-        want = "TPU version 6" if name.startswith("(a)") else "cpu" if name.startswith("(b)") else "v6e (detected"
+        want = (
+            "TPU version 6"
+            if name.startswith("(a)")
+            else "cpu"
+            if name.startswith("(b)")
+            else "v6e (detected"
+        )
         if want not in answer:
             ok = False
             notes.append(f"unexpected answer from {name}: {answer}")
@@ -158,14 +196,38 @@ def run(small: bool, skip_legacy: bool) -> dict:
     rows = []
     for name in names:
         s = {k: stats(v) for k, v in res[name].items()}
-        rows.append([name, s["import_s"].fmt(1000, 1), s["call_s"].fmt(1000, 2), s["total_s"].fmt(1000, 1), s["wall_s"].fmt(1000, 0), s["rss_mb"].fmt(1, 0), answers[name]])
-    table = md_table(["process", "import ms", "call ms", "import + call ms", "whole process ms", "peak RSS MB", "answer"], rows, right=[False, True, True, True, True, True, False])
+        rows.append(
+            [
+                name,
+                s["import_s"].fmt(1000, 1),
+                s["call_s"].fmt(1000, 2),
+                s["total_s"].fmt(1000, 1),
+                s["wall_s"].fmt(1000, 0),
+                s["rss_mb"].fmt(1, 0),
+                answers[name],
+            ]
+        )
+    table = md_table(
+        [
+            "process",
+            "import ms",
+            "call ms",
+            "import + call ms",
+            "whole process ms",
+            "peak RSS MB",
+            "answer",
+        ],
+        rows,
+        right=[False, True, True, True, True, True, False],
+    )
     print(table)
 
     pairs = []
     if legacy is not None:
         pairs.append(("(a) torch_xla", names[0], names[1]))
-    pairs.append(("(b) jax", "(b) import jax + jax.devices()", "(c) import tpu_registry + detect(), .venv"))
+    pairs.append(
+        ("(b) jax", "(b) import jax + jax.devices()", "(c) import tpu_registry + detect(), .venv")
+    )
     ratio_rows = []
     targets = []
     for label, theirs, ours in pairs:
@@ -173,41 +235,103 @@ def run(small: bool, skip_legacy: bool) -> dict:
         r_wall = med(theirs, "wall_s") / med(ours, "wall_s")
         r_call = med(theirs, "total_s") / med(ours, "call_s")
         r_rss = med(theirs, "rss_mb") / med(ours, "rss_mb")
-        per_round = stats(t / o for t, o in zip(res[theirs]["total_s"], res[ours]["total_s"], strict=True))
-        ratio_rows.append([f"{label} / (c) ours", f"{r_total:,.1f}x", f"{per_round.min:,.1f}–{per_round.max:,.1f}x", f"{r_wall:,.1f}x", f"{r_call:,.0f}x", f"{r_rss:,.1f}x"])
+        per_round = stats(
+            t / o for t, o in zip(res[theirs]["total_s"], res[ours]["total_s"], strict=True)
+        )
+        ratio_rows.append(
+            [
+                f"{label} / (c) ours",
+                f"{r_total:,.1f}x",
+                f"{per_round.min:,.1f}–{per_round.max:,.1f}x",
+                f"{r_wall:,.1f}x",
+                f"{r_call:,.0f}x",
+                f"{r_rss:,.1f}x",
+            ]
+        )
         why = ""
         if r_total < TARGET_RATIO:
-            why = (f"ours: import {med(ours, 'import_s') * 1000:.0f} ms (pydantic and the package's eager imports, see the startup section) "
-                   f"+ detect() {med(ours, 'call_s') * 1000:.0f} ms (plugin manager, catalog load); the call alone is {r_call:,.0f}x cheaper")
-        targets.append(target(f"{label} import + call vs ours (import + detect())", f">= {TARGET_RATIO:.0f}x cheaper", f"{r_total:,.1f}x", r_total >= TARGET_RATIO, why))
+            why = (
+                f"ours: import {med(ours, 'import_s') * 1000:.0f} ms (pydantic and the package's "
+                "eager imports, see the startup section) + detect() "
+                f"{med(ours, 'call_s') * 1000:.0f} ms (plugin manager, catalog load); the call "
+                f"alone is {r_call:,.0f}x cheaper"
+            )
+        targets.append(
+            target(
+                f"{label} import + call vs ours (import + detect())",
+                f">= {TARGET_RATIO:.0f}x cheaper",
+                f"{r_total:,.1f}x",
+                r_total >= TARGET_RATIO,
+                why,
+            )
+        )
     if legacy is None:
-        targets.insert(0, target("(a) torch_xla import + version() vs ours", f">= {TARGET_RATIO:.0f}x cheaper", "not measured", None, "legacy environment missing: build it with `integration/build_env.sh legacy`" if not skip_legacy else "skipped (--skip-legacy)"))
-    ratio_table = md_table(["ratio (medians)", "import + call", "per-round range", "whole process", "theirs (import + call) / our detect() call alone", "peak RSS"], ratio_rows, right=[False, True, True, True, True, True])
+        targets.insert(
+            0,
+            target(
+                "(a) torch_xla import + version() vs ours",
+                f">= {TARGET_RATIO:.0f}x cheaper",
+                "not measured",
+                None,
+                "legacy environment missing: build it with `integration/build_env.sh legacy`"
+                if not skip_legacy
+                else "skipped (--skip-legacy)",
+            ),
+        )
+    ratio_table = md_table(
+        [
+            "ratio (medians)",
+            "import + call",
+            "per-round range",
+            "whole process",
+            "theirs (import + call) / our detect() call alone",
+            "peak RSS",
+        ],
+        ratio_rows,
+        right=[False, True, True, True, True, True],
+    )
     print()
     print(ratio_table)
     for n in notes:
         print("note:", n)
-    md = "\n".join([
-        f"{rounds} round(s) of fresh processes after {warmup} warm-up round(s), alternating order; every process gets "
-        f"`{' '.join(f'{k}={v}' for k, v in OFFLINE.items())}`. *import* and *call* are timed inside the process; "
-        "*whole process* and *peak RSS* come from `os.wait4`. Our processes read bytecode from a private cache; torch_xla's "
-        "and jax's read the bytecode their installation wrote."
-        + (f" Legacy environment: `{legacy.parent.parent}`." if legacy else ""),
-        "",
-        table,
-        "",
-        ratio_table,
-        *(["", *[f"- {n}" for n in notes]] if notes else []),
-    ])
-    return {"name": "detect_vs_seed", "short": "detect vs seed", "title": "Detection cost: torch_xla and JAX against detect()", "command": "python benchmarks/detect_vs_seed.py", "markdown": md, "targets": targets, "ok": ok}
+    md = "\n".join(
+        [
+            f"{rounds} round(s) of fresh processes after {warmup} warm-up round(s), alternating "
+            f"order; every process gets `{' '.join(f'{k}={v}' for k, v in OFFLINE.items())}`. "
+            "*import* and *call* are timed inside the process; *whole process* and *peak RSS* come "
+            "from `os.wait4`. Our processes read bytecode from a private cache; torch_xla's and "
+            "jax's read the bytecode their installation wrote."
+            + (f" Legacy environment: `{legacy.parent.parent}`." if legacy else ""),
+            "",
+            table,
+            "",
+            ratio_table,
+            *(["", *[f"- {n}" for n in notes]] if notes else []),
+        ]
+    )
+    return {
+        "name": "detect_vs_seed",
+        "short": "detect vs seed",
+        "title": "Detection cost: torch_xla and JAX against detect()",
+        "command": "python benchmarks/detect_vs_seed.py",
+        "markdown": md,
+        "targets": targets,
+        "ok": ok,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     def add_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--skip-legacy", action="store_true", help="skip (a) even when the legacy environment exists")
+        p.add_argument(
+            "--skip-legacy",
+            action="store_true",
+            help="skip (a) even when the legacy environment exists",
+        )
 
     def go(args: argparse.Namespace) -> dict:
-        skip = args.skip_legacy or os.environ.get("TPU_REGISTRY_BENCH_SKIP_LEGACY", "").strip() not in ("", "0")
+        skip = args.skip_legacy or os.environ.get(
+            "TPU_REGISTRY_BENCH_SKIP_LEGACY", ""
+        ).strip() not in ("", "0")
         return run(tiny(args), skip)
 
     return script_main(__doc__, argv, go, add_args)

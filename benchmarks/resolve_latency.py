@@ -41,7 +41,8 @@ from tpu_registry import Workload, resolve
 t0 = time.perf_counter()
 cfg = resolve(Workload(32, 8, 128), simulate="v6e")
 t1 = time.perf_counter()
-print(json.dumps({"cold_s": t1 - t0, "generation": cfg.generation, "page_size": cfg.value("page_size")}))
+print(json.dumps({"cold_s": t1 - t0, "generation": cfg.generation,
+                  "page_size": cfg.value("page_size")}))
 """
 
 PHASES_CODE = r"""
@@ -72,10 +73,14 @@ tune(get_plugins(), TuneContext(cat, cat["v6e"], w, d, env=dict(os.environ)))
 t4 = time.perf_counter()
 resolve(w, simulate="v6e")
 t5 = time.perf_counter()
-print(json.dumps({"plugin manager (built-in + entry-point plugins)": t1 - t0, "load_catalog() (parse + validate the built-in files)": t2 - t1,
-                  "detect(simulate='v6e') (detector threads + reconcile)": t3 - t2, "tables policy: load_tables() (parse + validate hardware/tuning/*.toml)": t3b - t3,
-                  "tune() (policies + merge + checks; tables already loaded)": t4 - t3b,
-                  "resolve() after the above (its own detect + tune, cache fill)": t5 - t4}))
+print(json.dumps({
+    "plugin manager (built-in + entry-point plugins)": t1 - t0,
+    "load_catalog() (parse + validate the built-in files)": t2 - t1,
+    "detect(simulate='v6e') (detector threads + reconcile)": t3 - t2,
+    "tables policy: load_tables() (parse + validate hardware/tuning/*.toml)": t3b - t3,
+    "tune() (policies + merge + checks; tables already loaded)": t4 - t3b,
+    "resolve() after the above (its own detect + tune, cache fill)": t5 - t4,
+}))
 """
 
 
@@ -87,7 +92,9 @@ def fake_host(root: Path, chips: int = 8) -> Path:
         d.mkdir(parents=True)
         (d / "vendor").write_text("0x1ae0\n")
         (d / "device").write_text("0x0063\n")
-    for n, (vendor, device) in enumerate([("0x8086", "0x1237"), ("0x1af4", "0x1000"), ("0x1af4", "0x1004")]):
+    for n, (vendor, device) in enumerate(
+        [("0x8086", "0x1237"), ("0x1af4", "0x1000"), ("0x1af4", "0x1004")]
+    ):
         d = devices / f"0000:00:{n:02x}.0"
         d.mkdir(parents=True)
         (d / "vendor").write_text(vendor + "\n")
@@ -95,18 +102,28 @@ def fake_host(root: Path, chips: int = 8) -> Path:
     return root
 
 
-
 def run(small: bool) -> dict:
-    procs, warm_calls, warm_batches, det_calls, det_batches = (2, 2000, 3, 20, 3) if small else (15, 20000, 15, 200, 15)
+    procs, warm_calls, warm_batches, det_calls, det_batches = (
+        (2, 2000, 3, 20, 3) if small else (15, 20000, 15, 200, 15)
+    )
     env = child_env()
-    print(f"resolve cold: {procs} fresh processes of each kind (after one warm-up of each), alternating")
+    print(
+        f"resolve cold: {procs} fresh processes of each kind "
+        "(after one warm-up of each), alternating"
+    )
     for code in (COLD_CODE, PHASES_CODE):  # warm-up: bytecode cache, page cache
         run_process([sys.executable, "-c", code], env).check("warm-up")
     cold: list[float] = []
     phases: dict[str, list[float]] = defaultdict(list)
     for i in range(procs):
-        for kind in (("cold", "phases") if i % 2 == 0 else ("phases", "cold")):
-            out = last_json_line(run_process([sys.executable, "-c", COLD_CODE if kind == "cold" else PHASES_CODE], env).check(kind).stdout)
+        for kind in ("cold", "phases") if i % 2 == 0 else ("phases", "cold"):
+            out = last_json_line(
+                run_process(
+                    [sys.executable, "-c", COLD_CODE if kind == "cold" else PHASES_CODE], env
+                )
+                .check(kind)
+                .stdout
+            )
             if kind == "cold":
                 assert out["generation"] == "v6e", out
                 cold.append(out["cold_s"])
@@ -126,13 +143,19 @@ def run(small: bool) -> dict:
     assert first.generation == "v6e"
     assert resolve(Workload(32, 8, 128), simulate="v6e") is first  # a cache hit, equal key
     warm = stats(per_call(lambda: resolve(w, simulate="v6e"), warm_calls, warm_batches))
-    warm_new = stats(per_call(lambda: resolve(Workload(32, 8, 128), simulate="v6e"), warm_calls // 4, warm_batches))
+    warm_new = stats(
+        per_call(
+            lambda: resolve(Workload(32, 8, 128), simulate="v6e"), warm_calls // 4, warm_batches
+        )
+    )
     try:
         import os
 
         from tpu_registry import settings
 
-        env_key = stats(per_call(lambda: settings.resolve_key(os.environ), warm_calls, warm_batches))
+        env_key = stats(
+            per_call(lambda: settings.resolve_key(os.environ), warm_calls, warm_batches)
+        )
         n_keys = len(settings.resolve_key(os.environ))
         env_note = f"{n_keys} `os.environ.get` calls building the cache key's environment part"
     except ImportError:
@@ -148,9 +171,15 @@ def run(small: bool) -> dict:
         first_detect = time.perf_counter() - t0
         assert d.generation == "v5e" and d.chips_per_host == 8 and d.slice_chips == 8, d
         assert [f.status for f in d.findings if f.evidence.kind == "pci"] == ["decides"], d.findings
-        det_own = stats(per_call(lambda: detect(env=host_env, sysfs_root=root), det_calls, det_batches))
-        det_cat = stats(per_call(lambda: detect(cat, env=host_env, sysfs_root=root), det_calls, det_batches))
-        det_reported = stats([detect(cat, env=host_env, sysfs_root=root).elapsed_ms / 1000 for _ in range(det_calls)])
+        det_own = stats(
+            per_call(lambda: detect(env=host_env, sysfs_root=root), det_calls, det_batches)
+        )
+        det_cat = stats(
+            per_call(lambda: detect(cat, env=host_env, sysfs_root=root), det_calls, det_batches)
+        )
+        det_reported = stats(
+            [detect(cat, env=host_env, sysfs_root=root).elapsed_ms / 1000 for _ in range(det_calls)]
+        )
         from tpu_registry.detection import DetectContext, reconcile
         from tpu_registry.plugins import get_plugin_manager, get_plugins
 
@@ -162,52 +191,159 @@ def run(small: bool) -> dict:
         try:
             from tpu_registry.detectors import sysfs as sysfs_detector
 
-            det_sysfs = stats(per_call(lambda: sysfs_detector.tpu_registry_detect(ctx), det_calls, det_batches))
+            det_sysfs = stats(
+                per_call(lambda: sysfs_detector.tpu_registry_detect(ctx), det_calls, det_batches)
+            )
         except ImportError:
             det_sysfs = None
 
     rows = [
-        ["resolve(), cold: first call in a fresh process (after imports)", cold_st.fmt(1000, 2), "ms", f"{cold_st.median / warm.median:,.0f}x warm"],
+        [
+            "resolve(), cold: first call in a fresh process (after imports)",
+            cold_st.fmt(1000, 2),
+            "ms",
+            f"{cold_st.median / warm.median:,.0f}x warm",
+        ],
         ["resolve(), warm: same arguments, same Workload object", warm.fmt(1e6, 2), "µs", "1x"],
-        ["resolve(), warm: equal but new Workload each call (includes constructing it)", warm_new.fmt(1e6, 2), "µs", f"{warm_new.median / warm.median:.1f}x warm"],
-        *([[f"  measured alone: {env_note}", env_key.fmt(1e6, 2), "µs", f"{env_key.median / warm.median:.2f}x warm"]] if env_key else []),
-        ["detect(env=, sysfs_root=) on a full host, catalog from load_catalog()'s cache", det_own.fmt(1000, 3), "ms", ""],
-        ["detect(catalog, env=, sysfs_root=) on a full host, catalog passed in", det_cat.fmt(1000, 3), "ms", ""],
+        [
+            "resolve(), warm: equal but new Workload each call (includes constructing it)",
+            warm_new.fmt(1e6, 2),
+            "µs",
+            f"{warm_new.median / warm.median:.1f}x warm",
+        ],
+        *(
+            [
+                [
+                    f"  measured alone: {env_note}",
+                    env_key.fmt(1e6, 2),
+                    "µs",
+                    f"{env_key.median / warm.median:.2f}x warm",
+                ]
+            ]
+            if env_key
+            else []
+        ),
+        [
+            "detect(env=, sysfs_root=) on a full host, catalog from load_catalog()'s cache",
+            det_own.fmt(1000, 3),
+            "ms",
+            "",
+        ],
+        [
+            "detect(catalog, env=, sysfs_root=) on a full host, catalog passed in",
+            det_cat.fmt(1000, 3),
+            "ms",
+            "",
+        ],
         ["  the same, as reported by Detection.elapsed_ms", det_reported.fmt(1000, 3), "ms", ""],
-        [f"  of which Plugins.detect(): {n_detectors} detectors, one thread each", det_run.fmt(1000, 3), "ms", f"{det_run.median / det_cat.median:.0%}"],
-        *([["    of which the sysfs detector alone (11 PCI functions)", det_sysfs.fmt(1000, 3), "ms", f"{det_sysfs.median / det_cat.median:.0%}"]] if det_sysfs else []),
-        ["  of which reconcile()", det_rec.fmt(1000, 3), "ms", f"{det_rec.median / det_cat.median:.0%}"],
-        ["detect() on a full host, first call in this process (plugin manager already built)", f"{first_detect * 1000:.3f}", "ms", ""],
+        [
+            f"  of which Plugins.detect(): {n_detectors} detectors, one thread each",
+            det_run.fmt(1000, 3),
+            "ms",
+            f"{det_run.median / det_cat.median:.0%}",
+        ],
+        *(
+            [
+                [
+                    "    of which the sysfs detector alone (11 PCI functions)",
+                    det_sysfs.fmt(1000, 3),
+                    "ms",
+                    f"{det_sysfs.median / det_cat.median:.0%}",
+                ]
+            ]
+            if det_sysfs
+            else []
+        ),
+        [
+            "  of which reconcile()",
+            det_rec.fmt(1000, 3),
+            "ms",
+            f"{det_rec.median / det_cat.median:.0%}",
+        ],
+        [
+            "detect() on a full host, first call in this process (plugin manager already built)",
+            f"{first_detect * 1000:.3f}",
+            "ms",
+            "",
+        ],
     ]
-    table = md_table(["measurement", "median (min–max)", "unit", "ratio"], rows, right=[False, True, False, True])
+    table = md_table(
+        ["measurement", "median (min–max)", "unit", "ratio"], rows, right=[False, True, False, True]
+    )
     total = sum(stats(v).median for v in phases.values())
-    phase_rows = [[k, stats(v).fmt(1000, 2), f"{100 * stats(v).median / total:.0f}%"] for k, v in phases.items()]
-    phase_table = md_table(["phase of the first call (fresh process)", "ms", "share"], phase_rows, right=[False, True, True])
+    phase_rows = [
+        [k, stats(v).fmt(1000, 2), f"{100 * stats(v).median / total:.0f}%"]
+        for k, v in phases.items()
+    ]
+    phase_table = md_table(
+        ["phase of the first call (fresh process)", "ms", "share"],
+        phase_rows,
+        right=[False, True, True],
+    )
     print(table)
     print()
     print(phase_table)
     versions = f"tpu_registry from `{Path(tpu_registry.__file__).parent}`"
-    md = "\n".join([
-        f"Cold: {procs} fresh processes, timed inside each after `import tpu_registry`. Warm: {warm_batches} batches of "
-        f"{warm_calls:,} calls in one process, per-call median (min–max over batches). detect(): {det_batches} batches of "
-        f"{det_calls} calls on a fake host (8 × v5e PCI functions `1ae0:0063` plus 3 non-Google devices in a temporary sysfs "
-        f"tree, `TPU_ACCELERATOR_TYPE=v5litepod-8`); the result is checked: v5e, 8 chips per host, PCI decides. {versions}.",
-        "",
-        table,
-        "",
-        "The first call split into phases (a second kind of fresh process, run alternately with the cold one):",
-        "",
-        phase_table,
-    ])
+    md = "\n".join(
+        [
+            f"Cold: {procs} fresh processes, timed inside each after `import tpu_registry`. Warm: "
+            f"{warm_batches} batches of {warm_calls:,} calls in one process, per-call median "
+            f"(min–max over batches). detect(): {det_batches} batches of {det_calls} calls on a "
+            "fake host (8 × v5e PCI functions `1ae0:0063` plus 3 non-Google devices in a temporary "
+            "sysfs tree, `TPU_ACCELERATOR_TYPE=v5litepod-8`); the result is checked: v5e, 8 chips "
+            f"per host, PCI decides. {versions}.",
+            "",
+            table,
+            "",
+            "The first call split into phases "
+            "(a second kind of fresh process, run alternately with the cold one):",
+            "",
+            phase_table,
+        ]
+    )
     targets = [
-        target("cold `resolve()` (first call in a fresh process)", f"< {TARGET_COLD_MS:.0f} ms", f"{cold_st.median * 1000:.1f} ms", cold_st.median * 1000 < TARGET_COLD_MS,
-               "" if cold_st.median * 1000 < TARGET_COLD_MS else "phases of the first call: " + "; ".join(f"{k} {stats(v).median * 1000:.0f} ms" for k, v in sorted(phases.items(), key=lambda kv: -stats(kv[1]).median)[:3])),
-        target("warm `resolve()` (cache hit)", f"< {TARGET_WARM_US:.0f} µs", f"{warm.median * 1e6:.2f} µs", warm.median * 1e6 < TARGET_WARM_US,
-               f"{env_note} alone take {env_key.median * 1e6:.0f} µs (measured separately): nearly all of a warm call" if env_key else ""),
-        target("`detect()` on a full host (8 × v5e, env + sysfs)", f"< {TARGET_DETECT_MS:.0f} ms", f"{det_own.median * 1000:.2f} ms", det_own.median * 1000 < TARGET_DETECT_MS,
-               f"with the catalog passed in: {det_cat.median * 1000:.2f} ms; Plugins.detect() {det_run.median * 1000:.2f} ms ({n_detectors} threads)" + (f", of which sysfs {det_sysfs.median * 1000:.2f} ms" if det_sysfs else "")),
+        target(
+            "cold `resolve()` (first call in a fresh process)",
+            f"< {TARGET_COLD_MS:.0f} ms",
+            f"{cold_st.median * 1000:.1f} ms",
+            cold_st.median * 1000 < TARGET_COLD_MS,
+            ""
+            if cold_st.median * 1000 < TARGET_COLD_MS
+            else "phases of the first call: "
+            + "; ".join(
+                f"{k} {stats(v).median * 1000:.0f} ms"
+                for k, v in sorted(phases.items(), key=lambda kv: -stats(kv[1]).median)[:3]
+            ),
+        ),
+        target(
+            "warm `resolve()` (cache hit)",
+            f"< {TARGET_WARM_US:.0f} µs",
+            f"{warm.median * 1e6:.2f} µs",
+            warm.median * 1e6 < TARGET_WARM_US,
+            f"{env_note} alone take {env_key.median * 1e6:.0f} µs (measured separately): "
+            "nearly all of a warm call"
+            if env_key
+            else "",
+        ),
+        target(
+            "`detect()` on a full host (8 × v5e, env + sysfs)",
+            f"< {TARGET_DETECT_MS:.0f} ms",
+            f"{det_own.median * 1000:.2f} ms",
+            det_own.median * 1000 < TARGET_DETECT_MS,
+            f"with the catalog passed in: {det_cat.median * 1000:.2f} ms; "
+            f"Plugins.detect() {det_run.median * 1000:.2f} ms ({n_detectors} threads)"
+            + (f", of which sysfs {det_sysfs.median * 1000:.2f} ms" if det_sysfs else ""),
+        ),
     ]
-    return {"name": "resolve_latency", "short": "resolve", "title": "resolve() and detect() latency", "command": "python benchmarks/resolve_latency.py", "markdown": md, "targets": targets, "ok": True}
+    return {
+        "name": "resolve_latency",
+        "short": "resolve",
+        "title": "resolve() and detect() latency",
+        "command": "python benchmarks/resolve_latency.py",
+        "markdown": md,
+        "targets": targets,
+        "ok": True,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,12 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/run_all.py              # full run: BENCHMARKS.md + benchmarks/kv_savings.png
-    .venv/bin/python benchmarks/run_all.py --tiny --output /tmp/b   # smoke run, writes only under /tmp/b
-    .venv/bin/python benchmarks/run_all.py --no-write   # print only
+    # full run: BENCHMARKS.md + benchmarks/kv_savings.png
+    .venv/bin/python benchmarks/run_all.py
+    # smoke run, writes only under /tmp/b
+    .venv/bin/python benchmarks/run_all.py --tiny --output /tmp/b
+    # print only
+    .venv/bin/python benchmarks/run_all.py --no-write
 
 Each benchmark runs as its own process (``benchmarks/<name>.py --json FILE``) so that no
 benchmark sees modules, caches or plugin managers another one left behind.
@@ -46,10 +49,20 @@ PASS, MISSED, SKIPPED = "PASS", "MISSED", "SKIPPED"
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tiny", action="store_true", help=f"smallest sizes and repetitions (smoke test; also {ENV_TINY}=1)")
-    p.add_argument("--output", metavar="DIR", help="write files (BENCHMARKS.md, PNG) here instead of the repository")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"smallest sizes and repetitions (smoke test; also {ENV_TINY}=1)",
+    )
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        help="write files (BENCHMARKS.md, PNG) here instead of the repository",
+    )
     p.add_argument("--no-write", action="store_true", help="write no files; print only")
-    p.add_argument("--json", metavar="FILE", help="also write the result as JSON (used by run_all.py)")
+    p.add_argument(
+        "--json", metavar="FILE", help="also write the result as JSON (used by run_all.py)"
+    )
 
 
 def script_main(doc: str, argv: list[str] | None, run, add_args=None) -> int:
@@ -64,7 +77,12 @@ def script_main(doc: str, argv: list[str] | None, run, add_args=None) -> int:
 
 
 def tiny(args: argparse.Namespace) -> bool:
-    return bool(args.tiny) or os.environ.get(ENV_TINY, "").strip().lower() not in ("", "0", "false", "no")
+    return bool(args.tiny) or os.environ.get(ENV_TINY, "").strip().lower() not in (
+        "",
+        "0",
+        "false",
+        "no",
+    )
 
 
 @dataclass(frozen=True)
@@ -77,7 +95,8 @@ class Stat:
     def fmt(self, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
         """``median (min-max)`` after multiplying by ``scale``."""
         f = f"{{:.{digits}f}}"
-        return f"{f.format(self.median * scale)}{unit} ({f.format(self.min * scale)}–{f.format(self.max * scale)})"
+        lo, hi = f.format(self.min * scale), f.format(self.max * scale)
+        return f"{f.format(self.median * scale)}{unit} ({lo}–{hi})"
 
 
 def stats(samples: Iterable[float]) -> Stat:
@@ -98,16 +117,31 @@ def per_call(fn, calls: int, batches: int) -> list[float]:
     return out
 
 
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[bool] | None = None) -> str:
+def md_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[bool] | None = None
+) -> str:
     """A GitHub-flavoured Markdown table (numbers right-aligned unless ``right`` says otherwise)."""
     cells = [["-" if c is None else str(c) for c in r] for r in rows]
     if right is None:
         right = [bool(cells) and all(_numeric(r[i]) for r in cells) for i in range(len(headers))]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     out = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"]
-    out.append("|" + "|".join(("-" * (w + 1) + ":") if r else (":" + "-" * (w + 1)) for w, r in zip(widths, right, strict=True)) + "|")
+    out.append(
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if r else (":" + "-" * (w + 1))
+            for w, r in zip(widths, right, strict=True)
+        )
+        + "|"
+    )
     for r in cells:
-        out.append("| " + " | ".join(c.rjust(w) if rt else c.ljust(w) for c, w, rt in zip(r, widths, right, strict=True)) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                c.rjust(w) if rt else c.ljust(w) for c, w, rt in zip(r, widths, right, strict=True)
+            )
+            + " |"
+        )
     return "\n".join(out)
 
 
@@ -120,13 +154,25 @@ def _numeric(s: str) -> bool:
         return s == "-"
 
 
-def target(what: str, goal: str, measured: str, passed: bool | None, note: str = "") -> dict[str, Any]:
+def target(
+    what: str, goal: str, measured: str, passed: bool | None, note: str = ""
+) -> dict[str, Any]:
     """One target line: None for ``passed`` means it could not be measured (SKIPPED)."""
-    return {"what": what, "target": goal, "measured": measured, "status": SKIPPED if passed is None else PASS if passed else MISSED, "note": note}
+    return {
+        "what": what,
+        "target": goal,
+        "measured": measured,
+        "status": SKIPPED if passed is None else PASS if passed else MISSED,
+        "note": note,
+    }
 
 
 def targets_table(targets: Sequence[Mapping[str, Any]]) -> str:
-    return md_table(["target", "goal", "measured", "result", "note"], [[t["what"], t["target"], t["measured"], t["status"], t["note"]] for t in targets], right=[False] * 5)
+    return md_table(
+        ["target", "goal", "measured", "result", "note"],
+        [[t["what"], t["target"], t["measured"], t["status"], t["note"]] for t in targets],
+        right=[False] * 5,
+    )
 
 
 _own_pycache: str | None = None
@@ -149,7 +195,9 @@ def pycache_dir() -> str:
     return _own_pycache
 
 
-def child_env(extra: Mapping[str, str] | None = None, *, bytecode_cache: bool = True) -> dict[str, str]:
+def child_env(
+    extra: Mapping[str, str] | None = None, *, bytecode_cache: bool = True
+) -> dict[str, str]:
     env = dict(os.environ)
     if bytecode_cache:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -172,11 +220,23 @@ class Proc:
         return self
 
 
-def run_process(cmd: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 900.0, cwd: str | os.PathLike | None = None) -> Proc:
+def run_process(
+    cmd: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    timeout: float = 900.0,
+    cwd: str | os.PathLike | None = None,
+) -> Proc:
     """Run one process; return its wall time and its own peak RSS (``os.wait4``)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        p = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=cwd)
+        p = subprocess.Popen(
+            list(cmd),
+            env=dict(env) if env is not None else None,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            cwd=cwd,
+        )
         timer = threading.Timer(timeout, p.kill)
         timer.start()
         try:
@@ -187,7 +247,13 @@ def run_process(cmd: Sequence[str], env: Mapping[str, str] | None = None, timeou
         p.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         out.seek(0)
         err.seek(0)
-        return Proc(wall, usage.ru_maxrss, p.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+        return Proc(
+            wall,
+            usage.ru_maxrss,
+            p.returncode,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+        )
 
 
 def last_json_line(text: str) -> dict[str, Any]:
@@ -217,7 +283,9 @@ def machine() -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),
-        "python": f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})",
+        "python": (
+            f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})"
+        ),
         "platform": platform.platform(),
         "load": load,
     }
@@ -238,14 +306,22 @@ def finish(result: dict[str, Any], args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_markdown(path: Path, results: list[dict[str, Any]], failed: list[str], info_start: dict[str, Any], info_end: dict[str, Any], command: str) -> None:
+def write_markdown(
+    path: Path,
+    results: list[dict[str, Any]],
+    failed: list[str],
+    info_start: dict[str, Any],
+    info_end: dict[str, Any],
+    command: str,
+) -> None:
     lines = [
         "# Benchmarks",
         "",
         "What the registry costs, and what its choices save (GitHub issue 6). Generated by",
         "`make bench` (`benchmarks/run_all.py`); see `benchmarks/README.md` for what each",
         "benchmark measures. Timings are the median of repeated runs after a warm-up, with the",
-        "minimum and maximum in brackets; ratios compare figures measured side by side in this run.",
+        "minimum and maximum in brackets; ratios compare figures measured side by side "
+        "in this run.",
         "",
         f"- Date: {info_start['date']}",
         f"- CPU: {info_start['cpu']} ({info_start['cpus']} logical CPUs)",
@@ -257,12 +333,28 @@ def write_markdown(path: Path, results: list[dict[str, Any]], failed: list[str],
         "## Summary of targets",
         "",
     ]
-    all_targets = [dict(t, what=f"{r['short']}: {t['what']}") for r in results for t in r["targets"]]
+    all_targets = [
+        dict(t, what=f"{r['short']}: {t['what']}") for r in results for t in r["targets"]
+    ]
     lines.append(targets_table(all_targets))
     if failed:
-        lines += ["", f"**Benchmarks that failed to run:** {', '.join(failed)} (see the console output)."]
+        lines += [
+            "",
+            f"**Benchmarks that failed to run:** {', '.join(failed)} (see the console output).",
+        ]
     for r in results:
-        lines += ["", f"## {r['title']}", "", f"`{r['command']}`", "", r["markdown"].rstrip(), "", "Targets:", "", targets_table(r["targets"])]
+        lines += [
+            "",
+            f"## {r['title']}",
+            "",
+            f"`{r['command']}`",
+            "",
+            r["markdown"].rstrip(),
+            "",
+            "Targets:",
+            "",
+            targets_table(r["targets"]),
+        ]
         png = r.get("png")
         if png:
             rel = os.path.relpath(png, path.parent)
@@ -273,8 +365,14 @@ def write_markdown(path: Path, results: list[dict[str, Any]], failed: list[str],
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p)
-    p.add_argument("--only", metavar="NAMES", help=f"comma-separated subset of: {', '.join(SCRIPTS)}")
-    p.add_argument("--skip-legacy", action="store_true", help="detect_vs_seed: skip the torch_xla measurement even when its environment exists")
+    p.add_argument(
+        "--only", metavar="NAMES", help=f"comma-separated subset of: {', '.join(SCRIPTS)}"
+    )
+    p.add_argument(
+        "--skip-legacy",
+        action="store_true",
+        help="detect_vs_seed: skip the torch_xla measurement even when its environment exists",
+    )
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",")] if args.only else list(SCRIPTS)
     unknown = [n for n in names if n not in SCRIPTS]
@@ -285,9 +383,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output and not args.no_write:
         out_dir.mkdir(parents=True, exist_ok=True)
     info_start = machine()
-    command = "python benchmarks/run_all.py" + (" --tiny" if small else "") + (f" --only {args.only}" if args.only else "")
-    print(f"# tpu-registry benchmarks — {info_start['date']}, {info_start['cpu']}, {info_start['python']}")
-    print(f"# load average {info_start['load']}{'; TINY mode (smoke test, figures meaningless)' if small else ''}")
+    command = (
+        "python benchmarks/run_all.py"
+        + (" --tiny" if small else "")
+        + (f" --only {args.only}" if args.only else "")
+    )
+    print(
+        f"# tpu-registry benchmarks — {info_start['date']}, {info_start['cpu']}, "
+        f"{info_start['python']}"
+    )
+    tiny_note = "; TINY mode (smoke test, figures meaningless)" if small else ""
+    print(f"# load average {info_start['load']}{tiny_note}")
     results: list[dict[str, Any]] = []
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="tpu-registry-bench-") as tmp:
@@ -318,7 +424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_markdown(md, results, failed, info_start, info_end, command)
         print(f"\nwrote {md}")
     print("\n# Summary of targets")
-    print(targets_table([dict(t, what=f"{r['short']}: {t['what']}") for r in results for t in r["targets"]]))
+    print(
+        targets_table(
+            [dict(t, what=f"{r['short']}: {t['what']}") for r in results for t in r["targets"]]
+        )
+    )
     if failed:
         print(f"\nFAILED: {', '.join(failed)}")
     return 1 if failed else 0

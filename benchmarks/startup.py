@@ -70,11 +70,18 @@ d = detect(cat)
 t6 = time.perf_counter()
 text = json.dumps(d.to_dict(), indent=2)
 t7 = time.perf_counter()
-print(json.dumps({"import json (stdlib)": t1 - t0, "import pydantic, pluggy": t2a - t1,
-                  "pydantic's model machinery (from pydantic import BaseModel, ...)": t2 - t2a, "import tpu_registry.cli (rest of the package)": t3 - t2,
-                  "entry-point plugins: find and import " + (", ".join(eps) or "(none installed)"): t3b - t3,
-                  "plugin manager (built-in plugins, register, check)": t4 - t3b, "load_catalog() (parse + validate the built-in files)": t5 - t4,
-                  "detect()": t6 - t5, "JSON output": t7 - t6, "files": len(cat)}))
+print(json.dumps({
+    "import json (stdlib)": t1 - t0,
+    "import pydantic, pluggy": t2a - t1,
+    "pydantic's model machinery (from pydantic import BaseModel, ...)": t2 - t2a,
+    "import tpu_registry.cli (rest of the package)": t3 - t2,
+    "entry-point plugins: find and import " + (", ".join(eps) or "(none installed)"): t3b - t3,
+    "plugin manager (built-in plugins, register, check)": t4 - t3b,
+    "load_catalog() (parse + validate the built-in files)": t5 - t4,
+    "detect()": t6 - t5,
+    "JSON output": t7 - t6,
+    "files": len(cat),
+}))
 """
 
 IMPORT_LINE = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\|(\s*)(\S+)")
@@ -93,7 +100,10 @@ def commands() -> dict[str, tuple[list[str], dict[str, str]]]:
     return {
         "python -c pass": ([py, "-c", "pass"], cached),
         'python -c "import pydantic, pluggy"': ([py, "-c", "import pydantic, pluggy"], cached),
-        'python -c "from pydantic import BaseModel; import pluggy"': ([py, "-c", "from pydantic import BaseModel; import pluggy"], cached),
+        'python -c "from pydantic import BaseModel; import pluggy"': (
+            [py, "-c", "from pydantic import BaseModel; import pluggy"],
+            cached,
+        ),
         "tpu-registry list --json": ([*cli, "list", "--json"], cached),
         "tpu-registry detect --json": ([*cli, "detect", "--json"], cached),
         "tpu-registry detect --json (no bytecode cache)": ([*cli, "detect", "--json"], uncached),
@@ -104,7 +114,9 @@ BARE = "python -c pass"
 TARGETED = ("tpu-registry list --json", "tpu-registry detect --json")
 
 
-def measure_processes(reps: int, warmup: int) -> tuple[dict[str, list], dict[str, list], dict[str, list], dict[str, list]]:
+def measure_processes(
+    reps: int, warmup: int
+) -> tuple[dict[str, list], dict[str, list], dict[str, list], dict[str, list]]:
     cmds = commands()
     names = list(cmds)
     for _ in range(warmup):  # fills the bytecode cache and the page cache; checks the output
@@ -136,7 +148,9 @@ def measure_phases(reps: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = defaultdict(list)
     env = child_env()
     for _ in range(reps):
-        data = last_json_line(run_process([sys.executable, "-c", PHASES_CODE], env).check("phases").stdout)
+        data = last_json_line(
+            run_process([sys.executable, "-c", PHASES_CODE], env).check("phases").stdout
+        )
         for k, v in data.items():
             if k != "files":
                 out[k].append(v * 1000)
@@ -151,7 +165,9 @@ def measure_importtime(reps: int) -> tuple[dict[str, float], dict[str, float], d
     parent: dict[str, str] = {}
     env = child_env()
     for _ in range(reps):
-        proc = run_process([sys.executable, "-X", "importtime", "-c", "import tpu_registry.cli"], env).check("importtime")
+        proc = run_process(
+            [sys.executable, "-X", "importtime", "-c", "import tpu_registry.cli"], env
+        ).check("importtime")
         rows = []
         for line in proc.stderr.splitlines():
             m = IMPORT_LINE.match(line)
@@ -165,7 +181,11 @@ def measure_importtime(reps: int) -> tuple[dict[str, float], dict[str, float], d
                 stack.pop()
             parent[name] = stack[-1][1] if stack else ""
             stack.append((depth, name))
-    return ({k: statistics.median(v) for k, v in selfs.items()}, {k: statistics.median(v) for k, v in cums.items()}, parent)
+    return (
+        {k: statistics.median(v) for k, v in selfs.items()},
+        {k: statistics.median(v) for k, v in cums.items()},
+        parent,
+    )
 
 
 def is_stdlib(module: str) -> bool:
@@ -186,28 +206,60 @@ def owner(module: str, parent: dict[str, str]) -> str:
 
 def run(small: bool) -> dict:
     reps, warmup, it_reps = (2, 1, 1) if small else (15, 2, 5)
-    print(f"startup: {reps} rounds of {len(commands())} processes (after {warmup} warm-up round(s)), alternating order")
+    print(
+        f"startup: {reps} rounds of {len(commands())} processes "
+        f"(after {warmup} warm-up round(s)), alternating order"
+    )
     wall, rss, added_ms, added_mb = measure_processes(reps, warmup)
     rows = []
     for name in wall:
         ratio = stats(w / b for w, b in zip(wall[name], wall[BARE], strict=True))
-        rows.append([f"`{name}`", stats(wall[name]).fmt(digits=1), "-" if name == BARE else stats(added_ms[name]).fmt(digits=1), "-" if name == BARE else f"{ratio.median:.1f}x", stats(rss[name]).fmt(digits=1), "-" if name == BARE else stats(added_mb[name]).fmt(digits=1)])
-    proc_table = md_table(["command", "wall ms", "added ms over bare", "wall / bare", "peak RSS MB", "added MB over bare"], rows, right=[False, True, True, True, True, True])
+        rows.append(
+            [
+                f"`{name}`",
+                stats(wall[name]).fmt(digits=1),
+                "-" if name == BARE else stats(added_ms[name]).fmt(digits=1),
+                "-" if name == BARE else f"{ratio.median:.1f}x",
+                stats(rss[name]).fmt(digits=1),
+                "-" if name == BARE else stats(added_mb[name]).fmt(digits=1),
+            ]
+        )
+    proc_table = md_table(
+        [
+            "command",
+            "wall ms",
+            "added ms over bare",
+            "wall / bare",
+            "peak RSS MB",
+            "added MB over bare",
+        ],
+        rows,
+        right=[False, True, True, True, True, True],
+    )
     print(proc_table)
 
     print(f"\nphases of `detect --json` inside {reps} fresh processes:")
     phases = measure_phases(reps)
     total = sum(statistics.median(v) for v in phases.values())
-    phase_rows = [[k, stats(v).fmt(digits=1), f"{100 * statistics.median(v) / total:.0f}%"] for k, v in phases.items()]
+    phase_rows = [
+        [k, stats(v).fmt(digits=1), f"{100 * statistics.median(v) / total:.0f}%"]
+        for k, v in phases.items()
+    ]
     phase_rows.append(["total after interpreter start", f"{total:.1f}", "100%"])
-    phase_table = md_table(["phase (after interpreter start)", "ms", "share"], phase_rows, right=[False, True, True])
+    phase_table = md_table(
+        ["phase (after interpreter start)", "ms", "share"], phase_rows, right=[False, True, True]
+    )
     print(phase_table)
 
     print(f"\n-X importtime, import tpu_registry.cli (median of {it_reps} runs):")
     self_us, cum_us, parent = measure_importtime(it_reps)
     top = sorted(self_us.items(), key=lambda kv: -kv[1])[:15]
     it_rows = [[f"`{m}`", f"{s / 1000:.1f}", f"{cum_us[m] / 1000:.1f}"] for m, s in top]
-    top_table = md_table(["module (top 15 by self time)", "self ms", "cumulative ms"], it_rows, right=[False, True, True])
+    top_table = md_table(
+        ["module (top 15 by self time)", "self ms", "cumulative ms"],
+        it_rows,
+        right=[False, True, True],
+    )
     by_pkg: dict[str, float] = defaultdict(float)
     stdlib_of: dict[str, float] = defaultdict(float)
     for m, us in self_us.items():
@@ -216,12 +268,33 @@ def run(small: bool) -> dict:
         if is_stdlib(m):
             stdlib_of[who] += us
     import_total = sum(self_us.values())
-    pkg_rows = [[k, f"{v / 1000:.1f}", f"{stdlib_of[k] / 1000:.1f}", f"{100 * v / import_total:.0f}%"] for k, v in sorted(by_pkg.items(), key=lambda kv: -kv[1])[:8]]
-    pkg_rows.append(["total", f"{import_total / 1000:.1f}", f"{sum(stdlib_of.values()) / 1000:.1f}", "100%"])
-    pkg_table = md_table(["package (with the standard-library modules it pulled in)", "ms", "of which stdlib ms", "share"], pkg_rows, right=[False, True, True, True])
-    ours = {m: (self_us[m] / 1000, cum_us[m] / 1000) for m in self_us if m.startswith("tpu_registry")}
-    ours_rows = [[f"`{m}`", f"{s:.1f}", f"{c:.1f}"] for m, (s, c) in sorted(ours.items(), key=lambda kv: -kv[1][0])]
-    ours_table = md_table(["tpu_registry module", "self ms", "cumulative ms"], ours_rows, right=[False, True, True])
+    pkg_rows = [
+        [k, f"{v / 1000:.1f}", f"{stdlib_of[k] / 1000:.1f}", f"{100 * v / import_total:.0f}%"]
+        for k, v in sorted(by_pkg.items(), key=lambda kv: -kv[1])[:8]
+    ]
+    pkg_rows.append(
+        ["total", f"{import_total / 1000:.1f}", f"{sum(stdlib_of.values()) / 1000:.1f}", "100%"]
+    )
+    pkg_table = md_table(
+        [
+            "package (with the standard-library modules it pulled in)",
+            "ms",
+            "of which stdlib ms",
+            "share",
+        ],
+        pkg_rows,
+        right=[False, True, True, True],
+    )
+    ours = {
+        m: (self_us[m] / 1000, cum_us[m] / 1000) for m in self_us if m.startswith("tpu_registry")
+    }
+    ours_rows = [
+        [f"`{m}`", f"{s:.1f}", f"{c:.1f}"]
+        for m, (s, c) in sorted(ours.items(), key=lambda kv: -kv[1][0])
+    ]
+    ours_table = md_table(
+        ["tpu_registry module", "self ms", "cumulative ms"], ours_rows, right=[False, True, True]
+    )
     print(top_table)
     print()
     print(pkg_table)
@@ -231,41 +304,77 @@ def run(small: bool) -> dict:
     # Targets, with the reason taken from the measurements when missed.
     spec_self = self_us.get("tpu_registry.spec", 0) / 1000
     med = {k: statistics.median(v) for k, v in phases.items()}
-    deps = med["import pydantic, pluggy"] + med["pydantic's model machinery (from pydantic import BaseModel, ...)"]
+    deps = (
+        med["import pydantic, pluggy"]
+        + med["pydantic's model machinery (from pydantic import BaseModel, ...)"]
+    )
+    cli_ms = deps + med["import tpu_registry.cli (rest of the package)"]
+    plugins_ms = sum(v for k, v in med.items() if "plugin" in k)
+    catalog_ms = med["load_catalog() (parse + validate the built-in files)"]
     reason = (
-        f"importing tpu_registry.cli costs {deps + med['import tpu_registry.cli (rest of the package)']:.0f} ms "
-        f"(pydantic with its model machinery + pluggy {deps:.0f} ms; tpu_registry.spec builds its pydantic models at import, {spec_self:.0f} ms self under -X importtime; "
-        f"tpu_registry/__init__ imports resolve, tune, attention eagerly even for `list`); entry-point plugins and plugin manager {sum(v for k, v in med.items() if 'plugin' in k):.0f} ms; "
-        f"load_catalog {med['load_catalog() (parse + validate the built-in files)']:.0f} ms; detect() {med['detect()']:.0f} ms"
+        f"importing tpu_registry.cli costs {cli_ms:.0f} ms (pydantic with its model machinery + "
+        f"pluggy {deps:.0f} ms; tpu_registry.spec builds its pydantic models at import, "
+        f"{spec_self:.0f} ms self under -X importtime; tpu_registry/__init__ imports resolve, "
+        "tune, attention eagerly even for `list`); entry-point plugins and plugin manager "
+        f"{plugins_ms:.0f} ms; load_catalog {catalog_ms:.0f} ms; detect() {med['detect()']:.0f} ms"
     )
     targets = []
     for name in TARGETED:
         ms, mb = stats(added_ms[name]), stats(added_mb[name])
-        targets.append(target(f"`{name}` wall time over bare interpreter", f"< {TARGET_MS:.0f} ms", f"{ms.median:.0f} ms", ms.median < TARGET_MS, "" if ms.median < TARGET_MS else reason))
-        targets.append(target(f"`{name}` peak RSS over bare interpreter", f"< {TARGET_MB:.0f} MB", f"{mb.median:.1f} MB", mb.median < TARGET_MB))
-    md = "\n".join([
-        f"Whole-process wall time and peak RSS (`os.wait4`), {reps} rounds after {warmup} warm-up round(s), "
-        "the commands in alternating order each round; *added* is the median of the per-round difference "
-        f"to the bare interpreter in the same round. Python: `{sys.executable}`. Child processes read bytecode from a private "
-        "`PYTHONPYCACHEPREFIX` filled during the warm-up (as an installed package would); the *no bytecode cache* row "
-        "shows this checkout under `PYTHONDONTWRITEBYTECODE=1`, which recompiles `tpu_registry` in every process.",
-        "",
-        proc_table,
-        "",
-        f"Where the time goes: the same work as `detect --json`, phase by phase inside {reps} fresh processes "
-        "(`time.perf_counter()` around each step; the interpreter's own start is the bare row above):",
-        "",
-        phase_table,
-        "",
-        f"`python -X importtime -c \"import tpu_registry.cli\"`, median of {it_reps} run(s) (importtime adds its own overhead):",
-        "",
-        top_table,
-        "",
-        pkg_table,
-        "",
-        ours_table,
-    ])
-    return {"name": "startup", "short": "startup", "title": "Startup: CLI wall time and memory over the bare interpreter", "command": "python benchmarks/startup.py", "markdown": md, "targets": targets, "ok": True}
+        targets.append(
+            target(
+                f"`{name}` wall time over bare interpreter",
+                f"< {TARGET_MS:.0f} ms",
+                f"{ms.median:.0f} ms",
+                ms.median < TARGET_MS,
+                "" if ms.median < TARGET_MS else reason,
+            )
+        )
+        targets.append(
+            target(
+                f"`{name}` peak RSS over bare interpreter",
+                f"< {TARGET_MB:.0f} MB",
+                f"{mb.median:.1f} MB",
+                mb.median < TARGET_MB,
+            )
+        )
+    md = "\n".join(
+        [
+            f"Whole-process wall time and peak RSS (`os.wait4`), {reps} rounds after {warmup} "
+            "warm-up round(s), the commands in alternating order each round; *added* is the median "
+            "of the per-round difference to the bare interpreter in the same round. Python: "
+            f"`{sys.executable}`. Child processes read bytecode from a private "
+            "`PYTHONPYCACHEPREFIX` filled during the warm-up (as an installed package would); the "
+            "*no bytecode cache* row shows this checkout under `PYTHONDONTWRITEBYTECODE=1`, which "
+            "recompiles `tpu_registry` in every process.",
+            "",
+            proc_table,
+            "",
+            f"Where the time goes: the same work as `detect --json`, phase by phase inside {reps} "
+            "fresh processes (`time.perf_counter()` around each step; the interpreter's own start "
+            "is the bare row above):",
+            "",
+            phase_table,
+            "",
+            f'`python -X importtime -c "import tpu_registry.cli"`, median of {it_reps} run(s) '
+            "(importtime adds its own overhead):",
+            "",
+            top_table,
+            "",
+            pkg_table,
+            "",
+            ours_table,
+        ]
+    )
+    return {
+        "name": "startup",
+        "short": "startup",
+        "title": "Startup: CLI wall time and memory over the bare interpreter",
+        "command": "python benchmarks/startup.py",
+        "markdown": md,
+        "targets": targets,
+        "ok": True,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""TPU smoke benchmark: vLLM's offline ``LLM`` API with and without ``--attention-backend TPU_REGISTRY``.
+"""TPU smoke benchmark: vLLM's offline ``LLM`` API with and without
+``--attention-backend TPU_REGISTRY``.
 
 NOT YET RUN ON A TPU. It was written and checked (``--help``, the no-TPU refusal) on a CPU-only
 machine; its first real run on a TPU VM is still to come, so treat its numbers as unreviewed.
@@ -45,13 +46,26 @@ RUNS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Not yet run on a TPU: see the module docstring.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face id or local path (default {DEFAULT_MODEL})")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Not yet run on a TPU: see the module docstring.",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hugging Face id or local path (default {DEFAULT_MODEL})",
+    )
     p.add_argument("--prompts", type=int, default=64, help="prompts per batch (default 64)")
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
-    p.add_argument("--max-model-len", type=int, default=2048, help="vLLM --max-model-len (default 2048)")
+    p.add_argument(
+        "--max-tokens", type=int, default=128, help="tokens generated per prompt (default 128)"
+    )
+    p.add_argument(
+        "--max-model-len", type=int, default=2048, help="vLLM --max-model-len (default 2048)"
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="vLLM --max-num-seqs (default 64)")
-    p.add_argument("--repeats", type=int, default=3, help="timed batches per run; the best is kept (default 3)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed batches per run; the best is kept (default 3)"
+    )
     p.add_argument("--only", choices=sorted(RUNS), help="run one side only")
     p.add_argument("--worker", choices=sorted(RUNS), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -61,10 +75,22 @@ def tpu_or_exit() -> str:
     from tpu_registry import detect
 
     d = detect()
-    hardware = [f for f in d.findings if f.evidence.kind in HARDWARE_EVIDENCE and f.status in ("agrees", "decides")]
+    hardware = [
+        f
+        for f in d.findings
+        if f.evidence.kind in HARDWARE_EVIDENCE and f.status in ("agrees", "decides")
+    ]
     if d.generation is None or d.status != "detected" or not hardware:
-        why = f"{d.status}: {d.reason}" if not d.generation or d.status != "detected" else f"{d.generation} only from {', '.join(sorted({f.evidence.kind for f in d.findings}))}, no PCI or JAX device evidence"
-        print(f"tpu_smoke: no TPU detected on this host ({why}); this benchmark needs a TPU VM.", file=sys.stderr)
+        kinds = ", ".join(sorted({f.evidence.kind for f in d.findings}))
+        why = (
+            f"{d.status}: {d.reason}"
+            if not d.generation or d.status != "detected"
+            else f"{d.generation} only from {kinds}, no PCI or JAX device evidence"
+        )
+        print(
+            f"tpu_smoke: no TPU detected on this host ({why}); this benchmark needs a TPU VM.",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_NO_TPU)
     return d.generation
 
@@ -75,7 +101,9 @@ def worker(args: argparse.Namespace) -> None:
 
     _, backend = RUNS[args.worker]
     kwargs = {"attention_backend": backend} if backend else {}
-    llm = LLM(model=args.model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, **kwargs)
+    llm = LLM(
+        model=args.model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, **kwargs
+    )
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     prompts = [f"Write a short story about the number {i}." for i in range(args.prompts)]
     llm.generate(prompts[: min(4, len(prompts))], params, use_tqdm=False)  # compile
@@ -93,13 +121,33 @@ def worker(args: argparse.Namespace) -> None:
 def run_side(name: str, args: argparse.Namespace) -> dict:
     env_changes, _ = RUNS[name]
     env = {**os.environ, **env_changes}
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model", args.model, "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens), "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs), "--repeats", str(args.repeats)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        name,
+        "--model",
+        args.model,
+        "--prompts",
+        str(args.prompts),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--max-model-len",
+        str(args.max_model_len),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--repeats",
+        str(args.repeats),
+    ]
     print(f"tpu_smoke: running {name} ...", file=sys.stderr, flush=True)
     p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)  # its stderr passes through
     lines = [line for line in p.stdout.splitlines() if line.startswith("TPU_SMOKE_RESULT ")]
     if p.returncode != 0 or not lines:
         sys.stderr.write(p.stdout[-8000:])
-        raise SystemExit(f"tpu_smoke: the {name} run failed (exit {p.returncode}); the end of its output is above")
+        raise SystemExit(
+            f"tpu_smoke: the {name} run failed (exit {p.returncode}); "
+            "the end of its output is above"
+        )
     for line in p.stdout.splitlines():
         if "tpu-registry: " in line:
             print(f"  {name}: {line.strip()}", file=sys.stderr)
@@ -114,12 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     gen = tpu_or_exit()
     names = [args.only] if args.only else list(RUNS)
     results = {name: run_side(name, args) for name in names}
-    print(f"\n{gen}: {args.model}, {args.prompts} prompts x {args.max_tokens} tokens, max_model_len {args.max_model_len}, best of {args.repeats}")
+    print(
+        f"\n{gen}: {args.model}, {args.prompts} prompts x {args.max_tokens} tokens, "
+        f"max_model_len {args.max_model_len}, best of {args.repeats}"
+    )
     print(f"{'run':10} {'tokens':>8} {'seconds':>9} {'tokens/s':>10}")
     for name, r in results.items():
         print(f"{name:10} {r['tokens']:>8} {r['seconds']:>9.2f} {r['tokens_per_s']:>10.1f}")
     if len(results) == 2:
-        print(f"ratio registry/upstream: {results['registry']['tokens_per_s'] / results['upstream']['tokens_per_s']:.3f}")
+        ratio = results["registry"]["tokens_per_s"] / results["upstream"]["tokens_per_s"]
+        print(f"ratio registry/upstream: {ratio:.3f}")
     return 0
 
 

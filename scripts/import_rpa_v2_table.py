@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Convert the published RPA v2 tuned block-size table into tpu-registry tuning tables.
+r"""Convert the published RPA v2 tuned block-size table into tpu-registry tuning tables.
 
 Reads ``TUNED_BLOCK_SIZES`` from an installed torch_xla (or JAX) *without importing it*: the
 module source is parsed and the dict literal evaluated with ``ast.literal_eval``, so no TPU
@@ -10,7 +10,8 @@ the JAX device_kind, and "TPU v5 lite" and "TPU v5" both become "TPU v5"); the v
 therefore written for both generations, and the file says so.
 
     python scripts/import_rpa_v2_table.py --from torch_xla --out hardware/tuning
-    python scripts/import_rpa_v2_table.py --file path/to/ragged_paged_attention_v2.py --version 2.9.0
+    python scripts/import_rpa_v2_table.py --version 2.9.0 \
+        --file path/to/ragged_paged_attention_v2.py
 """
 
 from __future__ import annotations
@@ -28,9 +29,22 @@ MODULES = {
 }
 DEVICES = {
     "TPU v6": (["v6e"], ""),
-    "TPU v5": (["v5e", "v5p"], "upstream keys v5e and v5p together as 'TPU v5' (device_kind 'TPU v5 lite' and 'TPU v5' both shorten to it); the same rows are applied to both"),
+    "TPU v5": (
+        ["v5e", "v5p"],
+        "upstream keys v5e and v5p together as 'TPU v5' (device_kind 'TPU v5 lite' and 'TPU v5' "
+        "both shorten to it); the same rows are applied to both",
+    ),
 }
-KEY = ["q_dtype", "kv_dtype", "num_q_heads_per_block", "num_kv_heads_per_block", "head_dim", "page_size", "max_num_batched_tokens", "max_model_len_paged"]
+KEY = [
+    "q_dtype",
+    "kv_dtype",
+    "num_q_heads_per_block",
+    "num_kv_heads_per_block",
+    "head_dim",
+    "page_size",
+    "max_num_batched_tokens",
+    "max_model_len_paged",
+]
 VALUE = ["num_kv_pages_per_block", "num_queries_per_block"]
 
 
@@ -48,7 +62,13 @@ def locate(package: str) -> tuple[Path, str]:
 def read_table(path: Path) -> dict:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, ast.AnnAssign)
+            else []
+        )
         if any(isinstance(t, ast.Name) and t.id == "TUNED_BLOCK_SIZES" for t in targets):
             return ast.literal_eval(node.value)
     sys.exit(f"error: no TUNED_BLOCK_SIZES literal in {path}")
@@ -58,11 +78,12 @@ def render(device: str, rows: dict, source: str) -> tuple[str, str]:
     gens, note = DEVICES[device]
     name = "rpa_v2_" + device.lower().replace(" ", "_") + ".toml"
     out = [
-        f"# Imported by scripts/import_rpa_v2_table.py from {source}. Do not edit by hand: re-run the importer.",
+        f"# Imported by scripts/import_rpa_v2_table.py from {source}. "
+        "Do not edit by hand: re-run the importer.",
         "schema_version = 1",
         'kernel = "rpa_v2"',
         f"generations = [{', '.join(repr(g).replace(chr(39), chr(34)) for g in gens)}]",
-        f'source = "{source} TUNED_BLOCK_SIZES[\'{device}\']"',
+        f"source = \"{source} TUNED_BLOCK_SIZES['{device}']\"",
         f'note = "{note}"',
         f"key = [{', '.join(f'{chr(34)}{k}{chr(34)}' for k in KEY)}]",
         f"value = [{', '.join(f'{chr(34)}{v}{chr(34)}' for v in VALUE)}]",
@@ -76,11 +97,17 @@ def render(device: str, rows: dict, source: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--from", dest="package", choices=sorted(MODULES), default="torch_xla")
-    p.add_argument("--file", type=Path, help="read this module file instead of the installed package")
+    p.add_argument(
+        "--file", type=Path, help="read this module file instead of the installed package"
+    )
     p.add_argument("--version", help="upstream version to record (with --file)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "hardware" / "tuning")
+    p.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent.parent / "hardware" / "tuning"
+    )
     args = p.parse_args(argv)
     if args.file:
         path, version = args.file, args.version or "unknown version"

@@ -38,14 +38,20 @@ def cli_path() -> str:
     return str(Path(sys.executable).parent / "tpu-registry")
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run the installed console script as a user would."""
     full_env = {k: v for k, v in os.environ.items()}
     full_env.update(env or {})
-    return subprocess.run([cli_path(), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [cli_path(), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=120
+    )
 
 
-def make_sysfs(root: Path, devices: list[tuple[int, int, int | None]], dev_nodes: list[str] = ()) -> Path:
+def make_sysfs(
+    root: Path, devices: list[tuple[int, int, int | None]], dev_nodes: list[str] = ()
+) -> Path:
     """A fake sysfs tree: one PCI function per (vendor, device, subsystem_device)."""
     base = root / "sys" / "bus" / "pci" / "devices"
     base.mkdir(parents=True, exist_ok=True)

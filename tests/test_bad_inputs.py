@@ -21,14 +21,13 @@ from pathlib import Path
 import pytest
 from conftest import HARDWARE, cli_path
 
+from tpu_registry import Workload, cli
 from tpu_registry import catalog as catalog_mod
-from tpu_registry import cli
 from tpu_registry.catalog import builtin_hardware_dir, load_catalog
 from tpu_registry.errors import CatalogError, Problem, RegistryError, TuningError
 from tpu_registry.policies import overrides as overrides_mod
 from tpu_registry.policies import tables as tables_mod
 from tpu_registry.tomlfile import MAX_FILE_BYTES, tomllib
-from tpu_registry import Workload
 
 resolve_mod = importlib.import_module("tpu_registry.resolution")
 
@@ -59,7 +58,10 @@ def _expected(name: str, where: Path) -> list[str]:
     """Expected lines with placeholders filled in for a copy of the case at ``where``
     (the case's folder for folder cases, the folder holding the file otherwise)."""
     case = EXPECTED[name]
-    return [m.replace("{hardware}", HW).replace("{case}", str(where)).replace("{dir}", str(where)) for m in case["messages"]]
+    return [
+        m.replace("{hardware}", HW).replace("{case}", str(where)).replace("{dir}", str(where))
+        for m in case["messages"]
+    ]
 
 
 def _cli_args(name: str, root: Path = BAD) -> tuple[list[str], Path]:
@@ -125,7 +127,9 @@ def test_validate_command_reports_exactly(name, capsys):
     assert rc == EXPECTED[name]["exit"] == 2
     assert err.splitlines() == expected
     # Nothing but the summary on stdout: no partial listing of what did load.
-    assert out.splitlines() == [out.splitlines()[0]] and out.strip().endswith(_summary(len(expected)))
+    assert out.splitlines() == [out.splitlines()[0]] and out.strip().endswith(
+        _summary(len(expected))
+    )
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -190,14 +194,24 @@ def test_console_script_reports_exactly():
 
     def run(name: str):
         args, where = _cli_args(name)
-        r = subprocess.run([cli_path(), "validate", *args], capture_output=True, text=True, timeout=120, env=dict(os.environ))
+        r = subprocess.run(
+            [cli_path(), "validate", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(os.environ),
+        )
         return name, where, r
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(run, SCRIPT_SAMPLE))
     wrong = []
     for name, where, r in results:
-        if "Traceback" in r.stdout + r.stderr or r.returncode != 2 or r.stderr.splitlines() != _expected(name, where):
+        if (
+            "Traceback" in r.stdout + r.stderr
+            or r.returncode != 2
+            or r.stderr.splitlines() != _expected(name, where)
+        ):
             wrong.append((name, r.returncode, r.stderr))
     assert not wrong
 
@@ -207,7 +221,9 @@ def test_console_script_reports_exactly():
 # ---------------------------------------------------------------------------------------------
 
 
-def _assert_validate(capsys, args: list[str], expected: list[str], env: dict | None = None, monkeypatch=None) -> None:
+def _assert_validate(
+    capsys, args: list[str], expected: list[str], env: dict | None = None, monkeypatch=None
+) -> None:
     if env:
         for k, v in env.items():
             monkeypatch.setenv(k, v)
@@ -228,7 +244,10 @@ def test_twenty_megabyte_file_is_refused_unread(capsys, tmp_path):
             f.write(line)
     size = huge.stat().st_size
     assert size == 20 * 1024 * 1024
-    expected = [f"{huge}: (file): file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit (data files are small; is this the right file?)"]
+    expected = [
+        f"{huge}: (file): file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit "
+        "(data files are small; is this the right file?)"
+    ]
     _assert_validate(capsys, [str(huge)], expected)
     before = _cache_keys()
     with pytest.raises(CatalogError) as info:
@@ -265,37 +284,77 @@ def _mutations():
         (
             "hbm_bandwidth_gbps_slip",
             lambda t: _replace_line(t, "hbm_bandwidth_gb_s =", "hbm_bandwidth_gb_s = 1600000"),
-            lambda t: (_line_of(t, "hbm_bandwidth_gb_s ="), "chip.hbm_bandwidth_gb_s", "Input should be less than or equal to 100000 (got 1600000)", "check the value and its unit (GB/s, not Gbps; GiB, not bytes)"),
+            lambda t: (
+                _line_of(t, "hbm_bandwidth_gb_s ="),
+                "chip.hbm_bandwidth_gb_s",
+                "Input should be less than or equal to 100000 (got 1600000)",
+                "check the value and its unit (GB/s, not Gbps; GiB, not bytes)",
+            ),
         ),
         (
             "int8_without_support",
-            lambda t: _replace_line(t, "matmul_dtypes =", 'matmul_dtypes = ["f32", "bf16", "int4", "fp8"]'),
-            lambda t: (_line_of(t, "peak_int8_tops ="), "chip.peak_int8_tops", "peak_int8_tops is set but 'int8' is not in matmul_dtypes", 'add "int8" to chip.matmul_dtypes, or remove chip.peak_int8_tops'),
+            lambda t: _replace_line(
+                t, "matmul_dtypes =", 'matmul_dtypes = ["f32", "bf16", "int4", "fp8"]'
+            ),
+            lambda t: (
+                _line_of(t, "peak_int8_tops ="),
+                "chip.peak_int8_tops",
+                "peak_int8_tops is set but 'int8' is not in matmul_dtypes",
+                'add "int8" to chip.matmul_dtypes, or remove chip.peak_int8_tops',
+            ),
         ),
         (
             "mxu_rows_not_multiple_of_128",
             lambda t: _replace_line(t, "mxu_rows =", "mxu_rows = 200"),
-            lambda t: (_line_of(t, "mxu_rows ="), "chip.mxu_rows", "must be a multiple of 128, got 200", "MXUs are 128x128 or 256x256; check rows and columns"),
+            lambda t: (
+                _line_of(t, "mxu_rows ="),
+                "chip.mxu_rows",
+                "must be a multiple of 128, got 200",
+                "MXUs are 128x128 or 256x256; check rows and columns",
+            ),
         ),
         (
             "vmem_not_below_hbm",
             lambda t: _replace_line(t, "hbm_gib =", "hbm_gib = 0.125"),
-            lambda t: (_line_of(t, "vmem_mib_per_core ="), "chip.vmem_mib_per_core", "VMEM per chip must be smaller than HBM per chip (128 MiB x 1 cores >= 0.125 GiB)", "vmem_mib_per_core is MiB per core and hbm_gib is GiB per chip; check both units"),
+            lambda t: (
+                _line_of(t, "vmem_mib_per_core ="),
+                "chip.vmem_mib_per_core",
+                "VMEM per chip must be smaller than HBM per chip (128 MiB x 1 cores >= 0.125 GiB)",
+                "vmem_mib_per_core is MiB per core and hbm_gib is GiB per chip; check both units",
+            ),
         ),
         (
             "unknown_chip_key",
             lambda t: t.replace("\nhbm_gib =", "\nhbm_gb = 32\nhbm_gib =", 1),
-            lambda t: (_line_of(t, "hbm_gb ="), "chip.hbm_gb", "unknown key", "unknown key: check its spelling against `tpu-registry schema`"),
+            lambda t: (
+                _line_of(t, "hbm_gb ="),
+                "chip.hbm_gb",
+                "unknown key",
+                "unknown key: check its spelling against `tpu-registry schema`",
+            ),
         ),
         (
             "missing_required_field",
-            lambda t: "\n".join(x for x in t.splitlines() if not x.startswith("smem_kib_per_core =")) + "\n",
-            lambda t: (_line_of(t, "[chip]"), "chip.smem_kib_per_core", "Field required", "add this required field"),
+            lambda t: (
+                "\n".join(x for x in t.splitlines() if not x.startswith("smem_kib_per_core ="))
+                + "\n"
+            ),
+            lambda t: (
+                _line_of(t, "[chip]"),
+                "chip.smem_kib_per_core",
+                "Field required",
+                "add this required field",
+            ),
         ),
         (
             "schema_from_the_future",
             lambda t: _replace_line(t, "schema_version =", "schema_version = 99"),
-            lambda t: (_line_of(t, "schema_version ="), "schema_version", "schema_version 99 is newer than this tpu-registry understands (1)", "upgrade tpu-registry to read this file"),
+            lambda t: (
+                _line_of(t, "schema_version ="),
+                "schema_version",
+                "schema_version 99 is newer than this tpu-registry understands (1)",
+                "upgrade tpu-registry to read this file",
+            ),
         ),
     ]
 
@@ -325,7 +384,9 @@ def test_v6e_copy_itself_is_valid(tmp_path):
 
 def test_path_argument_that_does_not_exist(capsys, tmp_path):
     missing = tmp_path / "nope.toml"
-    _assert_validate(capsys, [str(missing)], [f"{missing}: (file): no such file or folder (check the path)"])
+    _assert_validate(
+        capsys, [str(missing)], [f"{missing}: (file): no such file or folder (check the path)"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,15 +406,37 @@ def _folder_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     holder.mkdir()
     (holder / "self.toml").symlink_to(holder / "self.toml")
     return {
-        "missing": (missing, f"{missing}: (file): folder from TPU_REGISTRY_PATH does not exist (create it or remove it from TPU_REGISTRY_PATH)"),
-        "file": (a_file, f"{a_file}: (file): TPU_REGISTRY_PATH names a file, not a folder (name the folder that holds the .toml files)"),
-        "symlink_loop": (loop, f"{loop}: (file): folder from TPU_REGISTRY_PATH is a broken or looping symlink (point it at a real folder)"),
-        "broken_symlink": (broken, f"{broken}: (file): folder from TPU_REGISTRY_PATH is a broken or looping symlink (point it at a real folder)"),
-        "file_symlink_loop": (holder, f"{holder / 'self.toml'}: (file): cannot read file: Too many levels of symbolic links (check that it exists and is readable)"),
+        "missing": (
+            missing,
+            f"{missing}: (file): folder from TPU_REGISTRY_PATH does not exist "
+            "(create it or remove it from TPU_REGISTRY_PATH)",
+        ),
+        "file": (
+            a_file,
+            f"{a_file}: (file): TPU_REGISTRY_PATH names a file, not a folder "
+            "(name the folder that holds the .toml files)",
+        ),
+        "symlink_loop": (
+            loop,
+            f"{loop}: (file): folder from TPU_REGISTRY_PATH is a broken or looping symlink "
+            "(point it at a real folder)",
+        ),
+        "broken_symlink": (
+            broken,
+            f"{broken}: (file): folder from TPU_REGISTRY_PATH is a broken or looping symlink "
+            "(point it at a real folder)",
+        ),
+        "file_symlink_loop": (
+            holder,
+            f"{holder / 'self.toml'}: (file): cannot read file: Too many levels of symbolic links "
+            "(check that it exists and is readable)",
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "file", "symlink_loop", "broken_symlink", "file_symlink_loop"])
+@pytest.mark.parametrize(
+    "case", ["missing", "file", "symlink_loop", "broken_symlink", "file_symlink_loop"]
+)
 def test_bad_folder_on_registry_path(case, capsys, monkeypatch, tmp_path):
     folder, message = _folder_cases(tmp_path)[case]
     monkeypatch.setenv("TPU_REGISTRY_PATH", str(folder))
@@ -401,26 +484,50 @@ def _unprivileged_prefix() -> list[str] | None:
     if setpriv is None:
         return None
     caps = "-dac_override,-dac_read_search"
-    probe = subprocess.run([setpriv, "--bounding-set", caps, "--inh-caps", caps, "true"], capture_output=True)
+    probe = subprocess.run(
+        [setpriv, "--bounding-set", caps, "--inh-caps", caps, "true"], capture_output=True
+    )
     return [setpriv, "--bounding-set", caps, "--inh-caps", caps] if probe.returncode == 0 else None
 
 
 def test_unreadable_folder_is_reported_when_permissions_apply(tmp_path):
     prefix = _unprivileged_prefix()
     if prefix is None:  # a failure, not a skip: `make test` runs as root on machines that have it
-        pytest.fail("running as root without a working setpriv (util-linux): permission bits cannot be made to apply")
+        pytest.fail(
+            "running as root without a working setpriv (util-linux): "
+            "permission bits cannot be made to apply"
+        )
     folder = tmp_path / "locked"
     folder.mkdir()
     shutil.copy(BAD / "_base.toml", folder / "corpus.toml")
     folder.chmod(0)
     env = {**os.environ, "TPU_REGISTRY_PATH": str(folder)}
-    message = f"{folder}: (file): cannot read folder from TPU_REGISTRY_PATH: Permission denied (check its permissions and links)"
-    lib = "import sys\nfrom tpu_registry import CatalogError, load_catalog\ntry:\n    load_catalog()\nexcept CatalogError as e:\n    print(e)\n    sys.exit(2)\n"
+    message = (
+        f"{folder}: (file): cannot read folder from TPU_REGISTRY_PATH: Permission denied "
+        "(check its permissions and links)"
+    )
+    lib = (
+        "import sys\n"
+        "from tpu_registry import CatalogError, load_catalog\n"
+        "try:\n"
+        "    load_catalog()\n"
+        "except CatalogError as e:\n"
+        "    print(e)\n"
+        "    sys.exit(2)\n"
+    )
     try:
-        r = subprocess.run([*prefix, cli_path(), "validate"], capture_output=True, text=True, env=env, timeout=120)
+        r = subprocess.run(
+            [*prefix, cli_path(), "validate"], capture_output=True, text=True, env=env, timeout=120
+        )
         assert "Traceback" not in r.stdout + r.stderr
         assert (r.returncode, r.stderr.splitlines()) == (2, [message])
-        r = subprocess.run([*prefix, sys.executable, "-c", lib], capture_output=True, text=True, env=env, timeout=120)
+        r = subprocess.run(
+            [*prefix, sys.executable, "-c", lib],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert (r.returncode, r.stdout.splitlines(), r.stderr) == (2, [message], "")
     finally:
         folder.chmod(0o755)

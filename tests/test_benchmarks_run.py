@@ -34,8 +34,12 @@ def committed_untouched():
 
 
 def _run(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    )
     return proc
 
 
@@ -52,15 +56,31 @@ def _check_result(result: dict) -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(n, marks=needs_matplotlib if n == "kv_savings" else pytest.mark.needs_jax if n == "detect_vs_seed" else ())
+        pytest.param(
+            n,
+            marks=needs_matplotlib
+            if n == "kv_savings"
+            else pytest.mark.needs_jax
+            if n == "detect_vs_seed"
+            else (),
+        )
         for n in SCRIPTS
     ],
 )
 def test_script_runs_tiny(name, tmp_path, committed_untouched):
     out = tmp_path / "result.json"
-    args = [str(BENCH / f"{name}.py"), "--tiny", "--output", str(tmp_path / "out"), "--json", str(out)]
+    args = [
+        str(BENCH / f"{name}.py"),
+        "--tiny",
+        "--output",
+        str(tmp_path / "out"),
+        "--json",
+        str(out),
+    ]
     if name == "detect_vs_seed":
-        args.append("--skip-legacy")  # importing torch_xla takes seconds and ~1 GB; `make bench` measures it
+        args.append(
+            "--skip-legacy"
+        )  # importing torch_xla takes seconds and ~1 GB; `make bench` measures it
     proc = _run(args, cwd=tmp_path)
     result = json.loads(out.read_text())
     _check_result(result)
@@ -68,7 +88,9 @@ def test_script_runs_tiny(name, tmp_path, committed_untouched):
     if name == "kv_savings":
         png = tmp_path / "out" / "kv_savings.png"
         assert png.read_bytes()[:8] == PNG_MAGIC
-        assert result["targets"][0]["status"] == "PASS"  # ours == upstream is arithmetic, not timing
+        assert (
+            result["targets"][0]["status"] == "PASS"
+        )  # ours == upstream is arithmetic, not timing
         assert "2.00x" in result["markdown"]  # the seed's 256-wide padding on v6e for head dim 128
     if name == "catalog_scaling":
         assert "5,000" not in result["markdown"] and "| 50 " in result["markdown"]
@@ -86,13 +108,31 @@ def test_no_write_writes_nothing(tmp_path, committed_untouched):
 def test_run_all_assembles_benchmarks_md(tmp_path, committed_untouched):
     # Two quick benchmarks are enough to check the assembly; each script is run above.
     out = tmp_path / "out"
-    proc = _run([str(BENCH / "run_all.py"), "--tiny", "--only", "catalog_scaling,kv_savings", "--output", str(out)], cwd=tmp_path)
+    proc = _run(
+        [
+            str(BENCH / "run_all.py"),
+            "--tiny",
+            "--only",
+            "catalog_scaling,kv_savings",
+            "--output",
+            str(out),
+        ],
+        cwd=tmp_path,
+    )
     md = (out / "BENCHMARKS.md").read_text()
-    for needle in ("- Date: ", "- CPU: ", "- Python: ", "- Command: `python benchmarks/run_all.py --tiny --only catalog_scaling,kv_savings`", "## Summary of targets"):
+    for needle in (
+        "- Date: ",
+        "- CPU: ",
+        "- Python: ",
+        "- Command: `python benchmarks/run_all.py --tiny --only catalog_scaling,kv_savings`",
+        "## Summary of targets",
+    ):
         assert needle in md
     for title in ("Catalog scaling", "KV cache memory"):
         assert f"## {title}" in md
     assert "![KV cache memory: ours vs upstream vs the seed](kv_savings.png)" in md
     assert (out / "kv_savings.png").read_bytes()[:8] == PNG_MAGIC
     assert "FAILED" not in proc.stdout
-    assert md.count("| PASS ") + md.count("| MISSED ") + md.count("| SKIPPED ") == 2 * 4  # summary + sections
+    assert (
+        md.count("| PASS ") + md.count("| MISSED ") + md.count("| SKIPPED ") == 2 * 4
+    )  # summary + sections

@@ -24,7 +24,17 @@ def test_list_json_lists_the_nine_generations():
     r = run_cli("list", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
-    assert [row["id"] for row in rows] == ["v2", "v3", "v4", "v5e", "v5p", "v6e", "tpu7x", "tpu8i", "tpu8t"]
+    assert [row["id"] for row in rows] == [
+        "v2",
+        "v3",
+        "v4",
+        "v5e",
+        "v5p",
+        "v6e",
+        "tpu7x",
+        "tpu8i",
+        "tpu8t",
+    ]
     v6e = next(row for row in rows if row["id"] == "v6e")
     assert v6e["hbm_bandwidth_gb_s"] == 1638  # not the seed's 3584
     assert v6e["mxu"] == "2x256x256"
@@ -38,7 +48,21 @@ def test_list_table_has_the_documented_columns():
         assert col in header
 
 
-@pytest.mark.parametrize(("name", "gid"), [("TPU v5 lite", "v5e"), ("TPU v5", "v5p"), ("TPU v6 lite", "v6e"), ("TPU7x", "tpu7x"), ("trillium", "v6e"), ("v5p-128", "v5p"), ("v5litepod-16", "v5e"), ("tpu-v6e-slice", "v6e"), ("0x1ae0:0x0062", "v5p"), ("1ae0:0027:004f", "v3")])
+@pytest.mark.parametrize(
+    ("name", "gid"),
+    [
+        ("TPU v5 lite", "v5e"),
+        ("TPU v5", "v5p"),
+        ("TPU v6 lite", "v6e"),
+        ("TPU7x", "tpu7x"),
+        ("trillium", "v6e"),
+        ("v5p-128", "v5p"),
+        ("v5litepod-16", "v5e"),
+        ("tpu-v6e-slice", "v6e"),
+        ("0x1ae0:0x0062", "v5p"),
+        ("1ae0:0027:004f", "v3"),
+    ],
+)
 def test_show_finds_by_id_alias_and_identifier(name, gid):
     r = run_cli("show", name, "--json")
     assert r.returncode == 0, r.stderr
@@ -74,25 +98,36 @@ def test_v2_and_v3_share_a_pci_device_split_by_subsystem():
 
 
 def test_replacing_a_builtin_must_be_explicit(tmp_path, monkeypatch):
-    text = (HARDWARE / "v6e.toml").read_text().replace('name = "TPU v6e (Trillium)"', 'name = "TPU v6e (site copy)"')
+    text = (
+        (HARDWARE / "v6e.toml")
+        .read_text()
+        .replace('name = "TPU v6e (Trillium)"', 'name = "TPU v6e (site copy)"')
+    )
     (tmp_path / "v6e.toml").write_text(text)
     monkeypatch.setenv("TPU_REGISTRY_PATH", str(tmp_path))
     with pytest.raises(CatalogError) as e:
         load_catalog()
-    assert f"{tmp_path / 'v6e.toml'}:3: id: id 'v6e' is already defined in {HARDWARE / 'v6e.toml'} (pick another id, or write replaces = \"v6e\" to replace it)" in str(e.value)
+    assert (
+        f"{tmp_path / 'v6e.toml'}:3: id: id 'v6e' is already defined in {HARDWARE / 'v6e.toml'} "
+        '(pick another id, or write replaces = "v6e" to replace it)' in str(e.value)
+    )
     (tmp_path / "v6e.toml").write_text(text.replace('id = "v6e"', 'id = "v6e"\nreplaces = "v6e"'))
     cat = load_catalog()
     assert cat["v6e"].name == "TPU v6e (site copy)"
     r = run_cli("list", "--json")
     row = next(x for x in json.loads(r.stdout) if x["id"] == "v6e")
-    assert row["replaces"] == str(HARDWARE / "v6e.toml") and row["path"] == str(tmp_path / "v6e.toml")
+    assert row["replaces"] == str(HARDWARE / "v6e.toml") and row["path"] == str(
+        tmp_path / "v6e.toml"
+    )
     assert "(replaces built-in)" in run_cli("list").stdout
 
 
 def test_contributing_add_a_generation_walkthrough(tmp_path, monkeypatch):
     """CONTRIBUTING.md 'Add a TPU generation', step by step, exactly as written there."""
     doc = (REPO / "CONTRIBUTING.md").read_text()
-    section = doc.split("<!-- section: add-generation -->")[1].split("<!-- end: add-generation -->")[0]
+    section = doc.split("<!-- section: add-generation -->")[1].split(
+        "<!-- end: add-generation -->"
+    )[0]
     assert "cp hardware/v6e.toml ~/tpu-site/v99.toml" in section
     assert "export TPU_REGISTRY_PATH=~/tpu-site" in section
     site = tmp_path / "tpu-site"
@@ -100,7 +135,17 @@ def test_contributing_add_a_generation_walkthrough(tmp_path, monkeypatch):
     shutil.copy(HARDWARE / "v6e.toml", site / "v99.toml")
     # The edits the section lists: id, name, aliases, generation, and every identifier.
     text = (site / "v99.toml").read_text()
-    for old, new in [('id = "v6e"', 'id = "v99"'), ('name = "TPU v6e (Trillium)"', 'name = "TPU v99"'), ('aliases = ["trillium", "v6 lite", "tpu-v6e", "v6"]', "aliases = []"), ("generation = 6", "generation = 99"), ('device_kinds = ["TPU v6 lite", "TPU v6e"]', 'device_kinds = ["TPU v99"]'), ('gke_accelerators = ["tpu-v6e-slice"]', 'gke_accelerators = ["tpu-v99-slice"]'), ("torch_xla_versions = [6]", "torch_xla_versions = []"), ('prefix = "v6e"', 'prefix = "v99"'), ("device = 0x006f", "device = 0x0999")]:
+    for old, new in [
+        ('id = "v6e"', 'id = "v99"'),
+        ('name = "TPU v6e (Trillium)"', 'name = "TPU v99"'),
+        ('aliases = ["trillium", "v6 lite", "tpu-v6e", "v6"]', "aliases = []"),
+        ("generation = 6", "generation = 99"),
+        ('device_kinds = ["TPU v6 lite", "TPU v6e"]', 'device_kinds = ["TPU v99"]'),
+        ('gke_accelerators = ["tpu-v6e-slice"]', 'gke_accelerators = ["tpu-v99-slice"]'),
+        ("torch_xla_versions = [6]", "torch_xla_versions = []"),
+        ('prefix = "v6e"', 'prefix = "v99"'),
+        ("device = 0x006f", "device = 0x0999"),
+    ]:
         assert old in text, old
         text = text.replace(old, new)
     (site / "v99.toml").write_text(text)
@@ -142,14 +187,23 @@ EXPLAINED = {
     ("v3", "hbm_gib"): "Cloud v3 page: 32 GiB (JAX 34.4e9 B = 32.04 GiB, rounding)",
     ("v4", "hbm_bandwidth_gb_s"): "Cloud v4 page: 1200 GB/s (JAX 1230)",
     ("v4", "hbm_gib"): "Cloud v4 page: 32 GiB (JAX 34.4e9 B)",
-    ("v4", "peak_int8_tops"): "Cloud v4 page: '275 teraflops (bf16 or int8)'; JAX: int8 not available",
-    ("v4", "sparsecores_per_chip"): "JAX sparsecore docs and the v4 paper: 4; TpuInfo None (JAX cannot program them)",
+    (
+        "v4",
+        "peak_int8_tops",
+    ): "Cloud v4 page: '275 teraflops (bf16 or int8)'; JAX: int8 not available",
+    (
+        "v4",
+        "sparsecores_per_chip",
+    ): "JAX sparsecore docs and the v4 paper: 4; TpuInfo None (JAX cannot program them)",
     ("v2", "hbm_gib"): "tpu-info / XLA: 8 GiB per core; JAX 16e9 B",
     ("v5e", "hbm_bandwidth_gb_s"): "Cloud v5e page: 819 GB/s (JAX 820)",
     ("v5e", "peak_int8_tops"): "Cloud v5e page: 393 TOPS (JAX 394)",
     ("v5p", "hbm_gib"): "Cloud v5p page: 95 GiB usable of 96 physical (JAX 103e9 B)",
     ("v5p", "hbm_bandwidth_gb_s"): "Cloud v5p page: 2765 GB/s (JAX 2460)",
-    ("v5p", "peak_fp8_tflops"): "Cloud v5p / TPU7x pages: fp8 at the bf16 rate (JAX: not available)",
+    (
+        "v5p",
+        "peak_fp8_tflops",
+    ): "Cloud v5p / TPU7x pages: fp8 at the bf16 rate (JAX: not available)",
     ("v6e", "hbm_bandwidth_gb_s"): "Cloud v6e page: 1638 GB/s (JAX 1640)",
     ("v6e", "peak_bf16_tflops"): "Cloud v6e page: 918 TFLOPS (JAX 920)",
     ("v6e", "peak_fp8_tflops"): "Cloud TPU7x comparison table: 918 (JAX 920)",
@@ -158,11 +212,23 @@ EXPLAINED = {
     ("tpu7x", "hbm_bandwidth_gb_s"): "Cloud TPU7x page: 7380 GB/s (JAX 7400)",
     ("tpu7x", "peak_bf16_tflops"): "Cloud TPU7x page: 2307 TFLOPS (JAX 2310)",
     ("tpu7x", "peak_fp8_tflops"): "Cloud TPU7x page: 4614 TFLOPS (JAX 4600)",
-    ("tpu7x", "sparsecores_per_chip"): "Cloud TPU7x page: 4 per chip; JAX: 2 per TensorCore-device (= 4)",
+    (
+        "tpu7x",
+        "sparsecores_per_chip",
+    ): "Cloud TPU7x page: 4 per chip; JAX: 2 per TensorCore-device (= 4)",
     ("tpu8i", "sparsecores_per_chip"): "JAX: 1 SparseCore per TensorCore-device, 2 per chip",
     ("tpu8i", "hbm_gib"): "announcement: 288 GB (JAX 309e9 B = 287.8 GiB, rounding)",
 }
-JAX_CHIPS = {"v2": "TPU_V2", "v3": "TPU_V3", "v4": "TPU_V4", "v5e": "TPU_V5E", "v5p": "TPU_V5P", "v6e": "TPU_V6E", "tpu7x": "TPU_7X", "tpu8i": "TPU_8I"}
+JAX_CHIPS = {
+    "v2": "TPU_V2",
+    "v3": "TPU_V3",
+    "v4": "TPU_V4",
+    "v5e": "TPU_V5E",
+    "v5p": "TPU_V5P",
+    "v6e": "TPU_V6E",
+    "tpu7x": "TPU_7X",
+    "tpu8i": "TPU_8I",
+}
 
 
 def _jax_chip_facts(pltpu, gid: str) -> dict:
@@ -196,6 +262,7 @@ def test_catalog_agrees_with_jax_tpu_info():
     from jax.experimental.pallas import (
         tpu as pltpu,  # installed by `make test`; a failure, not a skip
     )
+
     cat = load_catalog()
     unexplained = []
     for gid in JAX_CHIPS:
@@ -203,7 +270,9 @@ def test_catalog_agrees_with_jax_tpu_info():
         theirs = _jax_chip_facts(pltpu, gid)
         for field, value in theirs.items():
             ours = getattr(chip, field)
-            same = (ours is None and value is None) or (ours is not None and value is not None and _close(ours, value))
+            same = (ours is None and value is None) or (
+                ours is not None and value is not None and _close(ours, value)
+            )
             if not same and (gid, field) not in EXPLAINED:
                 unexplained.append(f"{gid}.{field}: ours {ours}, JAX {value}")
     assert not unexplained, "\n".join(unexplained)
@@ -213,9 +282,10 @@ def test_catalog_agrees_with_jax_tpu_info():
 def test_explained_differences_are_still_differences():
     """An explanation that no longer applies (the numbers now agree) must be removed."""
     from jax.experimental.pallas import tpu as pltpu
+
     stale = []
     cat = load_catalog()
-    for (gid, field) in EXPLAINED:
+    for gid, field in EXPLAINED:
         value = _jax_chip_facts(pltpu, gid)[field]
         ours = getattr(cat[gid].chip, field)
         if ours is not None and value is not None and _close(ours, value, 1e-9):

@@ -19,8 +19,8 @@ import time
 import pytest
 
 import tpu_registry
-from tpu_registry.plugins import get_plugin_manager
 from tpu_registry import Layer, Workload
+from tpu_registry.plugins import get_plugin_manager
 
 resolve_mod = importlib.import_module("tpu_registry.resolution")
 resolve = resolve_mod.resolve
@@ -131,7 +131,9 @@ def test_errors_are_not_cached_and_threads_all_see_them(counted):
         return None
 
     results = _together(N_THREADS, call)
-    assert len(set(results)) == 1 and results[0].startswith("detection: (file): cannot resolve: no TPU was found")
+    assert len(set(results)) == 1 and results[0].startswith(
+        "detection: (file): cannot resolve: no TPU was found"
+    )
     assert counted["compute"] == N_THREADS  # nothing to share: each call tries again
     assert not resolve_mod._cache
 
@@ -213,7 +215,9 @@ def test_fork_while_another_thread_is_resolving(counted):
             return None
 
     get_plugin_manager().register(Blocker(), name="blocker")
-    t = threading.Thread(target=resolve, args=(Workload(32, 8, 128, max_model_len=8192),), kwargs={"simulate": "v6e"})
+    t = threading.Thread(
+        target=resolve, args=(Workload(32, 8, 128, max_model_len=8192),), kwargs={"simulate": "v6e"}
+    )
     t.start()
     try:
         assert inside.wait(30)
@@ -227,7 +231,9 @@ def test_fork_while_another_thread_is_resolving(counted):
 
 LOCKS = {
     "plugins": lambda: plugins_mod._lock,  # held while a thread builds the plugin manager
-    "catalog": lambda: importlib.import_module("tpu_registry.catalog")._lock,  # held around the catalog cache
+    "catalog": lambda: (
+        importlib.import_module("tpu_registry.catalog")._lock
+    ),  # held around the catalog cache
     "resolve": lambda: resolve_mod._lock,  # held while a thread computes a result
 }
 
@@ -280,7 +286,9 @@ def test_changing_the_generation_variable_changes_the_next_answer(monkeypatch, c
 
 def test_changing_the_overrides_variable_changes_the_next_answer(monkeypatch, tmp_path):
     path = tmp_path / "overrides.toml"
-    path.write_text('schema_version = 1\n\n[[override]]\ngeneration = "*"\nknobs = { page_size = 64 }\n')
+    path.write_text(
+        'schema_version = 1\n\n[[override]]\ngeneration = "*"\nknobs = { page_size = 64 }\n'
+    )
     base = resolve(WORKLOAD, simulate="v6e")
     assert (base.value("page_size"), base.layer("page_size")) == (256, "baseline")
     monkeypatch.setenv("TPU_REGISTRY_OVERRIDES", str(path))
@@ -299,7 +307,10 @@ def test_changing_detection_variables_changes_the_next_answer(monkeypatch):
 
 def test_environment_changes_while_threads_resolve(monkeypatch):
     """Threads resolving while the variable flips see one answer or the other, never a mix."""
-    answers = {"v6e": resolve(WORKLOAD, simulate="v6e").to_dict(), "v5e": resolve(WORKLOAD, simulate="v5e").to_dict()}
+    answers = {
+        "v6e": resolve(WORKLOAD, simulate="v6e").to_dict(),
+        "v5e": resolve(WORKLOAD, simulate="v5e").to_dict(),
+    }
     for a in answers.values():
         a["detection"] = None  # explicit vs simulated differ; compare the rest
     stop = threading.Event()
@@ -314,6 +325,7 @@ def test_environment_changes_while_threads_resolve(monkeypatch):
     flipper = threading.Thread(target=flip)
     flipper.start()
     try:
+
         def call(i):
             out = []
             for _ in range(20):

@@ -41,7 +41,9 @@ COMMANDS = [
 
 def section() -> str:
     doc = (REPO / "CONTRIBUTING.md").read_text()
-    return doc.split("<!-- section: detector-plugin -->")[1].split("<!-- end: detector-plugin -->")[0]
+    return doc.split("<!-- section: detector-plugin -->")[1].split("<!-- end: detector-plugin -->")[
+        0
+    ]
 
 
 def blocks(lang: str) -> list[list[str]]:
@@ -50,16 +52,28 @@ def blocks(lang: str) -> list[list[str]]:
     for m in re.finditer(r"^( *)```(\w*)\n(.*?)^\1```", section(), re.M | re.S):
         indent, info, body = m.groups()
         if info == lang:
-            out.append([line[len(indent) :] if line.startswith(indent) else line for line in body.splitlines()])
+            out.append(
+                [
+                    line[len(indent) :] if line.startswith(indent) else line
+                    for line in body.splitlines()
+                ]
+            )
     return out
 
 
 def sh_commands() -> list[str]:
-    return [line.strip() for block in blocks("sh") for line in block if line.strip() and not line.strip().startswith("#")]
+    return [
+        line.strip()
+        for block in blocks("sh")
+        for line in block
+        if line.strip() and not line.strip().startswith("#")
+    ]
 
 
 def plugin_installed() -> bool:
-    return importlib.util.find_spec("tpu_registry_gce") is not None and any(ep.name == "gce" for ep in entry_points(group="tpu_registry"))
+    return importlib.util.find_spec("tpu_registry_gce") is not None and any(
+        ep.name == "gce" for ep in entry_points(group="tpu_registry")
+    )
 
 
 def wait_for_port(proc: subprocess.Popen, timeout_s: float = 15.0) -> int:
@@ -93,10 +107,20 @@ def test_contributing_detector_plugin_walkthrough(tmp_path):
     path = REPO / words[3]
     assert path == PLUGIN and (path / "pyproject.toml").is_file()
     if not plugin_installed():
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", str(path)], capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr
     # The plugin the CLI will load is this checkout's (a fresh process sees a new install).
-    r = subprocess.run([sys.executable, "-c", "import tpu_registry_gce; print(tpu_registry_gce.__file__)"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", "import tpu_registry_gce; print(tpu_registry_gce.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).resolve() == PLUGIN / "tpu_registry_gce" / "__init__.py"
     assert shlex.split(next(cmds)) == ["tpu-registry", "plugins"]
@@ -105,7 +129,10 @@ def test_contributing_detector_plugin_walkthrough(tmp_path):
     assert re.search(r"^gce\s+entry point\s+tpu-registry-gce\s", r.stdout, re.M), r.stdout
     listed = {p["name"]: p for p in json.loads(run_cli("plugins", "--json").stdout)["plugins"]}
     assert listed["gce"]["distribution"] == "tpu-registry-gce"
-    assert listed["gce"]["kind"] == "entry point" and listed["gce"]["hooks"] == ["tpu_registry_detect", "tpu_registry_settings"]
+    assert listed["gce"]["kind"] == "entry point" and listed["gce"]["hooks"] == [
+        "tpu_registry_detect",
+        "tpu_registry_settings",
+    ]
 
     # Step 7: the metadata keys as files, served on 127.0.0.1.
     md = tmp_path / "gce-md"
@@ -119,16 +146,28 @@ def test_contributing_detector_plugin_walkthrough(tmp_path):
     line = next(cmds)
     assert line.endswith(" &")
     words = shlex.split(line[:-2])
-    assert words[0] == "python" and words[-1] == "0" and words[words.index("--bind") + 1] == "127.0.0.1"
+    assert (
+        words[0] == "python"
+        and words[-1] == "0"
+        and words[words.index("--bind") + 1] == "127.0.0.1"
+    )
     argv = [sys.executable, *(str(md) if w == "/tmp/gce-md" else w for w in words[1:])]
     log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         port = wait_for_port(server)
 
         words = shlex.split(next(cmds))
         env = dict(w.split("=", 1) for w in words[:2])
-        assert list(env) == ["TPU_REGISTRY_GCE", "TPU_REGISTRY_GCE_URL"] and words[2] == "tpu-registry"
+        assert (
+            list(env) == ["TPU_REGISTRY_GCE", "TPU_REGISTRY_GCE_URL"] and words[2] == "tpu-registry"
+        )
         env = {k: v.replace("PORT", str(port)) for k, v in env.items()}
         r = run_cli(*words[3:], env=env)
         assert r.returncode == 0, r.stderr
@@ -150,7 +189,11 @@ def test_contributing_detector_plugin_walkthrough(tmp_path):
         assert requests == ["GET /accelerator-type", "GET /tpu-env"]
 
         # "Without TPU_REGISTRY_GCE=1 the plugin sends nothing and the answer is 'no TPU'."
-        off = json.loads(run_cli("detect", "--json", env={"TPU_REGISTRY_GCE_URL": env["TPU_REGISTRY_GCE_URL"]}).stdout)
+        off = json.loads(
+            run_cli(
+                "detect", "--json", env={"TPU_REGISTRY_GCE_URL": env["TPU_REGISTRY_GCE_URL"]}
+            ).stdout
+        )
         assert off["generation"] is None and off["status"] == "none" and off["faults"] == []
         assert log_requests(tmp_path / "server.log") == requests
     finally:
@@ -164,7 +207,10 @@ def test_contributing_detector_plugin_walkthrough(tmp_path):
     assert stopped["generation"] is None
     [fault] = stopped["faults"]
     assert fault["plugin"] == "gce"
-    assert fault["message"].startswith("raised MetadataError: ") and "ConnectionRefusedError" in fault["message"]
+    assert (
+        fault["message"].startswith("raised MetadataError: ")
+        and "ConnectionRefusedError" in fault["message"]
+    )
     assert next(cmds, None) is None
 
 
@@ -183,18 +229,23 @@ def test_walkthrough_snippets_match_the_plugin():
     # Step 2: every line of the pyproject excerpt is in the real pyproject.toml.
     real = {line.strip() for line in (PLUGIN / "pyproject.toml").read_text().splitlines()}
     [toml] = blocks("toml")
-    assert '[project.entry-points.tpu_registry]' in toml and 'gce = "tpu_registry_gce"' in toml
+    assert "[project.entry-points.tpu_registry]" in toml and 'gce = "tpu_registry_gce"' in toml
     for line in filter(str.strip, toml):
         assert line.strip() in real, line
     # Step 3: every line of the hook excerpt (but the elisions) is in the real module.
-    source = {line.strip() for line in (PLUGIN / "tpu_registry_gce" / "__init__.py").read_text().splitlines()}
+    source = {
+        line.strip()
+        for line in (PLUGIN / "tpu_registry_gce" / "__init__.py").read_text().splitlines()
+    }
     [py] = blocks("python")
     assert "@tpu_registry.hookimpl" in py
     for line in filter(str.strip, py):
         if line.strip() != "...":
             assert line.strip() in source, line
     # Step 5: the numbers and names the rules quote (read from the checkout, installed or not).
-    spec = importlib.util.spec_from_file_location("_gce_walkthrough", PLUGIN / "tpu_registry_gce" / "__init__.py")
+    spec = importlib.util.spec_from_file_location(
+        "_gce_walkthrough", PLUGIN / "tpu_registry_gce" / "__init__.py"
+    )
     gce = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gce)
     assert gce.DEFAULT_TIMEOUT_S == 0.5 and "(0.5 s, `TPU_REGISTRY_GCE_TIMEOUT`)" in text
@@ -208,4 +259,3 @@ def test_walkthrough_kind_table_matches_the_core():
     assert [kind for kind, _, _ in rows] == list(KINDS)  # most trusted first
     quoted = re.search(r"`(accelerator_types = \[.*?\])`", section()).group(1)
     assert quoted in (REPO / "hardware" / "v5p.toml").read_text()
-

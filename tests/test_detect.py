@@ -11,7 +11,6 @@ import pytest
 from conftest import REPO, make_sysfs, run_cli
 
 import tpu_registry
-from tpu_registry import hookspecs
 from tpu_registry.catalog import load_catalog
 from tpu_registry.detection import Evidence, detect, reconcile
 from tpu_registry.errors import DetectionError, RegistryError
@@ -74,10 +73,16 @@ IDENTIFIERS = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "value", "count", "unit", "gid", "host", "slice_"), IDENTIFIERS, ids=[f"{k}:{v}" for k, v, *_ in IDENTIFIERS])
+@pytest.mark.parametrize(
+    ("kind", "value", "count", "unit", "gid", "host", "slice_"),
+    IDENTIFIERS,
+    ids=[f"{k}:{v}" for k, v, *_ in IDENTIFIERS],
+)
 def test_real_identifier_strings(kind, value, count, unit, gid, host, slice_):
     scope = "slice" if kind == "accelerator_type" else "host"
-    d = reconcile(load_catalog(), [Evidence(kind, value, "test", count=count, count_unit=unit, scope=scope)])
+    d = reconcile(
+        load_catalog(), [Evidence(kind, value, "test", count=count, count_unit=unit, scope=scope)]
+    )
     assert (d.generation, d.chips_per_host, d.slice_chips) == (gid, host, slice_)
     assert d.status == "detected"
 
@@ -86,7 +91,15 @@ def test_at_least_thirty_identifier_cases():
     assert len(IDENTIFIERS) >= 30
 
 
-@pytest.mark.parametrize(("accel", "gid", "slice_chips", "host_chips"), [("v5litepod-16", "v5e", 16, 8), ("v5p-128", "v5p", 64, 4), ("tpu7x-8", "tpu7x", 4, 4), ("v4-16", "v4", 8, 4)])
+@pytest.mark.parametrize(
+    ("accel", "gid", "slice_chips", "host_chips"),
+    [
+        ("v5litepod-16", "v5e", 16, 8),
+        ("v5p-128", "v5p", 64, 4),
+        ("tpu7x-8", "tpu7x", 4, 4),
+        ("v4-16", "v4", 8, 4),
+    ],
+)
 def test_env_accelerator_type_suffix_arithmetic(accel, gid, slice_chips, host_chips):
     d = detect(env={"TPU_ACCELERATOR_TYPE": accel}, sysfs_root="/nonexistent")
     assert (d.generation, d.slice_chips, d.chips_per_host) == (gid, slice_chips, host_chips)
@@ -94,7 +107,14 @@ def test_env_accelerator_type_suffix_arithmetic(accel, gid, slice_chips, host_ch
 
 
 def test_gke_host_bounds_give_chips_per_host():
-    d = detect(env={"TPU_ACCELERATOR_TYPE": "v6e-16", "TPU_TOPOLOGY": "4x4", "TPU_CHIPS_PER_HOST_BOUNDS": "2,4,1"}, sysfs_root="/nonexistent")
+    d = detect(
+        env={
+            "TPU_ACCELERATOR_TYPE": "v6e-16",
+            "TPU_TOPOLOGY": "4x4",
+            "TPU_CHIPS_PER_HOST_BOUNDS": "2,4,1",
+        },
+        sysfs_root="/nonexistent",
+    )
     assert (d.generation, d.chips_per_host, d.slice_chips, d.topology) == ("v6e", 8, 16, "4x4")
 
 
@@ -125,7 +145,9 @@ def test_fake_sysfs_v2_and_v3_told_apart_by_subsystem(tmp_path):
 
 
 def test_fake_sysfs_mixed_and_garbled_tree(tmp_path):
-    root = make_sysfs(tmp_path, [(0x8086, 0x1234, None), (GOOGLE, 0x0042, None), (GOOGLE, 0x006F, None)])
+    root = make_sysfs(
+        tmp_path, [(0x8086, 0x1234, None), (GOOGLE, 0x0042, None), (GOOGLE, 0x006F, None)]
+    )
     base = root / "sys" / "bus" / "pci" / "devices"
     junk = base / "0000:00:1f.0"
     junk.mkdir()
@@ -153,7 +175,10 @@ def test_conflict_pci_v6e_against_env_v5e(tmp_path):
     assert d.generation == "v6e" and d.status == "detected"
     assert d.chips_per_host == 8
     assert [f.status for f in d.findings] == ["decides", "conflict"]
-    assert d.conflicts == (f"env TPU_ACCELERATOR_TYPE says 'v5litepod-8' (v5e) but sysfs {root}/sys/bus/pci/devices (pci) says v6e; accelerator_type is trusted less",)
+    assert d.conflicts == (
+        f"env TPU_ACCELERATOR_TYPE says 'v5litepod-8' (v5e) but sysfs {root}/sys/bus/pci/devices "
+        "(pci) says v6e; accelerator_type is trusted less",
+    )
     assert d.reason.endswith("(conflicting evidence was outranked)")
 
 
@@ -177,7 +202,13 @@ def test_seed_tpu_version_variable_is_accepted_with_a_note():
 
 
 def test_same_level_disagreement_has_no_winner():
-    d = reconcile(load_catalog(), [Evidence("accelerator_type", "v5p-8", "env"), Evidence("accelerator_type", "v6e-8", "metadata")])
+    d = reconcile(
+        load_catalog(),
+        [
+            Evidence("accelerator_type", "v5p-8", "env"),
+            Evidence("accelerator_type", "v6e-8", "metadata"),
+        ],
+    )
     assert d.generation is None and d.status == "conflict"
     assert "equally trusted, no winner" in d.conflicts[0]
 
@@ -193,7 +224,10 @@ def test_explicit_override_wins_and_says_so(tmp_path):
 def test_explicit_override_naming_nothing_is_an_error():
     with pytest.raises(DetectionError) as e:
         detect(env={"TPU_REGISTRY_GENERATION": "v99"}, sysfs_root="/nonexistent")
-    assert str(e.value) == "env TPU_REGISTRY_GENERATION: (file): explicit generation 'v99' names no generation (use an id from `tpu-registry list`)"
+    assert str(e.value) == (
+        "env TPU_REGISTRY_GENERATION: (file): explicit generation 'v99' names no generation "
+        "(use an id from `tpu-registry list`)"
+    )
 
 
 def test_no_tpu_is_a_normal_result():
@@ -219,7 +253,9 @@ def test_cli_detect_simulate_is_shown_as_simulated():
 
 def test_cli_detect_table_lists_evidence(tmp_path):
     root = make_sysfs(tmp_path, [(GOOGLE, 0x0063, None)] * 8)
-    r = run_cli("detect", env={"TPU_REGISTRY_SYSFS_ROOT": str(root), "TPU_ACCELERATOR_TYPE": "v5litepod-8"})
+    r = run_cli(
+        "detect", env={"TPU_REGISTRY_SYSFS_ROOT": str(root), "TPU_ACCELERATOR_TYPE": "v5litepod-8"}
+    )
     assert r.returncode == 0
     lines = r.stdout.splitlines()
     assert lines[0].startswith("TPU: v5e (detected: pci '1ae0:0063'")
@@ -253,14 +289,26 @@ print(d.generation, d.status, len(d.findings), len(d.faults))
 
 @pytest.mark.needs_jax
 def test_detect_does_not_initialise_jax():
-    out = subprocess.run([sys.executable, "-c", NON_INVASIVE], capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", NON_INVASIVE],
+        capture_output=True,
+        text=True,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "0", "None", "none", "[]"]
 
 
 @pytest.mark.needs_jax
 def test_jax_on_cpu_gives_no_evidence_and_no_error():
-    out = subprocess.run([sys.executable, "-c", INITIALISED], capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", INITIALISED],
+        capture_output=True,
+        text=True,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "none", "0", "0"]
 
@@ -272,7 +320,15 @@ def test_jax_on_cpu_gives_no_evidence_and_no_error():
 
 def test_builtin_plugins_are_ordinary_registered_modules():
     pm = get_plugin_manager()
-    for name in ("tpu_registry.detectors.env", "tpu_registry.detectors.sysfs", "tpu_registry.detectors.jax", "tpu_registry.detectors.torch_xla", "tpu_registry.policies.baseline", "tpu_registry.policies.tables", "tpu_registry.policies.overrides"):
+    for name in (
+        "tpu_registry.detectors.env",
+        "tpu_registry.detectors.sysfs",
+        "tpu_registry.detectors.jax",
+        "tpu_registry.detectors.torch_xla",
+        "tpu_registry.policies.baseline",
+        "tpu_registry.policies.tables",
+        "tpu_registry.policies.overrides",
+    ):
         assert pm.has_plugin(name)
         assert isinstance(pm.get_plugin(name), types.ModuleType)
 
@@ -327,7 +383,17 @@ def test_check_pending_runs_when_the_manager_is_built(monkeypatch):
 
 def test_hardware_dirs_hook_adds_catalog_folders(tmp_path):
     text = (REPO / "hardware" / "v6e.toml").read_text()
-    for old, new in [('id = "v6e"', 'id = "site6"'), ('aliases = ["trillium", "v6 lite", "tpu-v6e", "v6"]', "aliases = []"), ('device_kinds = ["TPU v6 lite", "TPU v6e"]', "device_kinds = []"), ('gke_accelerators = ["tpu-v6e-slice"]', "gke_accelerators = []"), ('accelerator_types = [{ prefix = "v6e", suffix_counts = "chips" }]', "accelerator_types = []"), ("pci = [{ vendor = 0x1ae0, device = 0x006f }]", "pci = []")]:
+    for old, new in [
+        ('id = "v6e"', 'id = "site6"'),
+        ('aliases = ["trillium", "v6 lite", "tpu-v6e", "v6"]', "aliases = []"),
+        ('device_kinds = ["TPU v6 lite", "TPU v6e"]', "device_kinds = []"),
+        ('gke_accelerators = ["tpu-v6e-slice"]', "gke_accelerators = []"),
+        (
+            'accelerator_types = [{ prefix = "v6e", suffix_counts = "chips" }]',
+            "accelerator_types = []",
+        ),
+        ("pci = [{ vendor = 0x1ae0, device = 0x006f }]", "pci = []"),
+    ]:
         text = text.replace(old, new)
     (tmp_path / "site6.toml").write_text(text)
     plugin = types.ModuleType("dirs_plugin")
@@ -344,4 +410,7 @@ def test_hardware_dirs_hook_adds_catalog_folders(tmp_path):
 def test_detect_timeout_must_be_a_positive_number(value):
     with pytest.raises(DetectionError) as e:
         detect(env={"TPU_REGISTRY_DETECT_TIMEOUT": value}, sysfs_root="/nonexistent")
-    assert str(e.value) == f"TPU_REGISTRY_DETECT_TIMEOUT={value!r} is not a positive number of seconds (the default is 2)"
+    assert str(e.value) == (
+        f"TPU_REGISTRY_DETECT_TIMEOUT={value!r} is not a positive number of seconds "
+        "(the default is 2)"
+    )

@@ -19,12 +19,11 @@ import pytest
 from conftest import cli_path
 
 import tpu_registry
-from tpu_registry import plugins
+from tpu_registry import Layer, Workload, plugins
 from tpu_registry.catalog import load_catalog
 from tpu_registry.detection import Evidence, Fault, detect
 from tpu_registry.errors import DetectionError, Problem, RegistryError, TuningError
 from tpu_registry.plugins import get_plugin_manager, get_plugins
-from tpu_registry import Layer, Workload
 
 resolve_mod = importlib.import_module("tpu_registry.resolution")
 resolve = resolve_mod.resolve
@@ -93,14 +92,35 @@ def _raise(exc):
 
 DETECTOR_FAULTS = [
     ("raises", _raise(RuntimeError("sensor on fire")), "raised RuntimeError: sensor on fire"),
-    ("raises_oserror", _raise(PermissionError(13, "Permission denied")), "raised PermissionError: [Errno 13] Permission denied"),
+    (
+        "raises_oserror",
+        _raise(PermissionError(13, "Permission denied")),
+        "raised PermissionError: [Errno 13] Permission denied",
+    ),
     ("exits", _raise(SystemExit(3)), "raised SystemExit: 3"),
     ("keyboard", _raise(KeyboardInterrupt()), "raised KeyboardInterrupt: "),
     ("returns_str", lambda c: "v6e", "returned str, not Evidence, a list of Evidence, or None"),
-    ("returns_dict", lambda c: {"kind": "device_kind", "value": "TPU v6 lite"}, "returned dict, not Evidence, a list of Evidence, or None"),
-    ("returns_mixed_list", lambda c: [Evidence("device_kind", "TPU v6 lite", "fake"), "junk"], "returned list, not Evidence, a list of Evidence, or None"),
-    ("returns_generator", lambda c: (e for e in [Evidence("device_kind", "TPU v6 lite", "fake")]), "returned generator, not Evidence, a list of Evidence, or None"),
-    ("unknown_kind", lambda c: Evidence("vibes", "v6e", "fake"), "reported unknown evidence kind 'vibes' (known: explicit, pci, device_kind, accelerator_type, gke_accelerator, torch_xla_version, generation_number, topology)"),
+    (
+        "returns_dict",
+        lambda c: {"kind": "device_kind", "value": "TPU v6 lite"},
+        "returned dict, not Evidence, a list of Evidence, or None",
+    ),
+    (
+        "returns_mixed_list",
+        lambda c: [Evidence("device_kind", "TPU v6 lite", "fake"), "junk"],
+        "returned list, not Evidence, a list of Evidence, or None",
+    ),
+    (
+        "returns_generator",
+        lambda c: (e for e in [Evidence("device_kind", "TPU v6 lite", "fake")]),
+        "returned generator, not Evidence, a list of Evidence, or None",
+    ),
+    (
+        "unknown_kind",
+        lambda c: Evidence("vibes", "v6e", "fake"),
+        "reported unknown evidence kind 'vibes' (known: explicit, pci, device_kind, "
+        "accelerator_type, gke_accelerator, torch_xla_version, generation_number, topology)",
+    ),
 ]
 
 
@@ -114,7 +134,11 @@ def test_faulty_detector_is_reported_and_skipped(name, fn, message, register, mo
     d = detect(catalog, timeout_s=2)
     assert Fault(plugin, message, stage="detect") in d.faults
     # The other detectors' answer stands, untouched by the faulty one.
-    assert (d.generation, d.status, d.slice_chips) == (clean.generation, clean.status, clean.slice_chips) == ("v6e", "detected", 8)
+    assert (
+        (d.generation, d.status, d.slice_chips)
+        == (clean.generation, clean.status, clean.slice_chips)
+        == ("v6e", "detected", 8)
+    )
     assert d.to_dict()["evidence"] == clean.to_dict()["evidence"]
     with pytest.raises(DetectionError) as info:
         detect(catalog, timeout_s=2, strict=True)
@@ -122,7 +146,9 @@ def test_faulty_detector_is_reported_and_skipped(name, fn, message, register, mo
     with pytest.raises(DetectionError):
         resolve(WORKLOAD, simulate="v6e", strict=True)
     # Not strict: resolve carries on and shows the fault.
-    assert Fault(plugin, message, stage="detect") in resolve(WORKLOAD, simulate="v6e").detection.faults
+    assert (
+        Fault(plugin, message, stage="detect") in resolve(WORKLOAD, simulate="v6e").detection.faults
+    )
 
 
 def test_hanging_detector_is_abandoned_after_its_budget(register, monkeypatch):
@@ -142,7 +168,15 @@ def test_hanging_detector_is_abandoned_after_its_budget(register, monkeypatch):
         elapsed = time.monotonic() - t0
         assert started.is_set()
         assert elapsed < 5, f"detect waited {elapsed:.1f} s for a hung detector"
-        assert Fault("faulty_hangs", "gave no answer within 0.3 s; skipped (TPU_REGISTRY_DETECT_TIMEOUT sets the budget)", stage="detect") in d.faults
+        assert (
+            Fault(
+                "faulty_hangs",
+                "gave no answer within 0.3 s; "
+                "skipped (TPU_REGISTRY_DETECT_TIMEOUT sets the budget)",
+                stage="detect",
+            )
+            in d.faults
+        )
         assert (d.generation, d.status) == ("v6e", "detected")  # its late answer is not used
         t0 = time.monotonic()
         with pytest.raises(DetectionError) as info:
@@ -169,7 +203,12 @@ def test_several_faulty_detectors_at_once(register, monkeypatch):
         t0 = time.monotonic()
         d = detect(load_catalog(), timeout_s=0.3)
         assert time.monotonic() - t0 < 5
-        assert {f.plugin for f in d.faults} >= {"many_raises", "many_raises_oserror", "many_exits", "many_hangs"}
+        assert {f.plugin for f in d.faults} >= {
+            "many_raises",
+            "many_raises_oserror",
+            "many_exits",
+            "many_hangs",
+        }
         assert d.generation == "v6e"
     finally:
         release.set()
@@ -193,22 +232,50 @@ POLICY_FAULTS = [
     ("raises_keyerror", lambda s, w, d: {}["page_size"], "raised KeyError: 'page_size'"),
     ("returns_dict", lambda s, w, d: {"page_size": 32}, "returned dict, not a Layer or None"),
     ("returns_str", lambda s, w, d: "page_size=32", "returned str, not a Layer or None"),
-    ("layer_knobs_list", lambda s, w, d: Layer("faulty_layer_knobs_list", [("page_size", 32)]), "returned a Layer whose knobs are a list, not a mapping of knob names to values"),
-    ("bad_knob_value", lambda s, w, d: Layer("faulty_bad_knob_value", {"page_size": "big"}), "page_size must be a whole number, got 'big'"),
-    ("unknown_knob", lambda s, w, d: Layer("faulty_unknown_knob", {"pagesize": 32}), "unknown knob 'pagesize' (common knobs: head_dim_padded, page_size, min_page_size, max_num_seqs_smem, vmem_limit_bytes; kernel knobs are 'family.name')"),
-    ("bad_tuple", lambda s, w, d: Layer("faulty_bad_tuple", {"rpa_v3.d_block_sizes": [1, float("inf"), 1, 1]}), "rpa_v3.d_block_sizes must be 4 whole numbers (bq_sz, bkv_sz, bq_csz, bkv_csz), got [1, inf, 1, 1]"),
+    (
+        "layer_knobs_list",
+        lambda s, w, d: Layer("faulty_layer_knobs_list", [("page_size", 32)]),
+        "returned a Layer whose knobs are a list, not a mapping of knob names to values",
+    ),
+    (
+        "bad_knob_value",
+        lambda s, w, d: Layer("faulty_bad_knob_value", {"page_size": "big"}),
+        "page_size must be a whole number, got 'big' (write the number without quotes)",
+    ),
+    (
+        "unknown_knob",
+        lambda s, w, d: Layer("faulty_unknown_knob", {"pagesize": 32}),
+        "unknown knob 'pagesize' (did you mean 'page_size'?)",
+    ),
+    (
+        "bad_tuple",
+        lambda s, w, d: Layer(
+            "faulty_bad_tuple", {"rpa_v3.d_block_sizes": [1, float("inf"), 1, 1]}
+        ),
+        "rpa_v3.d_block_sizes must be 4 whole numbers (bq_sz, bkv_sz, bq_csz, bkv_csz), "
+        "got [1, inf, 1, 1] (write an array of 4 whole numbers)",
+    ),
     (
         "vmem_above_core",
-        lambda s, w, d: Layer("faulty_vmem_above_core", {"rpa_v3.vmem_limit_bytes": 10**12}),
-        f"knobs break kernel constraints, layer dropped: rpa_v3.vmem_limit_bytes 1000000000000 is above the v6e core VMEM of {V6E_VMEM} bytes (128 MiB)",
+        lambda s, w, d: Layer("faulty_vmem_above_core", {"rpa_v3.vmem_limit_bytes": 2 * V6E_VMEM}),
+        f"knobs break kernel constraints, layer dropped: rpa_v3.vmem_limit_bytes {2 * V6E_VMEM} "
+        f"is above the v6e core VMEM of {V6E_VMEM} bytes (128 MiB)",
     ),
     (
         "page_not_pow2",
         lambda s, w, d: Layer("faulty_page_not_pow2", {"page_size": 48}),
-        "knobs break kernel constraints, layer dropped: page_size 48 is not a positive power of two",
+        "page_size 48 is not a power of two (use 16, 32, 64, 128 or 256)",
     ),
-    ("poses_as_overrides", lambda s, w, d: Layer("overrides", {"rpa_v3.vmem_limit_bytes": 10**12}), "named its layer 'overrides', which is reserved for a built-in layer; skipped"),
-    ("poses_as_baseline", lambda s, w, d: Layer("baseline", {"page_size": 16}), "named its layer 'baseline', which is reserved for a built-in layer; skipped"),
+    (
+        "poses_as_overrides",
+        lambda s, w, d: Layer("overrides", {"rpa_v3.vmem_limit_bytes": 10**12}),
+        "named its layer 'overrides', which is reserved for a built-in layer; skipped",
+    ),
+    (
+        "poses_as_baseline",
+        lambda s, w, d: Layer("baseline", {"page_size": 16}),
+        "named its layer 'baseline', which is reserved for a built-in layer; skipped",
+    ),
 ]
 
 
@@ -228,9 +295,14 @@ def test_faulty_policy_is_reported_and_skipped(name, fn, message, register):
     if "kernel constraints" in message:
         # Under strict the constraint itself is the error, blamed on the layer.
         violation = message.split("layer dropped: ")[1]
-        assert Problem(f"layer {plugin}", None, violation.split(" ")[0], violation, "lower the value or remove the override") in info.value.problems
+        [problem] = info.value.problems
+        assert (problem.path, problem.field) == (f"layer {plugin}", violation.split(" ")[0])
+        assert problem.message.startswith(violation + " [rule ") and problem.hint
     else:
-        assert Problem(f"policy {plugin}", None, "", message, STRICT_HINT + ", or drop strict") in info.value.problems
+        assert (
+            Problem(f"policy {plugin}", None, "", message, STRICT_HINT + ", or drop strict")
+            in info.value.problems
+        )
 
 
 def test_faulty_policy_from_cli_is_shown_not_fatal(register, capsys):
@@ -243,7 +315,10 @@ def test_faulty_policy_from_cli_is_shown_not_fatal(register, capsys):
     assert "policy fault: faulty_cli: raised ZeroDivisionError: division by zero" in out
     assert cli.main([*args, "--strict"]) == 2
     out, err = capsys.readouterr()
-    assert "error: policy faulty_cli: (file): raised ZeroDivisionError: division by zero" in err and "Traceback" not in out + err
+    assert (
+        "error: policy faulty_cli: (file): raised ZeroDivisionError: division by zero" in err
+        and "Traceback" not in out + err
+    )
 
 
 def test_well_behaved_policy_next_to_faulty_ones_still_applies(register):
@@ -278,7 +353,11 @@ def test_no_knob_value_from_a_plugin_fails_a_plain_resolve(register):
     register(policy(lambda s, w, d: Layer("probe", dict(box))), "probe")
     runs = dropped = 0
     for gen in ("v6e", "v5e", "v5p", "tpu7x", "v3"):
-        for w in (WORKLOAD, Workload(32, 8, 128, max_model_len=32768), Workload(8, 1, 64, page_size=16)):
+        for w in (
+            WORKLOAD,
+            Workload(32, 8, 128, max_model_len=32768),
+            Workload(8, 1, 64, page_size=16, max_num_seqs=8),
+        ):
             for knob, values in BAD_KNOB_VALUES.items():
                 for value in values:
                     box.clear()
@@ -288,10 +367,17 @@ def test_no_knob_value_from_a_plugin_fails_a_plain_resolve(register):
                     runs += 1
                     if cfg.tuning.faults:
                         dropped += 1
-                        assert [f.plugin for f in cfg.tuning.faults] == ["probe"] and "probe" not in cfg.tuning.layers
-                    if "probe" in cfg.tuning.layers:  # kept: its value is used, or beaten by a more trusted layer
+                        assert [f.plugin for f in cfg.tuning.faults] == [
+                            "probe"
+                        ] and "probe" not in cfg.tuning.layers
+                    if (
+                        "probe" in cfg.tuning.layers
+                    ):  # kept: its value is used, or beaten by a more trusted layer
                         k = cfg.knobs[knob]
-                        assert (k.layer, k.value) == ("probe", value) or ("probe", value) in k.overrode
+                        assert (k.layer, k.value) == ("probe", value) or (
+                            "probe",
+                            value,
+                        ) in k.overrode
     INJECTED.remove("probe")
     INJECTED.extend(["knob value breaking a constraint"] * dropped)  # the others were valid values
     print(f"\nknob injections: {runs}, dropped as faults: {dropped}, failed resolves: 0")
@@ -308,7 +394,9 @@ def fake_distribution(tmp_path, monkeypatch):
     site = tmp_path / "site"
     info = site / "faulty_tpu_plugins-1.2.3.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: faulty-tpu-plugins\nVersion: 1.2.3\n")
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: faulty-tpu-plugins\nVersion: 1.2.3\n"
+    )
     (info / "entry_points.txt").write_text(
         "[tpu_registry]\n"
         "missing_module = faulty_tpu_no_such_module\n"
@@ -318,7 +406,10 @@ def fake_distribution(tmp_path, monkeypatch):
     )
     (site / "faulty_tpu_exploding.py").write_text('raise RuntimeError("import-time failure")\n')
     (site / "faulty_tpu_ok.py").write_text(
-        "import tpu_registry\n\n\n@tpu_registry.hookimpl\ndef tpu_registry_detect(context):\n    return None\n"
+        "import tpu_registry\n\n\n"
+        "@tpu_registry.hookimpl\n"
+        "def tpu_registry_detect(context):\n"
+        "    return None\n"
     )
     monkeypatch.syspath_prepend(str(site))
     for mod in ("faulty_tpu_ok", "faulty_tpu_exploding"):
@@ -330,18 +421,29 @@ def fake_distribution(tmp_path, monkeypatch):
 
 
 LOAD_FAULTS = [
-    ("missing_module", "failed to load: ModuleNotFoundError: No module named 'faulty_tpu_no_such_module'"),
+    (
+        "missing_module",
+        "failed to load: ModuleNotFoundError: No module named 'faulty_tpu_no_such_module'",
+    ),
     ("exploding", "failed to load: RuntimeError: import-time failure"),
-    ("missing_attr", "failed to load: AttributeError: module 'faulty_tpu_ok' has no attribute 'nothing_here'"),
+    (
+        "missing_attr",
+        "failed to load: AttributeError: module 'faulty_tpu_ok' has no attribute 'nothing_here'",
+    ),
 ]
 
 
 def test_entry_point_that_fails_to_import_is_reported_not_fatal(fake_distribution, monkeypatch):
     get_plugin_manager()
-    assert sorted((f.plugin, f.message) for f in plugins.get_plugins().load_faults) == sorted(LOAD_FAULTS)
+    assert sorted((f.plugin, f.message) for f in plugins.get_plugins().load_faults) == sorted(
+        LOAD_FAULTS
+    )
     info = {p.name: p for p in get_plugins().describe()}
     assert info["working"].kind == "entry point"
-    assert (info["working"].distribution, info["working"].version) == ("faulty-tpu-plugins", "1.2.3")
+    assert (info["working"].distribution, info["working"].version) == (
+        "faulty-tpu-plugins",
+        "1.2.3",
+    )
     assert not {"missing_module", "exploding", "missing_attr"} & set(info)
     _env_evidence(monkeypatch)
     d = detect(load_catalog(), timeout_s=2)
@@ -349,20 +451,44 @@ def test_entry_point_that_fails_to_import_is_reported_not_fatal(fake_distributio
     assert {(f.plugin, f.message) for f in d.faults} >= set(LOAD_FAULTS)
     with pytest.raises(DetectionError) as err:
         detect(load_catalog(), timeout_s=2, strict=True)
-    assert {(p.path, p.message) for p in err.value.problems} >= {(f"detector {n}", m) for n, m in LOAD_FAULTS}
+    assert {(p.path, p.message) for p in err.value.problems} >= {
+        (f"detector {n}", m) for n, m in LOAD_FAULTS
+    }
 
 
 def test_entry_point_failures_from_the_command_line(fake_distribution):
     env = {**os.environ, "PYTHONPATH": str(fake_distribution)}
-    r = subprocess.run([cli_path(), "plugins", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [cli_path(), "plugins", "--json"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert r.returncode == 0 and "Traceback" not in r.stderr
     data = json.loads(r.stdout)
     assert sorted((f["plugin"], f["message"]) for f in data["load_faults"]) == sorted(LOAD_FAULTS)
-    assert {"name": "working", "kind": "entry point", "distribution": "faulty-tpu-plugins", "version": "1.2.3", "hooks": ["tpu_registry_detect"]} in data["plugins"]
-    r = subprocess.run([cli_path(), "detect", "--simulate", "v6e", "--strict"], capture_output=True, text=True, env=env, timeout=120)
+    assert {
+        "name": "working",
+        "kind": "entry point",
+        "distribution": "faulty-tpu-plugins",
+        "version": "1.2.3",
+        "hooks": ["tpu_registry_detect"],
+    } in data["plugins"]
+    r = subprocess.run(
+        [cli_path(), "detect", "--simulate", "v6e", "--strict"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert sorted(r.stderr.splitlines()) == sorted(f"error: detector {n}: (file): {m} ({STRICT_HINT})" for n, m in LOAD_FAULTS)
-    r = subprocess.run([cli_path(), "detect", "--simulate", "v6e"], capture_output=True, text=True, env=env, timeout=120)
+    assert sorted(r.stderr.splitlines()) == sorted(
+        f"error: detector {n}: (file): {m} ({STRICT_HINT})" for n, m in LOAD_FAULTS
+    )
+    r = subprocess.run(
+        [cli_path(), "detect", "--simulate", "v6e"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0
     assert all(f"detector fault: {n}: {m}" in r.stdout for n, m in LOAD_FAULTS)
 
@@ -375,7 +501,12 @@ def test_entry_point_with_a_misspelled_hook_is_named_and_can_be_disabled(tmp_pat
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: typo-plugin\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[tpu_registry]\ntypo = faulty_tpu_typo\n")
-    (site / "faulty_tpu_typo.py").write_text("import tpu_registry\n\n\n@tpu_registry.hookimpl\ndef tpu_registry_detekt(context):\n    return None\n")
+    (site / "faulty_tpu_typo.py").write_text(
+        "import tpu_registry\n\n\n"
+        "@tpu_registry.hookimpl\n"
+        "def tpu_registry_detekt(context):\n"
+        "    return None\n"
+    )
     monkeypatch.syspath_prepend(str(site))
     INJECTED.append("typo")
     plugins.reset()
@@ -388,7 +519,9 @@ def test_entry_point_with_a_misspelled_hook_is_named_and_can_be_disabled(tmp_pat
         plugins.reset()
     env = {**os.environ, "PYTHONPATH": str(site)}
     env.pop("TPU_REGISTRY_DISABLE_PLUGINS", None)
-    r = subprocess.run([cli_path(), "plugins"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [cli_path(), "plugins"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: ") and "tpu_registry_detekt" in r.stderr
 

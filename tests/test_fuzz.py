@@ -32,14 +32,14 @@ from conftest import HARDWARE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tpu_registry.catalog import load_catalog
 from tpu_registry.catalog import identifiers as catalog_identifiers
+from tpu_registry.catalog import load_catalog
 from tpu_registry.detection import PRIORITY, Detection, Evidence, reconcile
 from tpu_registry.errors import DetectionError, Problem
+from tpu_registry.modelerrors import validate
 from tpu_registry.policies.overrides import OverridesFile
 from tpu_registry.policies.tables import LoadedTable, Table, load_table
 from tpu_registry.spec import Generation
-from tpu_registry.modelerrors import validate
 from tpu_registry.tomlfile import read_toml, tomllib
 from tpu_registry.validate import file_kind, validate_paths
 
@@ -53,7 +53,11 @@ def budget(name: str) -> settings:
         derandomize=True,
         database=None,
         deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
     )
 
 
@@ -127,20 +131,85 @@ OVERRIDES = [
     {
         "schema_version": 1,
         "override": [
-            {"generation": "v6e", "match": {"max_model_len": 4096, "kv_dtype": "bf16"}, "note": "n", "knobs": {"page_size": 64, "rpa_v3.d_block_sizes": [1, 1024, 1, 1024]}},
-            {"generation": "*", "knobs": {"rpa_v2": {"num_kv_pages_per_block": 16}, "vmem_limit_bytes": 1 << 26}},
+            {
+                "generation": "v6e",
+                "match": {"max_model_len": 4096, "kv_dtype": "bf16"},
+                "note": "n",
+                "knobs": {"page_size": 64, "rpa_v3.d_block_sizes": [1, 1024, 1, 1024]},
+            },
+            {
+                "generation": "*",
+                "knobs": {"rpa_v2": {"num_kv_pages_per_block": 16}, "vmem_limit_bytes": 1 << 26},
+            },
         ],
     }
 ]
-BASES = [("generation", d) for d in GENERATIONS] + [("table", d) for d in TABLES] + [("overrides", d) for d in OVERRIDES]
+BASES = (
+    [("generation", d) for d in GENERATIONS]
+    + [("table", d) for d in TABLES]
+    + [("overrides", d) for d in OVERRIDES]
+)
 
-EXTREMES = [0, -1, 1, 127, 129, 2**31, 2**63 - 1, -(2**63), 10**30, 0.0, -0.0, 1e-308, 1e308, -1e308, 0.5, float("nan"), float("inf"), float("-inf")]
-WRONG_TYPES: list[Any] = [
-    "", " ", "32", "1.5e3", "true", "nan", "x" * 300, "TPU v6 lite", "v6e", "rpa_v2", "chip.hbm_gib", "é\u200b\U0001f600",
-    True, False, [], [1, "a"], [[1, 2], [3]], {}, {"a": 1}, {"chip": {"x": 1}}, [{}],
-    dt.date(2024, 1, 1), dt.datetime(2024, 1, 1, 12, 0), dt.time(1, 2, 3),
+EXTREMES = [
+    0,
+    -1,
+    1,
+    127,
+    129,
+    2**31,
+    2**63 - 1,
+    -(2**63),
+    10**30,
+    0.0,
+    -0.0,
+    1e-308,
+    1e308,
+    -1e308,
+    0.5,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
 ]
-UNKNOWN_KEYS = ["hbm_gb", "relase_year", "__class__", "include", "import", "exec", "x.y", "", "é", "rows", "chip", "override"]
+WRONG_TYPES: list[Any] = [
+    "",
+    " ",
+    "32",
+    "1.5e3",
+    "true",
+    "nan",
+    "x" * 300,
+    "TPU v6 lite",
+    "v6e",
+    "rpa_v2",
+    "chip.hbm_gib",
+    "é\u200b\U0001f600",
+    True,
+    False,
+    [],
+    [1, "a"],
+    [[1, 2], [3]],
+    {},
+    {"a": 1},
+    {"chip": {"x": 1}},
+    [{}],
+    dt.date(2024, 1, 1),
+    dt.datetime(2024, 1, 1, 12, 0),
+    dt.time(1, 2, 3),
+]
+UNKNOWN_KEYS = [
+    "hbm_gb",
+    "relase_year",
+    "__class__",
+    "include",
+    "import",
+    "exec",
+    "x.y",
+    "",
+    "é",
+    "rows",
+    "chip",
+    "override",
+]
 
 
 def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
@@ -177,7 +246,11 @@ def near_valid(draw):
     path = draw(st.sampled_from(paths))
     parent = _parent(doc, path)
     last = path[-1]
-    op = draw(st.sampled_from(["delete", "extreme", "wrong_type", "unknown_key", "swap", "empty", "duplicate", "nest"]))
+    op = draw(
+        st.sampled_from(
+            ["delete", "extreme", "wrong_type", "unknown_key", "swap", "empty", "duplicate", "nest"]
+        )
+    )
     if op == "delete":
         del parent[last]
     elif op == "extreme":
@@ -185,8 +258,16 @@ def near_valid(draw):
     elif op == "wrong_type":
         parent[last] = draw(st.sampled_from(WRONG_TYPES))
     elif op == "unknown_key":
-        target = parent[last] if isinstance(parent[last], dict) else parent if isinstance(parent, dict) else doc
-        target[draw(st.sampled_from(UNKNOWN_KEYS) | st.text(max_size=12))] = draw(st.sampled_from(EXTREMES + WRONG_TYPES))
+        target = (
+            parent[last]
+            if isinstance(parent[last], dict)
+            else parent
+            if isinstance(parent, dict)
+            else doc
+        )
+        target[draw(st.sampled_from(UNKNOWN_KEYS) | st.text(max_size=12))] = draw(
+            st.sampled_from(EXTREMES + WRONG_TYPES)
+        )
     elif op == "swap":
         other = draw(st.sampled_from(paths))
         parent[last] = _copy(_parent(base, other)[other[-1]])
@@ -248,9 +329,50 @@ def test_near_valid_documents_give_problems_not_crashes(case, work):
 # Arbitrary text and bytes
 # ---------------------------------------------------------------------------------------------
 
-REAL_LINES = sorted({line for p in sorted(HARDWARE.glob("*.toml")) for line in p.read_text().splitlines()})
-FRAGMENTS = ["[chip]", "[[sources]]", "[identify]", "[kernels.rpa_v2]", "[[override]]", "[override.knobs]", "rows = [", "]", "[", "{", "}", "=", '"', "'", '"""', "'''",
-             "\\", "#", ".", ",", "a", "a.b.c", "x = 1", "x = ", "1e999", "nan", "inf", "-0", "0x1ae0", "1979-05-27T07:32:00Z", "true", "\n", "\r\n", "\t", " ", "\x00", "\x7f", "é", "\U0001f600"]
+REAL_LINES = sorted(
+    {line for p in sorted(HARDWARE.glob("*.toml")) for line in p.read_text().splitlines()}
+)
+FRAGMENTS = [
+    "[chip]",
+    "[[sources]]",
+    "[identify]",
+    "[kernels.rpa_v2]",
+    "[[override]]",
+    "[override.knobs]",
+    "rows = [",
+    "]",
+    "[",
+    "{",
+    "}",
+    "=",
+    '"',
+    "'",
+    '"""',
+    "'''",
+    "\\",
+    "#",
+    ".",
+    ",",
+    "a",
+    "a.b.c",
+    "x = 1",
+    "x = ",
+    "1e999",
+    "nan",
+    "inf",
+    "-0",
+    "0x1ae0",
+    "1979-05-27T07:32:00Z",
+    "true",
+    "\n",
+    "\r\n",
+    "\t",
+    " ",
+    "\x00",
+    "\x7f",
+    "é",
+    "\U0001f600",
+]
 text_strategy = st.one_of(
     st.text(max_size=400),
     st.lists(st.sampled_from(FRAGMENTS), max_size=60).map("".join),
@@ -259,7 +381,9 @@ text_strategy = st.one_of(
     st.integers(0, 40).map(lambda n: "a = " + "[" * n + "1" + "]" * n),
     st.integers(0, 40).map(lambda n: "a = " + "{ b = " * n + "1" + " }" * n),
     st.integers(1, 3000).map(lambda n: ".".join(["k"] * n) + " = 1"),
-    st.integers(1, 300).map(lambda n: "\n".join(f"[{'.'.join(['t'] * i)}]" for i in range(1, n + 1))),
+    st.integers(1, 300).map(
+        lambda n: "\n".join(f"[{'.'.join(['t'] * i)}]" for i in range(1, n + 1))
+    ),
 )
 
 
@@ -284,12 +408,21 @@ def _read_and_validate_everything(path: Path) -> None:
 def test_arbitrary_text_gives_problems_not_crashes(text, work):
     RUN["text"] += 1
     path = work / "text.toml"
-    path.write_text(text, encoding="utf-8", errors="surrogatepass" if any(0xD800 <= ord(c) <= 0xDFFF for c in text) else "strict")
+    path.write_text(
+        text,
+        encoding="utf-8",
+        errors="surrogatepass" if any(0xD800 <= ord(c) <= 0xDFFF for c in text) else "strict",
+    )
     _read_and_validate_everything(path)
 
 
 @budget("bytes")
-@given(raw=st.binary(max_size=300) | st.lists(st.sampled_from(REAL_LINES), max_size=20).map(lambda ls: "\n".join(ls).encode("utf-16")))
+@given(
+    raw=st.binary(max_size=300)
+    | st.lists(st.sampled_from(REAL_LINES), max_size=20).map(
+        lambda ls: "\n".join(ls).encode("utf-16")
+    )
+)
 def test_arbitrary_bytes_give_problems_not_crashes(raw, work):
     RUN["bytes"] += 1
     path = work / "bytes.toml"
@@ -311,7 +444,11 @@ def _real_values() -> dict[str, list[str]]:
         for kind, value in catalog_identifiers(spec):
             values[kind].add(value)
         for at in spec.identify.accelerator_types:
-            values["accelerator_type"] |= {f"{at.prefix}-8", f"{at.prefix}-128", at.prefix.upper() + "-4"}
+            values["accelerator_type"] |= {
+                f"{at.prefix}-8",
+                f"{at.prefix}-128",
+                at.prefix.upper() + "-4",
+            }
         for p in spec.identify.pci:
             values["pci"].add(f"{p.vendor:04x}:{p.device:04x}/0001")
             values["explicit"].add(f"0x{p.vendor:04x}:0x{p.device:04x}")
@@ -321,8 +458,32 @@ def _real_values() -> dict[str, list[str]]:
 
 REAL = _real_values()
 ALL_REAL = sorted({v for vs in REAL.values() for v in vs})
-JUNK = ["", " ", "-", "v99", "TPU v99", "tpu-v99-slice", "v6e-", "-8", "v5p-abc", "0x1ae0:zz", "1ae0:006f/zzzz", "ffff:ffff", "0", "-1", "99", "1e3",
-        "x" * 200, "TPU V6 LITE", " TPU v6 lite ", "é", "\x00", "v5litepod-16", "V6E", "v6e-8-8"]
+JUNK = [
+    "",
+    " ",
+    "-",
+    "v99",
+    "TPU v99",
+    "tpu-v99-slice",
+    "v6e-",
+    "-8",
+    "v5p-abc",
+    "0x1ae0:zz",
+    "1ae0:006f/zzzz",
+    "ffff:ffff",
+    "0",
+    "-1",
+    "99",
+    "1e3",
+    "x" * 200,
+    "TPU V6 LITE",
+    " TPU v6 lite ",
+    "é",
+    "\x00",
+    "v5litepod-16",
+    "V6E",
+    "v6e-8-8",
+]
 
 evidence_strategy = st.builds(
     Evidence,
@@ -345,7 +506,12 @@ def evidence_lists(draw):
     out = []
     for _ in range(draw(st.integers(0, 8))):
         if draw(st.integers(0, 3)):
-            kind = draw(st.sampled_from([k for k in PRIORITY if k != "explicit"] + ["explicit"] * (draw(st.integers(0, 4)) == 0)))
+            kind = draw(
+                st.sampled_from(
+                    [k for k in PRIORITY if k != "explicit"]
+                    + ["explicit"] * (draw(st.integers(0, 4)) == 0)
+                )
+            )
             base = draw(evidence_strategy)
             out.append(replace(base, kind=kind, value=draw(st.sampled_from(REAL[kind]))))
         else:
@@ -354,7 +520,17 @@ def evidence_lists(draw):
     for e in list(out):
         if draw(st.integers(0, 4)) == 0:
             field = draw(st.sampled_from(["count_unit", "scope", "topology", "note", "count"]))
-            new = draw(st.sampled_from({"count_unit": ["chips", "cores", "devices", "suffix"], "scope": ["host", "slice"], "topology": [None, "2x2", ""], "note": ["", "m"], "count": [None, 0, 8]}[field]))
+            new = draw(
+                st.sampled_from(
+                    {
+                        "count_unit": ["chips", "cores", "devices", "suffix"],
+                        "scope": ["host", "slice"],
+                        "topology": [None, "2x2", ""],
+                        "note": ["", "m"],
+                        "count": [None, 0, 8],
+                    }[field]
+                )
+            )
             out.append(replace(e, **{field: new}))
     return out
 

@@ -11,11 +11,17 @@ import zipfile
 import pytest
 from conftest import HARDWARE, REPO
 
-PROBE = "import json, tpu_registry, tpu_registry.catalog as c; cat = c.load_catalog(); print(json.dumps({'file': tpu_registry.__file__, 'dir': str(c.builtin_hardware_dir()), 'ids': cat.ids()}))"
+PROBE = (
+    "import json, tpu_registry, tpu_registry.catalog as c; cat = c.load_catalog(); "
+    "print(json.dumps({'file': tpu_registry.__file__, 'dir': str(c.builtin_hardware_dir()), "
+    "'ids': cat.ids()}))"
+)
 
 
 def _probe(env: dict, cwd) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -23,7 +29,23 @@ def _probe(env: dict, cwd) -> dict:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     (whl,) = out.glob("tpu_registry-*.whl")
     return whl
@@ -31,14 +53,35 @@ def wheel(tmp_path_factory):
 
 def test_wheel_ships_the_catalog(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    shipped = sorted(n.split("/")[-1] for n in names if n.startswith("tpu_registry/hardware/") and n.endswith(".toml"))
-    expected = sorted(p.name for p in HARDWARE.glob("*.toml")) + sorted(p.name for p in (HARDWARE / "tuning").glob("*.toml"))
+    shipped = sorted(
+        n.split("/")[-1]
+        for n in names
+        if n.startswith("tpu_registry/hardware/") and n.endswith(".toml")
+    )
+    expected = sorted(p.name for p in HARDWARE.glob("*.toml")) + sorted(
+        p.name for p in (HARDWARE / "tuning").glob("*.toml")
+    )
     assert shipped == sorted(expected)
 
 
 def test_wheel_install_finds_its_packaged_catalog(wheel, tmp_path):
     target = tmp_path / "site"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     env = {**os.environ, "PYTHONPATH": str(target)}
     got = _probe(env, tmp_path)

@@ -100,9 +100,9 @@ def test_a_setting_declared_twice_is_a_fault_of_the_second_plugin():
     plugins.register(plugin, "clash")
     try:
         [fault] = [f for f in plugins.settings_faults if f.plugin == "clash"]
-        assert (
-            fault.message
-            == "declared bad settings: ValueError: setting TPU_REGISTRY_PATH is declared twice (tpu-registry and clash)"
+        assert fault.message == (
+            "declared bad settings: ValueError: setting TPU_REGISTRY_PATH is declared twice "
+            "(tpu-registry and clash)"
         )
         assert fault.stage == "load"
     finally:
@@ -165,7 +165,8 @@ def test_trace_shows_a_raising_plugin(capsys):
         ("boom", "raised RuntimeError: no luck")
     ]
     assert re.search(
-        r"^tpu-registry trace: tpu_registry_detect \[boom\] \d+\.\d\d ms -> raised RuntimeError: no luck$",
+        r"^tpu-registry trace: tpu_registry_detect \[boom\] "
+        r"\d+\.\d\d ms -> raised RuntimeError: no luck$",
         capsys.readouterr().err,
         re.M,
     )
@@ -265,12 +266,18 @@ def test_policies_read_the_environment_of_their_context(tmp_path, monkeypatch):
 
 
 def test_import_loads_nothing_until_a_name_is_used():
-    code = "import sys, tpu_registry; print(sorted(m for m in sys.modules if m.startswith(('tpu_registry', 'pydantic', 'pluggy'))))"
+    code = (
+        "import sys, tpu_registry; print(sorted(m for m in sys.modules "
+        "if m.startswith(('tpu_registry', 'pydantic', 'pluggy'))))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "['tpu_registry']"
-    code = "import sys, tpu_registry; tpu_registry.hookimpl; print(sorted(m for m in sys.modules if m.startswith(('tpu_registry', 'pydantic'))))"
+    code = (
+        "import sys, tpu_registry; tpu_registry.hookimpl; print(sorted(m for m in sys.modules "
+        "if m.startswith(('tpu_registry', 'pydantic'))))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import HARDWARE, REPO, run_cli
 
-from tpu_registry import cli
+from tpu_registry import Workload, cli
 from tpu_registry.catalog import load_catalog
 from tpu_registry.errors import CatalogError, TuningError
 from tpu_registry.plugins import BUILTIN_PLUGINS, get_plugin_manager, short_name
 from tpu_registry.tomlfile import read_toml, tomllib
-from tpu_registry import Workload
 
 resolve_mod = importlib.import_module("tpu_registry.resolution")
 BASE = REPO / "tests" / "data" / "bad" / "_base.toml"  # a valid generation file, id "corpus"
@@ -35,7 +34,11 @@ def _folder(tmp_path: Path, mode: int) -> Path:
 
 
 def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "tpu_registry" and r.levelno == logging.WARNING]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "tpu_registry" and r.levelno == logging.WARNING
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,10 +46,19 @@ def _warnings(caplog) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode,who", [(0o777, "all users"), (0o775, "its group"), (0o757, "all users"), (0o1777, "all users")])
-def test_catalog_folder_writable_by_others_draws_a_warning(mode, who, tmp_path, monkeypatch, caplog, capsys):
+@pytest.mark.parametrize(
+    "mode,who",
+    [(0o777, "all users"), (0o775, "its group"), (0o757, "all users"), (0o1777, "all users")],
+)
+def test_catalog_folder_writable_by_others_draws_a_warning(
+    mode, who, tmp_path, monkeypatch, caplog, capsys
+):
     folder = _folder(tmp_path, mode)
-    message = f"catalog folder {folder} (from TPU_REGISTRY_PATH) is writable by {who}; anyone who can write there chooses your TPU facts and kernel knobs (chmod go-w {folder})"
+    message = (
+        f"catalog folder {folder} (from TPU_REGISTRY_PATH) is writable by {who}; "
+        "anyone who can write there chooses your TPU facts and kernel knobs "
+        f"(chmod go-w {folder})"
+    )
     monkeypatch.setenv("TPU_REGISTRY_PATH", str(folder))
     with caplog.at_level(logging.WARNING, logger="tpu_registry"):
         catalog = load_catalog()
@@ -65,7 +77,10 @@ def test_catalog_folder_from_argument_is_named_as_such(tmp_path, capsys):
     folder = _folder(tmp_path, 0o777)
     assert cli.main(["list", "--catalog", str(folder)]) == 0
     err = capsys.readouterr().err
-    assert err.splitlines() == [f"warning: catalog folder {folder} (from argument) is writable by all users; anyone who can write there chooses your TPU facts and kernel knobs (chmod go-w {folder})"]
+    assert err.splitlines() == [
+        f"warning: catalog folder {folder} (from argument) is writable by all users; "
+        f"anyone who can write there chooses your TPU facts and kernel knobs (chmod go-w {folder})"
+    ]
 
 
 @pytest.mark.parametrize("mode", [0o755, 0o750, 0o700, 0o555])
@@ -89,7 +104,9 @@ def test_the_built_in_folders_draw_no_warning(caplog, capsys):
 
 def _overrides(tmp_path: Path, mode: int) -> Path:
     path = tmp_path / f"overrides-{mode:o}.toml"
-    path.write_text('schema_version = 1\n\n[[override]]\ngeneration = "v6e"\nknobs = { page_size = 64 }\n')
+    path.write_text(
+        'schema_version = 1\n\n[[override]]\ngeneration = "v6e"\nknobs = { page_size = 64 }\n'
+    )
     path.chmod(mode)
     return path
 
@@ -97,7 +114,10 @@ def _overrides(tmp_path: Path, mode: int) -> Path:
 @pytest.mark.parametrize("mode", [0o666, 0o664, 0o646])
 def test_overrides_file_writable_by_others_draws_a_warning(mode, tmp_path, caplog, capsys):
     path = _overrides(tmp_path, mode)
-    message = f"overrides file {path} is writable by other users; anyone who can write it chooses your kernel knobs (chmod go-w {path})"
+    message = (
+        f"overrides file {path} is writable by other users; "
+        f"anyone who can write it chooses your kernel knobs (chmod go-w {path})"
+    )
     with caplog.at_level(logging.WARNING, logger="tpu_registry"):
         cfg = resolve_mod.resolve(WORKLOAD, simulate="v6e", overrides=path)
     assert (cfg.value("page_size"), cfg.layer("page_size")) == (64, "overrides")  # still applied
@@ -110,7 +130,19 @@ def test_overrides_file_writable_by_others_draws_a_warning(mode, tmp_path, caplo
     assert rc == 0
     assert err.splitlines() == [f"warning: {message}"]
     # And `resolve` prints it on stderr, once.
-    r = run_cli("resolve", "--simulate", "v6e", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--overrides", str(path))
+    r = run_cli(
+        "resolve",
+        "--simulate",
+        "v6e",
+        "--heads",
+        "32",
+        "--kv-heads",
+        "8",
+        "--head-dim",
+        "128",
+        "--overrides",
+        str(path),
+    )
     assert r.returncode == 0 and r.stderr.splitlines() == [f"warning: {message}"]
 
 
@@ -147,7 +179,10 @@ def test_parse_cache_writable_by_others_is_not_used(tmp_path, monkeypatch, caplo
         read_toml(src)
     assert problems == [] and doc == real
     # One warning for the folder (this test's folder is new to the process), not one per read.
-    assert _warnings(caplog) == [f"parse cache {cache} is writable by other users or not yours; not using it (chmod 700 it, or set TPU_REGISTRY_CACHE_DIR)"]
+    assert _warnings(caplog) == [
+        f"parse cache {cache} is writable by other users or not yours; not using it "
+        "(chmod 700 it, or set TPU_REGISTRY_CACHE_DIR)"
+    ]
     cache.chmod(0o700)
 
 
@@ -169,7 +204,11 @@ CODE_LIKE = [
 @pytest.mark.parametrize("payload", CODE_LIKE)
 def test_code_in_a_string_is_just_a_string(payload, tmp_path):
     marker = tmp_path / "pwned"
-    text = BASE.read_text().replace('name = "Corpus test chip"', f"name = {json.dumps(payload.format(marker=marker))}\nnotes = {json.dumps(payload.format(marker=marker))}")
+    quoted = json.dumps(payload.format(marker=marker))
+    text = BASE.read_text().replace(
+        'name = "Corpus test chip"',
+        f"name = {quoted}\nnotes = {quoted}",
+    )
     (tmp_path / "catalog").mkdir()
     (tmp_path / "catalog" / "corpus.toml").write_text(text)
     spec = load_catalog([tmp_path / "catalog"])["corpus"]
@@ -184,7 +223,7 @@ INCLUDE_LIKE = [
     ('extends = "{other}"', "extends"),
     ('exec = "import os"', "exec"),
     ('"__class__" = "x"', "__class__"),
-    ("[include]\npath = \"{other}\"", "include"),
+    ('[include]\npath = "{other}"', "include"),
 ]
 
 
@@ -199,10 +238,17 @@ def test_include_and_code_keys_are_rejected_as_unknown(line, key, tmp_path, caps
     # Top-level keys go before the first table; a table goes at the end.
     text = BASE.read_text()
     snippet = line.format(other=other)
-    text = text + "\n" + snippet + "\n" if snippet.startswith("[") else text.replace("schema_version = 1\n", f"schema_version = 1\n{snippet}\n", 1)
+    text = (
+        text + "\n" + snippet + "\n"
+        if snippet.startswith("[")
+        else text.replace("schema_version = 1\n", f"schema_version = 1\n{snippet}\n", 1)
+    )
     path.write_text(text)
     n = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith(snippet.splitlines()[0]))
-    expected = f"{path}:{n}: {key}: unknown key (unknown key: check its spelling against `tpu-registry schema`)"
+    expected = (
+        f"{path}:{n}: {key}: unknown key "
+        "(unknown key: check its spelling against `tpu-registry schema`)"
+    )
     with pytest.raises(CatalogError) as info:
         load_catalog([folder])
     assert [str(p) for p in info.value.problems] == [expected]
@@ -215,10 +261,14 @@ def test_replaces_names_an_id_never_a_path(tmp_path):
     folder = tmp_path / "catalog"
     folder.mkdir()
     target = HARDWARE / "v6e.toml"
-    (folder / "corpus.toml").write_text(BASE.read_text().replace('id = "corpus"', f'id = "corpus"\nreplaces = "{target}"'))
+    (folder / "corpus.toml").write_text(
+        BASE.read_text().replace('id = "corpus"', f'id = "corpus"\nreplaces = "{target}"')
+    )
     with pytest.raises(CatalogError) as info:
         load_catalog([folder])
-    assert [p.message for p in info.value.problems] == [f"replaces {str(target)!r}, but no generation has that id"]
+    assert [p.message for p in info.value.problems] == [
+        f"replaces {str(target)!r}, but no generation has that id"
+    ]
 
 
 def test_overrides_file_with_code_like_values_is_rejected_or_inert(tmp_path):
@@ -227,11 +277,14 @@ def test_overrides_file_with_code_like_values_is_rejected_or_inert(tmp_path):
     path.write_text(
         "schema_version = 1\n\n[[override]]\n"
         f'generation = "v6e"\nnote = "$(touch {marker})"\n'
-        '[override.knobs]\npage_size = "__import__(\'os\').getpid()"\n'
+        "[override.knobs]\npage_size = \"__import__('os').getpid()\"\n"
     )
     with pytest.raises(TuningError) as info:
         resolve_mod.resolve(WORKLOAD, simulate="v6e", overrides=path)
-    assert info.value.problems[0].message == "page_size must be a whole number, got \"__import__('os').getpid()\""
+    assert (
+        info.value.problems[0].message
+        == "page_size must be a whole number, got \"__import__('os').getpid()\""
+    )
     assert not marker.exists()
 
 
@@ -261,7 +314,11 @@ def test_plugins_json_lists_every_plugin_with_distribution_and_version():
     for p in data["plugins"]:
         assert p["distribution"] and p["version"], f"{p['name']} does not say where it comes from"
     # Nothing runs that is not listed: the CLI lists exactly what the manager holds.
-    held = {short_name(n) if n in BUILTIN_PLUGINS else n for n, plugin in get_plugin_manager().list_name_plugin() if plugin is not None}
+    held = {
+        short_name(n) if n in BUILTIN_PLUGINS else n
+        for n, plugin in get_plugin_manager().list_name_plugin()
+        if plugin is not None
+    }
     assert set(listed) == held
     assert data["load_faults"] == []
 

@@ -12,17 +12,15 @@ from conftest import HARDWARE, REPO, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tpu_registry import resolve
+from tpu_registry import Workload, kernels, resolve
 from tpu_registry.attention import kv_bytes_per_token, plan
 from tpu_registry.catalog import load_catalog
 from tpu_registry.detection import reconcile
 from tpu_registry.errors import TuningError
+from tpu_registry.kernels import check as check_constraints
 from tpu_registry.plugins import get_plugin_manager
-from tpu_registry import kernels
 from tpu_registry.policies import baseline
 from tpu_registry.policies.tables import load_tables, table_folders
-from tpu_registry import Workload
-from tpu_registry.kernels import check as check_constraints
 
 MIB = 1024 * 1024
 
@@ -34,7 +32,15 @@ MIB = 1024 * 1024
 # ---------------------------------------------------------------------------------------------
 
 UPSTREAM_VERSION = {"v4": 4, "v5e": 5, "v5p": 5, "v6e": 6, "tpu7x": 7, "tpu8t": 8, "tpu8i": 8}
-JAX_VMEM = {"v4": 16 * MIB, "v5e": 128 * MIB, "v5p": 64 * MIB, "v6e": 128 * MIB, "tpu7x": 64 * MIB, "tpu8i": 192 * MIB, "tpu8t": 128 * MIB}
+JAX_VMEM = {
+    "v4": 16 * MIB,
+    "v5e": 128 * MIB,
+    "v5p": 64 * MIB,
+    "v6e": 128 * MIB,
+    "tpu7x": 64 * MIB,
+    "tpu8i": 192 * MIB,
+    "tpu8t": 128 * MIB,
+}
 BITS = {"bfloat16": 16, "float8_e4m3fn": 8, "float32": 32}
 
 
@@ -66,7 +72,18 @@ def up_max_num_seqs(model_len, page_size):
     return 1024 * 1024 // 2 // cdiv(model_len, page_size) // 4
 
 
-def up_rpa_v3(version, q_dtype, kv_dtype, q_heads, kv_heads, head_dim, page, max_num_tokens, pages_per_seq, case):
+def up_rpa_v3(
+    version,
+    q_dtype,
+    kv_dtype,
+    q_heads,
+    kv_heads,
+    head_dim,
+    page,
+    max_num_tokens,
+    pages_per_seq,
+    case,
+):
     kv_packing = 32 // BITS[kv_dtype]
     kv_x2 = pow2(align_to(kv_heads * 2, kv_packing))
     head_dim = align_to(head_dim, 128)
@@ -91,7 +108,26 @@ def up_rpa_v3(version, q_dtype, kv_dtype, q_heads, kv_heads, head_dim, page, max
     return (max(1, bq), align_to(bkv, page), max(1, bqc), align_to(bkvc, page))
 
 
-def up_rpa_v2(version, q_dtype, kv_dtype, q_heads_blk, kv_heads_blk, head_dim, page, max_tokens, pages_per_seq):
+def up_vmem(kv_dtype, q_heads, kv_heads, head_dim, bq_sz, bkv_sz, q_dtype="bfloat16"):
+    """tpu-inference RPA v3 get_vmem_estimate_bytes, transcribed."""
+    q_packing, kv_packing = 32 // BITS[q_dtype], 32 // BITS[kv_dtype]
+    q_per_kv = align_to(q_heads // kv_heads, q_packing)
+    stride = cdiv(kv_heads * 2, kv_packing)
+    if len({(i * stride) % 32 for i in range(24)}) < 24:  # has_bank_conflicts
+        stride += 1
+    head_dim = align_to(head_dim, 128)
+    bits = (
+        (2 * bkv_sz * stride * kv_packing * head_dim) * (32 // kv_packing)
+        + 2 * (2 * kv_heads * bq_sz * q_per_kv * head_dim) * (32 // q_packing)
+        + 2 * (kv_heads * bq_sz * q_per_kv * 128) * 32
+        + (kv_heads * bq_sz * q_per_kv * head_dim) * 32
+    )
+    return cdiv(bits, 8)
+
+
+def up_rpa_v2(
+    version, q_dtype, kv_dtype, q_heads_blk, kv_heads_blk, head_dim, page, max_tokens, pages_per_seq
+):
     bkv, bq = 128, 32
     qsize, kvsize = BITS[q_dtype] // 8, BITS[kv_dtype] // 8
 
@@ -110,14 +146,16 @@ def up_rpa_v2(version, q_dtype, kv_dtype, q_heads_blk, kv_heads_blk, head_dim, p
     return min(pages_per_seq, bkv), min(max_tokens, bq)
 
 
-GRID = list(product(
-    [(32, 8), (8, 1), (16, 16), (64, 8), (28, 4), (12, 2), (40, 8)],  # q, kv heads
-    [64, 128, 256],  # head dim
-    ["bfloat16", "float8_e4m3fn"],  # kv dtype
-    [128, 1000, 2048, 4096, 8192, 16384, 131072],  # max_model_len
-    [8, 256, 1024],  # max_num_seqs
-    [512, 2048, 8192],  # max_num_batched_tokens
-))
+GRID = list(
+    product(
+        [(32, 8), (8, 1), (16, 16), (64, 8), (28, 4), (12, 2), (40, 8)],  # q, kv heads
+        [64, 128, 256],  # head dim
+        ["bfloat16", "float8_e4m3fn"],  # kv dtype
+        [128, 1000, 2048, 4096, 8192, 16384, 131072],  # max_model_len
+        [8, 256, 1024],  # max_num_seqs
+        [512, 2048, 8192],  # max_num_batched_tokens
+    )
+)
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +172,17 @@ def test_baseline_equals_upstream_formulas(cat, gid):
     """Page size, minimum page size, max sequences, head padding, RPA v2 and v3 defaults."""
     spec = cat[gid]
     version = UPSTREAM_VERSION[gid]
-    checked = 0
+    checked = shrunk = 0
     for (q, kv), hd, kv_dtype, L, seqs, tokens in GRID:
-        w = Workload(q, kv, hd, kv_dtype=kv_dtype, max_model_len=L, max_num_seqs=seqs, max_num_batched_tokens=tokens)
+        w = Workload(
+            q,
+            kv,
+            hd,
+            kv_dtype=kv_dtype,
+            max_model_len=L,
+            max_num_seqs=seqs,
+            max_num_batched_tokens=tokens,
+        )
         k = _knobs(spec, w)
         page = max(up_page_size(L), up_min_page_size(L, seqs))
         assert k["page_size"] == page
@@ -145,21 +191,55 @@ def test_baseline_equals_upstream_formulas(cat, gid):
         assert k["head_dim_padded"] == cdiv(hd, 128) * 128
         pages = cdiv(L, page)
         if "rpa_v3" in spec.kernels.families:
-            for case, knob in (("decode", "rpa_v3.d_block_sizes"), ("prefill", "rpa_v3.p_block_sizes"), ("mixed", "rpa_v3.m_block_sizes")):
-                assert k[knob] == up_rpa_v3(version, "bfloat16", kv_dtype, q, kv, hd, page, tokens, pages, case), (gid, w, case)
-            assert k["rpa_v3.vmem_limit_bytes"] == JAX_VMEM[gid]  # upstream: get_tpu_info().vmem_capacity_bytes
+            for case, knob in (
+                ("decode", "rpa_v3.d_block_sizes"),
+                ("prefill", "rpa_v3.p_block_sizes"),
+                ("mixed", "rpa_v3.m_block_sizes"),
+            ):
+                want = up_rpa_v3(
+                    version, "bfloat16", kv_dtype, q, kv, hd, page, tokens, pages, case
+                )
+                got = k[knob]
+                limit = JAX_VMEM[gid]
+                if up_vmem(kv_dtype, q, kv, hd, want[0], want[1]) <= limit:
+                    assert got == want, (gid, w, case)
+                    continue
+                # Upstream's default needs more VMEM than its limit, by upstream's own
+                # estimate: the baseline shrinks it to fit, as a valid explicit tuple.
+                shrunk += 1
+                assert up_vmem(kv_dtype, q, kv, hd, got[0], got[1]) <= limit, (gid, w, case)
+                assert got[0] <= want[0] and got[1] <= want[1], (gid, w, case)
+                assert got[0] % got[2] == 0 and got[1] % got[3] == 0, (gid, w, case)
+                assert got[1] % page == 0 and got[3] % page == 0, (gid, w, case)
+            assert (
+                k["rpa_v3.vmem_limit_bytes"] == JAX_VMEM[gid]
+            )  # upstream: get_tpu_info().vmem_capacity_bytes
         if "rpa_v2" in spec.kernels.families:
             heads = kernels.min_heads_per_block(q, 2 * kv, "bfloat16", kv_dtype)
             if heads is None:  # upstream raises "can not be XLA fully tiled"
                 assert "rpa_v2.num_kv_pages_per_block" not in k
             else:
-                want = up_rpa_v2(version, "bfloat16", kv_dtype, heads[0], heads[1] // 2, align_to(hd, 128), page, tokens, pages)
-                assert (k["rpa_v2.num_kv_pages_per_block"], k["rpa_v2.num_queries_per_block"]) == want, (gid, w)
+                want = up_rpa_v2(
+                    version,
+                    "bfloat16",
+                    kv_dtype,
+                    heads[0],
+                    heads[1] // 2,
+                    align_to(hd, 128),
+                    page,
+                    tokens,
+                    pages,
+                )
+                assert (
+                    k["rpa_v2.num_kv_pages_per_block"],
+                    k["rpa_v2.num_queries_per_block"],
+                ) == want, (gid, w)
                 # torch_xla passes 120 MiB; on cores with less VMEM (v4 16 MiB, v5p 64 MiB) we
                 # cap it at the core's VMEM: a limit above the hardware cannot be honoured.
                 assert k["rpa_v2.vmem_limit_bytes"] == min(120 * MIB, JAX_VMEM[gid])
         checked += 1
     assert checked == len(GRID) >= 1000
+    assert shrunk < checked * 3  # most tuples are upstream's own defaults
 
 
 def test_user_fixed_page_size_is_kept(cat):
@@ -184,12 +264,45 @@ def test_seed_choices_are_outside_the_baseline(cat):
 
 def test_resolve_refuses_a_vmem_limit_above_the_core(tmp_path):
     f = tmp_path / "overrides.toml"
-    f.write_text('schema_version = 1\n[[override]]\ngeneration = "v6e"\nknobs = { "rpa_v3.vmem_limit_bytes" = 268435456 }\n')
+    f.write_text(
+        'schema_version = 1\n[[override]]\ngeneration = "v6e"\n'
+        'knobs = { "rpa_v3.vmem_limit_bytes" = 268435456 }\n'
+    )
     with pytest.raises(TuningError) as e:
         resolve(Workload(32, 8, 128), simulate="v6e", overrides=f)
-    assert str(e.value) == "layer overrides: rpa_v3.vmem_limit_bytes: rpa_v3.vmem_limit_bytes 268435456 is above the v6e core VMEM of 134217728 bytes (128 MiB) (lower the value or remove the override)"
-    r = run_cli("resolve", "--simulate", "v6e", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--overrides", str(f))
-    assert r.returncode == 2 and "above the v6e core VMEM" in r.stderr and "Traceback" not in r.stderr
+    # Checked against the generation the entry names, with the file and line, before any
+    # workload is known: `validate` says the same.
+    assert str(e.value) == (
+        f"{f}:4: override[0].knobs.rpa_v3.vmem_limit_bytes: rpa_v3.vmem_limit_bytes 268435456 "
+        "is above the v6e core VMEM of 134217728 bytes (128 MiB) (use at most 134217728)"
+    )
+    f.write_text(  # for every generation: only the kernel rule can say, once it applies
+        'schema_version = 1\n[[override]]\ngeneration = "*"\n'
+        'knobs = { "rpa_v3.vmem_limit_bytes" = 268435456 }\n'
+    )
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(32, 8, 128), simulate="v6e", overrides=f)
+    assert str(e.value) == (
+        "layer overrides: rpa_v3.vmem_limit_bytes: rpa_v3.vmem_limit_bytes 268435456 "
+        "is above the v6e core VMEM of 134217728 bytes (128 MiB) [rule vmem_within_core] "
+        "(use at most 134217728)"
+    )
+    r = run_cli(
+        "resolve",
+        "--simulate",
+        "v6e",
+        "--heads",
+        "32",
+        "--kv-heads",
+        "8",
+        "--head-dim",
+        "128",
+        "--overrides",
+        str(f),
+    )
+    assert (
+        r.returncode == 2 and "above the v6e core VMEM" in r.stderr and "Traceback" not in r.stderr
+    )
 
 
 def test_llama_8b_kv_bytes_on_v6e_equal_upstream_layout():
@@ -212,7 +325,16 @@ def test_llama_8b_kv_bytes_on_v6e_equal_upstream_layout():
 # ---------------------------------------------------------------------------------------------
 
 workloads = st.builds(
-    lambda kv, group, hd, kv_dtype, L, seqs, tokens, tp: Workload(kv * group, kv, hd, kv_dtype=kv_dtype, max_model_len=L, max_num_seqs=seqs, max_num_batched_tokens=tokens, tensor_parallel=tp if (kv * group) % tp == 0 else 1),
+    lambda kv, group, hd, kv_dtype, L, seqs, tokens, tp: Workload(
+        kv * group,
+        kv,
+        hd,
+        kv_dtype=kv_dtype,
+        max_model_len=L,
+        max_num_seqs=seqs,
+        max_num_batched_tokens=tokens,
+        tensor_parallel=tp if (kv * group) % tp == 0 else 1,
+    ),
     kv=st.sampled_from([1, 2, 4, 8, 16]),
     group=st.sampled_from([1, 2, 4, 5, 7, 8]),
     hd=st.sampled_from([64, 80, 96, 128, 192, 256]),
@@ -224,12 +346,18 @@ workloads = st.builds(
 )
 
 
-@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(w=workloads, gid=st.sampled_from(["v4", "v5e", "v5p", "v6e", "tpu7x", "tpu8t", "tpu8i"]))
 def test_knobs_satisfy_kernel_constraints(w, gid):
     spec = load_catalog()[gid]
-    k = _knobs(spec, w)
-    assert check_constraints(spec, w, k) == []
+    try:
+        k = _knobs(spec, w)
+    except TuningError as e:  # upstream's kernel cannot run it either: refused, saying why
+        assert "bytes of VMEM for one page of" in str(e) or "leave no SMEM" in str(e), e
+        return
+    assert check_constraints(spec, w, k, defaults=frozenset(k)) == []
     page = k["page_size"]
     assert page > 0 and page & (page - 1) == 0
     pages = cdiv(w.max_model_len, page)
@@ -253,20 +381,51 @@ def test_workload_from_hf_config(tmp_path):
     w = Workload.from_hf_config(REPO / "examples" / "llama-3.1-8b.json", max_model_len=4096)
     assert (w.num_q_heads, w.num_kv_heads, w.head_dim, w.max_model_len) == (32, 8, 128, 4096)
     f = tmp_path / "config.json"
-    f.write_text(json.dumps({"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "hidden_size": 3584, "sliding_window": 4096}))
+    f.write_text(
+        json.dumps(
+            {
+                "num_attention_heads": 16,
+                "num_key_value_heads": 8,
+                "head_dim": 256,
+                "hidden_size": 3584,
+                "sliding_window": 4096,
+            }
+        )
+    )
     w = Workload.from_hf_config(f)
     assert (w.head_dim, w.sliding_window) == (256, 4096)
     f.write_text(json.dumps({"num_attention_heads": 32, "hidden_size": 4096}))
     assert Workload.from_hf_config(f).num_kv_heads == 32
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"num_q_heads": 32, "num_kv_heads": 6, "head_dim": 128}, "workload: num_kv_heads: 6 KV heads do not divide 32 query heads (grouped-query attention needs q heads = k x kv heads)"),
-    ({"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 0}, "workload: head_dim: must be a positive whole number, got 0 (check the model config)"),
-    ({"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "kv_dtype": "fp4"}, "workload: kv_dtype: unknown dtype 'fp4' (use one of: bfloat16, float16, float32, float8_e4m3fn, float8_e5m2, int8, or bf16, fp8, fp8_e5m2, int8)"),
-    ({"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 48}, "workload: page_size: must be a power of two, got 48 (use 16, 32, 64, 128 or 256)"),
-    ({"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "tensor_parallel": 3}, "workload: tensor_parallel: 3-way tensor parallelism does not divide 32 query heads (use a tensor-parallel degree that divides the heads)"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"num_q_heads": 32, "num_kv_heads": 6, "head_dim": 128},
+            "workload: num_kv_heads: 6 KV heads do not divide 32 query heads "
+            "(grouped-query attention needs q heads = k x kv heads)",
+        ),
+        (
+            {"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 0},
+            "workload: head_dim: must be a positive whole number, got 0 (check the model config)",
+        ),
+        (
+            {"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "kv_dtype": "fp4"},
+            "workload: kv_dtype: unknown dtype 'fp4' (use one of: bfloat16, float16, float32, "
+            "float8_e4m3fn, float8_e5m2, int8, or bf16, fp8, fp8_e5m2, int8)",
+        ),
+        (
+            {"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "page_size": 48},
+            "workload: page_size: must be a power of two, got 48 (use 16, 32, 64, 128 or 256)",
+        ),
+        (
+            {"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "tensor_parallel": 3},
+            "workload: tensor_parallel: 3-way tensor parallelism does not divide 32 query heads "
+            "(use a tensor-parallel degree that divides the heads)",
+        ),
+    ],
+)
 def test_invalid_workloads_get_clear_errors(kwargs, message):
     with pytest.raises(TuningError) as e:
         Workload(**kwargs)
@@ -279,7 +438,9 @@ def test_workload_from_dict_rejects_unknown_fields():
 
 
 def test_too_many_sequences_for_smem():
-    with pytest.raises(TuningError, match="max_num_seqs: 200000 sequences leave no SMEM for block tables on v6e"):
+    with pytest.raises(
+        TuningError, match="max_num_seqs: 200000 sequences leave no SMEM for block tables on v6e"
+    ):
         resolve(Workload(32, 8, 128, max_num_seqs=200000), simulate="v6e")
 
 
@@ -289,9 +450,16 @@ def test_too_many_sequences_for_smem():
 
 
 def test_tables_apply_on_a_hit_and_record_provenance():
-    # A row of torch_xla's 'TPU v6' table: ('bfloat16','bfloat16', 12, 2, 128, 128, 1024, 2048) -> (16, 32)
-    cfg = resolve(Workload(12, 2, 128, max_model_len=2048, max_num_batched_tokens=1024, page_size=128), simulate="v6e")
-    assert (cfg.value("rpa_v2.num_kv_pages_per_block"), cfg.value("rpa_v2.num_queries_per_block")) == (16, 32)
+    # A row of torch_xla's 'TPU v6' table:
+    # ('bfloat16','bfloat16', 12, 2, 128, 128, 1024, 2048) -> (16, 32)
+    cfg = resolve(
+        Workload(12, 2, 128, max_model_len=2048, max_num_batched_tokens=1024, page_size=128),
+        simulate="v6e",
+    )
+    assert (
+        cfg.value("rpa_v2.num_kv_pages_per_block"),
+        cfg.value("rpa_v2.num_queries_per_block"),
+    ) == (16, 32)
     assert cfg.layer("rpa_v2.num_kv_pages_per_block") == "tables"
     assert cfg.knobs["rpa_v2.num_kv_pages_per_block"].overrode == (("baseline", 16),)
     # v5e and v5p share upstream's 'TPU v5' table
@@ -307,9 +475,21 @@ def test_every_imported_table_row_is_reachable():
     for t in tables:
         for row in t.table.rows:
             qd, kvd, qh, kvh, hd, page, tokens, model_len = row[:8]
-            w = Workload(qh, kvh, hd, q_dtype=qd, kv_dtype=kvd, max_model_len=model_len, max_num_batched_tokens=tokens, page_size=page)
+            w = Workload(
+                qh,
+                kvh,
+                hd,
+                q_dtype=qd,
+                kv_dtype=kvd,
+                max_model_len=model_len,
+                max_num_batched_tokens=tokens,
+                page_size=page,
+            )
             knobs, used = lookup(t.table.generations[0], "rpa_v2", w, page, [t])
-            assert knobs == {"rpa_v2.num_kv_pages_per_block": row[8], "rpa_v2.num_queries_per_block": row[9]}, row
+            assert knobs == {
+                "rpa_v2.num_kv_pages_per_block": row[8],
+                "rpa_v2.num_queries_per_block": row[9],
+            }, row
     assert sum(len(t.table.rows) for t in tables) == 1336
 
 
@@ -323,8 +503,7 @@ match = { max_model_len = 4096 }
 note = "measured"
 [override.knobs]
 page_size = 64
-[override.knobs.rpa_v3]
-d_block_sizes = [1, 512, 1, 512]
+"rpa_v3.d_block_sizes" = [1, 512, 1, 512]
 
 [[override]]
 generation = "*"
@@ -335,9 +514,10 @@ knobs = { head_dim_padded = 256 }
     assert (cfg.value("page_size"), cfg.layer("page_size")) == (64, "overrides")
     assert cfg.value("rpa_v3.d_block_sizes") == (1, 512, 1, 512)
     assert cfg.value("head_dim_padded") == 256 and cfg.layer("head_dim_padded") == "overrides"
-    assert cfg.knobs["page_size"].overrode == (("baseline", 64),) or cfg.knobs["page_size"].overrode[0][0] == "baseline"
-    # block sizes are recomputed for the overridden page size
+    assert cfg.knobs["page_size"].overrode == (("baseline", 256),)
+    # block sizes are recomputed for the overridden page size, and say so
     assert cfg.value("rpa_v3.p_block_sizes")[1] % 64 == 0
+    assert cfg.knobs["rpa_v3.p_block_sizes"].derived_from == (("page_size", "overrides"),)
     other = resolve(Workload(32, 8, 128, max_model_len=2048), simulate="v6e", overrides=f)
     assert other.layer("page_size") == "baseline" and other.value("head_dim_padded") == 256
     v5e = resolve(Workload(32, 8, 128, max_model_len=4096), simulate="v5e", overrides=f)
@@ -346,15 +526,24 @@ knobs = { head_dim_padded = 256 }
 
 def test_overrides_file_errors_name_file_line_and_field(tmp_path, monkeypatch):
     f = tmp_path / "ov.toml"
-    f.write_text('schema_version = 1\n[[override]]\ngeneration = "v6e"\nknobs = { pagesize = 64 }\n')
+    f.write_text(
+        'schema_version = 1\n[[override]]\ngeneration = "v6e"\nknobs = { pagesize = 64 }\n'
+    )
     with pytest.raises(TuningError) as e:
         resolve(Workload(32, 8, 128), simulate="v6e", overrides=f)
-    assert str(e.value) == f"{f}:4: override[0].knobs.pagesize: unknown knob 'pagesize' (common knobs: head_dim_padded, page_size, min_page_size, max_num_seqs_smem, vmem_limit_bytes; kernel knobs are 'family.name') (check the knob's spelling)"
-    f.write_text('schema_version = 1\n[[override]]\ngeneration = "v42"\nknobs = { page_size = 64 }\n')
+    assert str(e.value) == (
+        f"{f}:4: override[0].knobs.pagesize: unknown knob 'pagesize' (did you mean 'page_size'?)"
+    )
+    f.write_text(
+        'schema_version = 1\n[[override]]\ngeneration = "v42"\nknobs = { page_size = 64 }\n'
+    )
     monkeypatch.setenv("TPU_REGISTRY_OVERRIDES", str(f))
     with pytest.raises(TuningError) as e:
         resolve(Workload(32, 8, 128), simulate="v6e")
-    assert str(e.value) == f"{f}:3: override[0].generation: 'v42' names no generation (use an id from `tpu-registry list`, or \"*\")"
+    assert str(e.value) == (
+        f"{f}:3: override[0].generation: 'v42' names no generation "
+        '(use an id from `tpu-registry list`, or "*")'
+    )
 
 
 def test_policies_env_selects_active_policies(monkeypatch):
@@ -369,7 +558,9 @@ def test_policies_env_selects_active_policies(monkeypatch):
 def test_contributing_tuning_policy_walkthrough(tmp_path):
     """CONTRIBUTING.md 'Write a tuning policy': the policy as written wins with its name."""
     doc = (REPO / "CONTRIBUTING.md").read_text()
-    section = doc.split("<!-- section: tuning-policy -->")[1].split("<!-- end: tuning-policy -->")[0]
+    section = doc.split("<!-- section: tuning-policy -->")[1].split("<!-- end: tuning-policy -->")[
+        0
+    ]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert len(code.strip().splitlines()) <= 20
     (tmp_path / "my_policy.py").write_text(code)
@@ -380,9 +571,13 @@ def test_contributing_tuning_policy_walkthrough(tmp_path):
     pm.register(mod, name="my_policy")
     try:
         cfg = resolve(Workload(32, 8, 128, max_model_len=32768), simulate="v6e")
-        assert (cfg.value("page_size"), cfg.layer("page_size")) == (32, "my-policy")
-        assert cfg.value("rpa_v3.p_block_sizes")[1] % 32 == 0
-        assert resolve(Workload(32, 8, 128, max_model_len=32768), simulate="v5e").layer("page_size") == "baseline"
+        assert (cfg.value("page_size"), cfg.layer("page_size")) == (128, "my-policy")
+        assert cfg.value("rpa_v3.p_block_sizes")[1] % 128 == 0
+        assert cfg.knobs["max_num_seqs_smem"].derived_from == (("page_size", "my-policy"),)
+        assert (
+            resolve(Workload(32, 8, 128, max_model_len=32768), simulate="v5e").layer("page_size")
+            == "baseline"
+        )
     finally:
         pm.unregister(name="my_policy")
 
@@ -399,7 +594,7 @@ def test_plugin_layer_order_tryfirst_trylast():
     class Last:
         @tpu_registry.hookimpl(trylast=True)
         def tpu_registry_tune(self, spec, workload, detection):
-            return Layer("last", {"page_size": 64, "myfamily.block": 4})
+            return Layer("last", {"page_size": 64})
 
     pm = get_plugin_manager()
     pm.register(Plain(), name="plain")
@@ -407,9 +602,10 @@ def test_plugin_layer_order_tryfirst_trylast():
     try:
         cfg = resolve(Workload(32, 8, 128), simulate="v6e")
         # pluggy calls trylast implementations after the built-in baseline: such a layer only
-        # fills knobs nobody else set (here a new kernel family's knob).
+        # fills knobs nobody else set (here none: the baseline sets them all).
         assert cfg.tuning.layers == ("plain", "baseline", "last")
-        assert cfg.layer("page_size") == "plain" and cfg.layer("myfamily.block") == "last"
+        knob_layers = {k.layer for k in cfg.knobs.values()}
+        assert cfg.layer("page_size") == "plain" and "last" not in knob_layers
         assert cfg.knobs["page_size"].overrode == (("baseline", 128), ("last", 64))
     finally:
         pm.unregister(name="plain")
@@ -422,7 +618,19 @@ def test_plugin_layer_order_tryfirst_trylast():
 
 
 def test_cli_resolve_table_json_explain_and_vllm():
-    args = ["resolve", "--simulate", "v6e", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--max-model-len", "4096"]
+    args = [
+        "resolve",
+        "--simulate",
+        "v6e",
+        "--heads",
+        "32",
+        "--kv-heads",
+        "8",
+        "--head-dim",
+        "128",
+        "--max-model-len",
+        "4096",
+    ]
     r = run_cli(*args)
     assert r.returncode == 0
     lines = r.stdout.splitlines()
@@ -432,7 +640,10 @@ def test_cli_resolve_table_json_explain_and_vllm():
     assert d["knobs"]["page_size"] == {"value": 256, "layer": "baseline", "overrode": []}
     assert d["plan"]["kernel_kwargs"]["rpa_v3"]["vmem_limit_bytes"] == 128 * MIB
     ex = run_cli(*args, "--explain").stdout
-    assert "why: simulated: simulated via --simulate" in ex and "layers (most trusted first): baseline" in ex
+    assert (
+        "why: simulated: simulated via --simulate" in ex
+        and "layers (most trusted first): baseline" in ex
+    )
     vl = run_cli(*args, "--format", "vllm").stdout.splitlines()
     assert vl[1] == "--block-size 256"
     assert vl[2].startswith("export RPA_V3_DECODE_BLOCK_SIZES=1,")
@@ -441,10 +652,15 @@ def test_cli_resolve_table_json_explain_and_vllm():
 def test_cli_resolve_needs_a_shape_and_a_tpu():
     r = run_cli("resolve", "--simulate", "v6e")
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: give the attention shape: --hf-config PATH, or --heads N --kv-heads N --head-dim N"
+    assert r.stderr.strip() == (
+        "error: give the attention shape: --hf-config PATH, or --heads N --kv-heads N --head-dim N"
+    )
     r = run_cli("resolve", "--heads", "32", "--kv-heads", "8", "--head-dim", "128")
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: detection: (file): cannot resolve: no TPU was found: no TPU evidence found (say which generation with --simulate ID or TPU_REGISTRY_GENERATION=ID)"
+    assert r.stderr.strip() == (
+        "error: detection: (file): cannot resolve: no TPU was found: no TPU evidence found "
+        "(say which generation with --simulate ID or TPU_REGISTRY_GENERATION=ID)"
+    )
 
 
 def test_resolved_config_is_frozen_and_serialisable():
@@ -458,7 +674,13 @@ def test_resolved_config_is_frozen_and_serialisable():
 
 def test_generations_without_a_kernel_get_common_knobs_only():
     cfg = resolve(Workload(32, 8, 128), simulate="v3")
-    assert set(cfg.knobs) == {"head_dim_padded", "page_size", "min_page_size", "max_num_seqs_smem", "vmem_limit_bytes"}
+    assert set(cfg.knobs) == {
+        "head_dim_padded",
+        "page_size",
+        "min_page_size",
+        "max_num_seqs_smem",
+        "vmem_limit_bytes",
+    }
     assert "no paged-attention kernel supports v3" in cfg.notes
 
 
@@ -485,10 +707,27 @@ def test_detection_object_reaches_policies():
 def test_cli_vllm_format_leaves_unset_what_the_kernel_would_reject():
     """tpu-inference checks explicit RPA v3 tuples (bq_sz % bq_csz, bkv_sz % bkv_csz) but not
     its own per-call defaults; a default that fails the check is left to the kernel."""
-    r = run_cli("resolve", "--simulate", "v6e", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--max-num-batched-tokens", "64", "--format", "vllm")
+    r = run_cli(
+        "resolve",
+        "--simulate",
+        "v6e",
+        "--heads",
+        "32",
+        "--kv-heads",
+        "8",
+        "--head-dim",
+        "128",
+        "--max-num-batched-tokens",
+        "64",
+        "--format",
+        "vllm",
+    )
     lines = r.stdout.splitlines()
     assert "export RPA_V3_DECODE_BLOCK_SIZES=1,2048,1,2048" in lines
-    assert "# RPA_V3_PREFILL_BLOCK_SIZES left unset: bq_sz 32 is not a multiple of bq_csz 64; the kernel's own default applies" in lines
+    assert (
+        "# RPA_V3_PREFILL_BLOCK_SIZES left unset: bq_sz 32 is not a multiple of bq_csz 64; "
+        "the kernel's own default applies" in lines
+    )
 
 
 def test_head_dim_64_uses_the_hd64_layout_in_tpu_inference():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import stat
 import threading
 from collections.abc import Iterable, Iterator
@@ -57,10 +58,20 @@ class Entry:
     replaced: Path | None = None  # the file this one replaced, if any
 
 
+@dataclass(frozen=True)
+class Broken:
+    """A generation file left out of a tolerant catalog, and why."""
+
+    path: Path
+    gid: str  # the id it declares, or its file name
+    problems: tuple[Problem, ...]
+
+
 @dataclass
 class Catalog:
     entries: dict[str, Entry]
     folders: tuple[Path, ...]
+    broken: tuple[Broken, ...] = ()
     _names: dict[str, str] = field(default_factory=dict)
     _index: dict[tuple[str, str], set[str]] = field(default_factory=dict)
 
@@ -226,14 +237,20 @@ def warn_if_writable_by_others(folder: Path, origin: str) -> bool:
     return True
 
 
-def load_catalog(folders: Iterable[os.PathLike | str] = (), *, plugins: bool = True) -> Catalog:
-    """Load and validate the catalog. Raises ``CatalogError`` with every problem found."""
+def load_catalog(
+    folders: Iterable[os.PathLike | str] = (), *, plugins: bool = True, tolerant: bool = False
+) -> Catalog:
+    """Load and validate the catalog. Raises ``CatalogError`` with every problem found.
+
+    ``tolerant``: a file with problems is left out instead (listed in ``Catalog.broken``), so
+    one broken generation file fails only what uses it; folder problems are still errors.
+    """
     plugin_dirs: list[Path] = []
     if plugins:
         from .plugins import get_plugins
 
         plugin_dirs = get_plugins().hardware_dirs()
-    return _load(tuple(search_folders(folders, plugin_dirs=plugin_dirs)))
+    return _load(tuple(search_folders(folders, plugin_dirs=plugin_dirs)), tolerant)
 
 
 _lock = threading.Lock()
@@ -266,12 +283,13 @@ def _signature(sources: tuple[tuple[Path, str], ...]) -> tuple:
     return tuple(sig)
 
 
-def _load(sources: tuple[tuple[Path, str], ...]) -> Catalog:
-    key = _signature(sources)
+def _load(sources: tuple[tuple[Path, str], ...], tolerant: bool = False) -> Catalog:
+    key = (_signature(sources), tolerant)
     with _lock:
         if key in _cache:
             return _cache[key]
     problems: list[Problem] = []
+    broken: list[Broken] = []
     loaded: list[tuple[Generation, Path, str]] = []
     # Loading allocates many small objects that all stay alive; the cyclic garbage collector
     # would rescan the growing heap again and again (per-file cost grew with catalog size).
@@ -283,18 +301,35 @@ def _load(sources: tuple[tuple[Path, str], ...]) -> Catalog:
             problems += probs
             for path in files:
                 spec, text, probs = load_generation_file(path)
+                if probs and tolerant:
+                    broken.append(Broken(path, _id_of(text, path), tuple(probs)))
+                    continue
                 problems += probs
                 if spec is not None:
                     loaded.append((spec, path, text))
+        file_problems = len(problems)
         catalog = _assemble(loaded, tuple(f for f, _ in sources), problems)
     finally:
         if was_enabled:
             gc.enable()
+    if tolerant:  # entries that collide were left out by _assemble: say so per file
+        by_file: dict[str, list[Problem]] = {}
+        for prob in problems[file_problems:]:
+            by_file.setdefault(prob.path, []).append(prob)
+        broken += [Broken(Path(f), Path(f).stem, tuple(ps)) for f, ps in by_file.items()]
+        problems = problems[:file_problems]
+        catalog.broken = tuple(broken)
     if problems:
         raise CatalogError(problems)
     with _lock:
         _cache[key] = catalog
     return catalog
+
+
+def _id_of(text: str, path: Path) -> str:
+    """The id a broken file was meant to have: its ``id = "..."`` line, else its name."""
+    m = re.search(r'^\s*id\s*=\s*"([^"]+)"', text, re.M)
+    return m.group(1) if m else path.stem
 
 
 def load_generation_file(path: Path) -> tuple[Generation | None, str, list[Problem]]:

@@ -9,6 +9,7 @@ these; nothing else restates them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -149,7 +150,7 @@ def rpa_v2_defaults(
             bkv //= 2
     return {
         "rpa_v2.num_kv_pages_per_block": min(cdiv(w.max_model_len, page), max(bkv, 1)),
-        "rpa_v2.num_queries_per_block": min(w.max_num_batched_tokens, bq),
+        "rpa_v2.num_queries_per_block": min(w.tokens, bq),
         "rpa_v2.vmem_limit_bytes": min(mib_to_bytes(facts.vmem_limit_mib), vmem_core_bytes),
     }
 
@@ -168,12 +169,12 @@ def rpa_v3_block_sizes(
     facts: RpaV3Facts, w: Workload, page: int, case: str
 ) -> tuple[int, int, int, int]:
     """``get_default_block_sizes``: (bq_sz, bkv_sz, bq_csz, bkv_csz) for one case, computed
-    from the heads of one shard and the padded token count (``max_num_batched_tokens``)."""
+    from the heads of one shard and the padded token count of the call (``w.tokens``)."""
     kv_pack = packing(w.kv_dtype)
     kv_heads_x2 = next_pow2(align(w.kv_heads_per_device * 2, kv_pack))
     head_dim = align(w.head_dim, HEAD_ALIGNMENT)
     q_per_kv = next_pow2(w.q_heads_per_device // w.kv_heads_per_device)
-    max_q = next_pow2(w.max_num_batched_tokens)
+    max_q = next_pow2(w.tokens)  # the padded token count of the call (max_num_tokens upstream)
     max_kv = cdiv(w.max_model_len, page) * page
     if case == "decode":
         bkv = min(facts.decode_kv_bytes * kv_pack // 4 // head_dim // kv_heads_x2, max_kv)
@@ -188,18 +189,57 @@ def rpa_v3_block_sizes(
 
 def rpa_v3_defaults(
     facts: RpaV3Facts, vmem_core_bytes: int, w: Workload, page: int
-) -> dict[str, Any]:
-    """Block sizes for each case and the VMEM limit (the whole core unless the catalog says)."""
-    vmem = (
-        vmem_core_bytes
-        if facts.vmem_limit_mib is None
-        else min(mib_to_bytes(facts.vmem_limit_mib), vmem_core_bytes)
-    )
-    out: dict[str, Any] = {
-        knob: rpa_v3_block_sizes(facts, w, page, case) for case, knob in RPA_V3_CASES.items()
-    }
+) -> tuple[dict[str, Any], list[str]]:
+    """Block sizes for each case and the VMEM limit (the whole core unless the catalog says),
+    and notes. Upstream's formulas can ask for more VMEM than the limit (large head dims,
+    f32 queries, pages forced large by SMEM): such a tuple is shrunk until it fits, and
+    when even one page of KV cannot fit, the workload is refused."""
+    vmem = vmem_core_bytes
+    if facts.vmem_limit_mib is not None:
+        vmem = min(mib_to_bytes(facts.vmem_limit_mib), vmem_core_bytes)
+    out: dict[str, Any] = {}
+    notes = []
+    for case, knob in RPA_V3_CASES.items():
+        t = rpa_v3_block_sizes(facts, w, page, case)
+        fitted = rpa_v3_fit_vmem(w, t, page, vmem)
+        if fitted is None:
+            need = rpa_v3_vmem_bytes(w, 1, page)
+            msg = (
+                f"the RPA v3 kernel needs {need} bytes of VMEM for one page of {page} tokens, "
+                f"above the {vmem}-byte limit"
+            )
+            hint = "lower max_num_seqs or max_model_len so that a smaller page fits SMEM"
+            raise TuningError([Problem("workload", None, "page_size", msg, hint)])
+        if fitted != t:
+            need = rpa_v3_vmem_bytes(w, t[0], t[1])
+            notes.append(
+                f"{knob} {fitted} instead of upstream's {t}, which needs {need} bytes of VMEM "
+                f"(limit {vmem})"
+            )
+        out[knob] = fitted
     out["rpa_v3.vmem_limit_bytes"] = vmem
-    return out
+    return out, notes
+
+
+def rpa_v3_fit_vmem(
+    w: Workload, t: tuple[int, int, int, int], page: int, limit: int
+) -> tuple[int, int, int, int] | None:
+    """``t`` if its VMEM estimate is within ``limit``; else a tuple shrunk until it is (query
+    block first, then KV block, in whole pages), valid as an explicit kernel argument; None
+    when not even one query and one page fit."""
+    bq, bkv, bq_c, bkv_c = t
+    if rpa_v3_vmem_bytes(w, bq, bkv) <= limit:
+        return t
+    while rpa_v3_vmem_bytes(w, bq, bkv) > limit:
+        if bq > 1:
+            bq //= 2
+        elif bkv > page:
+            bkv = max(page, align(bkv // 2, page))
+        else:
+            return None
+    bq_c = math.gcd(bq, min(bq_c, bq))
+    bkv_c = page * math.gcd(bkv // page, max(1, min(bkv_c, bkv) // page))
+    return bq, bkv, bq_c, bkv_c
 
 
 def rpa_v3_rejection(block_sizes: tuple[int, int, int, int], page_size: int) -> str | None:
@@ -216,90 +256,284 @@ def rpa_v3_rejection(block_sizes: tuple[int, int, int, int], page_size: int) -> 
     return None
 
 
+# --------------------------------------------------------------------------- estimates
+# tpu-inference's RPA v3 ``get_vmem_estimate_bytes`` and ``get_smem_estimate_bytes``.
+
+
+def _has_bank_conflicts(stride: int, distance: int = 24, num_banks: int = 32) -> bool:
+    """v3 kernel.py ``has_bank_conflicts``: a stride that maps rows onto the same banks."""
+    return len({(i * stride) % num_banks for i in range(distance)}) < distance
+
+
+def rpa_v3_vmem_bytes(w: Workload, bq_sz: int, bkv_sz: int) -> int:
+    """``get_vmem_estimate_bytes``: double-buffered KV, q and output blocks and f32 scratch."""
+    q_pack, kv_pack = packing(w.q_dtype), packing(w.kv_dtype)
+    kv_heads = w.kv_heads_per_device
+    q_per_kv = align(w.q_heads_per_device // kv_heads, q_pack)
+    stride = cdiv(kv_heads * 2, kv_pack)
+    if _has_bank_conflicts(stride):
+        stride += 1
+    head_dim = align(w.head_dim, HEAD_ALIGNMENT)
+    bits = (
+        2 * bkv_sz * stride * kv_pack * head_dim * (32 // kv_pack)
+        + 2 * (2 * kv_heads * bq_sz * q_per_kv * head_dim) * (32 // q_pack)
+        + 2 * (kv_heads * bq_sz * q_per_kv * 128) * 32
+        + kv_heads * bq_sz * q_per_kv * head_dim * 32
+    )
+    return cdiv(bits, 8)
+
+
+def rpa_v3_smem_bytes(max_num_seqs: int, pages_per_seq: int) -> int:
+    """``get_smem_estimate_bytes``: the kernel's scalar-prefetched tables."""
+    words = (
+        align(max_num_seqs, 128)
+        + align(max_num_seqs * pages_per_seq, 128)
+        + align(max_num_seqs + 1, 128)
+    )
+    return cdiv((words + 4 * 128) * 32, 8)
+
+
 # --------------------------------------------------------------------------- constraints
 
 VMEM_KNOBS = ("vmem_limit_bytes", "rpa_v2.vmem_limit_bytes", "rpa_v3.vmem_limit_bytes")
 FAMILY_VMEM_KNOBS = ("rpa_v2.vmem_limit_bytes", "rpa_v3.vmem_limit_bytes")
 
+# Every rule, with the upstream check it mirrors ("registry": a rule of this project, stricter
+# than upstream, with its reason). docs and tests iterate over this table.
+RULES = {
+    "page_power_of_two": (
+        "registry: vLLM's page-size rule only yields powers of two; the tables and block formulas "
+        "assume them"
+    ),
+    "page_smem_minimum": (
+        "vLLM / tpu-inference get_min_page_size: block tables of max_num_seqs sequences must fit "
+        "half of SMEM (tpu_platform.py raises the page to it)"
+    ),
+    "page_within_sequence": (
+        "registry: a page larger than a whole sequence (next power of two of max_model_len) only "
+        "wastes HBM"
+    ),
+    "page_kv_packing": "tpu-inference RPA v3 static_validate_inputs: page_size % kv_packing == 0",
+    "vmem_positive": (
+        "tpu-inference RPA v3 and torch_xla RPA v2 static_validate_inputs: vmem_limit_bytes > 0"
+    ),
+    "vmem_within_core": "registry: a limit above the core's VMEM (catalog) cannot be met",
+    "vmem_within_ceiling": "registry: each family's limit stays within the common vmem_limit_bytes",
+    "head_padding": "tpu-inference get_kv_cache_shape: head dim aligned to 128 lanes",
+    "rpa_v2_heads_tileable": (
+        "torch_xla RPA v2 get_min_heads_per_blk raises when the KV heads cannot be tiled"
+    ),
+    "rpa_v2_kv_pages_in_range": (
+        "torch_xla RPA v2 static_validate_inputs: 0 < num_kv_pages_per_block <= pages_per_seq"
+    ),
+    "rpa_v2_queries_in_range": (
+        "torch_xla RPA v2 static_validate_inputs: num_queries_per_block > 0; registry: at most "
+        "max_num_batched_tokens"
+    ),
+    "rpa_v3_float_kv": (
+        "tpu-inference RPA v3 static_validate_inputs: integer KV caches are not supported"
+    ),
+    "rpa_v3_block_divisibility": (
+        "tpu-inference RPA v3 static_validate_inputs: bq_sz % bq_csz == 0 and bkv_sz % bkv_csz == 0"
+    ),
+    "rpa_v3_kv_page_multiple": (
+        "tpu-inference RPA v3 static_validate_inputs: bkv_sz and bkv_csz divisible by page_size"
+    ),
+    "rpa_v3_kv_block_bounds": "registry: bkv_csz <= bkv_sz <= the tokens of a whole sequence",
+    "rpa_v3_q_block_bounds": (
+        "registry: query blocks within next_power_of_2(max_num_batched_tokens), as "
+        "get_default_block_sizes bounds them"
+    ),
+    "rpa_v3_vmem_estimate": (
+        "tpu-inference RPA v3 get_vmem_estimate_bytes must not exceed rpa_v3.vmem_limit_bytes"
+    ),
+    "rpa_v3_smem_estimate": (
+        "tpu-inference RPA v3 get_smem_estimate_bytes must not exceed the core's SMEM"
+    ),
+}
 
-def check(spec: Generation, w: Workload, knobs: Mapping[str, Any]) -> list[Violation]:
-    """Every rule a final set of knobs must satisfy, as structured violations."""
+
+def check(
+    spec: Generation,
+    w: Workload,
+    knobs: Mapping[str, Any],
+    *,
+    defaults: frozenset[str] = frozenset(),
+) -> list[Violation]:
+    """Every rule a final set of knobs must satisfy, as structured violations.
+
+    ``defaults`` names knobs whose values are the kernel's own defaults (the baseline): the
+    rules a kernel applies only to explicit arguments do not apply to them, because the
+    adapters leave such values to the kernel rather than pass them.
+    """
     out: list[Violation] = []
-    vmem = spec.chip.vmem_bytes_per_core
+
+    def bad(rule: str, knobs_: tuple[str, ...], message: str, hint: str = "") -> None:
+        out.append(Violation(rule, knobs_, message, hint=hint))
+
+    chip = spec.chip
+    vmem = chip.vmem_bytes_per_core
+    families = spec.kernels.families
     page = knobs.get("page_size")
-    if page is not None and (page <= 0 or page & (page - 1)):
-        out.append(
-            Violation(
+    if page is not None:
+        if page <= 0 or page & (page - 1):
+            bad(
                 "page_power_of_two",
                 ("page_size",),
                 f"page_size {page} is not a positive power of two",
+                "use 16, 32, 64, 128 or 256",
             )
+            page = None
+    if page is not None:
+        floor = min_page_size(
+            chip.smem_bytes_per_core, w.max_model_len, w.max_num_seqs, where=spec.id
         )
-        page = None
+        if page < floor:
+            msg = (
+                f"page_size {page} is below the SMEM minimum page {floor} for max_model_len "
+                f"{w.max_model_len} and max_num_seqs {w.max_num_seqs} on {spec.id}"
+            )
+            bad(
+                "page_smem_minimum",
+                ("page_size",),
+                msg,
+                f"use a page of at least {floor}, or lower max_num_seqs",
+            )
+        most = next_pow2(w.max_model_len)
+        if page > most:
+            msg = (
+                f"page_size {page} is above {most}, the most a sequence of max_model_len "
+                f"{w.max_model_len} needs"
+            )
+            bad("page_within_sequence", ("page_size",), msg, f"use a page of at most {most}")
+        if "rpa_v3" in families and page % packing(w.kv_dtype):
+            msg = (
+                f"page_size {page} is not a multiple of the {w.kv_dtype} packing "
+                f"{packing(w.kv_dtype)}"
+            )
+            bad("page_kv_packing", ("page_size",), msg)
     for name in VMEM_KNOBS:
         v = knobs.get(name)
-        if v is not None and not 0 < v <= vmem:
-            mib = spec.chip.vmem_mib_per_core
-            where = (
-                "not positive"
-                if v <= 0
-                else f"above the {spec.id} core VMEM of {vmem} bytes ({mib:g} MiB)"
+        if v is None:
+            continue
+        if v <= 0:
+            bad("vmem_positive", (name,), f"{name} {v} is not positive")
+        elif v > vmem:
+            mib = chip.vmem_mib_per_core
+            bad(
+                "vmem_within_core",
+                (name,),
+                f"{name} {v} is above the {spec.id} core VMEM of {vmem} bytes ({mib:g} MiB)",
+                f"use at most {vmem}",
             )
-            out.append(Violation("vmem_within_core", (name,), f"{name} {v} is {where}"))
     ceiling = knobs.get("vmem_limit_bytes")
     for name in FAMILY_VMEM_KNOBS:
         v = knobs.get(name)
         if v is not None and ceiling is not None and ceiling < v <= vmem:
-            out.append(
-                Violation(
-                    "vmem_within_ceiling",
-                    (name, "vmem_limit_bytes"),
-                    f"{name} {v} is above vmem_limit_bytes {ceiling}",
-                )
+            bad(
+                "vmem_within_ceiling",
+                (name, "vmem_limit_bytes"),
+                f"{name} {v} is above vmem_limit_bytes {ceiling}",
+                f"use at most {ceiling}, or raise vmem_limit_bytes",
             )
     hd = knobs.get("head_dim_padded")
-    if hd is not None and (hd < w.head_dim or hd % spec.chip.lanes):
+    if hd is not None and (hd < w.head_dim or hd % chip.lanes):
         msg = (
             f"head_dim_padded {hd} must be at least head_dim {w.head_dim} and a multiple of "
-            f"{spec.chip.lanes} lanes"
+            f"{chip.lanes} lanes"
         )
-        out.append(Violation("head_padding", ("head_dim_padded",), msg))
-    if page:
-        pages_per_seq = cdiv(w.max_model_len, page)
-        bkv = knobs.get("rpa_v2.num_kv_pages_per_block")
-        bq = knobs.get("rpa_v2.num_queries_per_block")
-        if bkv is not None and not 0 < bkv <= pages_per_seq:
-            msg = (
-                f"rpa_v2.num_kv_pages_per_block {bkv} must be in 1..{pages_per_seq} (pages per "
-                "sequence)"
-            )
-            out.append(Violation("rpa_v2_kv_block", ("rpa_v2.num_kv_pages_per_block",), msg))
-        if bq is not None and not 0 < bq <= w.max_num_batched_tokens:
-            msg = (
-                f"rpa_v2.num_queries_per_block {bq} must be in 1..{w.max_num_batched_tokens} (max "
-                "batched tokens)"
-            )
-            out.append(Violation("rpa_v2_q_block", ("rpa_v2.num_queries_per_block",), msg))
-        max_kv = pages_per_seq * page
-        max_q = next_pow2(w.max_num_batched_tokens)
-        for name in RPA_V3_CASES.values():
-            t = knobs.get(name)
-            if t is None:
-                continue
-            bq_sz, bkv_sz, bq_csz, bkv_csz = t
-            if min(t) <= 0:
-                out.append(Violation("rpa_v3_positive", (name,), f"{name} {t} must be positive"))
-                continue
+        bad("head_padding", ("head_dim_padded",), msg)
+    if page is None:
+        return out
+    pages_per_seq = cdiv(w.max_model_len, page)
+    v2 = [
+        k for k in ("rpa_v2.num_kv_pages_per_block", "rpa_v2.num_queries_per_block") if k in knobs
+    ]
+    if (
+        v2
+        and min_heads_per_block(
+            w.q_heads_per_device, 2 * w.kv_heads_per_device, w.q_dtype, w.kv_dtype
+        )
+        is None
+    ):
+        msg = (
+            f"{v2[0]}: {2 * w.kv_heads_per_device} combined KV heads cannot be tiled for "
+            f"{w.kv_dtype}"
+        )
+        bad("rpa_v2_heads_tileable", (v2[0],), msg, "the RPA v2 kernel cannot run this shape")
+    bkv = knobs.get("rpa_v2.num_kv_pages_per_block")
+    if bkv is not None and not 0 < bkv <= pages_per_seq:
+        msg = (
+            f"rpa_v2.num_kv_pages_per_block {bkv} must be in 1..{pages_per_seq} (pages per "
+            "sequence)"
+        )
+        bad("rpa_v2_kv_pages_in_range", ("rpa_v2.num_kv_pages_per_block",), msg)
+    bq = knobs.get("rpa_v2.num_queries_per_block")
+    if bq is not None and not 0 < bq <= w.max_num_batched_tokens:
+        msg = (
+            f"rpa_v2.num_queries_per_block {bq} must be in 1..{w.max_num_batched_tokens} (max "
+            "batched tokens)"
+        )
+        bad("rpa_v2_queries_in_range", ("rpa_v2.num_queries_per_block",), msg)
+    v3 = [k for k in (*RPA_V3_CASES.values(), "rpa_v3.vmem_limit_bytes") if k in knobs]
+    if v3 and w.kv_dtype == "int8":
+        bad(
+            "rpa_v3_float_kv",
+            (v3[0],),
+            f"{v3[0]}: the RPA v3 kernel does not take an int8 KV cache",
+            "use a floating-point KV dtype (bf16, fp8)",
+        )
+    max_kv = pages_per_seq * page
+    max_q = next_pow2(w.max_num_batched_tokens)
+    v3_vmem = knobs.get("rpa_v3.vmem_limit_bytes")
+    for name in RPA_V3_CASES.values():
+        t = knobs.get(name)
+        if t is None:
+            continue
+        bq_sz, bkv_sz, bq_csz, bkv_csz = t
+        if min(t) <= 0:
+            bad("rpa_v3_block_divisibility", (name,), f"{name} {t} must be positive")
+            continue
+        if name not in defaults:
+            if bq_sz % bq_csz or bkv_sz % bkv_csz:
+                msg = f"{name} {t}: bq_sz must be a multiple of bq_csz and bkv_sz of bkv_csz"
+                bad("rpa_v3_block_divisibility", (name,), msg)
             if bkv_sz % page or bkv_csz % page:
                 msg = f"{name} {t}: KV block sizes must be multiples of page_size {page}"
-                out.append(Violation("rpa_v3_kv_page_multiple", (name, "page_size"), msg))
-            if bkv_sz > align(max_kv, page) or bkv_csz > bkv_sz:
+                bad("rpa_v3_kv_page_multiple", (name, "page_size"), msg)
+        if bkv_sz > align(max_kv, page) or bkv_csz > bkv_sz:
+            msg = (
+                f"{name} {t}: KV blocks must satisfy bkv_csz <= bkv_sz <= {max_kv} (tokens per "
+                "sequence)"
+            )
+            bad("rpa_v3_kv_block_bounds", (name,), msg)
+        if max(bq_sz, bq_csz) > max_q:
+            msg = f"{name} {t}: query blocks must be within {max_q} batched tokens"
+            bad("rpa_v3_q_block_bounds", (name,), msg)
+        if v3_vmem is not None and w.kv_dtype != "int8":
+            need = rpa_v3_vmem_bytes(w, bq_sz, bkv_sz)
+            if need > v3_vmem:
                 msg = (
-                    f"{name} {t}: KV blocks must satisfy bkv_csz <= bkv_sz <= {max_kv} (tokens "
-                    "per sequence)"
+                    f"{name} {t} needs {need} bytes of VMEM, above rpa_v3.vmem_limit_bytes "
+                    f"{v3_vmem}"
                 )
-                out.append(Violation("rpa_v3_kv_block_bounds", (name,), msg))
-            if max(bq_sz, bq_csz) > max_q:
-                msg = f"{name} {t}: query blocks must be within {max_q} batched tokens"
-                out.append(Violation("rpa_v3_q_block_bounds", (name,), msg))
+                bad(
+                    "rpa_v3_vmem_estimate",
+                    (name, "rpa_v3.vmem_limit_bytes"),
+                    msg,
+                    "use smaller blocks or a larger VMEM limit",
+                )
+    if v3:
+        need = rpa_v3_smem_bytes(w.max_num_seqs, pages_per_seq)
+        if need > chip.smem_bytes_per_core:
+            msg = (
+                f"page_size {page}: the RPA v3 kernel's tables take {need} bytes of SMEM, above "
+                f"the {spec.id} core's {chip.smem_bytes_per_core}"
+            )
+            bad(
+                "rpa_v3_smem_estimate",
+                ("page_size",),
+                msg,
+                "use a larger page or lower max_num_seqs",
+            )
     return out

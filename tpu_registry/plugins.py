@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 ENV_AUTOLOAD = "TPU_REGISTRY_PLUGINS_AUTOLOAD"
 ENV_DISABLE = "TPU_REGISTRY_DISABLE_PLUGINS"
 ENV_TRACE = "TPU_REGISTRY_TRACE_PLUGINS"
+ESSENTIAL = ("baseline", "tpu_registry.policies.baseline")  # like pytest's essential plugins
 
 BUILTIN_PLUGINS = (
     "tpu_registry.detectors.env",
@@ -93,6 +94,9 @@ class Plugins:
 
     def _block(self, disable: str) -> None:
         for name in (n.strip() for n in disable.split(",")):
+            if name in ESSENTIAL:
+                msg = f"{ENV_DISABLE} names {name!r}, which is essential and cannot be disabled"
+                raise RegistryError(f"{msg} (without it no page size or block size is set)")
             if name:
                 self.pm.set_blocked(name)
                 for builtin in BUILTIN_PLUGINS:

@@ -7,23 +7,28 @@ under threads (concurrent first calls compute once) and is reset in a forked chi
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from . import settings
-from .catalog import Catalog, load_catalog
+from .catalog import ENV_PATH, Catalog, builtin_hardware_dir, load_catalog
 from .detection import detect
-from .errors import DetectionError, Problem
+from .errors import CatalogError, DetectionError, Problem
 from .spec import Generation
 from .tune import tune
 from .types import Detection, Knob, TuneContext, Tuning, format_value
 from .workload import Workload
 
 ENV_OVERRIDES = "TPU_REGISTRY_OVERRIDES"
+ENV_TABLES = "TPU_REGISTRY_TABLES_PATH"
+STAMP_EVERY_S = 1.0  # how often the data files behind a cached result are looked at again
+log = logging.getLogger("tpu_registry")
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,8 @@ class ResolvedConfig:
     workload: Workload
     tuning: Tuning
     notes: tuple[str, ...] = field(default=())
+    # The other arguments resolve() was called with, so that for_call() resolves alike.
+    request: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def generation(self) -> str:
@@ -49,6 +56,28 @@ class ResolvedConfig:
     def layer(self, name: str) -> str | None:
         k = self.tuning.knobs.get(name)
         return None if k is None else k.layer
+
+    def for_call(
+        self, num_tokens: int, *, q_heads: int | None = None, kv_heads: int | None = None
+    ) -> ResolvedConfig:
+        """The configuration of one kernel call: ``num_tokens`` padded tokens (a bucket vLLM
+        compiles), and optionally the heads of one shard. Upstream sizes query blocks per
+        call; the page size stays the engine's. Cached like every resolve()."""
+        w = self.workload
+        changes: dict[str, Any] = {"num_tokens": num_tokens, "page_size": self.value("page_size")}
+        if (q_heads, kv_heads) != (None, None) and (q_heads, kv_heads) != (
+            w.q_heads_per_device,
+            w.kv_heads_per_device,
+        ):
+            changes.update(
+                num_q_heads=q_heads or w.q_heads_per_device,
+                num_kv_heads=kv_heads or w.kv_heads_per_device,
+                tensor_parallel=1,
+            )
+        call = replace(w, **changes)
+        if call == w:
+            return self
+        return resolve(call, **self.request)
 
     def kernel_kwargs(self, family: str) -> dict[str, Any]:
         """Knobs of one kernel family, as keyword arguments for that kernel."""
@@ -103,6 +132,46 @@ class ResolvedConfig:
 
 _lock = threading.Lock()
 _cache: dict[tuple, ResolvedConfig] = {}
+_stamps: dict[tuple, tuple[float, tuple]] = {}
+
+
+def _files_stamp(
+    plugins, catalog_dirs: tuple[str, ...], overrides: str | None, env_key: tuple
+) -> tuple:
+    """Names, sizes and mtimes of every data file a resolve reads (generation files, tuning
+    tables, the overrides file): part of the cache key, so an edit is seen. Looked at again
+    at most once per ``STAMP_EVERY_S`` on a monotonic clock; ``clear_cache()`` forces it."""
+    key = (catalog_dirs, overrides, env_key)
+    now = time.monotonic()
+    hit = _stamps.get(key)
+    if hit is not None and now - hit[0] < STAMP_EVERY_S:
+        return hit[1]
+    env = os.environ
+    builtin = builtin_hardware_dir()
+    folders = [builtin, builtin / "tuning", *plugins.hardware_dirs(), *catalog_dirs]
+    for name in (ENV_PATH, ENV_TABLES):
+        folders += [p.strip() for p in env.get(name, "").split(os.pathsep) if p.strip()]
+    files = [overrides or env.get(ENV_OVERRIDES, "").strip()]
+    sig: list[tuple] = []
+    for folder in folders:
+        try:
+            with os.scandir(folder) as it:
+                for entry in it:
+                    if entry.name.endswith(".toml"):
+                        st = entry.stat()
+                        sig.append((entry.path, st.st_mtime_ns, st.st_size))
+        except OSError:
+            sig.append((str(folder), None))
+    for f in files:
+        if f:
+            try:
+                st = os.stat(f)
+                sig.append((f, st.st_mtime_ns, st.st_size, st.st_mode))
+            except OSError:
+                sig.append((f, None))
+    stamp = tuple(sorted(sig, key=str))
+    _stamps[key] = (now, stamp)
+    return stamp
 
 
 def _reset_after_fork() -> None:
@@ -122,6 +191,7 @@ def clear_cache() -> None:
 
     with _lock:
         _cache.clear()
+        _stamps.clear()
     _catalog.clear_cache()
     _tables.clear_cache()
     _overrides.clear_cache()
@@ -150,17 +220,12 @@ def resolve(
     from .plugins import get_plugins
 
     w = _workload(workload)
-    get_plugins()  # plugins declare the settings that make up the key
+    plugins = get_plugins()  # plugins declare the settings that make up the key
     env_key = settings.resolve_key(os.environ)
-    key = (
-        w,
-        simulate,
-        str(overrides) if overrides else None,
-        allow_runtime_init,
-        strict,
-        tuple(str(d) for d in catalog_dirs),
-        env_key,
-    )
+    dirs = tuple(str(d) for d in catalog_dirs)
+    ov = str(overrides) if overrides else None
+    stamp = _files_stamp(plugins, dirs, ov, env_key)
+    key = (w, simulate, ov, allow_runtime_init, strict, dirs, env_key, stamp)
     hit = _cache.get(key)
     if hit is not None:
         return hit
@@ -178,10 +243,24 @@ def _compute(
     from .plugins import get_plugins
 
     env = dict(os.environ)
-    catalog: Catalog = load_catalog(catalog_dirs)
-    detection = detect(
-        catalog, simulate=simulate, allow_runtime_init=allow_runtime_init, strict=strict, env=env
-    )
+    catalog: Catalog = load_catalog(catalog_dirs, tolerant=True)
+    try:
+        detection = detect(
+            catalog,
+            simulate=simulate,
+            allow_runtime_init=allow_runtime_init,
+            strict=strict,
+            env=env,
+        )
+    except DetectionError as e:  # an explicit id may name a file that is broken
+        if catalog.broken:
+            raise CatalogError(
+                [p for b in catalog.broken for p in b.problems] + e.problems
+            ) from None
+        raise
+    broken = [b for b in catalog.broken if detection.generation in (None, b.gid)]
+    if broken:  # what this resolve needs is (or may be) in a broken file
+        raise CatalogError([p for b in broken for p in b.problems])
     if detection.generation is None:
         what = {
             "ambiguous": (
@@ -200,12 +279,28 @@ def _compute(
     )
     tuning = tune(get_plugins(), context, strict=strict)
     notes = []
+    for b in catalog.broken:
+        first = b.problems[0]
+        log.warning(
+            "catalog file %s is invalid and was left out (%s); run `tpu-registry validate`",
+            b.path,
+            first,
+        )
+        notes.append(
+            f"left out of the catalog: {b.path} ({len(b.problems)} problem(s); `tpu-registry "
+            "validate` lists them)"
+        )
     if spec.provisional:
         notes.append(
             f"{spec.id} is provisional: its figures come from announcements and pre-release code"
         )
     if not spec.kernels.families:
         notes.append(f"no paged-attention kernel supports {spec.id}")
-    return ResolvedConfig(
-        spec=spec, detection=detection, workload=w, tuning=tuning, notes=tuple(notes)
-    )
+    request = {
+        "simulate": simulate,
+        "overrides": overrides,
+        "allow_runtime_init": allow_runtime_init,
+        "strict": strict,
+        "catalog_dirs": tuple(catalog_dirs),
+    }
+    return ResolvedConfig(spec, detection, w, tuning, tuple(notes), request)

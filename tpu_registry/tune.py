@@ -24,6 +24,7 @@ ENV_POLICIES = "TPU_REGISTRY_POLICIES"
 RESERVED_LAYERS = ("workload", "baseline", "tables", "overrides")
 # Layers whose violations are errors, not plugin faults: the user's data and the baseline.
 ACCOUNTABLE = ("overrides", "workload", "baseline")
+ESSENTIAL = "baseline"  # always runs; cannot be disabled
 
 
 def _active_policies(env: Mapping[str, str]) -> set[str] | None:
@@ -32,25 +33,11 @@ def _active_policies(env: Mapping[str, str]) -> set[str] | None:
 
 
 def run_policies(plugins: Plugins, context: TuneContext) -> tuple[list[Layer], list[Fault]]:
-    """Every ``tpu_registry_tune`` implementation in hook order, each answer checked."""
+    """Every ``tpu_registry_tune`` implementation in hook order, each answer checked.
+
+    ``TPU_REGISTRY_POLICIES`` selects the policies that run besides the baseline, which is
+    essential: without it no page size or block size would be set."""
     active = _active_policies(context.env)
-    pairs, faults = plugins.tune(
-        context.spec, context.workload, context.detection, context, only=active
-    )
-    layers: list[Layer] = []
-    for plugin, out in pairs:
-        if out.name in RESERVED_LAYERS and plugin not in RESERVED_LAYERS:
-            # Layers are told apart by name: a plugin posing as the user's overrides or the
-            # baseline would be blamed on them (and dropping it would drop theirs).
-            msg = f"named its layer {out.name!r}, which is reserved for a built-in layer; skipped"
-            faults.append(Fault(plugin, msg, stage="tune"))
-            continue
-        try:
-            layers.append(
-                replace(out, knobs={k: knob_registry.coerce(k, v) for k, v in out.knobs.items()})
-            )
-        except ValueError as e:
-            faults.append(Fault(plugin, str(e), stage="tune"))
     if active is not None:
         known = set(plugins.policy_names())
         if missing := sorted(active - known):
@@ -59,6 +46,31 @@ def run_policies(plugins: Plugins, context: TuneContext) -> tuple[list[Layer], l
                 f"{ENV_POLICIES} names unknown policies: {names} (known: "
                 f"{', '.join(sorted(known))})"
             )
+        active = active | {ESSENTIAL}
+    pairs, faults = plugins.tune(
+        context.spec, context.workload, context.detection, context, only=active
+    )
+    layers: list[Layer] = []
+    for plugin, out in pairs:
+        if out.name in RESERVED_LAYERS and plugin != out.name:
+            # Layers are told apart by name: a plugin posing as the user's overrides or the
+            # baseline would be blamed on them (and dropping it would drop theirs).
+            msg = f"named its layer {out.name!r}, which is reserved for a built-in layer; skipped"
+            faults.append(Fault(plugin, msg, stage="tune"))
+            continue
+        if plugin == ESSENTIAL:
+            layers.append(out)  # upstream's own defaults: not explicit kernel arguments
+            continue
+        try:
+            layers.append(
+                replace(out, knobs={k: knob_registry.coerce(k, v) for k, v in out.knobs.items()})
+            )
+        except knob_registry.KnobError as e:
+            faults.append(Fault(plugin, f"{e} ({e.hint})" if e.hint else str(e), stage="tune"))
+    if not any(layer.name == ESSENTIAL for layer in layers):
+        raise TuningError(
+            f"the {ESSENTIAL} policy did not run: it is essential and cannot be disabled"
+        )
     return layers, faults
 
 
@@ -79,12 +91,64 @@ def _values(knobs: Mapping[str, Knob]) -> dict:
     return {k: v.value for k, v in knobs.items()}
 
 
+# Knobs upstream computes from the page size: recomputed for the winning page.
+PAGE_DEPENDENT = (
+    "max_num_seqs_smem",
+    "rpa_v2.num_kv_pages_per_block",
+    *kernels.RPA_V3_CASES.values(),
+)
+
+
+def _derive(spec, w, knobs: dict[str, Knob], rank: Mapping[str, int]) -> None:
+    """Recompute what upstream derives from other knobs, from the winning values."""
+    page = knobs.get("page_size")
+    if page is not None and page.layer != ESSENTIAL:
+        if "max_num_seqs_smem" in knobs:
+            value = kernels.max_num_seqs_for(
+                spec.chip.smem_bytes_per_core, w.max_model_len, page.value
+            )
+            knobs["max_num_seqs_smem"] = Knob(value, ESSENTIAL)
+        for name in PAGE_DEPENDENT:
+            k = knobs.get(name)
+            if k is not None and rank.get(k.layer, 0) > rank.get(page.layer, 0):
+                knobs[name] = replace(k, derived_from=(("page_size", page.layer),))
+    ceiling = knobs.get("vmem_limit_bytes")
+    if ceiling is None:
+        return
+    for name in kernels.FAMILY_VMEM_KNOBS:
+        k = knobs.get(name)
+        # A family limit from a less trusted layer follows the common ceiling; one from the
+        # same or a more trusted layer above it is that layer's own contradiction.
+        if (
+            k is not None
+            and k.value > ceiling.value
+            and rank.get(k.layer, 0) > rank.get(ceiling.layer, 0)
+        ):
+            knobs[name] = replace(
+                k, value=ceiling.value, derived_from=(("vmem_limit_bytes", ceiling.layer),)
+            )
+    # Upstream's block sizes (the baseline's) follow a lowered RPA v3 limit.
+    limit = knobs.get("rpa_v3.vmem_limit_bytes")
+    page = knobs.get("page_size")
+    if limit is None or page is None or not limit.derived_from:
+        return
+    for name in kernels.RPA_V3_CASES.values():
+        k = knobs.get(name)
+        if k is not None and k.layer == ESSENTIAL:
+            fitted = kernels.rpa_v3_fit_vmem(w, k.value, page.value, limit.value)
+            if fitted is not None and fitted != k.value:
+                derived = k.derived_from + (("rpa_v3.vmem_limit_bytes", limit.derived_from[0][1]),)
+                knobs[name] = replace(k, value=fitted, derived_from=derived)
+
+
 def tune(plugins: Plugins, context: TuneContext, *, strict: bool = False) -> Tuning:
-    """Run the policies and merge their layers, checking kernel constraints.
+    """Run the policies, merge their layers and derive what follows from the winners.
 
     A page size fixed by the workload wins over every layer. When the layers settle on a
-    page size other than the one the policies assumed, they run once more with it pinned,
-    so kernel block sizes are computed for the page size actually used.
+    page size other than the one the policies assumed, they run once more with it pinned, so
+    everything upstream computes from the page is computed for the page actually used. The
+    result must pass every kernel rule: a plugin layer that breaks one is dropped and named;
+    the user's own overrides (or anything under ``strict``) breaking one is an error.
     """
     spec, workload = context.spec, context.workload
     layers, faults = run_policies(plugins, context)
@@ -92,48 +156,35 @@ def tune(plugins: Plugins, context: TuneContext, *, strict: bool = False) -> Tun
         layers.insert(
             0, Layer("workload", {"page_size": workload.page_size}, note="fixed by the user")
         )
-    knobs = merge(layers)
-    page = knobs.get("page_size")
     dropped: set[str] = set()
-    bad_page = kernels.check(spec, workload, {"page_size": page.value}) if page is not None else []
-    if bad_page and page.layer not in ACCOUNTABLE and not strict:
-        # Every block size computed for a broken page size would look broken too (and be
-        # blamed on its layer): drop the plugin layer that chose it first.
-        faults.append(_dropped(page.layer, bad_page))
-        dropped.add(page.layer)
-        layers = [layer for layer in layers if layer.name not in dropped]
+    while True:
         knobs = merge(layers)
         page = knobs.get("page_size")
-        bad_page = (
-            kernels.check(spec, workload, {"page_size": page.value}) if page is not None else []
-        )
-    # A broken page size is never pinned (the workload would reject it): the check below
-    # reports it.
-    if page is not None and page.layer not in ("workload", "baseline") and not bad_page:
-        pinned = replace(context, workload=replace(workload, page_size=page.value))
-        again, more = run_policies(plugins, pinned)
-        first = knobs
-        layers = [layer for layer in again if layer.name not in dropped]
-        faults += [f for f in more if f not in faults]
-        knobs = merge(layers)
-        for name in ("page_size", "min_page_size", "max_num_seqs_smem"):
-            if name in first:
-                knobs[name] = first[name]
-    violations = kernels.check(spec, workload, _values(knobs))
-    while violations:
-        # A plugin layer whose knobs break a kernel rule is dropped and named; the user's own
-        # overrides breaking one (or anything under strict) is an error. Plugin layers go
-        # first: a rule between two knobs (a VMEM limit above the ceiling a plugin set) is
-        # reported against one knob, which may be innocent.
-        involved = {v: {knobs[k].layer for k in v.knobs if k in knobs} for v in violations}
+        if page is not None and page.layer not in ("workload", ESSENTIAL):
+            bad_page = kernels.check(spec, workload, {"page_size": page.value})
+            if not bad_page:
+                pinned = replace(context, workload=replace(workload, page_size=page.value))
+                again, more = run_policies(plugins, pinned)
+                faults += [f for f in more if f not in faults]
+                first = knobs
+                knobs = merge([layer for layer in again if layer.name not in dropped])
+                for name in ("page_size", "min_page_size"):  # as chosen, with their provenance
+                    if name in first:
+                        knobs[name] = first[name]
+        rank = {layer.name: i for i, layer in enumerate(layers)}
+        _derive(spec, workload, knobs, rank)
+        defaults = frozenset(k for k, v in knobs.items() if v.layer == ESSENTIAL)
+        violations = kernels.check(spec, workload, _values(knobs), defaults=defaults)
+        if not violations:
+            break
+        involved = {v: _layers_of(v, knobs) for v in violations}
         droppable = set().union(*involved.values()) - set(ACCOUNTABLE)
         if strict or not droppable:
-            raise TuningError([_problem(v, knobs) for v in violations])
+            raise TuningError([_problem(v, involved[v], rank) for v in violations])
         for name in sorted(droppable):
             faults.append(_dropped(name, [v for v in violations if name in involved[v]]))
-        layers = [layer for layer in layers if layer.name not in droppable]
-        knobs = merge(layers)
-        violations = kernels.check(spec, workload, _values(knobs))
+        dropped |= droppable
+        layers = [layer for layer in layers if layer.name not in dropped]
     if strict and faults:
         hint = "fix or disable the plugin (TPU_REGISTRY_DISABLE_PLUGINS), or drop strict"
         raise TuningError(
@@ -145,19 +196,23 @@ def tune(plugins: Plugins, context: TuneContext, *, strict: bool = False) -> Tun
 
 
 def _dropped(layer: str, violations: list[Violation]) -> Fault:
-    return Fault(
-        layer,
-        "knobs break kernel constraints, layer dropped: " + "; ".join(map(str, violations)),
-        stage="tune",
-    )
+    message = "knobs break kernel constraints, layer dropped: " + "; ".join(map(str, violations))
+    return Fault(layer, message, stage="tune")
 
 
-def _problem(v: Violation, knobs: Mapping[str, Knob]) -> Problem:
-    layer = knobs[v.knob].layer if v.knob in knobs else "?"
-    return Problem(
-        f"layer {layer}",
-        None,
-        v.knob,
-        v.message,
-        v.hint or "lower the value or remove the override",
-    )
+def _layers_of(v: Violation, knobs: Mapping[str, Knob]) -> set[str]:
+    """Every layer a violation's knobs came from, those they were derived from included."""
+    out = set()
+    for name in v.knobs:
+        if name in knobs:
+            out.add(knobs[name].layer)
+            out.update(layer for _, layer in knobs[name].derived_from)
+    return out
+
+
+def _problem(v: Violation, layers: set[str], rank: Mapping[str, int]) -> Problem:
+    """Blame the most trusted layer involved other than the baseline (the user's own data),
+    else the baseline."""
+    named = sorted(layers - {ESSENTIAL}, key=lambda n: rank.get(n, 0)) or [ESSENTIAL]
+    hint = v.hint or "lower the value or remove the override"
+    return Problem(f"layer {named[0]}", None, v.knob, f"{v.message} [rule {v.rule}]", hint)

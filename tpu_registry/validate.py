@@ -32,6 +32,7 @@ def validate_paths(paths: list[Path]) -> tuple[int, list[Problem]]:
     from .plugins import get_plugins
     from .policies.overrides import (
         OverridesFile,
+        generation_problems,
         unknown_generations,
         warn_writable,
         writable_by_others,
@@ -131,6 +132,7 @@ def validate_paths(paths: list[Path]) -> tuple[int, list[Problem]]:
             pass  # its problems are reported when that catalog is validated
         for checked, text, path in overrides:
             problems += unknown_generations(checked, text, path, known)
+            problems += generation_problems(checked, text, path, known)
     return n, problems
 
 
@@ -140,6 +142,9 @@ class _Names:
 
     def find(self, text: str) -> set[str]:
         return set().union(*(c.find(text) for c in self.catalogs))
+
+    def __getitem__(self, gid: str):
+        return next(c[gid] for c in self.catalogs if gid in c)
 
 
 def json_schema(kind: str = "generation") -> dict[str, Any]:

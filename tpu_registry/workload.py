@@ -39,6 +39,9 @@ class Workload:
     page_size: int | None = None  # fixed by the user (vLLM --block-size)
     sliding_window: int | None = None
     tensor_parallel: int = 1
+    # The padded token count of one kernel call (vLLM compiles one graph per bucket); None
+    # means the largest, max_num_batched_tokens. Upstream sizes query blocks per call.
+    num_tokens: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -58,7 +61,7 @@ class Workload:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 bad(name, f"must be a positive whole number, got {v!r}", "check the model config")
-        for name in ("page_size", "sliding_window"):
+        for name in ("page_size", "sliding_window", "num_tokens"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 bad(
@@ -86,6 +89,12 @@ class Workload:
                     f"must be a power of two, got {self.page_size}",
                     "use 16, 32, 64, 128 or 256",
                 )
+            if self.num_tokens is not None and self.num_tokens > self.max_num_batched_tokens:
+                msg = (
+                    f"{self.num_tokens} is more than max_num_batched_tokens "
+                    f"{self.max_num_batched_tokens}"
+                )
+                bad("num_tokens", msg, "a kernel call takes at most max_num_batched_tokens")
             if self.head_dim > 1024:
                 bad(
                     "head_dim",
@@ -99,6 +108,11 @@ class Workload:
                 bad(name, str(e.problems[0].message), "")
         if problems:
             raise TuningError(problems)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the kernel call being tuned for (``num_tokens``, else the most)."""
+        return self.num_tokens if self.num_tokens is not None else self.max_num_batched_tokens
 
     # Per-device view under tensor parallelism. KV heads are replicated when there are
     # fewer of them than devices, as vLLM does.

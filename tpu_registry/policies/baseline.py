@@ -39,10 +39,12 @@ def knobs_for(spec: Generation, w: Workload, page: int) -> tuple[dict, list[str]
             notes.append(v2)
         else:
             knobs.update(v2)
-    if "rpa_v3" in families:
-        knobs.update(
-            kernels.rpa_v3_defaults(spec.kernels.rpa_v3, chip.vmem_bytes_per_core, w, page)
-        )
+    if "rpa_v3" in families and w.kv_dtype == "int8":
+        notes.append("rpa_v3: the kernel does not take an int8 KV cache")
+    elif "rpa_v3" in families:
+        v3, shrunk = kernels.rpa_v3_defaults(spec.kernels.rpa_v3, chip.vmem_bytes_per_core, w, page)
+        knobs.update(v3)
+        notes += shrunk
     if not families:
         notes.append(f"no paged-attention kernel supports {spec.id}; only common knobs are given")
     return knobs, notes

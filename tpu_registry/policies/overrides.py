@@ -80,30 +80,19 @@ class Override(DataModel):
 
     @field_validator("knobs", mode="before")
     @classmethod
-    def _flatten(cls, v: Any) -> Any:
+    def _knobs(cls, v: Any) -> Any:
         if not isinstance(v, dict):
             return v
-        flat: dict[str, Any] = {}
-        for k, val in v.items():
-            if isinstance(val, dict):  # [override.knobs.rpa_v3] d_block_sizes = ...
-                for k2, v2 in val.items():
-                    flat[f"{k}.{k2}"] = v2
-            else:
-                flat[k] = val
         out = {}
-        for k, val in flat.items():
+        for k, val in v.items():
+            if isinstance(val, dict):  # [override.knobs.rpa_v3], or an unquoted dotted key
+                inner = next(iter(val), "name")
+                hint = f'write "{k}.{inner}" = ... (quoted: an unquoted dotted key makes a table)'
+                raise data_error(f"{k} is a table; knob names are flat", hint, (k,))
             try:
                 out[k] = knob_registry.coerce(k, val)
-            except ValueError as e:
-                if str(e).startswith("unknown knob"):
-                    hint = "check the knob's spelling"
-                elif isinstance(val, bool):
-                    hint = "write a number, not true or false"
-                elif isinstance(val, str):
-                    hint = "write the number without quotes"
-                else:
-                    hint = "write the value in the form the message gives"
-                raise data_error(str(e), hint, tuple(k.split("."))) from None
+            except knob_registry.KnobError as e:
+                raise data_error(str(e), e.hint, tuple(k.split("."))) from None
         return out
 
 
@@ -176,6 +165,29 @@ def unknown_generations(model: OverridesFile, text: str, path: Path, catalog) ->
     ]
 
 
+def generation_problems(model: OverridesFile, text: str, path: Path, catalog) -> list[Problem]:
+    """Entries that break a rule of the generation they name (a VMEM limit above its core),
+    found the same way by ``validate`` and by the policy, before any workload is known."""
+    out = []
+    for i, o in enumerate(model.override):
+        if o.generation == "*":
+            continue
+        for gid in sorted(catalog.find(o.generation)):
+            spec = catalog[gid]
+            vmem = spec.chip.vmem_bytes_per_core
+            for k, v in o.knobs.items():
+                if k.endswith("vmem_limit_bytes") and v > vmem:
+                    line = locate(text, ("override", i, "knobs", *k.split(".")))
+                    mib = spec.chip.vmem_mib_per_core
+                    msg = f"{k} {v} is above the {gid} core VMEM of {vmem} bytes ({mib:g} MiB)"
+                    out.append(
+                        Problem(
+                            str(path), line, f"override[{i}].knobs.{k}", msg, f"use at most {vmem}"
+                        )
+                    )
+    return out
+
+
 def matches(o: Override, w: Workload) -> bool:
     for k, want in o.match.items():
         have = getattr(w, k)
@@ -192,13 +204,14 @@ def tpu_registry_tune(spec, workload: Workload, context: TuneContext) -> Layer |
     if path is None:
         return None
     model, text = load_overrides(path)
+    problems = unknown_generations(model, text, path, context.catalog)
+    problems += generation_problems(model, text, path, context.catalog)
+    if problems:
+        raise TuningError(problems)
     knobs: dict[str, Any] = {}
     for o in model.override:
         if o.generation != "*":
-            hits = context.catalog.find(o.generation)
-            if not hits:
-                raise TuningError(unknown_generations(model, text, path, context.catalog))
-            if spec.id not in hits:
+            if spec.id not in context.catalog.find(o.generation):
                 continue
         if not matches(o, workload):
             continue

@@ -155,8 +155,8 @@ def bucket(column: str, w: Workload, page: int) -> Any:
         return align(w.head_dim, 128)
     if column == "page_size":
         return next_pow2(page)
-    if column == "max_num_batched_tokens":
-        return next_pow2(w.max_num_batched_tokens)
+    if column == "max_num_batched_tokens":  # the call's padded token count, as torch_xla keys it
+        return next_pow2(w.tokens)
     if column == "max_model_len_paged":
         return page * cdiv(w.max_model_len, page)
     if column == "max_model_len_pow2":
@@ -299,7 +299,7 @@ def tpu_registry_tune(spec, workload: Workload, context: TuneContext) -> Layer |
         )
     if "rpa_v2.num_queries_per_block" in knobs:
         knobs["rpa_v2.num_queries_per_block"] = min(
-            workload.max_num_batched_tokens, knobs["rpa_v2.num_queries_per_block"]
+            workload.tokens, knobs["rpa_v2.num_queries_per_block"]
         )
     return Layer("tables", knobs, note="from " + ", ".join(used))
 

@@ -107,7 +107,9 @@ def metadata_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     fake = FakeMetadata(server.server_address[1])
     server.fake = fake  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield fake
@@ -152,7 +154,12 @@ def ctx(server, **env: str) -> DetectContext:
 
 def core_env(server, **env: str) -> dict[str, str]:
     """An environment for detect(): the plugin on, no real sysfs."""
-    return {"TPU_REGISTRY_GCE": "1", "TPU_REGISTRY_GCE_URL": server.url, "TPU_REGISTRY_SYSFS_ROOT": "/nonexistent-sysfs-root", **env}
+    return {
+        "TPU_REGISTRY_GCE": "1",
+        "TPU_REGISTRY_GCE_URL": server.url,
+        "TPU_REGISTRY_SYSFS_ROOT": "/nonexistent-sysfs-root",
+        **env,
+    }
 
 
 # --- evidence ------------------------------------------------------------------------------
@@ -162,17 +169,42 @@ def test_evidence_from_accelerator_type_and_tpu_env(metadata_server):
     metadata_server.serve("accelerator-type", "v5p-8\n")
     metadata_server.serve("tpu-env", TPU_ENV)
     assert gce.tpu_registry_detect(ctx(metadata_server)) == [
-        Evidence("accelerator_type", "v5p-8", "gce metadata accelerator-type", count=8, count_unit="suffix", scope="slice"),
-        Evidence("topology", "2,2,1", "gce metadata tpu-env CHIPS_PER_HOST_BOUNDS", count=4, scope="host"),
-        Evidence("topology", "2x2x1", "gce metadata tpu-env TOPOLOGY", count=4, scope="slice", topology="2x2x1"),
+        Evidence(
+            "accelerator_type",
+            "v5p-8",
+            "gce metadata accelerator-type",
+            count=8,
+            count_unit="suffix",
+            scope="slice",
+        ),
+        Evidence(
+            "topology", "2,2,1", "gce metadata tpu-env CHIPS_PER_HOST_BOUNDS", count=4, scope="host"
+        ),
+        Evidence(
+            "topology",
+            "2x2x1",
+            "gce metadata tpu-env TOPOLOGY",
+            count=4,
+            scope="slice",
+            topology="2x2x1",
+        ),
     ]
-    assert sorted(metadata_server.paths) == sorted([metadata_server.path("accelerator-type"), metadata_server.path("tpu-env")])
+    assert sorted(metadata_server.paths) == sorted(
+        [metadata_server.path("accelerator-type"), metadata_server.path("tpu-env")]
+    )
 
 
 def test_tpu_env_accelerator_type_used_when_key_absent(metadata_server):
     metadata_server.serve("tpu-env", "ACCELERATOR_TYPE: 'v6e-4'\n")  # accelerator-type: 404
     assert gce.tpu_registry_detect(ctx(metadata_server)) == [
-        Evidence("accelerator_type", "v6e-4", "gce metadata tpu-env ACCELERATOR_TYPE", count=4, count_unit="suffix", scope="slice"),
+        Evidence(
+            "accelerator_type",
+            "v6e-4",
+            "gce metadata tpu-env ACCELERATOR_TYPE",
+            count=4,
+            count_unit="suffix",
+            scope="slice",
+        ),
     ]
 
 
@@ -189,17 +221,24 @@ def test_both_keys_absent_is_no_evidence(metadata_server):
 
 
 def test_parse_tpu_env():
-    assert gce.parse_tpu_env("A: 'x'\nB: \"y\"\n\n# comment: no\nC: z\nD: '1.2.3.4:80'\nnot a pair\n") == {"A": "x", "B": "y", "C": "z", "D": "1.2.3.4:80"}
+    assert gce.parse_tpu_env(
+        "A: 'x'\nB: \"y\"\n\n# comment: no\nC: z\nD: '1.2.3.4:80'\nnot a pair\n"
+    ) == {"A": "x", "B": "y", "C": "z", "D": "1.2.3.4:80"}
 
 
-@pytest.mark.parametrize(("shape", "count"), [("2,2,1", 4), ("2x4", 8), ("4x4x4", 64), ("2,0,1", None), ("2,a", None), ("", None)])
+@pytest.mark.parametrize(
+    ("shape", "count"),
+    [("2,2,1", 4), ("2x4", 8), ("4x4x4", 64), ("2,0,1", None), ("2,a", None), ("", None)],
+)
 def test_shape_product(shape, count):
     assert gce._product(shape) == count
 
 
 def test_installed_as_entry_point():
     eps = [ep for ep in entry_points(group="tpu_registry") if ep.name == "gce"]
-    assert [ep.value for ep in eps] == ["tpu_registry_gce"], "pip install -e plugins/tpu-registry-gce"
+    assert [ep.value for ep in eps] == ["tpu_registry_gce"], (
+        "pip install -e plugins/tpu-registry-gce"
+    )
     assert eps[0].dist.metadata["Name"] == "tpu-registry-gce"
 
 
@@ -215,7 +254,9 @@ def test_sends_metadata_flavor_header(metadata_server):
     metadata_server.hits.clear()
     # ...and the plugin gets through because it sends it.
     assert gce.tpu_registry_detect(ctx(metadata_server))[0].value == "v5p-8"
-    assert metadata_server.hits and all(h.get("Metadata-Flavor") == "Google" for _, h in metadata_server.hits)
+    assert metadata_server.hits and all(
+        h.get("Metadata-Flavor") == "Google" for _, h in metadata_server.hits
+    )
 
 
 def test_forbidden_is_an_error(metadata_server):
@@ -233,7 +274,9 @@ def test_server_error_is_an_error(metadata_server):
 @pytest.mark.parametrize("value", ["", "0", "false", "no"])
 def test_opt_in_off_makes_no_request(metadata_server, value):
     metadata_server.serve("accelerator-type", "v5p-8")
-    env = {"TPU_REGISTRY_GCE_URL": metadata_server.url} | ({"TPU_REGISTRY_GCE": value} if value else {})
+    env = {"TPU_REGISTRY_GCE_URL": metadata_server.url} | (
+        {"TPU_REGISTRY_GCE": value} if value else {}
+    )
     assert gce.tpu_registry_detect(DetectContext(env=env)) is None
     d = detect(env={**env, "TPU_REGISTRY_SYSFS_ROOT": "/nonexistent-sysfs-root"})
     assert d.generation is None and not d.faults
@@ -251,7 +294,10 @@ def test_reads_context_env_not_os_environ(metadata_server, monkeypatch):
 def test_timeout_fails_fast(metadata_server):
     metadata_server.serve("accelerator-type", "v5p-8", delay=10)
     start = time.monotonic()
-    with pytest.raises(gce.MetadataError, match=r"accelerator-type: no complete answer within 0.3 s \(TPU_REGISTRY_GCE_TIMEOUT\)"):
+    with pytest.raises(
+        gce.MetadataError,
+        match=r"accelerator-type: no complete answer within 0.3 s \(TPU_REGISTRY_GCE_TIMEOUT\)",
+    ):
         gce.tpu_registry_detect(ctx(metadata_server, TPU_REGISTRY_GCE_TIMEOUT="0.3"))
     assert time.monotonic() - start < 2
 
@@ -287,11 +333,22 @@ def test_body_of_exactly_the_limit_is_read(metadata_server):
     assert ev.topology == "2x2x1"
 
 
-@pytest.mark.parametrize("location", ["/elsewhere/accelerator-type", "http://127.0.0.1:{port}/elsewhere/accelerator-type"])
+@pytest.mark.parametrize(
+    "location",
+    ["/elsewhere/accelerator-type", "http://127.0.0.1:{port}/elsewhere/accelerator-type"],
+)
 def test_redirect_not_followed(metadata_server, location):
     metadata_server.serve("/elsewhere/accelerator-type", "v5p-8")
-    metadata_server.serve("accelerator-type", "", status=302, headers={"Location": location.format(port=metadata_server.port)})
-    with pytest.raises(gce.MetadataError, match=r"accelerator-type: HTTP 302 redirect to .*elsewhere/accelerator-type' refused"):
+    metadata_server.serve(
+        "accelerator-type",
+        "",
+        status=302,
+        headers={"Location": location.format(port=metadata_server.port)},
+    )
+    with pytest.raises(
+        gce.MetadataError,
+        match=r"accelerator-type: HTTP 302 redirect to .*elsewhere/accelerator-type' refused",
+    ):
         gce.tpu_registry_detect(ctx(metadata_server))
     assert "/elsewhere/accelerator-type" not in metadata_server.paths
     assert metadata_server.paths == [metadata_server.path("accelerator-type")]
@@ -303,7 +360,10 @@ def test_connection_refused_is_an_error():
         port = s.getsockname()[1]
     env = {"TPU_REGISTRY_GCE": "1", "TPU_REGISTRY_GCE_URL": f"http://127.0.0.1:{port}/"}
     start = time.monotonic()
-    with pytest.raises(gce.MetadataError, match=rf"http://127.0.0.1:{port}/accelerator-type: ConnectionRefusedError"):
+    with pytest.raises(
+        gce.MetadataError,
+        match=rf"http://127.0.0.1:{port}/accelerator-type: ConnectionRefusedError",
+    ):
         gce.tpu_registry_detect(DetectContext(env=env))
     assert time.monotonic() - start < 2
 
@@ -336,7 +396,9 @@ def test_detect_end_to_end(metadata_server):
     assert (d.slice_chips, d.chips_per_host, d.topology) == (4, 4, "2x2x1")
     assert not d.faults and not d.conflicts
     accel = [f for f in d.findings if f.evidence.kind == "accelerator_type"]
-    assert [(f.evidence.detector, f.candidates, f.status) for f in accel] == [("gce", ("v5p",), "decides")]
+    assert [(f.evidence.detector, f.candidates, f.status) for f in accel] == [
+        ("gce", ("v5p",), "decides")
+    ]
     assert {f.evidence.detector for f in d.findings} == {"gce"}
 
 

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-OFFLINE = {"TPU_NAME": "local", "TPU_ACCELERATOR_TYPE": "v6e-1", "TPU_WORKER_ID": "0", "JAX_PLATFORMS": "cpu", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+OFFLINE = {
+    "TPU_NAME": "local",
+    "TPU_ACCELERATOR_TYPE": "v6e-1",
+    "TPU_WORKER_ID": "0",
+    "JAX_PLATFORMS": "cpu",
+    "VLLM_NO_USAGE_STATS": "1",
+    "HF_HUB_OFFLINE": "1",
+}
 
 # A tiny Llama: 8 query heads, 2 KV heads, head_dim 128 (the v3 kernel's path; 64 goes to hd64).
 TINY_CONFIG = {
@@ -39,7 +46,8 @@ TINY_CONFIG = {
 def pytest_configure(config) -> None:
     missing = {k: v for k, v in OFFLINE.items() if os.environ.get(k) != v}
     if missing:
-        raise pytest.UsageError(f"run through integration/run_tests.sh current (missing: {', '.join(f'{k}={v}' for k, v in missing.items())})")
+        names = ", ".join(f"{k}={v}" for k, v in missing.items())
+        raise pytest.UsageError(f"run through integration/run_tests.sh current (missing: {names})")
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +70,13 @@ def child_env(changes: dict[str, str | None]) -> dict[str, str]:
 
 def run_python(code: str, *, env: dict[str, str | None] | None = None, timeout: int = 600) -> dict:
     """Run ``code`` in a fresh interpreter of this environment; it prints one JSON line last."""
-    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=child_env(env or {}), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=child_env(env or {}),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if p.returncode != 0:
         raise AssertionError(f"subprocess failed ({p.returncode}):\n{p.stderr[-6000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -76,7 +90,13 @@ class Background:
         self.results: dict[str, dict] = {}
 
     def start(self, name: str, code: str, env: dict[str, str | None]) -> None:
-        self.procs[name] = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            env=child_env(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def result(self, name: str, timeout: int = 600) -> dict:
         if name in self.results:
@@ -98,4 +118,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if summary:
         terminalreporter.section("registry baseline vs tpu-inference 0.32 (matching / workloads)")
         for gen, c in summary.items():
-            terminalreporter.write_line(f"{gen:6} {c['workloads']} workloads: block sizes {c['block_sizes']}, VMEM {c['vmem']}, page size {c['page_size']}, min page size {c['min_page_size']}, max_num_seqs {c['max_num_seqs']}; differences {c['differences']}; upstream tuples its kernel would refuse as arguments: {c['kernel_rejects_as_argument']}")
+            terminalreporter.write_line(
+                f"{gen:6} {c['workloads']} workloads: block sizes {c['block_sizes']}, VMEM "
+                f"{c['vmem']}, page size {c['page_size']}, min page size {c['min_page_size']}, "
+                f"max_num_seqs {c['max_num_seqs']}; differences {c['differences']}; upstream "
+                f"tuples its kernel would refuse as arguments: {c['kernel_rejects_as_argument']}"
+            )

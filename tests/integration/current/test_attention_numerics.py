@@ -20,7 +20,7 @@ from tpu_inference.layers.common.attention_backend import RPAAttentionBackend
 from tpu_inference.layers.common.attention_interface import attention
 from tpu_inference.layers.common.attention_metadata import AttentionMetadata
 from tpu_registry_vllm import kernel_binding
-from tpu_registry_vllm import tpu_inference_backend as backend
+from tpu_registry_vllm import tpu_inference_backend as tib
 
 from tpu_registry import Workload, resolve
 
@@ -40,7 +40,7 @@ class RecordingRef:
 
     def __call__(self, q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, **kw):
         self.calls.append(dict(kw))
-        for name in backend.KERNEL_TUNING:
+        for name in tib.KERNEL_TUNING:
             kw.pop(name, None)
         assert kw.pop("update_kv_cache") is True
         rows = q.shape[0]
@@ -52,8 +52,13 @@ class RecordingRef:
             return np.concatenate([out, pad]), np.asarray(cache)
 
         out_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
-        shapes = (jax.ShapeDtypeStruct(q.shape, out_dtype), jax.ShapeDtypeStruct(kv_cache.shape, kv_cache.dtype))
-        return jax.pure_callback(host, shapes, q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution)
+        shapes = (
+            jax.ShapeDtypeStruct(q.shape, out_dtype),
+            jax.ShapeDtypeStruct(kv_cache.shape, kv_cache.dtype),
+        )
+        return jax.pure_callback(
+            host, shapes, q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution
+        )
 
 
 # ---------------------------------------------------------------- independent NumPy reference
@@ -82,7 +87,9 @@ def numpy_attention(q, k_new, v_new, cache, tables, seqs, page, sm_scale, window
     q0 = 0
     for s, (q_len, kv_len) in enumerate(seqs):
         hist = kv_len - q_len
-        k_old, v_old = read_kv(cache, tables[s][: -(-kv_len // page)], hist, k_new.shape[1], q.shape[2])
+        k_old, v_old = read_kv(
+            cache, tables[s][: -(-kv_len // page)], hist, k_new.shape[1], q.shape[2]
+        )
         keys = np.concatenate([k_old, k_new[q0 : q0 + q_len]])
         vals = np.concatenate([v_old, v_new[q0 : q0 + q_len]])
         q_pos = hist + np.arange(q_len)[:, None]
@@ -105,7 +112,7 @@ def numpy_attention(q, k_new, v_new, cache, tables, seqs, page, sm_scale, window
 
 
 def build_batch(cfg, dtype, rng):
-    backend = backend.RegistryAttentionBackend(cfg)
+    backend = tib.RegistryAttentionBackend(cfg)
     page = cfg.value("page_size")
     pps = -(-MAX_MODEL_LEN // page)
     total_pages = MAX_SEQS * pps + 3
@@ -122,9 +129,13 @@ def build_batch(cfg, dtype, rng):
     v[:n_tok] = rng.normal(size=(n_tok, HKV, D))
     for s, (q_len, kv_len) in enumerate(SEQS):
         hist = kv_len - q_len
-        write_kv(cache, tables[s], 0, rng.normal(size=(hist, HKV, D)), rng.normal(size=(hist, HKV, D)))
+        write_kv(
+            cache, tables[s], 0, rng.normal(size=(hist, HKV, D)), rng.normal(size=(hist, HKV, D))
+        )
     # Round everything to the dtype under test so both sides see the same inputs.
-    q, k, v, cache = (np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)) for x in (q, k, v, cache))
+    q, k, v, cache = (
+        np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)) for x in (q, k, v, cache)
+    )
     # Metadata as tpu-inference's runner lays it out: padded to max_num_seqs, decodes first,
     # distribution (decode, decode, all), query_start_loc padded with its last value.
     cu = np.zeros(MAX_SEQS + 1, np.int32)
@@ -145,14 +156,29 @@ def build_batch(cfg, dtype, rng):
     return backend, md, tables, q, k, v, cache
 
 
-@pytest.mark.parametrize("dtype,window,soft_cap,tol", [
-    (jnp.float32, None, None, 2e-5),
-    (jnp.float32, 48, 2.0, 2e-5),
-    (jnp.bfloat16, 48, 2.0, 4e-2),
-])
+@pytest.mark.parametrize(
+    "dtype,window,soft_cap,tol",
+    [
+        (jnp.float32, None, None, 2e-5),
+        (jnp.float32, 48, 2.0, 2e-5),
+        (jnp.bfloat16, 48, 2.0, 4e-2),
+    ],
+)
 def test_attention_matches_numpy(dtype, window, soft_cap, tol):
     name = jnp.dtype(dtype).name
-    cfg = resolve(Workload(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, q_dtype=name, kv_dtype=name, max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_SEQS, max_num_batched_tokens=MAX_TOKENS, sliding_window=window))
+    cfg = resolve(
+        Workload(
+            num_q_heads=HQ,
+            num_kv_heads=HKV,
+            head_dim=D,
+            q_dtype=name,
+            kv_dtype=name,
+            max_model_len=MAX_MODEL_LEN,
+            max_num_seqs=MAX_SEQS,
+            max_num_batched_tokens=MAX_TOKENS,
+            sliding_window=window,
+        )
+    )
     assert cfg.generation == "v6e"  # TPU_ACCELERATOR_TYPE=v6e-1 from run_tests.sh
     rng = np.random.default_rng(7)
     backend, md, tables, q, k, v, cache = build_batch(cfg, dtype, rng)
@@ -160,16 +186,59 @@ def test_attention_matches_numpy(dtype, window, soft_cap, tol):
     rec = RecordingRef()
     sm_scale = D**-0.5
     with kernel_binding.bind("rpa_v3", rec):
-        new_cache, out = attention(jnp.asarray(cache, dtype), jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), md, mesh, sm_scale=sm_scale, attention_chunk_size=window, attn_logits_soft_cap=soft_cap, attention_backend=backend)
+        new_cache, out = attention(
+            jnp.asarray(cache, dtype),
+            jnp.asarray(q, dtype),
+            jnp.asarray(k, dtype),
+            jnp.asarray(v, dtype),
+            md,
+            mesh,
+            sm_scale=sm_scale,
+            attention_chunk_size=window,
+            attn_logits_soft_cap=soft_cap,
+            attention_backend=backend,
+        )
 
     # Exactly the registry's kernel knobs reach the kernel, once, with the layer's settings.
     assert len(rec.calls) == 1
     kw = rec.calls[0]
-    assert {n: kw[n] for n in backend.KERNEL_TUNING} == cfg.kernel_kwargs("rpa_v3")
-    assert {n: kw[n] for n in ("sm_scale", "sliding_window", "soft_cap", "use_causal_mask", "update_kv_cache", "q_scale", "k_scale", "v_scale")} == {"sm_scale": sm_scale, "sliding_window": window, "soft_cap": soft_cap, "use_causal_mask": True, "update_kv_cache": True, "q_scale": None, "k_scale": None, "v_scale": None}
+    assert {n: kw[n] for n in tib.KERNEL_TUNING} == cfg.kernel_kwargs("rpa_v3")
+    assert {
+        n: kw[n]
+        for n in (
+            "sm_scale",
+            "sliding_window",
+            "soft_cap",
+            "use_causal_mask",
+            "update_kv_cache",
+            "q_scale",
+            "k_scale",
+            "v_scale",
+        )
+    } == {
+        "sm_scale": sm_scale,
+        "sliding_window": window,
+        "soft_cap": soft_cap,
+        "use_causal_mask": True,
+        "update_kv_cache": True,
+        "q_scale": None,
+        "k_scale": None,
+        "v_scale": None,
+    }
 
     n_tok = sum(ql for ql, _ in SEQS)
-    want = numpy_attention(q[:n_tok], k[:n_tok], v[:n_tok], cache, tables, SEQS, cfg.value("page_size"), sm_scale, window, soft_cap)
+    want = numpy_attention(
+        q[:n_tok],
+        k[:n_tok],
+        v[:n_tok],
+        cache,
+        tables,
+        SEQS,
+        cfg.value("page_size"),
+        sm_scale,
+        window,
+        soft_cap,
+    )
     got = np.asarray(out, np.float32)
     assert got.shape == (T, HQ, D)
     np.testing.assert_allclose(got[:n_tok], want, rtol=tol, atol=tol)
@@ -179,7 +248,9 @@ def test_attention_matches_numpy(dtype, window, soft_cap, tol):
     new = np.asarray(jnp.asarray(new_cache).astype(jnp.float32))
     q0 = 0
     for s, (q_len, kv_len) in enumerate(SEQS):
-        k_all, v_all = read_kv(new, tables[s][: -(-kv_len // cfg.value("page_size"))], kv_len, HKV, D)
+        k_all, v_all = read_kv(
+            new, tables[s][: -(-kv_len // cfg.value("page_size"))], kv_len, HKV, D
+        )
         np.testing.assert_array_equal(k_all[kv_len - q_len :], k[q0 : q0 + q_len])
         np.testing.assert_array_equal(v_all[kv_len - q_len :], v[q0 : q0 + q_len])
         q0 += q_len
@@ -189,18 +260,42 @@ def test_window_and_cap_change_the_answer():
     """The reference is sensitive to what it checks: without the window and the cap the same
     batch gives a different answer."""
     rng = np.random.default_rng(7)
-    cfg = resolve(Workload(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, q_dtype="float32", kv_dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_SEQS, max_num_batched_tokens=MAX_TOKENS))
+    cfg = resolve(
+        Workload(
+            num_q_heads=HQ,
+            num_kv_heads=HKV,
+            head_dim=D,
+            q_dtype="float32",
+            kv_dtype="float32",
+            max_model_len=MAX_MODEL_LEN,
+            max_num_seqs=MAX_SEQS,
+            max_num_batched_tokens=MAX_TOKENS,
+        )
+    )
     _, _, tables, q, k, v, cache = build_batch(cfg, jnp.float32, rng)
     n = sum(ql for ql, _ in SEQS)
-    a = numpy_attention(q[:n], k[:n], v[:n], cache, tables, SEQS, cfg.value("page_size"), D**-0.5, None, None)
-    b = numpy_attention(q[:n], k[:n], v[:n], cache, tables, SEQS, cfg.value("page_size"), D**-0.5, 48, 2.0)
+    a = numpy_attention(
+        q[:n], k[:n], v[:n], cache, tables, SEQS, cfg.value("page_size"), D**-0.5, None, None
+    )
+    b = numpy_attention(
+        q[:n], k[:n], v[:n], cache, tables, SEQS, cfg.value("page_size"), D**-0.5, 48, 2.0
+    )
     assert np.abs(a - b).max() > 0.1
 
 
-@pytest.mark.parametrize("pages,page,heads,dim,dtype", [(8, 16, 2, 128, jnp.bfloat16), (5, 32, 3, 96, jnp.float32), (4, 64, 8, 256, jnp.float8_e4m3fn), (3, 128, 1, 80, jnp.bfloat16), (2, 16, 4, 64, jnp.bfloat16)])
+@pytest.mark.parametrize(
+    "pages,page,heads,dim,dtype",
+    [
+        (8, 16, 2, 128, jnp.bfloat16),
+        (5, 32, 3, 96, jnp.float32),
+        (4, 64, 8, 256, jnp.float8_e4m3fn),
+        (3, 128, 1, 80, jnp.bfloat16),
+        (2, 16, 4, 64, jnp.bfloat16),
+    ],
+)
 def test_kv_cache_shape_is_upstreams(pages, page, heads, dim, dtype):
     """The registry's plan gives the layout tpu-inference's kernels expect."""
-    ours = backend.RegistryAttentionBackend().get_kv_cache_shape(pages, page, heads, dim, dtype)
+    ours = tib.RegistryAttentionBackend().get_kv_cache_shape(pages, page, heads, dim, dtype)
     assert ours == RPAAttentionBackend().get_kv_cache_shape(pages, page, heads, dim, dtype)
 
 
@@ -208,15 +303,33 @@ def test_kernel_rejected_tuples_are_not_passed():
     """With few batched tokens the baseline's prefill/mixed tuple (as tpu-inference's own
     default would be) has bq_sz % bq_csz != 0. The kernel accepts it from its own heuristic but
     rejects it as an argument (static_validate_inputs), so the adapter leaves it out."""
-    cfg = resolve(Workload(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_SEQS, max_num_batched_tokens=64))
+    cfg = resolve(
+        Workload(
+            num_q_heads=HQ,
+            num_kv_heads=HKV,
+            head_dim=D,
+            max_model_len=MAX_MODEL_LEN,
+            max_num_seqs=MAX_SEQS,
+            max_num_batched_tokens=64,
+        )
+    )
     m = cfg.value("rpa_v3.m_block_sizes")
     assert m[0] % m[2] != 0, m
-    kw = backend.kernel_kwargs(cfg)
+    kw = tib.kernel_kwargs(cfg)
     assert "m_block_sizes" not in kw and "p_block_sizes" not in kw
     assert kw["d_block_sizes"] == cfg.value("rpa_v3.d_block_sizes")
     page = cfg.value("page_size")
     cache = jnp.zeros(v3.get_kv_cache_shape(8, page, HKV, D, jnp.bfloat16), jnp.bfloat16)
-    args = (jnp.zeros((64, HQ, D), jnp.bfloat16), jnp.zeros((64, HKV, D), jnp.bfloat16), jnp.zeros((64, HKV, D), jnp.bfloat16), cache, jnp.zeros(MAX_SEQS, jnp.int32), jnp.zeros(MAX_SEQS * 16, jnp.int32), jnp.zeros(MAX_SEQS + 1, jnp.int32), jnp.zeros(3, jnp.int32))
+    args = (
+        jnp.zeros((64, HQ, D), jnp.bfloat16),
+        jnp.zeros((64, HKV, D), jnp.bfloat16),
+        jnp.zeros((64, HKV, D), jnp.bfloat16),
+        cache,
+        jnp.zeros(MAX_SEQS, jnp.int32),
+        jnp.zeros(MAX_SEQS * 16, jnp.int32),
+        jnp.zeros(MAX_SEQS + 1, jnp.int32),
+        jnp.zeros(3, jnp.int32),
+    )
     with pytest.raises(ValueError, match="bq_csz"):
         v3.static_validate_inputs(*args, m_block_sizes=m)
     v3.static_validate_inputs(*args, **kw)  # what the adapter passes is accepted
@@ -224,8 +337,9 @@ def test_kernel_rejected_tuples_are_not_passed():
 
 def test_calls_without_registry_knobs_go_to_tpu_inference():
     """Head dim 64 and sinks need the hd64 kernel (old-style block sizes): those calls are
-    handed to tpu-inference's own RPA path; head dim 128 without sinks runs through the kernel_binding."""
+    handed to tpu-inference's own RPA path; head dim 128 without sinks runs through the
+    kernel_binding."""
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
-    assert backend._delegate(jnp.zeros((4, 8, 64)), None, mesh)
-    assert backend._delegate(jnp.zeros((4, 8, 128)), jnp.zeros(8), mesh)
-    assert backend._delegate(jnp.zeros((4, 8, 128)), None, mesh) is None
+    assert tib._delegate(jnp.zeros((4, 8, 64)), None, mesh)
+    assert tib._delegate(jnp.zeros((4, 8, 128)), jnp.zeros(8), mesh)
+    assert tib._delegate(jnp.zeros((4, 8, 128)), None, mesh) is None

@@ -47,7 +47,14 @@ def clean(monkeypatch):
 
 
 def engine(model, **kw):
-    return EngineArgs(model=str(model), skip_tokenizer_init=True, load_format="dummy", max_model_len=2048, max_num_seqs=16, **kw).create_engine_config()
+    return EngineArgs(
+        model=str(model),
+        skip_tokenizer_init=True,
+        load_format="dummy",
+        max_model_len=2048,
+        max_num_seqs=16,
+        **kw,
+    ).create_engine_config()
 
 
 def test_platform_is_ours():
@@ -66,7 +73,9 @@ def test_page_size_from_registry(tiny_model, clean, tmp_path, monkeypatch):
     assert cfg.layer("page_size") == "baseline"
     # An override shows the page size really comes from the registry (upstream would say 128).
     f = tmp_path / "overrides.toml"
-    f.write_text('schema_version = 1\n[[override]]\ngeneration = "v6e"\n[override.knobs]\npage_size = 64\n')
+    f.write_text(
+        'schema_version = 1\n[[override]]\ngeneration = "v6e"\n[override.knobs]\npage_size = 64\n'
+    )
     monkeypatch.setenv("TPU_REGISTRY_OVERRIDES", str(f))
     vc = engine(tiny_model)
     assert vc.cache_config.block_size == 64
@@ -74,7 +83,9 @@ def test_page_size_from_registry(tiny_model, clean, tmp_path, monkeypatch):
     assert cfg.layer("page_size") == "overrides"
     assert "page_size=64 [overrides]" in clean.lines[-1]
     # Block sizes were recomputed for that page size and exported.
-    assert os.environ["RPA_V3_DECODE_BLOCK_SIZES"] == ",".join(map(str, cfg.value("rpa_v3.d_block_sizes")))
+    assert os.environ["RPA_V3_DECODE_BLOCK_SIZES"] == ",".join(
+        map(str, cfg.value("rpa_v3.d_block_sizes"))
+    )
 
 
 def test_user_block_size_is_kept(tiny_model, clean):
@@ -84,17 +95,28 @@ def test_user_block_size_is_kept(tiny_model, clean):
     assert cfg.value("page_size") == 32 and cfg.layer("page_size") == "workload"
     assert "page_size=32 [workload]" in clean.lines[-1]
     # Kernel blocks for the page size actually used: multiples of 32.
-    assert all(b % 32 == 0 for name in ("d", "p", "m") for b in cfg.value(f"rpa_v3.{name}_block_sizes")[1::2])
+    assert all(
+        b % 32 == 0
+        for name in ("d", "p", "m")
+        for b in cfg.value(f"rpa_v3.{name}_block_sizes")[1::2]
+    )
 
 
 def test_exports_equal_registry_and_reach_tpu_inference(tiny_model, clean):
     vc = engine(tiny_model, attention_backend="TPU_REGISTRY")
     cfg = resolve(workload_from_vllm(vc))
-    want = {"d_block_sizes": cfg.value("rpa_v3.d_block_sizes"), "p_block_sizes": cfg.value("rpa_v3.p_block_sizes"), "m_block_sizes": cfg.value("rpa_v3.m_block_sizes")}
+    want = {
+        "d_block_sizes": cfg.value("rpa_v3.d_block_sizes"),
+        "p_block_sizes": cfg.value("rpa_v3.p_block_sizes"),
+        "m_block_sizes": cfg.value("rpa_v3.m_block_sizes"),
+    }
     for var, knob in backend.BLOCK_SIZE_ENV.items():
         assert os.environ[var] == ",".join(map(str, cfg.value(knob)))
     assert rpa_block_size_kwargs() == want  # what tpu-inference's own call sites forward
-    assert "RPA_V3_{DECODE,PREFILL,MIXED}_BLOCK_SIZES exported for JAX-native models" in clean.lines[-1]
+    assert (
+        "RPA_V3_{DECODE,PREFILL,MIXED}_BLOCK_SIZES exported for JAX-native models"
+        in clean.lines[-1]
+    )
     assert len(clean.lines) == 1
 
 
@@ -120,17 +142,44 @@ def test_forked_child_may_update_its_parents_export():
     cfg2 = resolve({"num_q_heads": 8, "num_kv_heads": 2, "head_dim": 128, "max_model_len": 512})
     env["RPA_V3_MIXED_BLOCK_SIZES"] = "64,256,32,128"  # the user changed this one
     notes = backend.export_block_sizes(cfg2, env)
-    assert env["RPA_V3_DECODE_BLOCK_SIZES"] == ",".join(map(str, cfg2.value("rpa_v3.d_block_sizes"))) != first["RPA_V3_DECODE_BLOCK_SIZES"]
+    assert (
+        env["RPA_V3_DECODE_BLOCK_SIZES"]
+        == ",".join(map(str, cfg2.value("rpa_v3.d_block_sizes")))
+        != first["RPA_V3_DECODE_BLOCK_SIZES"]
+    )
     assert env["RPA_V3_MIXED_BLOCK_SIZES"] == "64,256,32,128"
-    assert [n for n in notes if "kept" in n] == ["RPA_V3_MIXED_BLOCK_SIZES=64,256,32,128 kept (set by the user)"]
+    assert [n for n in notes if "kept" in n] == [
+        "RPA_V3_MIXED_BLOCK_SIZES=64,256,32,128 kept (set by the user)"
+    ]
 
 
 def test_cli_format_vllm_matches_what_the_platform_applies(tiny_model, clean):
     vc = engine(tiny_model)
-    applied = [f"--block-size {vc.cache_config.block_size}"] + [f"export {var}={os.environ[var]}" for var in backend.BLOCK_SIZE_ENV]
+    applied = [f"--block-size {vc.cache_config.block_size}"] + [
+        f"export {var}={os.environ[var]}" for var in backend.BLOCK_SIZE_ENV
+    ]
     cli = Path(sys.executable).parent / "tpu-registry"
     sc = vc.scheduler_config
-    p = subprocess.run([str(cli), "resolve", "--hf-config", str(tiny_model / "config.json"), "--max-model-len", str(vc.model_config.max_model_len), "--max-num-seqs", str(sc.max_num_seqs), "--max-num-batched-tokens", str(sc.max_num_batched_tokens), "--format", "vllm"], capture_output=True, text=True, check=True)
+    p = subprocess.run(
+        [
+            str(cli),
+            "resolve",
+            "--hf-config",
+            str(tiny_model / "config.json"),
+            "--max-model-len",
+            str(vc.model_config.max_model_len),
+            "--max-num-seqs",
+            str(sc.max_num_seqs),
+            "--max-num-batched-tokens",
+            str(sc.max_num_batched_tokens),
+            "--format",
+            "vllm",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     printed = [line for line in p.stdout.splitlines() if not line.startswith("#")]
     assert printed == applied, p.stdout
-    assert f"RPA v3 VMEM limit: {resolve(workload_from_vllm(vc)).value('rpa_v3.vmem_limit_bytes')} bytes" in p.stdout
+    vmem = resolve(workload_from_vllm(vc)).value("rpa_v3.vmem_limit_bytes")
+    assert f"RPA v3 VMEM limit: {vmem} bytes" in p.stdout

@@ -37,8 +37,9 @@ vllm_cls = member.get_class()
 import tpu_registry_vllm
 again = tpu_registry_vllm.register()
 assert AttentionBackendEnum.FLASH_ATTN.get_path() == flash_before
-rpa = create_attention_backend(attention_backend_name(EngineArgs(model=MODEL, skip_tokenizer_init=True,
-    load_format="dummy", max_model_len=2048, max_num_seqs=16).create_engine_config()))
+rpa_vc = EngineArgs(model=MODEL, skip_tokenizer_init=True, load_format="dummy", max_model_len=2048,
+                    max_num_seqs=16).create_engine_config()
+rpa = create_attention_backend(attention_backend_name(rpa_vc))
 os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
 try:
     check_attention_backend_config(vc)
@@ -105,7 +106,11 @@ def test_plugin_loading_selects_the_registry_backend(runs):
 
 def test_flash_attn_stays_upstreams(runs):
     r = runs.result("engine")
-    assert r["flash_before"] == r["flash_after"] == "tpu_inference.layers.vllm.backends.flash_attn.PallasAttentionBackend"
+    assert (
+        r["flash_before"]
+        == r["flash_after"]
+        == "tpu_inference.layers.vllm.backends.flash_attn.PallasAttentionBackend"
+    )
 
 
 def test_one_log_line_per_process(runs):
@@ -114,10 +119,19 @@ def test_one_log_line_per_process(runs):
     # resolve the same: one line.
     lines = [x for x in r["_stdout"].splitlines() if "tpu-registry: " in x]
     assert len(lines) == 1, lines
-    line = lines[0][lines[0].index("tpu-registry: "):]
+    line = lines[0][lines[0].index("tpu-registry: ") :]
     print("\nlog line:", lines[0])
-    assert line.startswith("tpu-registry: v6e (detected: accelerator_type 'v6e-1' from env TPU_ACCELERATOR_TYPE)")
-    for part in ("page_size=", "d_block_sizes=", "p_block_sizes=", "m_block_sizes=", "vmem_limit_bytes=134217728 [baseline]", "exported for JAX-native models"):
+    assert line.startswith(
+        "tpu-registry: v6e (detected: accelerator_type 'v6e-1' from env TPU_ACCELERATOR_TYPE)"
+    )
+    for part in (
+        "page_size=",
+        "d_block_sizes=",
+        "p_block_sizes=",
+        "m_block_sizes=",
+        "vmem_limit_bytes=134217728 [baseline]",
+        "exported for JAX-native models",
+    ):
         assert part in line
     assert f"page_size={r['block_size']} [baseline]" in line
 

@@ -22,7 +22,9 @@ def test_imports_and_parses():
 
 
 def test_help():
-    p = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 0, p.stderr
     assert "--attention-backend TPU_REGISTRY" in p.stdout and "--model" in p.stdout
 

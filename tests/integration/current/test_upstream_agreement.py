@@ -33,8 +33,18 @@ from tpu_registry.units import cdiv
 N = 1500  # workloads per generation
 # Generation -> the number tpu-inference's get_tpu_version() returns for it.
 GENERATIONS = {"v5e": 5, "v5p": 5, "v6e": 6, "tpu7x": 7, "tpu8i": 8, "tpu8t": 8}
-JNP = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float8_e4m3fn": jnp.float8_e4m3fn, "float8_e5m2": jnp.float8_e5m2}
-DTYPES = [("bfloat16", "bfloat16"), ("float32", "float32"), ("bfloat16", "float8_e4m3fn"), ("bfloat16", "float8_e5m2")]
+JNP = {
+    "bfloat16": jnp.bfloat16,
+    "float32": jnp.float32,
+    "float8_e4m3fn": jnp.float8_e4m3fn,
+    "float8_e5m2": jnp.float8_e5m2,
+}
+DTYPES = [
+    ("bfloat16", "bfloat16"),
+    ("float32", "float32"),
+    ("bfloat16", "float8_e4m3fn"),
+    ("bfloat16", "float8_e5m2"),
+]
 KNOWN_DIFFERENCES: dict[str, str] = {}  # "<generation>:<what>" -> reason
 SUMMARY: dict[str, dict[str, int]] = {}
 
@@ -49,27 +59,50 @@ def random_workloads(seed: int, n: int):
         if (kv * group) % tp:
             continue
         q_dtype, kv_dtype = rng.choice(DTYPES)
-        max_model_len = rng.choice([rng.randint(16, 512), rng.randint(512, 8192), rng.randint(8193, 131072), 2 ** rng.randint(7, 17)])
+        max_model_len = rng.choice(
+            [
+                rng.randint(16, 512),
+                rng.randint(512, 8192),
+                rng.randint(8193, 131072),
+                2 ** rng.randint(7, 17),
+            ]
+        )
         max_num_seqs = rng.choice([1, 8, 16, 64, 128, 256, 512, rng.randint(1, 1024)])
         if 1024 * 1024 // 2 // max_num_seqs // 4 == 0:
             continue
-        out.append(Workload(
-            num_q_heads=kv * group, num_kv_heads=kv, head_dim=rng.choice([64, 80, 96, 112, 128, 192, 256]),
-            q_dtype=q_dtype, kv_dtype=kv_dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=rng.choice([16, 64, 256, 512, 1024, 2048, 4096, 8192, rng.randint(16, 16384)]),
-            tensor_parallel=tp,
-        ))
+        out.append(
+            Workload(
+                num_q_heads=kv * group,
+                num_kv_heads=kv,
+                head_dim=rng.choice([64, 80, 96, 112, 128, 192, 256]),
+                q_dtype=q_dtype,
+                kv_dtype=kv_dtype,
+                max_model_len=max_model_len,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=rng.choice(
+                    [16, 64, 256, 512, 1024, 2048, 4096, 8192, rng.randint(16, 16384)]
+                ),
+                tensor_parallel=tp,
+            )
+        )
     return out
 
 
 def upstream_vmem(device_kind: str, num_cores: int) -> int:
-    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform="tpu")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+    device = jax.sharding.AbstractDevice(
+        device_kind=device_kind, num_cores=num_cores, platform="tpu"
+    )
+    with jax.sharding.use_abstract_mesh(
+        jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    ):
         return pltpu.get_tpu_info().vmem_capacity_bytes
 
 
 def vllm_config(w: Workload):
-    return SimpleNamespace(model_config=SimpleNamespace(max_model_len=w.max_model_len), scheduler_config=SimpleNamespace(max_num_seqs=w.max_num_seqs))
+    return SimpleNamespace(
+        model_config=SimpleNamespace(max_model_len=w.max_model_len),
+        scheduler_config=SimpleNamespace(max_num_seqs=w.max_num_seqs),
+    )
 
 
 @pytest.mark.parametrize("gen", list(GENERATIONS))
@@ -81,23 +114,48 @@ def test_baseline_equals_tpu_inference(gen, monkeypatch):
     monkeypatch.setattr(v3, "get_tpu_version", lambda: version)
     kind = spec.identify.device_kinds[0]
     vmem = upstream_vmem(kind, spec.chip.tensorcores_per_chip // spec.chip.jax_devices_per_chip)
-    counts = {"workloads": 0, "block_sizes": 0, "vmem": 0, "page_size": 0, "min_page_size": 0, "max_num_seqs": 0, "differences": 0, "kernel_rejects_as_argument": 0}
+    counts = {
+        "workloads": 0,
+        "block_sizes": 0,
+        "vmem": 0,
+        "page_size": 0,
+        "min_page_size": 0,
+        "max_num_seqs": 0,
+        "differences": 0,
+        "kernel_rejects_as_argument": 0,
+    }
     diffs = []
     for w in random_workloads(seed=version * 100 + len(gen), n=N):
         knobs = tpu_registry_tune(spec, w, None).knobs
         counts["workloads"] += 1
         vc = vllm_config(w)
-        page = max(PallasAttentionBackend.get_page_size(vc), PallasAttentionBackend.get_min_page_size(vc))
+        page = max(
+            PallasAttentionBackend.get_page_size(vc), PallasAttentionBackend.get_min_page_size(vc)
+        )
         checks = {
             "page_size": (knobs["page_size"], page),
             "min_page_size": (knobs["min_page_size"], PallasAttentionBackend.get_min_page_size(vc)),
-            "max_num_seqs": (knobs["max_num_seqs_smem"], PallasAttentionBackend.get_max_num_seqs(w.max_model_len, page)),
+            "max_num_seqs": (
+                knobs["max_num_seqs_smem"],
+                PallasAttentionBackend.get_max_num_seqs(w.max_model_len, page),
+            ),
             "vmem": (knobs["rpa_v3.vmem_limit_bytes"], vmem),
         }
         ours_page = knobs["page_size"]
         upstream_blocks = []
         for case in (v3.RpaCase.DECODE, v3.RpaCase.PREFILL, v3.RpaCase.MIXED):
-            d = v3.get_default_block_sizes(JNP[w.q_dtype], JNP[w.kv_dtype], w.q_heads_per_device, w.kv_heads_per_device, w.head_dim, ours_page, w.max_num_batched_tokens, w.max_num_seqs, cdiv(w.max_model_len, ours_page), case=case)
+            d = v3.get_default_block_sizes(
+                JNP[w.q_dtype],
+                JNP[w.kv_dtype],
+                w.q_heads_per_device,
+                w.kv_heads_per_device,
+                w.head_dim,
+                ours_page,
+                w.max_num_batched_tokens,
+                w.max_num_seqs,
+                cdiv(w.max_model_len, ours_page),
+                case=case,
+            )
             upstream_blocks.append((d["bq_sz"], d["bkv_sz"], d["bq_csz"], d["bkv_csz"]))
         ours_blocks = [knobs[f"rpa_v3.{k}_block_sizes"] for k in "dpm"]
         checks["block_sizes"] = (ours_blocks, upstream_blocks)
@@ -125,4 +183,6 @@ def test_unsupported_generations_are_unsupported_upstream_too(monkeypatch):
         assert "rpa_v3" not in catalog[gen].kernels.families
     monkeypatch.setattr(v3, "get_tpu_version", lambda: 4)
     with pytest.raises(NotImplementedError):
-        v3.get_default_block_sizes(jnp.bfloat16, jnp.bfloat16, 8, 2, 128, 16, 512, 16, 128, case=v3.RpaCase.MIXED)
+        v3.get_default_block_sizes(
+            jnp.bfloat16, jnp.bfloat16, 8, 2, 128, 16, 512, 16, 128, case=v3.RpaCase.MIXED
+        )

@@ -13,7 +13,9 @@ try:
     import torch_xla  # noqa: F401
     import vllm.v1.attention.backends.pallas  # noqa: F401
 except ImportError as e:  # the wrong environment: say so instead of skipping everything
-    raise ImportError(f"{e}: run these tests with `integration/run_tests.sh legacy` (vLLM 0.13 + torch_xla 2.9)") from e
+    raise ImportError(
+        f"{e}: run these tests with `integration/run_tests.sh legacy` (vLLM 0.13 + torch_xla 2.9)"
+    ) from e
 
 # What keeps torch_xla, JAX and vLLM on the CPU and off the network.
 OFFLINE = {
@@ -35,7 +37,9 @@ def offline_env(monkeypatch):
             monkeypatch.delenv(name, raising=False)
     for k, v in OFFLINE.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setenv("TPU_REGISTRY_SYSFS_ROOT", "/nonexistent-sysfs-root")  # not this machine's PCI bus
+    monkeypatch.setenv(
+        "TPU_REGISTRY_SYSFS_ROOT", "/nonexistent-sysfs-root"
+    )  # not this machine's PCI bus
     from tpu_registry.resolution import clear_cache
 
     clear_cache()
@@ -43,7 +47,9 @@ def offline_env(monkeypatch):
     clear_cache()
 
 
-def _run_python(code: str, env: dict[str, str | None], timeout: int = 300) -> subprocess.CompletedProcess:
+def _run_python(
+    code: str, env: dict[str, str | None], timeout: int = 300
+) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "VLLM_PLUGINS"))}
     full.update(OFFLINE, TPU_REGISTRY_SYSFS_ROOT="/nonexistent-sysfs-root")
     for k, v in env.items():
@@ -51,7 +57,9 @@ def _run_python(code: str, env: dict[str, str | None], timeout: int = 300) -> su
             full.pop(k, None)
         else:
             full[k] = v
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=timeout
+    )
 
 
 @pytest.fixture

@@ -31,7 +31,12 @@ from types import SimpleNamespace
 
 import pytest
 
-GENERATIONS = {"v4": (4, "TPU v4"), "v5e": (5, "TPU v5"), "v5p": (5, "TPU v5"), "v6e": (6, "TPU v6")}
+GENERATIONS = {
+    "v4": (4, "TPU v4"),
+    "v5e": (5, "TPU v5"),
+    "v5p": (5, "TPU v5"),
+    "v6e": (6, "TPU v6"),
+}
 MIB = 1024 * 1024
 PER_GENERATION = 1000
 SEEDS = {"v4": 4, "v5e": 51, "v5p": 52, "v6e": 6}  # fixed: the same workloads on every run
@@ -76,7 +81,9 @@ def random_workloads(seed):
                 head_dim=rng.choice([64, 80, 96, 128, 192, 256]),
                 q_dtype=q_dtype,
                 kv_dtype=kv_dtype,
-                max_model_len=rng.choice([128, 512, 1000, 2048, 4096, 8192, 8193, 16384, 32768, 131072]),
+                max_model_len=rng.choice(
+                    [128, 512, 1000, 2048, 4096, 8192, 8193, 16384, 32768, 131072]
+                ),
                 max_num_seqs=rng.choice([1, 8, 64, 128, 256, 512, 1024]),
                 max_num_batched_tokens=rng.choice([16, 100, 512, 1024, 2048, 4096, 8192]),
                 page_size=rng.choice([None, None, None, 16, 32, 64, 128, 256]),
@@ -111,40 +118,73 @@ def test_baseline_matches_upstream_defaults(offline_env, upstream):
             q_dt, kv_dt = jnp.dtype(w.q_dtype), jnp.dtype(w.kv_dtype)
             try:
                 heads = rpa.get_min_heads_per_blk(qh, 2 * kvh, q_dt, kv_dt)
-            except ValueError:  # upstream cannot tile these KV heads: the registry gives no v2 knobs
+            except (
+                ValueError
+            ):  # upstream cannot tile these KV heads: the registry gives no v2 knobs
                 assert "rpa_v2.num_kv_pages_per_block" not in knobs
                 untileable += 1
                 continue
             head_dim = -(-w.head_dim // 128) * 128  # vLLM pads before the kernel sees it
             pages_per_seq = cdiv(w.max_model_len, page)
-            key = (q_dt, kv_dt, heads[0], heads[1] // 2, head_dim, page, w.max_num_batched_tokens, pages_per_seq)
+            key = (
+                q_dt,
+                kv_dt,
+                heads[0],
+                heads[1] // 2,
+                head_dim,
+                page,
+                w.max_num_batched_tokens,
+                pages_per_seq,
+            )
             if rpa.simplify_key(key) in table:
                 in_table += 1  # the tuned path: covered entry by entry below
                 continue
             want = rpa.get_tuned_block_sizes(*key)
             got = (knobs["rpa_v2.num_kv_pages_per_block"], knobs["rpa_v2.num_queries_per_block"])
             assert got == want, (gen, w, got, want)
-            halved += gen != "v4" and want[0] < min(128, pages_per_seq)  # the 64 MiB halving rule was exercised
+            halved += gen != "v4" and want[0] < min(
+                128, pages_per_seq
+            )  # the 64 MiB halving rule was exercised
             # VMEM: 120 MiB upstream, capped at the core's VMEM here (v4: 16 MiB, v5p: 64 MiB).
             assert knobs["rpa_v2.vmem_limit_bytes"] == min(120 * MIB, spec.chip.vmem_bytes_per_core)
             # vLLM 0.13 statics (they hard-code 1 MiB SMEM; all four chips have 1 MiB).
-            cfg = SimpleNamespace(model_config=SimpleNamespace(max_model_len=w.max_model_len), scheduler_config=SimpleNamespace(max_num_seqs=w.max_num_seqs))
+            cfg = SimpleNamespace(
+                model_config=SimpleNamespace(max_model_len=w.max_model_len),
+                scheduler_config=SimpleNamespace(max_num_seqs=w.max_num_seqs),
+            )
             assert knobs["min_page_size"] == P.get_min_page_size(cfg)
             if w.page_size is None:
-                assert baseline.page_size_for(w.max_model_len) == P.get_page_size(cfg)  # before the SMEM floor
+                assert baseline.page_size_for(w.max_model_len) == P.get_page_size(
+                    cfg
+                )  # before the SMEM floor
                 assert page == max(P.get_page_size(cfg), P.get_min_page_size(cfg))
                 floor_applied += page != P.get_page_size(cfg)
             assert knobs["max_num_seqs_smem"] == P.get_max_num_seqs(w.max_model_len, page)
-            assert knobs["head_dim_padded"] == head_dim == P.get_kv_cache_shape(1, page, kvh, w.head_dim)[-1]
+            assert (
+                knobs["head_dim_padded"]
+                == head_dim
+                == P.get_kv_cache_shape(1, page, kvh, w.head_dim)[-1]
+            )
             n += 1
         counts[gen] = (n, untileable, in_table, floor_applied, halved)
         assert n >= PER_GENERATION
     vmem = {g: catalog[g].chip.vmem_bytes_per_core // MIB for g in GENERATIONS}
-    print("\nbaseline vs torch_xla default path / vLLM 0.13 statics (agreeing, untileable both ways, skipped as table hits, SMEM floor raised the page):")
+    print(
+        "\nbaseline vs torch_xla default path / vLLM 0.13 statics "
+        "(agreeing, untileable both ways, skipped as table hits, SMEM floor raised the page):"
+    )
     for gen, (n, u, t, f, h) in counts.items():
-        print(f"  {gen}: {n} agree ({h} with KV blocks halved for VMEM); {u} untileable; {t} table hits; page raised by the SMEM floor in {f}; "
-              f"VMEM limit {min(120, vmem[gen])} MiB vs upstream 120 MiB")
-    assert min(120, vmem["v4"]) == 16 and min(120, vmem["v5p"]) == 64 and vmem["v5e"] >= 120 and vmem["v6e"] >= 120
+        print(
+            f"  {gen}: {n} agree ({h} with KV blocks halved for VMEM); {u} untileable; {t} table "
+            f"hits; page raised by the SMEM floor in {f}; VMEM limit {min(120, vmem[gen])} MiB vs "
+            "upstream 120 MiB"
+        )
+    assert (
+        min(120, vmem["v4"]) == 16
+        and min(120, vmem["v5p"]) == 64
+        and vmem["v5e"] >= 120
+        and vmem["v6e"] >= 120
+    )
 
 
 def test_vllm_page_size_statics_on_a_real_config(offline_env, tmp_path):
@@ -156,18 +196,48 @@ def test_vllm_page_size_statics_on_a_real_config(offline_env, tmp_path):
 
     from tpu_registry import Workload, resolve
 
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512, "intermediate_size": 512,
-                                                      "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 1, "vocab_size": 256,
-                                                      "max_position_embeddings": 65536}))
-    mc = ModelConfig(model=str(tmp_path), skip_tokenizer_init=True, max_model_len=65536, dtype="bfloat16")
-    vc = VllmConfig(model_config=mc, cache_config=CacheConfig(block_size=16), device_config=DeviceConfig(device="cpu"),
-                    scheduler_config=SchedulerConfig(max_num_seqs=512, max_num_batched_tokens=2048, max_model_len=65536, is_encoder_decoder=False))
-    cfg = resolve(Workload(num_q_heads=8, num_kv_heads=2, head_dim=64, max_model_len=65536, max_num_seqs=512), simulate="v6e")
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 512,
+                "intermediate_size": 512,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 2,
+                "head_dim": 64,
+                "num_hidden_layers": 1,
+                "vocab_size": 256,
+                "max_position_embeddings": 65536,
+            }
+        )
+    )
+    mc = ModelConfig(
+        model=str(tmp_path), skip_tokenizer_init=True, max_model_len=65536, dtype="bfloat16"
+    )
+    vc = VllmConfig(
+        model_config=mc,
+        cache_config=CacheConfig(block_size=16),
+        device_config=DeviceConfig(device="cpu"),
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=512,
+            max_num_batched_tokens=2048,
+            max_model_len=65536,
+            is_encoder_decoder=False,
+        ),
+    )
+    cfg = resolve(
+        Workload(num_q_heads=8, num_kv_heads=2, head_dim=64, max_model_len=65536, max_num_seqs=512),
+        simulate="v6e",
+    )
     assert P.get_page_size(vc) == 16  # > 8192 tokens: 16
-    # 512 KiB of block tables hold 256 pages for each of 512 sequences: 65536 tokens need 256-token pages
+    # 512 KiB of block tables hold 256 pages for each of 512 sequences:
+    # 65536 tokens need 256-token pages
     assert P.get_min_page_size(vc) == cfg.value("min_page_size") == 256
     assert cfg.value("page_size") == 256  # the registry applies the floor; vLLM 0.13 runs 16 ...
-    assert P.get_max_num_seqs(65536, 16) == 32 < 512  # ... whose block tables fit only 32 such sequences
+    assert (
+        P.get_max_num_seqs(65536, 16) == 32 < 512
+    )  # ... whose block tables fit only 32 such sequences
     assert cfg.value("max_num_seqs_smem") == P.get_max_num_seqs(65536, 256) == 512
 
 
@@ -175,8 +245,17 @@ def table_workload(key):
     from tpu_registry import Workload
 
     q_dt, kv_dt, q_blk, kv_blk, head_dim, page, tokens, model_len = key
-    return Workload(num_q_heads=q_blk, num_kv_heads=kv_blk, head_dim=head_dim, q_dtype=q_dt, kv_dtype=kv_dt, max_model_len=model_len,
-                    max_num_seqs=64, max_num_batched_tokens=tokens, page_size=page)
+    return Workload(
+        num_q_heads=q_blk,
+        num_kv_heads=kv_blk,
+        head_dim=head_dim,
+        q_dtype=q_dt,
+        kv_dtype=kv_dt,
+        max_model_len=model_len,
+        max_num_seqs=64,
+        max_num_batched_tokens=tokens,
+        page_size=page,
+    )
 
 
 def test_tables_policy_matches_upstream_on_every_entry(offline_env, upstream):
@@ -198,18 +277,43 @@ def test_tables_policy_matches_upstream_on_every_entry(offline_env, upstream):
             for key, tuned in rows.items():
                 w = table_workload(key)
                 q_dt, kv_dt, q_blk, kv_blk, head_dim, page, tokens, model_len = key
-                assert (bucket("num_q_heads_per_block", w, page), bucket("num_kv_heads_per_block", w, page)) == (q_blk, kv_blk)
+                assert (
+                    bucket("num_q_heads_per_block", w, page),
+                    bucket("num_kv_heads_per_block", w, page),
+                ) == (q_blk, kv_blk)
                 pages_per_seq = model_len // page
-                want = rpa.get_tuned_block_sizes(jnp.dtype(q_dt), jnp.dtype(kv_dt), q_blk, kv_blk, head_dim, page, tokens, pages_per_seq)
+                want = rpa.get_tuned_block_sizes(
+                    jnp.dtype(q_dt),
+                    jnp.dtype(kv_dt),
+                    q_blk,
+                    kv_blk,
+                    head_dim,
+                    page,
+                    tokens,
+                    pages_per_seq,
+                )
                 cfg = resolve(w, simulate=gen)
-                got = (cfg.value("rpa_v2.num_kv_pages_per_block"), cfg.value("rpa_v2.num_queries_per_block"))
+                got = (
+                    cfg.value("rpa_v2.num_kv_pages_per_block"),
+                    cfg.value("rpa_v2.num_queries_per_block"),
+                )
                 assert got == want, (gen, key, got, want)
-                assert cfg.layer("rpa_v2.num_kv_pages_per_block") == cfg.layer("rpa_v2.num_queries_per_block") == "tables"
-                clamped += want != tuned  # upstream clamps a hit to pages_per_seq / tokens, as the policy does
+                assert (
+                    cfg.layer("rpa_v2.num_kv_pages_per_block")
+                    == cfg.layer("rpa_v2.num_queries_per_block")
+                    == "tables"
+                )
+                clamped += (
+                    want != tuned
+                )  # upstream clamps a hit to pages_per_seq / tokens, as the policy does
                 comparisons += 1
         entries += len(rows)
-    print(f"\ntables policy vs torch_xla TUNED_BLOCK_SIZES: {entries} entries ({', '.join(f'{d}: {n}' for d, n in per_device.items())}), "
-          f"{comparisons} comparisons (TPU v5 rows for v5e and v5p), all equal; {clamped} hits clamped by pages_per_seq or tokens")
+    rows_per_device = ", ".join(f"{d}: {n}" for d, n in per_device.items())
+    print(
+        f"\ntables policy vs torch_xla TUNED_BLOCK_SIZES: {entries} entries ({rows_per_device}), "
+        f"{comparisons} comparisons (TPU v5 rows for v5e and v5p), all equal; {clamped} hits "
+        "clamped by pages_per_seq or tokens"
+    )
     assert entries == 1336 and comparisons == 2004
 
 
@@ -224,7 +328,9 @@ def test_vllm_013_overwrites_the_block_size():
 
     root = Path(next(iter(importlib.util.find_spec("vllm").submodule_search_locations)))
     src = (root / "platforms" / "tpu.py").read_text()
-    body = src[src.index("def check_and_update_config"):]
-    body = body[: body.index("\n    @classmethod", 1) if "\n    @classmethod" in body else len(body)]
+    body = src[src.index("def check_and_update_config") :]
+    body = body[
+        : body.index("\n    @classmethod", 1) if "\n    @classmethod" in body else len(body)
+    ]
     assert "cache_config.block_size = PallasAttentionBackend.get_page_size(vllm_config)" in body
     assert "user_specified" not in body and "get_min_page_size" not in src

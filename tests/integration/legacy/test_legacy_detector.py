@@ -26,8 +26,15 @@ def test_torch_xla_evidence_gives_v6e(offline_env, monkeypatch):
     monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", ONLY_TORCH_XLA)
     d = detect()
     assert d.generation == "v6e", d.reason
-    ev = {(f.evidence.kind, f.evidence.value, f.evidence.source) for f in d.findings if f.evidence.detector == "torch_xla"}
-    assert ev == {("torch_xla_version", "6", "torch_xla._internal.tpu.version()"), ("accelerator_type", "v6e", "torch_xla._internal.tpu.get_tpu_type()")}
+    ev = {
+        (f.evidence.kind, f.evidence.value, f.evidence.source)
+        for f in d.findings
+        if f.evidence.detector == "torch_xla"
+    }
+    assert ev == {
+        ("torch_xla_version", "6", "torch_xla._internal.tpu.version()"),
+        ("accelerator_type", "v6e", "torch_xla._internal.tpu.get_tpu_type()"),
+    }
     assert all(f.evidence.detector == "torch_xla" for f in d.findings)
     assert not d.faults
 
@@ -64,7 +71,12 @@ def test_no_metadata_server_without_skip(offline_env, monkeypatch):
         monkeypatch.setattr(tpu, name, trap(f"tpu.{name}"))
     monkeypatch.setattr(requests, "get", trap("requests.get"))
     monkeypatch.delenv("TPU_SKIP_MDS_QUERY")
-    ctx = DetectContext(env=dict(os.environ), sysfs_root=Path("/nonexistent-sysfs-root"), allow_runtime_init=True, timeout_s=2.0)
+    ctx = DetectContext(
+        env=dict(os.environ),
+        sysfs_root=Path("/nonexistent-sysfs-root"),
+        allow_runtime_init=True,
+        timeout_s=2.0,
+    )
     assert detector.tpu_registry_detect(ctx) is None
     monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", ONLY_TORCH_XLA)
     d = detect(allow_runtime_init=True)

@@ -36,8 +36,20 @@ NUM_PAGES = 64
 
 
 # ----------------------------------------------------------------------------- reference
-def ref_attention(q, cache, kv_lens, block_tables, cu_q_lens, num_seqs, *, scale, sliding_window=None, soft_cap=None):
-    """Ragged paged attention in NumPy (float64). cache: [pages, page, 2*kv_heads, D], K even, V odd."""
+def ref_attention(
+    q,
+    cache,
+    kv_lens,
+    block_tables,
+    cu_q_lens,
+    num_seqs,
+    *,
+    scale,
+    sliding_window=None,
+    soft_cap=None,
+):
+    """Ragged paged attention in NumPy (float64).
+    cache: [pages, page, 2*kv_heads, D], K even, V odd."""
     q = np.asarray(q, np.float64)
     cache = np.asarray(cache, np.float64)
     _, page, combined, dim = cache.shape
@@ -50,7 +62,9 @@ def ref_attention(q, cache, kv_lens, block_tables, cu_q_lens, num_seqs, *, scale
         pages = block_tables[s, : -(-kv_len // page)]
         kv = cache[pages].reshape(-1, combined, dim)[:kv_len]
         keys, values = kv[:, 0::2], kv[:, 1::2]
-        q_pos = np.arange(kv_len - q_len, kv_len)[:, None]  # causal: queries are the last q_len tokens
+        q_pos = np.arange(kv_len - q_len, kv_len)[
+            :, None
+        ]  # causal: queries are the last q_len tokens
         k_pos = np.arange(kv_len)[None, :]
         allowed = k_pos <= q_pos
         if sliding_window is not None:
@@ -66,7 +80,17 @@ def ref_attention(q, cache, kv_lens, block_tables, cu_q_lens, num_seqs, *, scale
 
 
 # ----------------------------------------------------------------------------- CPU seams
-def torch_kv_cache_update(key, value, kv_cache, slot_mapping, num_slices_per_block, num_kv_update_slices, quantized_dtype=None, k_scale=1.0, v_scale=1.0):
+def torch_kv_cache_update(
+    key,
+    value,
+    kv_cache,
+    slot_mapping,
+    num_slices_per_block,
+    num_kv_update_slices,
+    quantized_dtype=None,
+    k_scale=1.0,
+    v_scale=1.0,
+):
     assert quantized_dtype is None
     _, _, combined, dim = kv_cache.shape
     kv = torch.cat([key, value], dim=-1).reshape(-1, combined, dim)
@@ -85,7 +109,9 @@ class RecordingReference:
 
     def __call__(self, q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, **kw):
         self.calls.append(dict(kw))
-        out = self.fn(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, **{**kw, "use_kernel": False})
+        out = self.fn(
+            q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, **{**kw, "use_kernel": False}
+        )
         pad = q.shape[0] - out.shape[0]
         return torch.nn.functional.pad(out, (0, 0, 0, 0, 0, pad)) if pad else out
 
@@ -111,7 +137,9 @@ def make_batch(batch, *, seed, pad_tokens=0, dtype=torch.float32):
     rng = np.random.default_rng(seed)
     padded = -(-HEAD_DIM // 128) * 128
     cache = np.zeros((NUM_PAGES, PAGE, 2 * KV_HEADS, padded), np.float32)
-    cache[..., :HEAD_DIM] = rng.normal(size=(NUM_PAGES, PAGE, 2 * KV_HEADS, HEAD_DIM))  # history (and junk)
+    cache[..., :HEAD_DIM] = rng.normal(
+        size=(NUM_PAGES, PAGE, 2 * KV_HEADS, HEAD_DIM)
+    )  # history (and junk)
     pages_per_seq = MAX_MODEL_LEN // PAGE
     # Each sequence's pages are distinct and scattered over the cache; table entries past a
     # sequence's length point at random pages, which nothing may read.
@@ -166,7 +194,14 @@ def make_batch(batch, *, seed, pad_tokens=0, dtype=torch.float32):
     )
 
 
-MIXED = [(1, 37), (1, 130), (20, 20), (12, 75), (1, 16), (9, 200)]  # decodes, a fresh prefill, chunked prefills
+MIXED = [
+    (1, 37),
+    (1, 130),
+    (20, 20),
+    (12, 75),
+    (1, 16),
+    (9, 200),
+]  # decodes, a fresh prefill, chunked prefills
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -175,16 +210,36 @@ def vllm_config(tmp_path_factory):
     from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
 
     d = tmp_path_factory.mktemp("model")
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HEADS * HEAD_DIM, "intermediate_size": 512,
-        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM, "num_hidden_layers": 2,
-        "vocab_size": 256, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "torch_dtype": "float32",
-    }))
-    mc = ModelConfig(model=str(d), skip_tokenizer_init=True, max_model_len=MAX_MODEL_LEN, dtype="float32")
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": HEADS * HEAD_DIM,
+                "intermediate_size": 512,
+                "num_attention_heads": HEADS,
+                "num_key_value_heads": KV_HEADS,
+                "head_dim": HEAD_DIM,
+                "num_hidden_layers": 2,
+                "vocab_size": 256,
+                "max_position_embeddings": 4096,
+                "rms_norm_eps": 1e-5,
+                "torch_dtype": "float32",
+            }
+        )
+    )
+    mc = ModelConfig(
+        model=str(d), skip_tokenizer_init=True, max_model_len=MAX_MODEL_LEN, dtype="float32"
+    )
     return VllmConfig(
         model_config=mc,
         cache_config=CacheConfig(block_size=PAGE),
-        scheduler_config=SchedulerConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=MAX_TOKENS, max_model_len=MAX_MODEL_LEN, is_encoder_decoder=False),
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=MAX_SEQS,
+            max_num_batched_tokens=MAX_TOKENS,
+            max_model_len=MAX_MODEL_LEN,
+            is_encoder_decoder=False,
+        ),
         device_config=DeviceConfig(device="cpu"),
     )
 
@@ -194,11 +249,16 @@ def seams():
     from tpu_registry_vllm import kernel_binding
 
     ref = RecordingReference()
-    with kernel_binding.bind("rpa_v2", ref), kernel_binding.bind("kv_cache_update", torch_kv_cache_update):
+    with (
+        kernel_binding.bind("rpa_v2", ref),
+        kernel_binding.bind("kv_cache_update", torch_kv_cache_update),
+    ):
         yield ref
 
 
-LAYER = types.SimpleNamespace(_k_scale_float=1.0, _v_scale_float=1.0)  # what forward reads of the layer
+LAYER = types.SimpleNamespace(
+    _k_scale_float=1.0, _v_scale_float=1.0
+)  # what forward reads of the layer
 
 
 def make_impl(vllm_config, *, sliding_window=None, soft_cap=None, scale=None):
@@ -206,7 +266,18 @@ def make_impl(vllm_config, *, sliding_window=None, soft_cap=None, scale=None):
     from vllm.config import set_current_vllm_config
 
     scale = 1.0 / math.sqrt(HEAD_DIM) if scale is None else scale
-    args = (HEADS, HEAD_DIM, scale, KV_HEADS, None, sliding_window, "auto", soft_cap, "decoder", None)
+    args = (
+        HEADS,
+        HEAD_DIM,
+        scale,
+        KV_HEADS,
+        None,
+        sliding_window,
+        "auto",
+        soft_cap,
+        "decoder",
+        None,
+    )
     if vllm_config is None:
         return RegistryPallasBackendImpl(*args)
     with set_current_vllm_config(vllm_config):  # as vLLM does while it builds the model
@@ -216,8 +287,18 @@ def make_impl(vllm_config, *, sliding_window=None, soft_cap=None, scale=None):
 def expected_kwargs(sliding_window=None, max_tokens=MAX_TOKENS, max_seqs=MAX_SEQS):
     from tpu_registry import Workload, resolve
 
-    w = Workload(num_q_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, q_dtype="float32", kv_dtype="float32", max_model_len=MAX_MODEL_LEN,
-                 max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens, page_size=PAGE, sliding_window=sliding_window)
+    w = Workload(
+        num_q_heads=HEADS,
+        num_kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        q_dtype="float32",
+        kv_dtype="float32",
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=max_tokens,
+        page_size=PAGE,
+        sliding_window=sliding_window,
+    )
     cfg = resolve(w)
     assert cfg.generation == "v6e"
     return cfg, cfg.kernel_kwargs("rpa_v2")
@@ -228,23 +309,50 @@ def test_nonkernel_path_ignores_tuning_kwargs(offline_env):
     from torch_xla.experimental.custom_kernel import ragged_paged_attention
 
     sig = inspect.signature(ragged_paged_attention)
-    assert {"num_kv_pages_per_block", "num_queries_per_block", "vmem_limit_bytes", "use_kernel"} <= set(sig.parameters)
+    assert {
+        "num_kv_pages_per_block",
+        "num_queries_per_block",
+        "vmem_limit_bytes",
+        "use_kernel",
+    } <= set(sig.parameters)
     b = make_batch(MIXED, seed=1)
     q = b.query.view(-1, HEADS, HEAD_DIM)
     q = torch.nn.functional.pad(q, (0, 128 - HEAD_DIM))
-    args = (q, b.kv_cache, b.md.context_lens, b.md.block_tables, b.md.query_start_loc, b.md.num_seqs)
+    args = (
+        q,
+        b.kv_cache,
+        b.md.context_lens,
+        b.md.block_tables,
+        b.md.query_start_loc,
+        b.md.num_seqs,
+    )
     plain = ragged_paged_attention(*args, use_kernel=False, sm_scale=0.1)
-    tuned = ragged_paged_attention(*args, use_kernel=False, sm_scale=0.1, num_kv_pages_per_block=3, num_queries_per_block=7, vmem_limit_bytes=1)
+    tuned = ragged_paged_attention(
+        *args,
+        use_kernel=False,
+        sm_scale=0.1,
+        num_kv_pages_per_block=3,
+        num_queries_per_block=7,
+        vmem_limit_bytes=1,
+    )
     assert torch.equal(plain, tuned)
 
 
-@pytest.mark.parametrize(("sliding_window", "soft_cap", "scale"), [(None, None, None), (48, None, None), (None, 3.0, 0.5), (40, 2.5, 0.4)])
-def test_forward_matches_reference(offline_env, vllm_config, seams, sliding_window, soft_cap, scale):
+@pytest.mark.parametrize(
+    ("sliding_window", "soft_cap", "scale"),
+    [(None, None, None), (48, None, None), (None, 3.0, 0.5), (40, 2.5, 0.4)],
+)
+def test_forward_matches_reference(
+    offline_env, vllm_config, seams, sliding_window, soft_cap, scale
+):
     impl = make_impl(vllm_config, sliding_window=sliding_window, soft_cap=soft_cap, scale=scale)
     cfg, want = expected_kwargs(sliding_window)
     assert impl.kernel_kwargs == want  # resolved at construction, for this layer's shape
     assert set(want) == {"num_kv_pages_per_block", "num_queries_per_block", "vmem_limit_bytes"}
-    assert want["vmem_limit_bytes"] == 120 * 1024 * 1024 and want["num_kv_pages_per_block"] <= MAX_MODEL_LEN // PAGE
+    assert (
+        want["vmem_limit_bytes"] == 120 * 1024 * 1024
+        and want["num_kv_pages_per_block"] <= MAX_MODEL_LEN // PAGE
+    )
     assert impl.registry_config is not None and impl.registry_config.workload.page_size == PAGE
 
     b = make_batch(MIXED, seed=7)
@@ -252,20 +360,52 @@ def test_forward_matches_reference(offline_env, vllm_config, seams, sliding_wind
 
     assert out.shape == (b.total, HEADS * HEAD_DIM)
     assert b.kv_cache.shape[-1] == 128  # padded to the lane width, not beyond
-    np.testing.assert_array_equal(b.kv_cache.numpy(), b.expected_cache)  # the KV write, slot by slot
-    ref = ref_attention(b.q_np, b.expected_cache[..., :HEAD_DIM], b.kv_lens, b.block_tables, b.cu, b.num_seqs,
-                        scale=impl.scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    np.testing.assert_allclose(out.view(-1, HEADS, HEAD_DIM).double().numpy(), ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(
+        b.kv_cache.numpy(), b.expected_cache
+    )  # the KV write, slot by slot
+    ref = ref_attention(
+        b.q_np,
+        b.expected_cache[..., :HEAD_DIM],
+        b.kv_lens,
+        b.block_tables,
+        b.cu,
+        b.num_seqs,
+        scale=impl.scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+    np.testing.assert_allclose(
+        out.view(-1, HEADS, HEAD_DIM).double().numpy(), ref, rtol=2e-5, atol=2e-5
+    )
     if sliding_window is not None or soft_cap is not None:  # the batch exercises them
-        plain = ref_attention(b.q_np, b.expected_cache[..., :HEAD_DIM], b.kv_lens, b.block_tables, b.cu, b.num_seqs, scale=impl.scale)
+        plain = ref_attention(
+            b.q_np,
+            b.expected_cache[..., :HEAD_DIM],
+            b.kv_lens,
+            b.block_tables,
+            b.cu,
+            b.num_seqs,
+            scale=impl.scale,
+        )
         assert np.abs(plain - ref).max() > 1e-2
 
     assert len(seams.calls) == 1
     kw = seams.calls[0]
     assert {k: kw[k] for k in want} == want  # exactly the registry's knobs reach the kernel
-    assert kw["use_kernel"] is True and kw["sliding_window"] == sliding_window and kw["soft_cap"] == soft_cap
+    assert (
+        kw["use_kernel"] is True
+        and kw["sliding_window"] == sliding_window
+        and kw["soft_cap"] == soft_cap
+    )
     assert kw["sm_scale"] == impl.scale and kw["k_scale"] == 1.0 and kw["v_scale"] == 1.0
-    assert set(kw) == set(want) | {"use_kernel", "sm_scale", "sliding_window", "soft_cap", "k_scale", "v_scale"}
+    assert set(kw) == set(want) | {
+        "use_kernel",
+        "sm_scale",
+        "sliding_window",
+        "soft_cap",
+        "k_scale",
+        "v_scale",
+    }
 
 
 def test_one_startup_line(offline_env, vllm_config):
@@ -306,8 +446,20 @@ def test_forward_with_padded_tokens(offline_env, vllm_config, seams):
     b = make_batch(MIXED, seed=11, pad_tokens=5)  # vLLM pads the token count to a bucket
     out = impl.forward(LAYER, b.query, b.key, b.value, b.kv_cache, b.md)
     assert out.shape == (b.total + 5, HEADS * HEAD_DIM)
-    ref = ref_attention(b.q_np, b.expected_cache[..., :HEAD_DIM], b.kv_lens, b.block_tables, b.cu, b.num_seqs, scale=impl.scale, sliding_window=48, soft_cap=4.0)
-    np.testing.assert_allclose(out[: b.total].view(-1, HEADS, HEAD_DIM).double().numpy(), ref, rtol=2e-5, atol=2e-5)
+    ref = ref_attention(
+        b.q_np,
+        b.expected_cache[..., :HEAD_DIM],
+        b.kv_lens,
+        b.block_tables,
+        b.cu,
+        b.num_seqs,
+        scale=impl.scale,
+        sliding_window=48,
+        soft_cap=4.0,
+    )
+    np.testing.assert_allclose(
+        out[: b.total].view(-1, HEADS, HEAD_DIM).double().numpy(), ref, rtol=2e-5, atol=2e-5
+    )
     np.testing.assert_array_equal(b.kv_cache.numpy(), b.expected_cache)
 
 
@@ -317,8 +469,19 @@ def test_decode_only_and_bf16(offline_env, vllm_config, seams):
     out = impl.forward(LAYER, b.query, b.key, b.value, b.kv_cache, b.md)
     cache = b.kv_cache.float().numpy()
     q = b.query.float().view(-1, HEADS, HEAD_DIM).numpy()
-    ref = ref_attention(q, cache[..., :HEAD_DIM], b.kv_lens, b.block_tables, b.cu, b.num_seqs, scale=impl.scale, sliding_window=32)
-    np.testing.assert_allclose(out.float().view(-1, HEADS, HEAD_DIM).numpy(), ref, rtol=0.05, atol=0.05)
+    ref = ref_attention(
+        q,
+        cache[..., :HEAD_DIM],
+        b.kv_lens,
+        b.block_tables,
+        b.cu,
+        b.num_seqs,
+        scale=impl.scale,
+        sliding_window=32,
+    )
+    np.testing.assert_allclose(
+        out.float().view(-1, HEADS, HEAD_DIM).numpy(), ref, rtol=0.05, atol=0.05
+    )
 
 
 def test_without_a_vllm_config_resolves_from_the_first_call(offline_env, seams):
@@ -335,7 +498,9 @@ def test_without_a_vllm_config_resolves_from_the_first_call(offline_env, seams):
 def test_profiling_call_and_kv_sharing(offline_env, vllm_config, seams):
     impl = make_impl(vllm_config)
     q = torch.randn(4, HEADS * HEAD_DIM)
-    out = impl.forward(LAYER, q, q[:, : KV_HEADS * HEAD_DIM], q[:, : KV_HEADS * HEAD_DIM], torch.empty(0), None)
+    out = impl.forward(
+        LAYER, q, q[:, : KV_HEADS * HEAD_DIM], q[:, : KV_HEADS * HEAD_DIM], torch.empty(0), None
+    )
     assert torch.equal(out, torch.ones_like(q)) and not seams.calls
     impl.kv_sharing_target_layer_name = "model.layers.0.self_attn.attn"
     b = make_batch(MIXED, seed=9)
@@ -351,11 +516,17 @@ def test_impl_signature_matches_upstream():
     def params(f):
         return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
 
-    assert params(RegistryPallasBackendImpl.__init__) == params(PallasAttentionBackendImpl.__init__)  # exactly the ten
+    assert params(RegistryPallasBackendImpl.__init__) == params(
+        PallasAttentionBackendImpl.__init__
+    )  # exactly the ten
     assert len(params(RegistryPallasBackendImpl.__init__)) == 11
     assert params(RegistryPallasBackendImpl.forward) == params(PallasAttentionBackendImpl.forward)
     assert RegistryPallasBackend.get_name() == "PALLAS"
-    assert RegistryPallasBackend.get_kv_cache_shape(8, 16, 2, 96) == PallasAttentionBackend.get_kv_cache_shape(8, 16, 2, 96) == (8, 16, 4, 128)
+    assert (
+        RegistryPallasBackend.get_kv_cache_shape(8, 16, 2, 96)
+        == PallasAttentionBackend.get_kv_cache_shape(8, 16, 2, 96)
+        == (8, 16, 4, 128)
+    )
 
 
 def test_defaults_of_the_seams():

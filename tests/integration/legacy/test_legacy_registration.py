@@ -19,7 +19,8 @@ from vllm.platforms import current_platform
 
 eps = sorted(ep.value for ep in entry_points(group="vllm.general_plugins"))
 vllm.plugins.load_general_plugins()
-vllm.plugins.load_general_plugins()  # a second call (and a direct second register) must change nothing
+# a second call (and a direct second register) must change nothing
+vllm.plugins.load_general_plugins()
 import sys
 second = None
 if "tpu_registry_vllm" in sys.modules:
@@ -91,8 +92,15 @@ register_backend(AttentionBackendEnum.PALLAS, class_path="some.other.Backend")
 first = register_legacy()
 path = AttentionBackendEnum.PALLAS.get_path()
 AttentionBackendEnum.PALLAS.clear_override()
-print(json.dumps([first, path, register_legacy(), register_legacy(), AttentionBackendEnum.PALLAS.get_path()]))
+print(json.dumps([first, path, register_legacy(), register_legacy(),
+                  AttentionBackendEnum.PALLAS.get_path()]))
 """
     r = run_python(code, {})
     assert r.returncode == 0, r.stderr[-4000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == [False, "some.other.Backend", True, True, OURS]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [
+        False,
+        "some.other.Backend",
+        True,
+        True,
+        OURS,
+    ]
