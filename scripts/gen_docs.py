@@ -1,7 +1,8 @@
-"""Regenerate the parts of the docs that come from the code: README's settings table.
+"""Regenerate the parts of the docs that come from the code: README's settings table and the
+knob and rule tables of docs/overrides.md.
 
-    python scripts/gen_docs.py          # rewrite README.md in place
-    python scripts/gen_docs.py --check  # exit 1 when README.md is out of date
+    python scripts/gen_docs.py          # rewrite them in place
+    python scripts/gen_docs.py --check  # exit 1 when one is out of date
 
 The table lists the core's settings and those the plugins in ``plugins/`` declare through
 ``tpu_registry_settings``; the plugin modules are loaded from the checkout, so the table does
@@ -16,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
+OVERRIDES_DOC = REPO / "docs" / "overrides.md"
 START, END = "<!-- settings:start (scripts/gen_docs.py) -->", "<!-- settings:end -->"
 # Plugin modules in this repository that implement tpu_registry_settings.
 PLUGIN_SETTINGS = {
@@ -54,6 +56,39 @@ def table() -> str:
     return settings.markdown_table(repo_settings())
 
 
+def knob_table() -> str:
+    from tpu_registry.knobs import REGISTRY
+
+    rows = ["| knob | type | range | what it is |", "|---|---|---|---|"]
+    for s in REGISTRY.values():
+        kind = "4 whole numbers" if s.kind == "blocks" else "whole number"
+        if s.power_of_two:
+            kind += ", a power of two"
+        span = f"1..{s.maximum}" + (f" {s.unit}" if s.unit else "")
+        what = s.doc if s.settable else f"{s.doc} (derived: cannot be set)"
+        rows.append(f"| `{s.name}` | {kind} | {span} | {what} |")
+    return "\n".join(rows)
+
+
+def rule_table() -> str:
+    from tpu_registry.kernels import RULES
+
+    rows = ["| rule | mirrors |", "|---|---|"]
+    rows += [f"| `{name}` | {text} |" for name, text in RULES.items()]
+    return "\n".join(rows)
+
+
+def _fill(text: str, marker: str, body: str) -> str:
+    start, end = f"<!-- {marker}:start (scripts/gen_docs.py) -->", f"<!-- {marker}:end -->"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def render_overrides_doc(text: str) -> str:
+    return _fill(_fill(text, "knobs", knob_table()), "rules", rule_table())
+
+
 def render(readme: str) -> str:
     head, rest = readme.split(START, 1)
     _, tail = rest.split(END, 1)
@@ -61,17 +96,18 @@ def render(readme: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = README.read_text()
-    new = render(text)
-    if "--check" in argv:
-        if new != text:
-            print(
-                "README.md's settings table is out of date: run python scripts/gen_docs.py",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
-    README.write_text(new)
+    stale = []
+    for path, fn in ((README, render), (OVERRIDES_DOC, render_overrides_doc)):
+        text = path.read_text()
+        new = fn(text)
+        if new == text:
+            continue
+        stale.append(path.name)
+        if "--check" not in argv:
+            path.write_text(new)
+    if stale and "--check" in argv:
+        print(f"out of date: {', '.join(stale)}: run python scripts/gen_docs.py", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -64,11 +64,16 @@ class ResolvedConfig:
         compiles), and optionally the heads of one shard. Upstream sizes query blocks per
         call; the page size stays the engine's. Cached like every resolve()."""
         w = self.workload
-        changes: dict[str, Any] = {"num_tokens": num_tokens, "page_size": self.value("page_size")}
-        if (q_heads, kv_heads) != (None, None) and (q_heads, kv_heads) != (
-            w.q_heads_per_device,
+        same_heads = q_heads in (None, w.q_heads_per_device) and kv_heads in (
+            None,
             w.kv_heads_per_device,
-        ):
+        )
+        if num_tokens == w.tokens and same_heads:
+            return self
+        changes: dict[str, Any] = {"num_tokens": num_tokens, "page_size": self.value("page_size")}
+        if num_tokens > w.max_num_batched_tokens:  # a bucket above the limit vLLM was given
+            changes["max_num_batched_tokens"] = num_tokens
+        if not same_heads:
             changes.update(
                 num_q_heads=q_heads or w.q_heads_per_device,
                 num_kv_heads=kv_heads or w.kv_heads_per_device,

@@ -19,7 +19,7 @@ def file_kind(doc: dict[str, Any]) -> str:
     # unknown keys); generation files always have [chip].
     if ("rows" in doc or "kernel" in doc) and "chip" not in doc:
         return "table"
-    if "override" in doc:
+    if "override" in doc or set(doc) <= {"schema_version"}:  # an overrides file may be empty
         return "overrides"
     return "generation"
 
@@ -154,6 +154,10 @@ def json_schema(kind: str = "generation") -> dict[str, Any]:
 
     model = {"generation": Generation, "table": Table, "overrides": OverridesFile}[kind]
     schema = model.model_json_schema()
+    if kind == "overrides":  # the knobs table is checked by the knob registry
+        from .knobs import json_schema as knobs_schema
+
+        schema["$defs"]["Override"]["properties"]["knobs"] = knobs_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema.setdefault("title", f"tpu-registry {kind} file")
     return schema

@@ -83,7 +83,14 @@ class Workload:
                     f"{self.num_q_heads} query heads",
                     "use a tensor-parallel degree that divides the heads",
                 )
-            if self.page_size is not None and self.page_size & (self.page_size - 1):
+            most = 1 << (self.max_model_len - 1).bit_length()
+            if self.page_size is not None and self.page_size > most:
+                msg = (
+                    f"{self.page_size} is above {most}, the most a sequence of max_model_len "
+                    f"{self.max_model_len} needs"
+                )
+                bad("page_size", msg, f"use a page of at most {most}")
+            elif self.page_size is not None and self.page_size & (self.page_size - 1):
                 bad(
                     "page_size",
                     f"must be a power of two, got {self.page_size}",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
 from typing import Any
 
 from tpu_inference.layers.common.attention_backend import AttentionBackend, RPAAttentionBackend
@@ -79,6 +78,13 @@ def kernel_kwargs(cfg: ResolvedConfig) -> dict[str, Any]:
             continue
         out[name] = value
     return out
+
+
+def call_kwargs(
+    cfg: ResolvedConfig, num_tokens: int, q_heads: int, kv_heads: int
+) -> dict[str, Any]:
+    """The kernel kwargs of one call: ``num_tokens`` padded tokens, one shard's heads."""
+    return kernel_kwargs(cfg.for_call(num_tokens, q_heads=q_heads, kv_heads=kv_heads))
 
 
 def export_block_sizes(cfg: ResolvedConfig, env: dict[str, str] | None = None) -> list[str]:
@@ -230,7 +236,7 @@ class RegistryAttentionBackend(AttentionBackend):
         )
         if _delegate(q, sinks, mesh):
             return RPAAttentionBackend().attention(kv_cache, q, k, v, md, shared_md, mesh, **common)
-        tuning = kernel_kwargs(self.config)
+        config = self.config
         output, kv_cache = _sharded_rpa_v3(
             mesh,
             q,
@@ -241,7 +247,7 @@ class RegistryAttentionBackend(AttentionBackend):
             md.block_tables,
             shared_md.query_start_loc,
             shared_md.request_distribution,
-            tuning=tuning,
+            config=config,
             sm_scale=sm_scale,
             sliding_window=attention_chunk_size,
             soft_cap=attn_logits_soft_cap,
@@ -265,11 +271,15 @@ def _sharded_rpa_v3(
     cu_q_lens,
     distribution,
     *,
-    tuning: Mapping[str, Any],
+    config: ResolvedConfig,
     **kernel_args,
 ):
     """The v3 kernel under ``shard_map`` over tpu-inference's attention axes (KV heads split
-    across the head axis, sequences across the data axis), as tpu-inference shards it."""
+    across the head axis, sequences across the data axis), as tpu-inference shards it.
+
+    The tuning is resolved inside, at trace time, for the shapes of one shard and call: the
+    padded token count (vLLM traces one graph per bucket) and the shard's heads, as upstream's
+    ``get_default_block_sizes`` sizes blocks per call. It costs nothing at run time."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -290,6 +300,7 @@ def _sharded_rpa_v3(
     kernel = kernel_binding.kernel(FAMILY)
 
     def body(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution):
+        tuning = call_kwargs(config, q.shape[0], q.shape[1], k.shape[1])
         return kernel(
             q,
             k,

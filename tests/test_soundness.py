@@ -1,0 +1,469 @@
+"""Sound resolution: every config the registry hands out passes the kernel and page rules;
+derived knobs follow the winners; bad overrides are refused by `validate` and `resolve` alike."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+
+import tpu_registry
+from tpu_registry import Layer, Workload, kernels, resolve
+from tpu_registry.catalog import load_catalog
+from tpu_registry.errors import CatalogError, RegistryError, TuningError
+from tpu_registry.plugins import get_plugin_manager
+from tpu_registry.resolution import clear_cache
+
+V6E = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)
+SHAPE = ["--heads", "32", "--kv-heads", "8", "--head-dim", "128"]
+
+
+def overrides(tmp_path: Path, knobs: str, generation: str = "v6e", match: str = "") -> Path:
+    # A new file each time: an edited file is seen within a second, by design (tested below)
+    f = tmp_path / f"overrides-{len(list(tmp_path.glob('overrides-*.toml')))}.toml"
+    text = f'schema_version = 1\n\n[[override]]\ngeneration = "{generation}"\n'
+    text += f"match = {{ {match} }}\n" if match else ""
+    f.write_text(text + f"[override.knobs]\n{knobs}\n")
+    return f
+
+
+# ------------------------------------------------------------------------ the issue's table
+
+
+def test_overridden_page_size_derives_sequences_per_smem(tmp_path):
+    f = overrides(tmp_path, "page_size = 128")
+    cfg = resolve(Workload(**V6E, max_model_len=32768), simulate="v6e", overrides=f)
+    # 1 MiB of SMEM, half for block tables, 4 bytes per page, 32768 / 128 = 256 pages each
+    assert cfg.value("max_num_seqs_smem") == 1024 * 1024 // 2 // 256 // 4 == 512
+    assert cfg.knobs["max_num_seqs_smem"].derived_from == (("page_size", "overrides"),)
+    assert (
+        "max_num_seqs_smem = 512  [baseline; derived from page_size [overrides]]" in cfg.explain()
+    )
+    r = run_cli(
+        "resolve",
+        "--simulate",
+        "v6e",
+        *SHAPE,
+        "--max-model-len",
+        "32768",
+        "--overrides",
+        str(f),
+        "--explain",
+    )
+    assert r.returncode == 0 and "derived from page_size [overrides]" in r.stdout
+
+
+def test_page_below_the_smem_minimum_is_refused(tmp_path):
+    f = overrides(tmp_path, "page_size = 16")
+    w = Workload(**V6E, max_model_len=131072)
+    with pytest.raises(TuningError) as e:
+        resolve(w, simulate="v6e", overrides=f)
+    first, second = str(e.value).splitlines()
+    assert "[rule rpa_v3_smem_estimate]" in second  # the kernel's own tables overflow too
+    assert first == (
+        "layer overrides: page_size: page_size 16 is below the SMEM minimum page 256 for "
+        "max_model_len 131072 and max_num_seqs 256 on v6e [rule page_smem_minimum] "
+        "(use a page of at least 256, or lower max_num_seqs)"
+    )
+    for fmt in ("vllm", "json", "text"):
+        r = run_cli(
+            "resolve",
+            "--simulate",
+            "v6e",
+            *SHAPE,
+            "--max-model-len",
+            "131072",
+            "--overrides",
+            str(f),
+            "--format",
+            fmt,
+        )
+        assert (
+            r.returncode == 2 and "--block-size" not in r.stdout and "page_smem_minimum" in r.stderr
+        )
+
+
+def test_huge_page_sizes_are_refused_with_the_bound(tmp_path):
+    r = run_cli("resolve", "--simulate", "v6e", *SHAPE, "--page-size", str(2**40))
+    assert r.returncode == 2
+    assert r.stderr == (
+        "error: workload: page_size: 1099511627776 is above 2048, the most a sequence of "
+        "max_model_len 2048 needs (use a page of at most 2048)\n"
+    )
+    f = overrides(tmp_path, f"page_size = {2**40}")
+    with pytest.raises(TuningError, match=r"page_size 1099511627776 is out of range 1\.\.65536"):
+        resolve(Workload(**V6E), simulate="v6e", overrides=f)
+    plugin = type(
+        "Huge",
+        (),
+        {
+            "tpu_registry_tune": tpu_registry.hookimpl(
+                lambda self: Layer("huge", {"page_size": 2**40})
+            )
+        },
+    )()
+    get_plugin_manager().register(plugin, name="huge")
+    try:
+        cfg = resolve(Workload(**V6E), simulate="v6e")
+    finally:
+        get_plugin_manager().unregister(name="huge")
+    assert cfg.layer("page_size") == "baseline"
+    assert [(f.plugin, f.message) for f in cfg.tuning.faults] == [
+        ("huge", "page_size 1099511627776 is out of range 1..65536 (check the value and its unit)")
+    ]
+
+
+def test_a_common_vmem_ceiling_lowers_each_family_limit(tmp_path):
+    f = overrides(tmp_path, "vmem_limit_bytes = 67108864")
+    cfg = resolve(Workload(**V6E), simulate="v6e", overrides=f)
+    for family in ("rpa_v2", "rpa_v3"):
+        k = cfg.knobs[f"{family}.vmem_limit_bytes"]
+        assert (k.value, k.layer, k.derived_from) == (
+            67108864,
+            "baseline",
+            (("vmem_limit_bytes", "overrides"),),
+        )
+    # The same layer setting both inconsistently is its own contradiction: an error.
+    f = overrides(tmp_path, 'vmem_limit_bytes = 67108864\n"rpa_v3.vmem_limit_bytes" = 100663296')
+    with pytest.raises(
+        TuningError,
+        match=r"rpa_v3.vmem_limit_bytes 100663296 is above vmem_limit_bytes 67108864 "
+        r"\[rule vmem_within_ceiling\]",
+    ):
+        resolve(Workload(**V6E), simulate="v6e", overrides=f)
+
+
+@pytest.mark.parametrize(
+    ("knob", "suggestion"),
+    [
+        ('"rpa_v3.d_block_size" = [1, 1024, 1, 1024]', "rpa_v3.d_block_sizes"),
+        ('"rpa_v2.num_kv_page_per_block" = 8', "rpa_v2.num_kv_pages_per_block"),
+    ],
+)
+def test_near_miss_knob_names_are_errors_with_a_suggestion(tmp_path, knob, suggestion):
+    f = overrides(tmp_path, knob)
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(**V6E), simulate="v6e", overrides=f)
+    assert str(e.value).endswith(f"(did you mean {suggestion!r}?)") and f"{f}:6:" in str(e.value)
+    r = run_cli("validate", str(f))
+    assert r.returncode == 2 and f"did you mean {suggestion!r}" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "knob",
+    [
+        '"rpa_v3.p_block_sizes" = "256, 1024, 128, 512"',
+        "[override.knobs.rpa_v3]\nd_block_sizes = [1, 1024, 1, 1024]",
+        "rpa_v3.d_block_sizes = [1, 1024, 1, 1024]",
+    ],
+    ids=["tuple-as-string", "nested-table", "unquoted-dotted-key"],
+)
+def test_strings_for_tuples_and_nested_tables_are_refused(tmp_path, knob):
+    f = overrides(tmp_path, knob)
+    with pytest.raises(TuningError):
+        resolve(Workload(**V6E), simulate="v6e", overrides=f)
+    assert run_cli("validate", str(f)).returncode == 2
+
+
+def test_a_plugin_tuple_given_as_a_string_is_a_fault():
+    plugin = type(
+        "S",
+        (),
+        {
+            "tpu_registry_tune": tpu_registry.hookimpl(
+                lambda self: Layer("s", {"rpa_v3.p_block_sizes": "256,1024,128,512"})
+            )
+        },
+    )()
+    get_plugin_manager().register(plugin, name="s")
+    try:
+        cfg = resolve(Workload(**V6E), simulate="v6e")
+    finally:
+        get_plugin_manager().unregister(name="s")
+    assert [f.plugin for f in cfg.tuning.faults] == ["s"] and "s" not in cfg.tuning.layers
+
+
+@pytest.mark.parametrize(
+    "knob",
+    [
+        '"rpa_v3.m_block_sizes" = [256, -1024, 128, 512]',
+        f'"rpa_v3.m_block_sizes" = [256, {2**40}, 128, 512]',
+        "page_size = 48",
+        '"rpa_v3.p_block_sizes" = [256, 1024, 96, 512]',
+    ],
+)
+def test_validate_refuses_what_resolve_refuses(tmp_path, knob):
+    f = overrides(tmp_path, knob)
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(**V6E), simulate="v6e", overrides=f)
+    r = run_cli("validate", str(f))
+    assert r.returncode == 2 and r.stderr.splitlines() == [f"{p}" for p in e.value.problems]
+
+
+def test_an_overrides_file_with_no_entries_is_valid(tmp_path):
+    f = tmp_path / "empty.toml"
+    f.write_text("schema_version = 1\n")
+    r = run_cli("validate", str(f))
+    assert (r.returncode, r.stderr) == (0, "") and r.stdout.strip().endswith(" checked, 0 problems")
+    cfg = resolve(Workload(**V6E), simulate="v6e", overrides=f)
+    assert cfg.tuning.layers == ("baseline",)
+
+
+def test_the_baseline_is_essential(monkeypatch):
+    monkeypatch.setenv("TPU_REGISTRY_POLICIES", "tables")
+    cfg = resolve(Workload(**V6E), simulate="v6e")
+    assert cfg.layer("page_size") == "baseline" and "baseline" in cfg.tuning.layers
+    r = run_cli("resolve", "--simulate", "v6e", *SHAPE, "--format", "vllm")
+    assert r.returncode == 0 and "--block-size 128" in r.stdout and "None" not in r.stdout
+    monkeypatch.setenv("TPU_REGISTRY_POLICIES", "")
+    monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", "baseline")
+    with pytest.raises(
+        RegistryError,
+        match="TPU_REGISTRY_DISABLE_PLUGINS names 'baseline', which is essential and cannot be "
+        "disabled",
+    ):
+        resolve(Workload(**V6E), simulate="v6e")
+    for fmt in ("json", "vllm"):
+        r = run_cli("resolve", "--simulate", "v6e", *SHAPE, "--format", fmt)
+        assert r.returncode == 2 and "essential" in r.stderr and r.stdout == ""
+
+
+def test_mla_models_are_recognised_and_refused(tmp_path):
+    config = json.loads((REPO / "tests" / "data" / "hf" / "deepseek-v2-lite.json").read_text())
+    assert config["kv_lora_rank"] == 512 and config["qk_rope_head_dim"] == 64
+    r = run_cli(
+        "resolve",
+        "--simulate",
+        "v6e",
+        "--hf-config",
+        str(REPO / "tests" / "data" / "hf" / "deepseek-v2-lite.json"),
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    assert "multi-head latent attention (MLA" in r.stderr and "kv_lora_rank" in r.stderr
+
+
+def test_a_resolved_config_is_read_only():
+    cfg = resolve(Workload(**V6E), simulate="v6e")
+    with pytest.raises(TypeError):
+        cfg.knobs["page_size"] = 1  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        cfg.knobs["page_size"].value = 1  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        cfg.tuning.knobs._data = {}  # type: ignore[attr-defined]
+    assert resolve(Workload(**V6E), simulate="v6e").value("page_size") == 128
+
+
+def test_edited_files_are_seen_within_a_second(tmp_path, monkeypatch):
+    f = overrides(tmp_path, "page_size = 64")
+    w = Workload(**V6E)
+    assert resolve(w, simulate="v6e", overrides=f).value("page_size") == 64
+    f.write_text(f.read_text().replace("page_size = 64", "page_size = 32"))
+    os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))  # a visibly newer mtime
+    time.sleep(1.05)
+    assert resolve(w, simulate="v6e", overrides=f).value("page_size") == 32
+    f.write_text(f.read_text().replace("page_size = 32", "page_size = 16"))
+    os.utime(f, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    clear_cache()  # forces it at once
+    assert resolve(w, simulate="v6e", overrides=f).value("page_size") == 16
+
+
+def test_a_broken_generation_file_fails_only_what_uses_it(tmp_path, caplog):
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    (folder / "v97.toml").write_text('schema_version = 1\nid = "v97"\nname = "broken"\n')
+    w = Workload(**V6E)
+    with pytest.raises(CatalogError, match="v97.toml"):
+        load_catalog([folder])  # list/show/validate stay strict
+    cfg = resolve(w, simulate="v6e", catalog_dirs=(folder,))
+    assert cfg.generation == "v6e"
+    assert any("v97.toml" in n and "left out of the catalog" in n for n in cfg.notes)
+    assert any("v97.toml is invalid and was left out" in r.getMessage() for r in caplog.records)
+    with pytest.raises(CatalogError, match="v97.toml"):
+        resolve(w, simulate="v97", catalog_dirs=(folder,))
+    r = run_cli("resolve", "--simulate", "v5e", *SHAPE, "--catalog", str(folder))
+    assert r.returncode == 0 and "warning: catalog file" in r.stderr and "v97.toml" in r.stderr
+
+
+# ------------------------------------------------------------------------ per-call knobs
+
+
+def test_per_call_knobs_follow_the_token_bucket_and_the_shard():
+    cfg = resolve(Workload(**V6E, max_num_batched_tokens=2048, tensor_parallel=2), simulate="v6e")
+    assert cfg.for_call(2048) is cfg
+    # upstream: bq_sz = min(1024 // q_per_kv, max_q // 2), bq_csz = min(512 // q_per_kv, max_q)
+    for n in (16, 32, 64, 128, 256, 512, 1024):
+        call = cfg.for_call(n)
+        assert call.workload.num_tokens == n and call.value("page_size") == cfg.value("page_size")
+        bq, _, bq_c, _ = call.value("rpa_v3.p_block_sizes")
+        assert (bq, bq_c) == (min(1024 // 4, n // 2), min(512 // 4, n))
+        assert call.value("rpa_v3.d_block_sizes") == cfg.value("rpa_v3.d_block_sizes")
+    shard = cfg.for_call(64, q_heads=8, kv_heads=1)  # 8 q heads per KV head in this shard
+    assert shard.value("rpa_v3.p_block_sizes")[0] == min(1024 // 8, 64 // 2)
+
+
+def test_an_override_can_name_its_bucket(tmp_path):
+    f = overrides(tmp_path, '"rpa_v3.m_block_sizes" = [16, 512, 16, 256]', match="num_tokens = 16")
+    cfg = resolve(Workload(**V6E), simulate="v6e", overrides=f)
+    assert cfg.layer("rpa_v3.m_block_sizes") == "baseline"
+    assert cfg.for_call(16).value("rpa_v3.m_block_sizes") == (16, 512, 16, 256)
+    assert cfg.for_call(32).layer("rpa_v3.m_block_sizes") == "baseline"
+
+
+# ------------------------------------------------------------------------ one case per rule
+
+# (rule, generation, workload changes, knobs, the violation's knob) - each breaks that rule only
+RULE_CASES = {
+    "page_power_of_two": ("v6e", {}, {"page_size": 48}, "page_size"),
+    "page_smem_minimum": ("v6e", {"max_model_len": 131072}, {"page_size": 128}, "page_size"),
+    "page_within_sequence": ("v6e", {}, {"page_size": 4096}, "page_size"),
+    "page_kv_packing": (
+        "v6e",
+        {"kv_dtype": "float8_e4m3fn", "max_model_len": 16, "max_num_seqs": 1},
+        {"page_size": 2},
+        "page_size",
+    ),
+    "vmem_positive": ("v6e", {}, {"rpa_v3.vmem_limit_bytes": 0}, "rpa_v3.vmem_limit_bytes"),
+    "vmem_within_core": ("v6e", {}, {"vmem_limit_bytes": 2**28}, "vmem_limit_bytes"),
+    "vmem_within_ceiling": (
+        "v6e",
+        {},
+        {"vmem_limit_bytes": 2**26, "rpa_v3.vmem_limit_bytes": 2**27},
+        "rpa_v3.vmem_limit_bytes",
+    ),
+    "head_padding": ("v6e", {}, {"head_dim_padded": 192}, "head_dim_padded"),
+    "rpa_v2_heads_tileable": (
+        "v5e",
+        {"num_q_heads": 6, "num_kv_heads": 3, "kv_dtype": "float8_e4m3fn"},
+        {"page_size": 128, "rpa_v2.num_kv_pages_per_block": 8},
+        "rpa_v2.num_kv_pages_per_block",
+    ),
+    "rpa_v2_kv_pages_in_range": (
+        "v5e",
+        {},
+        {"page_size": 128, "rpa_v2.num_kv_pages_per_block": 17},
+        "rpa_v2.num_kv_pages_per_block",
+    ),
+    "rpa_v2_queries_in_range": (
+        "v5e",
+        {},
+        {"page_size": 128, "rpa_v2.num_queries_per_block": 4096},
+        "rpa_v2.num_queries_per_block",
+    ),
+    "rpa_v3_float_kv": (
+        "v6e",
+        {"kv_dtype": "int8"},
+        {"page_size": 128, "rpa_v3.d_block_sizes": (1, 2048, 1, 2048)},
+        "rpa_v3.d_block_sizes",
+    ),
+    "rpa_v3_block_divisibility": (
+        "v6e",
+        {},
+        {"page_size": 128, "rpa_v3.p_block_sizes": (256, 1024, 96, 512)},
+        "rpa_v3.p_block_sizes",
+    ),
+    "rpa_v3_kv_page_multiple": (
+        "v6e",
+        {},
+        {"page_size": 128, "rpa_v3.p_block_sizes": (256, 960, 128, 320)},
+        "rpa_v3.p_block_sizes",
+    ),
+    "rpa_v3_kv_block_bounds": (
+        "v6e",
+        {},
+        {"page_size": 128, "rpa_v3.p_block_sizes": (256, 4096, 128, 512)},
+        "rpa_v3.p_block_sizes",
+    ),
+    "rpa_v3_q_block_bounds": (
+        "v6e",
+        {},
+        {"page_size": 128, "rpa_v3.p_block_sizes": (4096, 1024, 128, 512)},
+        "rpa_v3.p_block_sizes",
+    ),
+    "rpa_v3_vmem_estimate": (
+        "v6e",
+        {},
+        {
+            "page_size": 128,
+            "rpa_v3.vmem_limit_bytes": 2**20,
+            "rpa_v3.d_block_sizes": (1, 2048, 1, 2048),
+        },
+        "rpa_v3.d_block_sizes",
+    ),
+    "rpa_v3_smem_estimate": (
+        "v6e",
+        {"max_model_len": 16, "max_num_seqs": 100000},
+        {"page_size": 16, "rpa_v3.d_block_sizes": (1, 16, 1, 16)},
+        "page_size",
+    ),
+}
+
+
+def test_every_rule_has_a_case_and_a_documented_source():
+    assert set(RULE_CASES) == set(kernels.RULES)
+    doc = (REPO / "docs" / "overrides.md").read_text()
+    for rule, text in kernels.RULES.items():
+        assert f"| `{rule}` | {text} |" in doc
+        assert text.startswith(("registry:", "tpu-inference", "torch_xla", "vLLM"))
+
+
+@pytest.mark.parametrize("rule", sorted(RULE_CASES))
+def test_each_rule_refuses_exactly_its_case(rule):
+    gid, changes, knobs, knob = RULE_CASES[rule]
+    spec = load_catalog()[gid]
+    w = replace(Workload(**V6E), **changes)
+    found = kernels.check(spec, w, knobs)
+    assert [(v.rule, v.knob) for v in found] == [(rule, knob)], found
+    # and the same knobs one step inside the bound pass (the rule is a bound, not a ban)
+
+
+def test_the_overrides_doc_tables_are_generated():
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gen_docs
+    finally:
+        sys.path.pop(0)
+    doc = (REPO / "docs" / "overrides.md").read_text()
+    assert gen_docs.render_overrides_doc(doc) == doc, "run python scripts/gen_docs.py"
+
+
+def test_the_baseline_never_breaks_a_rule():
+    """Upstream's own defaults, reproduced, pass every rule or are refused with a reason."""
+    import random
+
+    rng = random.Random(11)
+    checked = refused = 0
+    for gid in ("v4", "v5e", "v5p", "v6e", "tpu7x", "tpu8t", "tpu8i"):
+        for _ in range(150):
+            kv = rng.choice([1, 2, 4, 8, 16])
+            q = kv * rng.choice([1, 2, 4, 8])
+            tp = rng.choice([t for t in (1, 2, 4, 8) if q % t == 0])
+            w = Workload(
+                q,
+                kv,
+                rng.choice([64, 80, 128, 256]),
+                q_dtype=rng.choice(["bfloat16", "float32"]),
+                kv_dtype=rng.choice(["bfloat16", "float8_e4m3fn", "float8_e5m2", "int8"]),
+                max_model_len=rng.choice([128, 1000, 4096, 32768, 131072, 1 << 20]),
+                max_num_seqs=rng.choice([1, 16, 256, 1024]),
+                max_num_batched_tokens=rng.choice([16, 256, 2048, 8192]),
+                tensor_parallel=tp,
+            )
+            try:
+                cfg = resolve(w, simulate=gid)
+            except TuningError as e:
+                assert "bytes of VMEM for one page" in str(e) or "leave no SMEM" in str(e), e
+                refused += 1
+                continue
+            assert not cfg.tuning.faults
+            assert (
+                kernels.check(cfg.spec, w, cfg.tuning.values(), defaults=frozenset(cfg.knobs)) == []
+            )
+            checked += 1
+    assert checked > 900 and refused < checked // 20
