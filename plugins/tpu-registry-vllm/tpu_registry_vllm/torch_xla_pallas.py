@@ -161,6 +161,7 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
         self.head_size_padded = cdiv(head_size, TPU_HEAD_SIZE_ALIGNMENT) * TPU_HEAD_SIZE_ALIGNMENT
         self.registry_config: ResolvedConfig | None = None
         self.kernel_kwargs: dict[str, int | None] | None = None  # None: not resolved yet
+        self._kv_pages_cap: int | None = None  # VLLM_TPU_MOST_MODEL_LEN's narrower tables
         for family in (FAMILY, "kv_cache_update"):
             kernel_binding.kernel(family)  # load the defaults now, not inside the traced forward
         vllm_config = _current_vllm_config()
@@ -206,7 +207,7 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
         if most is not None and w.page_size:
             # VLLM_TPU_MOST_MODEL_LEN gives some calls a narrower block table; the kernel
             # rejects more KV pages per block than the table has.
-            cap = cdiv(most, w.page_size)
+            cap = self._kv_pages_cap = cdiv(most, w.page_size)
             if kwargs["num_kv_pages_per_block"] > cap:
                 kwargs["num_kv_pages_per_block"] = cap
                 notes.append(
@@ -230,6 +231,23 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
             + "".join(f"; {n}" for n in notes)
         )
         _log_once(line)
+
+    def call_kwargs(self, num_tokens: int) -> dict[str, int | None]:
+        """The knobs of one call of ``num_tokens`` (padded) tokens. torch_xla looks its tuned
+        table up and clamps per call (``get_tuned_block_sizes`` with the call's token count),
+        and so does this; vLLM traces each bucket once, so it costs nothing at run time."""
+        assert self.kernel_kwargs is not None
+        if self.registry_config is None or None in self.kernel_kwargs.values():
+            return self.kernel_kwargs
+        try:
+            kwargs = self.registry_config.for_call(num_tokens).kernel_kwargs(FAMILY)
+        except Exception:  # noqa: BLE001 - the engine-wide knobs are valid for every call
+            return self.kernel_kwargs
+        if self._kv_pages_cap is not None:
+            kwargs["num_kv_pages_per_block"] = min(
+                kwargs["num_kv_pages_per_block"], self._kv_pages_cap
+            )
+        return kwargs
 
     def forward(
         self,
@@ -297,7 +315,7 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
             attn_metadata.block_tables,
             attn_metadata.query_start_loc,
             attn_metadata.num_seqs,
-            **self.kernel_kwargs,
+            **self.call_kwargs(num_tokens),
             use_kernel=True,
             sm_scale=self.scale,
             sliding_window=self.sliding_window,

@@ -126,7 +126,7 @@ def test_baseline_equals_tpu_inference(gen, monkeypatch):
     }
     diffs = []
     for w in random_workloads(seed=version * 100 + len(gen), n=N):
-        knobs = tpu_registry_tune(spec, w, None).knobs
+        knobs = tpu_registry_tune(spec, w).knobs
         counts["workloads"] += 1
         vc = vllm_config(w)
         page = max(

@@ -19,8 +19,8 @@ Differences, each with its reason (asserted below, not hidden):
   ``get_page_size`` equals the registry's page size *before* the floor, and the knob differs
   exactly where the floor is larger.
 - Token count: upstream's kernel looks its blocks up with ``q.shape[0]`` (the padded tokens of
-  each call); the registry resolves once with ``max_num_batched_tokens``. Both are compared
-  here with the same number.
+  each call); the adapter does the same per call (``ResolvedConfig.for_call``). Here both are
+  given the same number, the workload's token count.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def test_baseline_matches_upstream_defaults(offline_env, upstream):
     from vllm.v1.attention.backends.pallas import PallasAttentionBackend as P
 
     from tpu_registry import load_catalog
+    from tpu_registry import kernels
     from tpu_registry.policies import baseline
 
     rpa, monkeypatch = upstream
@@ -112,7 +113,7 @@ def test_baseline_matches_upstream_defaults(offline_env, upstream):
         for w in random_workloads(seed=SEEDS[gen]):
             if n >= PER_GENERATION:
                 break
-            knobs = baseline.tpu_registry_tune(spec, w, None).knobs
+            knobs = baseline.tpu_registry_tune(spec, w).knobs
             page = knobs["page_size"]
             qh, kvh = w.q_heads_per_device, w.kv_heads_per_device
             q_dt, kv_dt = jnp.dtype(w.q_dtype), jnp.dtype(w.kv_dtype)
@@ -154,7 +155,7 @@ def test_baseline_matches_upstream_defaults(offline_env, upstream):
             )
             assert knobs["min_page_size"] == P.get_min_page_size(cfg)
             if w.page_size is None:
-                assert baseline.page_size_for(w.max_model_len) == P.get_page_size(
+                assert kernels.page_size_for(w.max_model_len) == P.get_page_size(
                     cfg
                 )  # before the SMEM floor
                 assert page == max(P.get_page_size(cfg), P.get_min_page_size(cfg))

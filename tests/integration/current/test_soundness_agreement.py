@@ -1,0 +1,454 @@
+"""Issue 11, items 1 and 3: what the registry hands out passes tpu-inference 0.32's own checks.
+
+1. Against upstream's own validators (``test_configs_pass_upstream_validators``). For each
+   generation tpu-inference's RPA v3 code handles, random workloads (GQA/MQA heads, head dims
+   64 to 256, bf16/f32 queries, bf16/fp8 KV, sliding windows, 128 to 1M tokens, tensor
+   parallel 1-8) are resolved alone (the baseline) and crossed with a random overrides file
+   and a random third-party policy layer. Every config ``resolve`` returns is fed, shaped as
+   the adapter passes it (one shard's heads, the adapter's KV cache shape, i32 tables of
+   ``max_num_seqs``) with exactly ``tpu_inference_backend.kernel_kwargs(cfg)``, to the v3
+   kernel's ``static_validate_inputs``; ``get_vmem_estimate_bytes`` of each tuple passed (or
+   of ``get_default_block_sizes`` where one is omitted) is compared with the VMEM limit used,
+   and ``get_smem_estimate_bytes`` with the core's SMEM. Upstream must reject none.
+
+   Each refusal (a ``TuningError``, or the policy layer dropped with a fault) is replayed
+   against the same checks with the refused knobs over upstream's own choices (tpu-inference's
+   page size, the kernel's default tuples and VMEM). Refusals upstream would accept must be
+   none for the baseline, and otherwise only rules whose ``RULES`` text starts with
+   ``registry:``, read from the ``[rule NAME]`` of the message.
+
+2. Per-bucket agreement (``test_per_bucket_block_sizes``): for every token bucket the runner
+   compiles (tpu-inference's ``build_token_paddings``) and one TP shard's heads,
+   ``cfg.for_call`` gives upstream's ``get_default_block_sizes`` for that call, except the
+   tuples upstream's ``get_vmem_estimate_bytes`` puts above the limit, which the registry
+   shrinks: exactly those differ, and the shrunk tuples fit and pass the validator.
+
+Head dim 64 runs tpu-inference's hd64 kernel (the adapter delegates it): such configs are
+resolved and counted but not fed to the v3 kernel's checks.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter, defaultdict
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+from tpu_inference.kernels.ragged_paged_attention.v3 import kernel as v3
+from tpu_inference.layers.vllm.backends.flash_attn import PallasAttentionBackend
+from tpu_inference.runner.utils import build_token_paddings
+from tpu_registry_vllm import tpu_inference_backend
+
+import tpu_registry
+from tpu_registry import Layer, TuningError, Workload, load_catalog, resolve
+from tpu_registry.kernels import RULES
+from tpu_registry.plugins import get_plugin_manager, get_plugins
+
+CONFIGS = 200  # workloads per generation, each resolved alone and crossed
+BUCKET_WORKLOADS = 200  # workloads per generation for the per-bucket agreement
+# Generation -> the number tpu-inference's get_tpu_version() returns for it.
+GENERATIONS = {"v5e": 5, "v5p": 5, "v6e": 6, "tpu7x": 7, "tpu8i": 8, "tpu8t": 8}
+OTHER_GENERATIONS = ("v4", "v5e", "v6e", "tpu7x", "tpu8i")  # overrides entries for another chip
+JNP = {
+    "bfloat16": jnp.bfloat16,
+    "float32": jnp.float32,
+    "float8_e4m3fn": jnp.float8_e4m3fn,
+    "float8_e5m2": jnp.float8_e5m2,
+}
+MIB = 1 << 20
+PAGES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 24, 48, 96)
+VMEM_MIB = (0, 1, 4, 8, 16, 24, 32, 48, 64, 96, 100, 120, 128, 160, 192, 256)
+CASES = (v3.RpaCase.DECODE, v3.RpaCase.PREFILL, v3.RpaCase.MIXED)
+KNOB = {case: f"rpa_v3.{case.symbol}_block_sizes" for case in CASES}
+POLICY = "soundness_random_policy"
+TOTAL_PAGES = 64  # any number: no check reads it
+RULE = re.compile(r"\[rule (\w+)\]")
+
+
+class RandomPolicy:
+    """A third-party tuning policy whose layer the test chooses before each resolve."""
+
+    def __init__(self) -> None:
+        self.knobs: dict | None = None
+
+    @tpu_registry.hookimpl
+    def tpu_registry_tune(self, spec, workload):
+        return None if self.knobs is None else Layer(POLICY, dict(self.knobs))
+
+
+@pytest.fixture
+def policy():
+    """``RandomPolicy`` registered on the process's plugins, unregistered afterwards."""
+    tpu_registry.clear_cache()  # clear_cache() also forgets the plugins: register after it
+    p = RandomPolicy()
+    get_plugins().register(p, POLICY)
+    yield p
+    get_plugin_manager().unregister(name=POLICY)
+    tpu_registry.clear_cache()
+
+
+@pytest.fixture(scope="module")
+def summary():
+    """Counts of every test, printed as one table at the end (``-s`` shows it)."""
+    data: dict = {"validators": {}, "rules": defaultdict(Counter), "buckets": {}}
+    yield data
+    print_summary(data)
+
+
+class Upstream:
+    """One generation as tpu-inference sees it: its kernel's default VMEM limit
+    (``pltpu.get_tpu_info()`` under a mesh of that device kind) and the core's SMEM."""
+
+    def __init__(self, gen: str, monkeypatch) -> None:
+        self.gen = gen
+        self.spec = load_catalog()[gen]
+        assert self.spec.generation == GENERATIONS[gen]
+        assert "rpa_v3" in self.spec.kernels.families
+        monkeypatch.setattr(v3, "get_tpu_version", lambda: GENERATIONS[gen])
+        chip = self.spec.chip
+        device = jax.sharding.AbstractDevice(
+            device_kind=self.spec.identify.device_kinds[0],
+            num_cores=chip.tensorcores_per_chip // chip.jax_devices_per_chip,
+            platform="tpu",
+        )
+        mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+        with jax.sharding.use_abstract_mesh(mesh):
+            self.vmem = pltpu.get_tpu_info().vmem_capacity_bytes
+        self.smem = chip.smem_bytes_per_core
+
+    def page_size(self, w: Workload) -> int:
+        """tpu-inference's page size: ``get_page_size`` raised to ``get_min_page_size``."""
+        vc = SimpleNamespace(
+            model_config=SimpleNamespace(max_model_len=w.max_model_len),
+            scheduler_config=SimpleNamespace(max_num_seqs=w.max_num_seqs),
+        )
+        P = PallasAttentionBackend
+        return max(P.get_page_size(vc), P.get_min_page_size(vc))
+
+    def defaults(self, w: Workload, page: int, tokens: int, case) -> tuple[int, int, int, int]:
+        """``get_default_block_sizes`` as the kernel calls it for one shard and call."""
+        q_heads, kv_heads = shard_heads(w)
+        d = v3.get_default_block_sizes(
+            JNP[w.q_dtype],
+            JNP[w.kv_dtype],
+            q_heads,
+            kv_heads,
+            w.head_dim,
+            page,
+            tokens,
+            w.max_num_seqs,
+            -(-w.max_model_len // page),
+            case=case,
+        )
+        return d["bq_sz"], d["bkv_sz"], d["bq_csz"], d["bkv_csz"]
+
+    def vmem_need(self, w: Workload, t) -> int:
+        q_heads, kv_heads = shard_heads(w)
+        return v3.get_vmem_estimate_bytes(
+            kv_heads, q_heads // kv_heads, w.head_dim, t[0], t[1], JNP[w.q_dtype], JNP[w.kv_dtype]
+        )
+
+    def rejects(self, w: Workload, page: int, kwargs: dict, tokens: int, cache_shape) -> list:
+        """Why tpu-inference would refuse this call (empty: it runs it): its validator, then
+        the VMEM estimate of each case against the limit used, then the SMEM estimate."""
+        q_heads, kv_heads = shard_heads(w)
+        seqs, pages_per_seq = w.max_num_seqs, -(-w.max_model_len // page)
+        sds, i32, kv = jax.ShapeDtypeStruct, jnp.int32, JNP[w.kv_dtype]
+        q = sds((tokens, q_heads, w.head_dim), JNP[w.q_dtype])
+        k = sds((tokens, kv_heads, w.head_dim), kv)
+        cache = sds(cache_shape(TOTAL_PAGES, page, kv_heads, w.head_dim, kv), kv)
+        tables = (sds((seqs,), i32), sds((seqs * pages_per_seq,), i32), sds((seqs + 1,), i32))
+        out = []
+        try:
+            v3.static_validate_inputs(
+                q, k, k, cache, *tables, sds((3,), i32), sliding_window=w.sliding_window, **kwargs
+            )
+        except (ValueError, ZeroDivisionError, AssertionError) as e:
+            out.append(f"static_validate_inputs: {e}")
+        limit = kwargs.get("vmem_limit_bytes", self.vmem)
+        for case in CASES:
+            t = kwargs.get(f"{case.symbol}_block_sizes") or self.defaults(w, page, tokens, case)
+            need = self.vmem_need(w, t)
+            if need > limit:
+                out.append(f"get_vmem_estimate_bytes {case.name} {t}: {need} > {limit}")
+        smem = v3.get_smem_estimate_bytes(seqs, pages_per_seq)
+        if smem > self.smem:
+            out.append(f"get_smem_estimate_bytes: {smem} > {self.smem}")
+        return out
+
+    def rejects_intent(self, w: Workload, layers: list[dict]) -> list:
+        """``rejects`` for knobs the registry refused: the layers' knobs (most trusted first)
+        over what upstream chooses itself; a common VMEM ceiling caps the kernel's limit
+        unless a more trusted layer set the kernel's own."""
+        knobs: dict = {}
+        rank: dict = {}
+        for i, layer in enumerate(layers):
+            for name, value in layer.items():
+                if name not in knobs:
+                    knobs[name], rank[name] = value, i
+        page = knobs.get("page_size") or self.page_size(w)
+        kwargs = {
+            f"{case.symbol}_block_sizes": tuple(knobs[KNOB[case]])
+            for case in CASES
+            if KNOB[case] in knobs
+        }
+        limit, ceiling = knobs.get("rpa_v3.vmem_limit_bytes"), knobs.get("vmem_limit_bytes")
+        if ceiling is not None:
+            if limit is None:
+                limit = min(self.vmem, ceiling)
+            elif rank["rpa_v3.vmem_limit_bytes"] > rank["vmem_limit_bytes"]:
+                limit = min(limit, ceiling)
+        if limit is not None:
+            kwargs["vmem_limit_bytes"] = limit
+        return self.rejects(w, page, kwargs, w.max_num_batched_tokens, v3.get_kv_cache_shape)
+
+
+def shard_heads(w: Workload) -> tuple[int, int]:
+    """One shard's heads as the adapter's ``shard_map`` gives them: KV heads repeated up to
+    the tensor-parallel degree when there are fewer."""
+    tp = w.tensor_parallel
+    return w.num_q_heads // tp, max(w.num_kv_heads, tp) // tp
+
+
+def adapter_cache_shape(pages, page, kv_heads, head_dim, kv_dtype):
+    return tpu_inference_backend.RegistryAttentionBackend().get_kv_cache_shape(
+        pages, page, kv_heads, head_dim, kv_dtype
+    )
+
+
+def random_workload(rng: random.Random) -> Workload:
+    while True:
+        kv = rng.choice([1, 1, 2, 4, 8, 16, 32])
+        q = kv * rng.choice([1, 2, 3, 4, 5, 8, 16])
+        tp = rng.choice([1, 1, 2, 4, 8])
+        if q % tp:
+            continue
+        return Workload(
+            num_q_heads=q,
+            num_kv_heads=kv,
+            head_dim=rng.choice([64, 128, 128, 256, 256, 96, 192]),
+            q_dtype=rng.choice(["bfloat16", "float32"]),
+            kv_dtype=rng.choice(["bfloat16", "float8_e4m3fn", "float8_e5m2"]),
+            max_model_len=rng.choice([2 ** rng.randint(7, 20), int(2 ** rng.uniform(7, 20))]),
+            max_num_seqs=rng.choice([1, 8, 16, 64, 128, 256, 512, 1024, rng.randint(1, 2048)]),
+            max_num_batched_tokens=rng.choice(
+                [16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, rng.randint(16, 32768)]
+            ),
+            sliding_window=rng.choice([None, None, None, 128, 1024, rng.randint(1, 8192)]),
+            tensor_parallel=tp,
+        )
+
+
+def random_vmem(rng: random.Random) -> int:
+    return rng.randint(1, 300 * MIB) if rng.random() < 0.2 else rng.choice(VMEM_MIB) * MIB
+
+
+def random_blocks(rng: random.Random) -> list[int]:
+    """Some tuples of powers of two over a page-like unit, some anything."""
+    if rng.random() < 0.3:
+        return [rng.randint(1, 4096) for _ in range(4)]
+    unit = rng.choice([8, 16, 32, 64, 128, 256])
+    bq, bkv = 2 ** rng.randint(0, 11), unit * 2 ** rng.randint(0, 6)
+    return [bq, bkv, max(1, bq >> rng.randint(0, 3)), max(unit, bkv >> rng.randint(0, 2))]
+
+
+def random_knobs(rng: random.Random) -> dict:
+    knobs: dict = {}
+    while not knobs:
+        if rng.random() < 0.35:
+            knobs["page_size"] = rng.choice(PAGES)
+        if rng.random() < 0.2:
+            knobs["vmem_limit_bytes"] = random_vmem(rng)
+        if rng.random() < 0.35:
+            knobs["rpa_v3.vmem_limit_bytes"] = random_vmem(rng)
+        for case in CASES:
+            if rng.random() < 0.3:
+                knobs[KNOB[case]] = random_blocks(rng)
+    return knobs
+
+
+def write_overrides(rng: random.Random, gen: str, w: Workload, path) -> dict:
+    """A random overrides file (0-3 entries, for this generation, "*" or another one, some
+    matching the workload); returns the knobs that apply here (the first entry wins)."""
+    lines = ["schema_version = 1", ""]
+    applied: dict = {}
+    for _ in range(rng.choice([0, 1, 1, 2, 3])):
+        target = rng.choice([gen, gen, gen, "*", rng.choice(OTHER_GENERATIONS)])
+        match = rng.choice(
+            [{}, {}, {"max_model_len": w.max_model_len}, {"max_num_seqs": w.max_num_seqs + 1}]
+        )
+        knobs = random_knobs(rng)
+        lines += ["[[override]]", f'generation = "{target}"']
+        if match:
+            lines.append("match = { " + ", ".join(f"{k} = {v}" for k, v in match.items()) + " }")
+        lines.append("[override.knobs]")
+        lines += [f'"{k}" = {v}' for k, v in knobs.items()]  # a list prints as a TOML array
+        lines.append("")
+        if target in (gen, "*") and all(getattr(w, k) == v for k, v in match.items()):
+            for k, v in knobs.items():
+                applied.setdefault(k, v)
+    path.write_text("\n".join(lines))
+    return applied
+
+
+def rules_of(messages: list[tuple[str, str]]) -> set[str]:
+    """The ``[rule NAME]`` of each (field, message); ``untagged: field`` when it names none."""
+    out = set()
+    for where, text in messages:
+        m = RULE.search(text)
+        out.add(m.group(1) if m else "untagged: " + re.sub(r"\[\d+\]", "[]", where))
+    return out
+
+
+def problems(e: TuningError) -> list[tuple[str, str]]:
+    return [(p.field, p.message) for p in e.problems]
+
+
+def documented_registry_rule(rule: str) -> bool:
+    return RULES.get(rule, "").startswith("registry:")
+
+
+@pytest.mark.parametrize("gen", list(GENERATIONS))
+def test_configs_pass_upstream_validators(gen, policy, tmp_path, monkeypatch, summary):
+    """Every config resolve() hands out passes tpu-inference's ``static_validate_inputs``,
+    ``get_vmem_estimate_bytes`` and ``get_smem_estimate_bytes``; every refusal upstream would
+    accept is a documented registry rule, and the baseline refuses nothing upstream accepts."""
+    up = Upstream(gen, monkeypatch)
+    rng = random.Random(f"soundness-{gen}")
+    counts = Counter()
+    rules = summary["rules"]
+    bad_accepts, bad_refusals = [], []
+
+    def accepted(cfg, what: str) -> None:
+        counts[f"{what} accepted"] += 1
+        w = cfg.workload
+        if w.head_dim == 64:
+            counts["head dim 64 (hd64 kernel, not checked)"] += 1
+            return
+        kwargs = tpu_inference_backend.kernel_kwargs(cfg)
+        why = up.rejects(w, cfg.value("page_size"), kwargs, w.tokens, adapter_cache_shape)
+        counts["checked against upstream"] += 1
+        counts["tuples left to the kernel"] += 3 - sum(k.endswith("_sizes") for k in kwargs)
+        if why:
+            bad_accepts.append(f"{w}\n  knobs {cfg.tuning.values()}\n  kwargs {kwargs}\n  {why}")
+
+    def refused(w: Workload, what: str, messages: list[tuple], layers: list[dict]) -> None:
+        why = up.rejects_intent(w, layers)
+        counts[f"{what} refused" + ("" if why else ", upstream accepts")] += 1
+        for rule in rules_of(messages):
+            rules[(gen, rule)]["upstream rejects" if why else "upstream accepts"] += 1
+            if not why and (what == "baseline" or not documented_registry_rule(rule)):
+                bad_refusals.append(f"{what} [{rule}] {w}\n  {layers}\n  {messages}")
+
+    for i in range(CONFIGS):
+        w = random_workload(rng)
+        policy.knobs = None
+        try:
+            accepted(resolve(w, simulate=gen), "baseline")
+        except TuningError as e:
+            refused(w, "baseline", problems(e), [])
+        path = tmp_path / f"overrides-{i}.toml"
+        ov = write_overrides(rng, gen, w, path)
+        policy.knobs = random_knobs(rng) if rng.random() < 0.7 else None
+        try:
+            cfg = resolve(w, simulate=gen, overrides=path)
+        except TuningError as e:
+            refused(w, "overrides", problems(e), [ov])
+            continue
+        accepted(cfg, "crossed")
+        for fault in cfg.tuning.faults:
+            assert fault.plugin == POLICY, fault
+            if "layer dropped" in fault.message:  # the rules it broke, named under strict
+                with pytest.raises(TuningError) as strict:
+                    resolve(w, simulate=gen, overrides=path, strict=True)
+                messages = problems(strict.value)
+            else:  # refused by the knob registry before any rule
+                messages = [(fault.message.split()[0], fault.message)]
+            refused(w, "policy layer", messages, [ov, policy.knobs])
+
+    summary["validators"][gen] = counts
+    print(f"\n{gen}: {dict(counts)}")
+    assert not bad_accepts, f"{len(bad_accepts)} accepted configs upstream rejects:\n" + (
+        "\n".join(bad_accepts[:5])
+    )
+    assert not bad_refusals, (
+        f"{len(bad_refusals)} refusals upstream accepts that are not documented registry "
+        "rules (or are the baseline's):\n" + "\n".join(bad_refusals[:50])
+    )
+
+    assert counts["crossed accepted"] + counts["baseline accepted"] >= CONFIGS
+    assert counts["crossed accepted"] >= CONFIGS // 2 and counts["checked against upstream"]
+
+@pytest.mark.parametrize("gen", list(GENERATIONS))
+def test_per_bucket_block_sizes(gen, monkeypatch, summary):
+    """For every bucket and one shard's heads, ``cfg.for_call`` gives upstream's
+    ``get_default_block_sizes``, except exactly the tuples upstream's
+    ``get_vmem_estimate_bytes`` puts above the limit, which are shrunk to fit; each call's
+    kwargs pass ``static_validate_inputs`` and the estimates."""
+    tpu_registry.clear_cache()
+    up = Upstream(gen, monkeypatch)
+    rng = random.Random(f"buckets-{gen}")
+    counts = Counter()
+    diffs = []
+    for _ in range(BUCKET_WORKLOADS):
+        w = random_workload(rng)
+        try:
+            cfg = resolve(w, simulate=gen)
+        except TuningError:
+            counts["workloads refused"] += 1
+            continue
+        counts["workloads"] += 1
+        page = cfg.value("page_size")
+        q_heads, kv_heads = shard_heads(w)
+        for bucket in build_token_paddings(16, w.max_num_batched_tokens, 0):
+            call = cfg.for_call(bucket, q_heads=q_heads, kv_heads=kv_heads)
+            kwargs = tpu_inference_backend.kernel_kwargs(call)
+            limit = kwargs["vmem_limit_bytes"]
+            counts["calls"] += 1
+            for case in CASES:
+                want, got = up.defaults(w, page, bucket, case), call.value(KNOB[case])
+                over = up.vmem_need(w, want) > limit
+                counts["tuples"] += 1
+                counts["shrunk (upstream's estimate above the limit)"] += over
+                if over == (got == want):
+                    diffs.append(f"{case.name} bucket {bucket}: registry {got}, upstream {want}")
+                elif over:
+                    assert up.vmem_need(w, got) <= limit, (w, bucket, got)
+            if w.head_dim != 64:
+                why = up.rejects(w, page, kwargs, bucket, adapter_cache_shape)
+                if why:
+                    diffs.append(f"bucket {bucket}: kwargs {kwargs} rejected: {why}")
+        if diffs and len(diffs) < 6:
+            diffs[-1] += f" ({w})"
+    summary["buckets"][gen] = counts
+    print(f"\n{gen}: {dict(counts)}")
+    assert counts["workloads"] >= BUCKET_WORKLOADS // 2
+    assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs[:5])
+
+
+def print_summary(data: dict) -> None:
+    if data["validators"]:
+        print("\n\nregistry configs vs tpu-inference 0.32's own checks, per generation:")
+        keys = sorted({k for c in data["validators"].values() for k in c})
+        for key in keys:
+            row = "".join(f"{data['validators'][g].get(key, 0):>8}" for g in data["validators"])
+            print(f"  {key:52}{row}")
+        print(f"  {'':52}" + "".join(f"{g:>8}" for g in data["validators"]))
+        print("\nrefusals per rule (upstream rejects too / upstream accepts), per generation:")
+        gens = list(data["validators"])
+        for rule in sorted({r for _, r in data["rules"]}):
+            cells = []
+            for g in gens:
+                c = data["rules"].get((g, rule), Counter())
+                cells.append(f"{c['upstream rejects']:>5}/{c['upstream accepts']:<5}")
+            kind = "registry" if documented_registry_rule(rule) else "upstream"
+            print(f"  {rule[:40]:40} {kind:9}" + " ".join(cells))
+        print(f"  {'':50}" + " ".join(f"{g:^11}" for g in gens))
+    if data["buckets"]:
+        print("\nper-bucket block sizes vs get_default_block_sizes:")
+        for g, c in data["buckets"].items():
+            print(f"  {g:6} {dict(c)}")
