@@ -202,7 +202,11 @@ def test_attention_matches_numpy(dtype, window, soft_cap, tol):
     # Exactly the registry's kernel knobs reach the kernel, once, with the layer's settings.
     assert len(rec.calls) == 1
     kw = rec.calls[0]
-    assert {n: kw[n] for n in tib.KERNEL_TUNING} == cfg.kernel_kwargs("rpa_v3")
+    # resolved for this call: T padded tokens, one shard with every head
+    call = cfg.for_call(T, q_heads=HQ, kv_heads=HKV)
+    assert call.workload.tokens == T and call.value("page_size") == cfg.value("page_size")
+    assert {n: kw[n] for n in tib.KERNEL_TUNING if n in kw} == tib.kernel_kwargs(call)
+    assert "vmem_limit_bytes" in kw and "d_block_sizes" in kw
     assert {
         n: kw[n]
         for n in (

@@ -14,7 +14,7 @@ def test_jax_on_cpu_gives_no_tpu_evidence_and_no_fault():
     for probe in (False, True):
         d = detect(allow_runtime_init=probe)
         assert not [f for f in d.findings if f.evidence.detector == "jax"], d.findings
-        assert not [f for f in d.faults if f.detector == "jax"], d.faults
+        assert not [f for f in d.faults if f.plugin == "jax"], d.faults
         # The environment's TPU_ACCELERATOR_TYPE still decides; JAX neither helps nor conflicts.
         assert d.generation == "v6e" and not d.conflicts
 
@@ -28,7 +28,7 @@ d = detect()
 xb = sys.modules.get("jax._src.xla_bridge")
 print(json.dumps({"jax_imported": "jax" in sys.modules, "before": list(before),
                   "after": list(getattr(xb, "_backends", {}) or {}), "generation": d.generation,
-                  "jax_faults": [f.message for f in d.faults if f.detector == "jax"]}))
+                  "jax_faults": [f.message for f in d.faults if f.plugin == "jax"]}))
 """
 
 

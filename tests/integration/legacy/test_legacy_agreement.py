@@ -98,8 +98,7 @@ def test_baseline_matches_upstream_defaults(offline_env, upstream):
     from vllm.utils.math_utils import cdiv
     from vllm.v1.attention.backends.pallas import PallasAttentionBackend as P
 
-    from tpu_registry import load_catalog
-    from tpu_registry import kernels
+    from tpu_registry import kernels, load_catalog
     from tpu_registry.policies import baseline
 
     rpa, monkeypatch = upstream
