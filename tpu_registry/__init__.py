@@ -29,6 +29,7 @@ _EXPORTS = {
     "Setting": "settings",
     "Evidence": "types",
     "DetectContext": "types",
+    "DoctorContext": "types",
     "Detection": "types",
     "Finding": "types",
     "Fault": "types",
@@ -61,6 +62,7 @@ __all__ = [
     "DetectContext",
     "Detection",
     "DetectionError",
+    "DoctorContext",
     "Evidence",
     "Fault",
     "Finding",
@@ -119,6 +121,7 @@ if TYPE_CHECKING:  # for type checkers and editors; never executed
     from .types import (
         DetectContext,
         Detection,
+        DoctorContext,
         Evidence,
         Fault,
         Finding,

@@ -1,4 +1,4 @@
-"""tpu-registry: list | show | detect | resolve | validate | schema | plugins.
+"""tpu-registry: list | show | detect | resolve | validate | schema | plugins | doctor.
 
 Exit codes: 0 success; 2 invalid input (bad data files, bad arguments, unknown generation,
 failed validation); 3 ``detect --require`` found no TPU; 1 an unexpected internal error
@@ -355,6 +355,25 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    given = args.hf_config or any(v is not None for v in (args.heads, args.kv_heads, args.head_dim))
+    r = doctor.report(
+        _workload(args) if given else None,
+        simulate=args.simulate,
+        overrides=args.overrides,
+        allow_runtime_init=args.probe,
+        strict=args.strict,
+        catalog_dirs=tuple(args.catalog),
+    )
+    if args.json:
+        _dump(r)
+    else:
+        print(doctor.text(r))
+    return EXIT_OK
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from . import settings
     from .plugins import get_plugins
@@ -429,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_resolve,
             "the knobs for a workload on this (or a simulated) TPU, and who chose each",
         ),
+        (
+            "doctor",
+            cmd_doctor,
+            "installed versions, what the registry and the vLLM plugin would apply, and what "
+            "they cannot reach (for bug reports)",
+        ),
     ):
         sp = add(name, fn, help)
         sp.add_argument(
@@ -470,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="PATH",
                 help="a TOML overrides file (else TPU_REGISTRY_OVERRIDES)",
             )
+            if name == "doctor":
+                continue
             sp.add_argument("--explain", action="store_true", help="print the full reasoning")
             sp.add_argument(
                 "--format",

@@ -14,16 +14,16 @@ arguments it uses (pluggy passes it those), so hooks gain arguments without brea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:
     from .settings import Setting
     from .spec import Generation
-    from .types import DetectContext, Detection, Evidence, Layer, TuneContext
+    from .types import DetectContext, Detection, DoctorContext, Evidence, Layer, TuneContext
     from .workload import Workload
 
 PROJECT = "tpu_registry"
@@ -85,4 +85,18 @@ def tpu_registry_tune(
     :param detection: how the generation was found (a policy may ignore it).
     :param context: the catalog, the overrides file in force and the environment to use.
     :returns: a ``Layer(name, knobs)``; knob names are ``page_size`` or ``family.knob``.
+    """
+
+
+@hookspec
+def tpu_registry_doctor(context: DoctorContext) -> Mapping[str, Any] | None:
+    """Contribute a section to ``tpu-registry doctor``: what this plugin would do here.
+
+    Must not import heavy frameworks (read versions from ``context.packages``): doctor is what
+    a user runs, and pastes into a bug report, when something does not start. The section is
+    shown under the plugin's name; plain JSON values only.
+
+    :param context: installed package versions, the resolved configuration (or None, with
+        ``context.error`` saying why) and the environment.
+    :returns: a mapping for the report, or None.
     """

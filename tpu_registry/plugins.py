@@ -24,7 +24,7 @@ import pluggy
 
 from . import hookspecs, settings
 from .errors import CatalogError, RegistryError, TuningError
-from .types import EVIDENCE_KINDS, DetectContext, Evidence, Fault, Layer
+from .types import EVIDENCE_KINDS, DetectContext, DoctorContext, Evidence, Fault, Layer
 
 if TYPE_CHECKING:
     from .spec import Generation
@@ -280,6 +280,26 @@ class Plugins:
                 continue
             layers.append((name, out))
         return layers, faults
+
+    def doctor(self, context: DoctorContext) -> tuple[dict[str, Any], list[Fault]]:
+        """Every plugin's section of ``tpu-registry doctor``, by plugin name, and faults."""
+        sections: dict[str, Any] = {}
+        faults: list[Fault] = []
+        for impl in self._impls("tpu_registry_doctor"):
+            name = short_name(impl.plugin_name)
+            try:
+                out = self._call("tpu_registry_doctor", impl, context=context)
+            except Exception as e:  # noqa: BLE001 - a plugin fault must not escape
+                faults.append(Fault(name, f"raised {type(e).__name__}: {e}", stage="doctor"))
+                continue
+            if out is None:
+                continue
+            if not isinstance(out, Mapping):
+                msg = f"returned {type(out).__name__}, not a mapping or None"
+                faults.append(Fault(name, msg, stage="doctor"))
+                continue
+            sections[name] = dict(out)
+        return sections, faults
 
     # ------------------------------------------------------------------------ reports
 

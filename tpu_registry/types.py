@@ -94,7 +94,7 @@ class Fault:
     plugin: str
     message: str
     _: KW_ONLY
-    stage: str = ""  # load | detect | tune
+    stage: str = ""  # load | detect | tune | doctor
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -145,6 +145,18 @@ class TuneContext:
     detection: Detection
     _: KW_ONLY
     overrides_path: Path | None = None  # the overrides file in force (argument or env)
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DoctorContext:
+    """What ``tpu-registry doctor`` knows: installed versions (from package metadata, nothing
+    imported), the configuration it resolved for the workload, and the environment."""
+
+    packages: Mapping[str, str | None]
+    _: KW_ONLY
+    config: Any = None  # a ResolvedConfig, or None when resolving failed
+    error: str = ""
     env: Mapping[str, str] = field(default_factory=dict)
 
 
