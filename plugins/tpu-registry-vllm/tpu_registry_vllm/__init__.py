@@ -12,7 +12,10 @@ and import nothing heavy until they act:
 
 Both do nothing unless the platform is TPU or ``TPU_REGISTRY_VLLM=force``;
 ``TPU_REGISTRY_VLLM=off`` turns them off. Installing this package never changes attention for
-GPU or CPU users.
+GPU or CPU users. On a TPU host it does change tpu-inference's own attention, not only the
+backend you select: the platform applies the registry's page size, and exports the registry's
+``RPA_V3_*_BLOCK_SIZES``, which tpu-inference's default backend and JAX-native models read
+(``TPU_REGISTRY_VLLM_EXPORT=off`` stops the export). The start-up line says what was applied.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from . import ENV_MODE
 # What the plugin exported, so a forked child (which inherits the variables) can tell its
 # parent's export from a value the user set.
 ENV_EXPORTED = "TPU_REGISTRY_VLLM_EXPORTED"
+ENV_EXPORT = "TPU_REGISTRY_VLLM_EXPORT"
 
 
 @tpu_registry.hookimpl
@@ -24,6 +25,12 @@ def tpu_registry_settings() -> list[Setting]:
             "`auto` (only on TPU), `force` or `off`: whether the vLLM plugin registers its "
             "backend and platform.",
             default="auto",
+        ),
+        Setting(
+            ENV_EXPORT,
+            "`on` (default) or `off`: whether the platform plugin exports RPA_V3_*_BLOCK_SIZES, "
+            "which tpu-inference's own attention reads (JAX-native models, its default backend).",
+            default="on",
         ),
         Setting(
             ENV_EXPORTED,

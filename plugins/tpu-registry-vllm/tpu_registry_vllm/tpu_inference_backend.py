@@ -27,7 +27,7 @@ from tpu_registry import ResolvedConfig, canonical_dtype, rpa_v3_rejection
 from tpu_registry import kv_cache_shape as plan_kv_cache_shape
 
 from . import BACKEND_NAME, kernel_binding
-from .registry_plugin import ENV_EXPORTED
+from .registry_plugin import ENV_EXPORT, ENV_EXPORTED
 from .vllm_config import log, log_line, resolve_for_vllm
 
 NAME = BACKEND_NAME.lower()  # tpu-inference keys registered backends by the lower-case name
@@ -116,7 +116,10 @@ def export_block_sizes(cfg: ResolvedConfig, env: dict[str, str] | None = None) -
         env[ENV_EXPORTED] = ";".join(f"{k}={v}" for k, v in ours.items())
     if exported:
         notes.insert(
-            0, f"RPA_V3_{{{','.join(exported).upper()}}}_BLOCK_SIZES exported for JAX-native models"
+            0,
+            f"RPA_V3_{{{','.join(exported).upper()}}}_BLOCK_SIZES exported (tpu-inference's own "
+            "attention reads them: JAX-native models and its default backend; "
+            f"{ENV_EXPORT}=off keeps its defaults)",
         )
     return notes
 
@@ -127,7 +130,16 @@ def activate(vllm_config: Any, *, export: bool = True) -> ResolvedConfig:
     global _active
     cfg = resolve_for_vllm(vllm_config)
     with _lock:
-        notes = export_block_sizes(cfg) if export else []
+        notes = []
+        if export and os.environ.get(ENV_EXPORT, "on").strip().lower() in (
+            "0",
+            "off",
+            "no",
+            "false",
+        ):
+            notes.append(f"RPA_V3_*_BLOCK_SIZES not exported ({ENV_EXPORT}=off)")
+        elif export:
+            notes = export_block_sizes(cfg)
         page = cfg.value("page_size")
         for name in ("d_block_sizes", "p_block_sizes", "m_block_sizes"):
             value = cfg.value(f"{FAMILY}.{name}")

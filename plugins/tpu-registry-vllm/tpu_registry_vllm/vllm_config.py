@@ -59,9 +59,7 @@ def resolve_for_vllm(vllm_config: Any) -> ResolvedConfig:
     return resolve(workload_from_vllm(vllm_config))
 
 
-def log_line(
-    cfg: ResolvedConfig, *, family: str, exported: bool = False, extra: Sequence[str] = ()
-) -> str:
+def log_line(cfg: ResolvedConfig, *, family: str, extra: Sequence[str] = ()) -> str:
     """One line: generation and how it was found; page size, block sizes, VMEM, each with its layer.
 
     ``extra``: further phrases appended as they are (e.g. what happened to exported variables).
@@ -89,7 +87,5 @@ def log_line(
             knob("rpa_v2.num_queries_per_block"),
             knob("rpa_v2.vmem_limit_bytes"),
         ]
-    if exported:
-        parts.append("RPA_V3_*_BLOCK_SIZES exported for models tpu-inference runs as JAX modules")
     parts += list(extra)
     return "; ".join(parts)

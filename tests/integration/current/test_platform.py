@@ -114,10 +114,20 @@ def test_exports_equal_registry_and_reach_tpu_inference(tiny_model, clean):
         assert os.environ[var] == ",".join(map(str, cfg.value(knob)))
     assert rpa_block_size_kwargs() == want  # what tpu-inference's own call sites forward
     assert (
-        "RPA_V3_{DECODE,PREFILL,MIXED}_BLOCK_SIZES exported for JAX-native models"
-        in clean.lines[-1]
+        "RPA_V3_{DECODE,PREFILL,MIXED}_BLOCK_SIZES exported (tpu-inference's own attention reads "
+        "them: JAX-native models and its default backend; TPU_REGISTRY_VLLM_EXPORT=off keeps "
+        "its defaults)" in clean.lines[-1]
     )
     assert len(clean.lines) == 1
+
+
+def test_export_can_be_turned_off(tiny_model, clean, monkeypatch):
+    monkeypatch.setenv("TPU_REGISTRY_VLLM_EXPORT", "off")
+    engine(tiny_model, attention_backend="TPU_REGISTRY")
+    for var in backend.BLOCK_SIZE_ENV:
+        assert var not in os.environ
+    assert rpa_block_size_kwargs() == {}  # tpu-inference keeps its own defaults
+    assert "RPA_V3_*_BLOCK_SIZES not exported (TPU_REGISTRY_VLLM_EXPORT=off)" in clean.lines[-1]
 
 
 def test_user_value_is_kept(tiny_model, clean, monkeypatch):

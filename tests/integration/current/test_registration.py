@@ -130,7 +130,7 @@ def test_one_log_line_per_process(runs):
         "p_block_sizes=",
         "m_block_sizes=",
         "vmem_limit_bytes=134217728 [baseline]",
-        "exported for JAX-native models",
+        "_BLOCK_SIZES exported (tpu-inference's own attention reads them",
     ):
         assert part in line
     assert f"page_size={r['block_size']} [baseline]" in line
