@@ -27,74 +27,36 @@ MAX_NESTING = 16
 def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
     """Return (document, text, problems). The document is None when it cannot be parsed."""
     shown = str(path)
+    text = ""
+
+    def fail(line: int | None, message: str, hint: str) -> tuple[None, str, list[Problem]]:
+        return None, text, [Problem(shown, line, "", message, hint)]
+
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
-            return (
-                None,
-                "",
-                [
-                    Problem(
-                        shown,
-                        None,
-                        "",
-                        f"file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit",
-                        "data files are small; is this the right file?",
-                    )
-                ],
-            )
+            msg = f"file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit"
+            return fail(None, msg, "data files are small; is this the right file?")
         raw = path.read_bytes()
     except OSError as e:
-        return (
-            None,
-            "",
-            [
-                Problem(
-                    shown,
-                    None,
-                    "",
-                    f"cannot read file: {e.strerror or e}",
-                    "check that it exists and is readable",
-                )
-            ],
+        return fail(
+            None, f"cannot read file: {e.strerror or e}", "check that it exists and is readable"
         )
     try:
-        text = raw.decode("utf-8")
+        decoded = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        return (
-            None,
-            "",
-            [
-                Problem(
-                    shown,
-                    line,
-                    "",
-                    f"not valid UTF-8 (byte 0x{raw[e.start]:02x})",
-                    "save the file as UTF-8",
-                )
-            ],
-        )
+        return fail(line, f"not valid UTF-8 (byte 0x{raw[e.start]:02x})", "save the file as UTF-8")
+    text = decoded
     if not text.strip():
-        return None, text, [Problem(shown, None, "", "file is empty", "fill it in, or delete it")]
+        return fail(None, "file is empty", "fill it in, or delete it")
     cached = parse_cache.get(raw)
     if cached is not None:
         return cached, text, []
+    too_deep = f"over the limit of {MAX_NESTING}"
     depth, deep_line = _max_bracket_depth(text)
     if depth > MAX_NESTING:
-        return (
-            None,
-            text,
-            [
-                Problem(
-                    shown,
-                    deep_line,
-                    "",
-                    f"nesting is {depth} levels deep, over the limit of {MAX_NESTING}",
-                    "flatten the file",
-                )
-            ],
-        )
+        return fail(deep_line, f"nesting is {depth} levels deep, {too_deep}", "flatten the file")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -110,29 +72,13 @@ def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
             line = len(text.splitlines()) or 1
             msg = msg.replace("(at end of document)", "at end of file").strip()
             hint = "a bracket, brace or quote opened earlier is never closed"
-        return None, text, [Problem(shown, line, "", f"TOML syntax error: {msg}", hint)]
+        return fail(line, f"TOML syntax error: {msg}", hint)
     except RecursionError:
-        return (
-            None,
-            text,
-            [Problem(shown, None, "", "nesting too deep to parse", "flatten the file")],
-        )
+        return fail(None, "nesting too deep to parse", "flatten the file")
     # Dotted keys and table headers nest without brackets (a.a.a... = 1): check the result too.
     depth = _max_doc_depth(doc)
     if depth > MAX_NESTING:
-        return (
-            None,
-            text,
-            [
-                Problem(
-                    shown,
-                    None,
-                    "",
-                    f"nesting is {depth} levels deep, over the limit of {MAX_NESTING}",
-                    "flatten the file",
-                )
-            ],
-        )
+        return fail(None, f"nesting is {depth} levels deep, {too_deep}", "flatten the file")
     parse_cache.put(raw, doc)
     return doc, text, []
 
