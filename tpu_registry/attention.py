@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .kernels import padded_head_dim
 from .resolution import ResolvedConfig
 from .units import DTYPE_BITS, align, cdiv, packing
 from .workload import Workload
@@ -35,7 +36,7 @@ def kv_cache_shape(
     head_align: int = 128,
 ) -> tuple[int, ...]:
     if layout == "vllm_pallas":
-        return (num_pages, page_size, 2 * num_kv_heads, align(head_dim, head_align))
+        return (num_pages, page_size, 2 * num_kv_heads, padded_head_dim(head_dim, head_align))
     if layout == "tpu_inference":
         pack = packing(kv_dtype)
         if head_dim == 64:  # the hd64 kernel: K and V side by side in the 128 lanes, no padding
@@ -45,7 +46,7 @@ def kv_cache_shape(
             page_size,
             align(2 * num_kv_heads, pack) // pack,
             pack,
-            align(head_dim, 128),
+            padded_head_dim(head_dim),
         )
     raise ValueError(f"unknown KV cache layout {layout!r} (known: {', '.join(LAYOUTS)})")
 

@@ -48,8 +48,9 @@ from tpu_registry import Layer, TuningError, Workload, load_catalog, resolve
 from tpu_registry.kernels import RULES
 from tpu_registry.plugins import get_plugin_manager, get_plugins
 
-CONFIGS = 200  # workloads per generation, each resolved alone and crossed
-BUCKET_WORKLOADS = 200  # workloads per generation for the per-bucket agreement
+CONFIGS = 2000  # workloads per generation, each resolved alone and crossed
+BUCKET_WORKLOADS = 300  # workloads per generation for the per-bucket agreement
+CALL_SAMPLE = 16  # every 16th crossed config is also checked call by call, as traced
 # Generation -> the number tpu-inference's get_tpu_version() returns for it.
 GENERATIONS = {"v5e": 5, "v5p": 5, "v6e": 6, "tpu7x": 7, "tpu8i": 8, "tpu8t": 8}
 OTHER_GENERATIONS = ("v4", "v5e", "v6e", "tpu7x", "tpu8i")  # overrides entries for another chip
@@ -81,7 +82,16 @@ class RandomPolicy:
 
 
 @pytest.fixture
-def policy():
+def no_detectors(monkeypatch):
+    """Generations are simulated: the detectors are disabled, which halves a resolve's time."""
+    monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", "env,sysfs,jax,torch_xla")
+    tpu_registry.clear_cache()
+    yield
+    tpu_registry.clear_cache()
+
+
+@pytest.fixture
+def policy(no_detectors):
     """``RandomPolicy`` registered on the process's plugins, unregistered afterwards."""
     tpu_registry.clear_cache()  # clear_cache() also forgets the plugins: register after it
     p = RandomPolicy()
@@ -243,45 +253,57 @@ def random_workload(rng: random.Random) -> Workload:
         )
 
 
-def random_vmem(rng: random.Random) -> int:
-    return rng.randint(1, 300 * MIB) if rng.random() < 0.2 else rng.choice(VMEM_MIB) * MIB
+def random_vmem(rng: random.Random, core: int) -> int:
+    """Mostly a share of the core's VMEM; sometimes any size, zero or above the core."""
+    if rng.random() < 0.8:
+        return core * rng.choice([1, 2, 3, 4]) // 4
+    return rng.randint(1, 300 * MIB) if rng.random() < 0.5 else rng.choice(VMEM_MIB) * MIB
 
 
-def random_blocks(rng: random.Random) -> list[int]:
-    """Some tuples of powers of two over a page-like unit, some anything."""
-    if rng.random() < 0.3:
-        return [rng.randint(1, 4096) for _ in range(4)]
-    unit = rng.choice([8, 16, 32, 64, 128, 256])
-    bq, bkv = 2 ** rng.randint(0, 11), unit * 2 ** rng.randint(0, 6)
-    return [bq, bkv, max(1, bq >> rng.randint(0, 3)), max(unit, bkv >> rng.randint(0, 2))]
+def random_blocks(rng: random.Random, w: Workload, page: int) -> list[int]:
+    """Mostly powers of two within the batch and the sequence over ``page``; sometimes over
+    another unit, sometimes anything."""
+    if rng.random() < 0.2:
+        if rng.random() < 0.3:
+            return [rng.randint(1, 4096) for _ in range(4)]
+        page = rng.choice([16, 64, 256])
+    bq = 2 ** rng.randint(0, (w.max_num_batched_tokens - 1).bit_length())
+    pages = 2 ** rng.randint(0, min(6, (-(-w.max_model_len // page) - 1).bit_length()))
+    bq_c, pages_c = max(1, bq >> rng.randint(0, 3)), max(1, pages >> rng.randint(0, 2))
+    return [bq, page * pages, bq_c, page * pages_c]
 
 
-def random_knobs(rng: random.Random) -> dict:
+def random_knobs(rng: random.Random, w: Workload, page: int, core: int) -> dict:
+    """Random knobs: a page near ``page`` (the baseline's) or any, VMEM limits, tuples."""
     knobs: dict = {}
     while not knobs:
-        if rng.random() < 0.35:
-            knobs["page_size"] = rng.choice(PAGES)
-        if rng.random() < 0.2:
-            knobs["vmem_limit_bytes"] = random_vmem(rng)
-        if rng.random() < 0.35:
-            knobs["rpa_v3.vmem_limit_bytes"] = random_vmem(rng)
+        if rng.random() < 0.3:
+            near = max(1, (page << 2) >> rng.randint(0, 4))  # page / 4 to page * 4
+            knobs["page_size"] = near if rng.random() < 0.7 else rng.choice(PAGES)
+        if rng.random() < 0.15:
+            knobs["vmem_limit_bytes"] = random_vmem(rng, core)
+        if rng.random() < 0.25:
+            knobs["rpa_v3.vmem_limit_bytes"] = random_vmem(rng, core)
         for case in CASES:
-            if rng.random() < 0.3:
-                knobs[KNOB[case]] = random_blocks(rng)
+            if rng.random() < 0.2:
+                knobs[KNOB[case]] = random_blocks(rng, w, knobs.get("page_size", page))
     return knobs
 
 
-def write_overrides(rng: random.Random, gen: str, w: Workload, path) -> dict:
+def write_overrides(rng: random.Random, gen: str, w: Workload, page: int, core: int, path):
     """A random overrides file (0-3 entries, for this generation, "*" or another one, some
-    matching the workload); returns the knobs that apply here (the first entry wins)."""
+    matching the workload). Returns the knobs that apply here (the first entry wins) and the
+    knobs of each entry."""
     lines = ["schema_version = 1", ""]
     applied: dict = {}
-    for _ in range(rng.choice([0, 1, 1, 2, 3])):
+    entries = []
+    for _ in range(rng.choice([0, 1, 1, 1, 2])):
         target = rng.choice([gen, gen, gen, "*", rng.choice(OTHER_GENERATIONS)])
         match = rng.choice(
             [{}, {}, {"max_model_len": w.max_model_len}, {"max_num_seqs": w.max_num_seqs + 1}]
         )
-        knobs = random_knobs(rng)
+        knobs = random_knobs(rng, w, page, core)
+        entries.append(knobs)
         lines += ["[[override]]", f'generation = "{target}"']
         if match:
             lines.append("match = { " + ", ".join(f"{k} = {v}" for k, v in match.items()) + " }")
@@ -292,15 +314,18 @@ def write_overrides(rng: random.Random, gen: str, w: Workload, path) -> dict:
             for k, v in knobs.items():
                 applied.setdefault(k, v)
     path.write_text("\n".join(lines))
-    return applied
+    return applied, entries
 
 
-def rules_of(messages: list[tuple[str, str]]) -> set[str]:
-    """The ``[rule NAME]`` of each (field, message); ``untagged: field`` when it names none."""
+def rules_of(messages: list[tuple[str, str]], explicit: set[str]) -> set[str]:
+    """The ``[rule NAME]`` of each (field, message) about a knob a refused layer set (or of
+    all, if none is: the workload's own), ``untagged: field`` for a message naming no rule.
+    Rules broken only by knobs computed for a page the layer replaced are left out."""
+    mine = [(f, t) for f, t in messages if f in explicit or f.startswith("override[")]
     out = set()
-    for where, text in messages:
+    for field, text in mine or messages:
         m = RULE.search(text)
-        out.add(m.group(1) if m else "untagged: " + re.sub(r"\[\d+\]", "[]", where))
+        out.add(m.group(1) if m else "untagged: " + re.sub(r"\[\d+\]", "[]", field))
     return out
 
 
@@ -321,7 +346,8 @@ def test_configs_pass_upstream_validators(gen, policy, tmp_path, monkeypatch, su
     rng = random.Random(f"soundness-{gen}")
     counts = Counter()
     rules = summary["rules"]
-    bad_accepts, bad_refusals = [], []
+    bad_accepts: list[str] = []
+    bad_refusals: dict[str, list[str]] = defaultdict(list)  # rule -> examples
 
     def accepted(cfg, what: str) -> None:
         counts[f"{what} accepted"] += 1
@@ -336,39 +362,69 @@ def test_configs_pass_upstream_validators(gen, policy, tmp_path, monkeypatch, su
         if why:
             bad_accepts.append(f"{w}\n  knobs {cfg.tuning.values()}\n  kwargs {kwargs}\n  {why}")
 
+    def calls(cfg) -> None:
+        """The kwargs the adapter passes at trace time for each bucket the runner compiles
+        (``call_kwargs``, resolved per call), through the same checks."""
+        w, page = cfg.workload, cfg.value("page_size")
+        q_heads, kv_heads = shard_heads(w)
+        for bucket in build_token_paddings(16, w.max_num_batched_tokens, 0):
+            counts["crossed configs' calls checked"] += 1
+            try:
+                kwargs = tpu_inference_backend.call_kwargs(cfg, bucket, q_heads, kv_heads)
+            except TuningError as e:  # the adapter would fail while tracing
+                bad_accepts.append(f"{w}\n  bucket {bucket}: {e}")
+                continue
+            why = up.rejects(w, page, kwargs, bucket, adapter_cache_shape)
+            if why:
+                bad_accepts.append(f"{w}\n  bucket {bucket}: kwargs {kwargs}\n  {why}")
+
     def refused(w: Workload, what: str, messages: list[tuple], layers: list[dict]) -> None:
+        if w.head_dim == 64:
+            counts[f"{what} refused, head dim 64 (not checked)"] += 1
+            return
+        # An entry the file was refused for counts as applied, whatever generation it names.
+        named = {int(i) for f, _ in messages for i in re.findall(r"^override\[(\d+)\]", f)}
+        layers = [entries[i] for i in sorted(named)] + layers
         why = up.rejects_intent(w, layers)
         counts[f"{what} refused" + ("" if why else ", upstream accepts")] += 1
-        for rule in rules_of(messages):
+        for rule in rules_of(messages, {k for layer in layers for k in layer}):
             rules[(gen, rule)]["upstream rejects" if why else "upstream accepts"] += 1
             if not why and (what == "baseline" or not documented_registry_rule(rule)):
-                bad_refusals.append(f"{what} [{rule}] {w}\n  {layers}\n  {messages}")
+                bad_refusals[rule].append(f"{what}: {w}\n    knobs {layers}\n    {messages}")
 
-    for i in range(CONFIGS):
+    for i in range(3 * CONFIGS):
+        if counts["crossed accepted"] >= CONFIGS:
+            break
         w = random_workload(rng)
-        policy.knobs = None
+        policy.knobs, entries, page = None, [], 16
         try:
-            accepted(resolve(w, simulate=gen), "baseline")
+            base = resolve(w, simulate=gen)
+            accepted(base, "baseline")
+            page = base.value("page_size")
         except TuningError as e:
             refused(w, "baseline", problems(e), [])
         path = tmp_path / f"overrides-{i}.toml"
-        ov = write_overrides(rng, gen, w, path)
-        policy.knobs = random_knobs(rng) if rng.random() < 0.7 else None
+        ov, entries = write_overrides(rng, gen, w, page, up.vmem, path)
+        policy.knobs = random_knobs(rng, w, page, up.vmem) if rng.random() < 0.7 else None
         try:
             cfg = resolve(w, simulate=gen, overrides=path)
         except TuningError as e:
             refused(w, "overrides", problems(e), [ov])
             continue
         accepted(cfg, "crossed")
+        if i % CALL_SAMPLE == 0 and w.head_dim != 64:
+            calls(cfg)
         for fault in cfg.tuning.faults:
             assert fault.plugin == POLICY, fault
             if "layer dropped" in fault.message:  # the rules it broke, named under strict
                 with pytest.raises(TuningError) as strict:
                     resolve(w, simulate=gen, overrides=path, strict=True)
                 messages = problems(strict.value)
-            else:  # refused by the knob registry before any rule
+                layers = [ov, policy.knobs]
+            else:  # refused by the knob registry on its own, before it is merged
                 messages = [(fault.message.split()[0], fault.message)]
-            refused(w, "policy layer", messages, [ov, policy.knobs])
+                layers = [policy.knobs, ov]
+            refused(w, "policy layer", messages, layers)
 
     summary["validators"][gen] = counts
     print(f"\n{gen}: {dict(counts)}")
@@ -376,20 +432,18 @@ def test_configs_pass_upstream_validators(gen, policy, tmp_path, monkeypatch, su
         "\n".join(bad_accepts[:5])
     )
     assert not bad_refusals, (
-        f"{len(bad_refusals)} refusals upstream accepts that are not documented registry "
-        "rules (or are the baseline's):\n" + "\n".join(bad_refusals[:50])
+        "refusals upstream accepts that are the baseline's or no documented registry rule:\n"
+        + "\n".join(f"[{r}] {len(x)}x, e.g. {x[0]}" for r, x in sorted(bad_refusals.items()))
     )
+    assert counts["crossed accepted"] >= CONFIGS and counts["checked against upstream"]
 
-    assert counts["crossed accepted"] + counts["baseline accepted"] >= CONFIGS
-    assert counts["crossed accepted"] >= CONFIGS // 2 and counts["checked against upstream"]
 
 @pytest.mark.parametrize("gen", list(GENERATIONS))
-def test_per_bucket_block_sizes(gen, monkeypatch, summary):
+def test_per_bucket_block_sizes(gen, no_detectors, monkeypatch, summary):
     """For every bucket and one shard's heads, ``cfg.for_call`` gives upstream's
     ``get_default_block_sizes``, except exactly the tuples upstream's
     ``get_vmem_estimate_bytes`` puts above the limit, which are shrunk to fit; each call's
     kwargs pass ``static_validate_inputs`` and the estimates."""
-    tpu_registry.clear_cache()
     up = Upstream(gen, monkeypatch)
     rng = random.Random(f"buckets-{gen}")
     counts = Counter()
