@@ -264,7 +264,7 @@ POLICY_FAULTS = [
     (
         "page_not_pow2",
         lambda s, w, d: Layer("faulty_page_not_pow2", {"page_size": 48}),
-        "page_size 48 is not a power of two (use 16, 32, 64, 128 or 256)",
+        "page_size 48 is not a power of two [rule page_power_of_two] (use 16, 32, 64, 128 or 256)",
     ),
     (
         "poses_as_overrides",

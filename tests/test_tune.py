@@ -274,7 +274,8 @@ def test_resolve_refuses_a_vmem_limit_above_the_core(tmp_path):
     # workload is known: `validate` says the same.
     assert str(e.value) == (
         f"{f}:4: override[0].knobs.rpa_v3.vmem_limit_bytes: rpa_v3.vmem_limit_bytes 268435456 "
-        "is above the v6e core VMEM of 134217728 bytes (128 MiB) (use at most 134217728)"
+        "is above the v6e core VMEM of 134217728 bytes (128 MiB) [rule vmem_within_core] "
+        "(use at most 134217728)"
     )
     f.write_text(  # for every generation: only the kernel rule can say, once it applies
         'schema_version = 1\n[[override]]\ngeneration = "*"\n'

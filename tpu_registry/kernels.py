@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from . import knobs as knob_registry
 from .errors import Problem, TuningError
 from .types import Violation
 from .units import align, cdiv, itemsize, mib_to_bytes, next_pow2, packing
@@ -206,7 +207,7 @@ def rpa_v3_defaults(
             need = rpa_v3_vmem_bytes(w, 1, page)
             msg = (
                 f"the RPA v3 kernel needs {need} bytes of VMEM for one page of {page} tokens, "
-                f"above the {vmem}-byte limit"
+                f"above the {vmem}-byte limit [rule rpa_v3_vmem_estimate]"
             )
             hint = "lower max_num_seqs or max_model_len so that a smaller page fits SMEM"
             raise TuningError([Problem("workload", None, "page_size", msg, hint)])
@@ -306,8 +307,13 @@ RULES = {
         "assume them"
     ),
     "page_smem_minimum": (
-        "vLLM / tpu-inference get_min_page_size: block tables of max_num_seqs sequences must fit "
-        "half of SMEM (tpu_platform.py raises the page to it)"
+        "registry: vLLM / tpu-inference get_min_page_size (block tables of max_num_seqs sequences "
+        "within half of SMEM); tpu_platform.py raises only its own page to it, and the vLLM "
+        "plugin's page counts as user-given, so the registry holds every page to it"
+    ),
+    "knob_range": (
+        "registry: every knob within its absolute range (tpu_registry/knobs.py), far beyond "
+        "any real value: a value past it is a unit or exponent slip"
     ),
     "page_within_sequence": (
         "registry: a page larger than a whole sequence (next power of two of max_model_len) only "
@@ -374,6 +380,14 @@ def check(
     chip = spec.chip
     vmem = chip.vmem_bytes_per_core
     families = spec.kernels.families
+    for name, value in knobs.items():
+        if name not in defaults and knob_registry.out_of_range(name, value):
+            bad(
+                "knob_range",
+                (name,),
+                f"{name} {value} is outside its range",
+                "see docs/overrides.md",
+            )
     page = knobs.get("page_size")
     if page is not None:
         if page <= 0 or page & (page - 1):

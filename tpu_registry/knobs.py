@@ -161,11 +161,11 @@ def coerce(name: str, value: Any) -> Any:
         if not _whole(value):
             raise KnobError(f"{name} must be a whole number, got {value!r}", _type_hint(value))
         if not 0 < value <= spec.maximum:
-            raise KnobError(
-                f"{name} {value} is out of range 1..{spec.maximum}", "check the value and its unit"
-            )
+            msg = f"{name} {value} is out of range 1..{spec.maximum} [rule knob_range]"
+            raise KnobError(msg, "check the value and its unit")
         if spec.power_of_two and value & (value - 1):
-            raise KnobError(f"{name} {value} is not a power of two", "use 16, 32, 64, 128 or 256")
+            msg = f"{name} {value} is not a power of two [rule page_power_of_two]"
+            raise KnobError(msg, "use 16, 32, 64, 128 or 256")
         return value
     if not isinstance(value, (list, tuple)):
         raise KnobError(
@@ -179,22 +179,33 @@ def coerce(name: str, value: Any) -> Any:
         )
     t = tuple(value)
     if not all(0 < v <= spec.maximum for v in t):
-        raise KnobError(
-            f"{name} {list(t)} must be 4 numbers in 1..{spec.maximum}", "block sizes count tokens"
-        )
+        msg = f"{name} {list(t)} must be 4 numbers in 1..{spec.maximum} [rule knob_range]"
+        raise KnobError(msg, "block sizes count tokens")
     bq, bkv, bq_c, bkv_c = t
     # tpu-inference v3 kernel.py, static_validate_inputs._validate_block_sizes
     if bq % bq_c:
         raise KnobError(
-            f"{name} {list(t)}: bq_sz {bq} is not a multiple of bq_csz {bq_c}",
+            f"{name} {list(t)}: bq_sz {bq} is not a multiple of bq_csz {bq_c} "
+            "[rule rpa_v3_block_divisibility]",
             "the kernel's static_validate_inputs requires bq_sz % bq_csz == 0",
         )
     if bkv % bkv_c:
         raise KnobError(
-            f"{name} {list(t)}: bkv_sz {bkv} is not a multiple of bkv_csz {bkv_c}",
+            f"{name} {list(t)}: bkv_sz {bkv} is not a multiple of bkv_csz {bkv_c} "
+            "[rule rpa_v3_block_divisibility]",
             "the kernel's static_validate_inputs requires bkv_sz % bkv_csz == 0",
         )
     return t
+
+
+def out_of_range(name: str, value: Any) -> bool:
+    """Whether a settable knob's value lies above its absolute range (values below 1 are the
+    kernel rules' to name)."""
+    spec = REGISTRY.get(name)
+    if spec is None or not spec.settable:
+        return False
+    values = value if isinstance(value, tuple) else (value,)
+    return any(_whole(v) and v > spec.maximum for v in values)
 
 
 def _type_hint(value: Any) -> str:

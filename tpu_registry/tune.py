@@ -162,15 +162,35 @@ def tune(plugins: Plugins, context: TuneContext, *, strict: bool = False) -> Tun
         page = knobs.get("page_size")
         if page is not None and page.layer not in ("workload", ESSENTIAL):
             bad_page = kernels.check(spec, workload, {"page_size": page.value})
-            if not bad_page:
-                pinned = replace(context, workload=replace(workload, page_size=page.value))
+            if bad_page:
+                # Everything computed for another page would be reported too: the page alone
+                # is the problem (its layer is dropped, or the user's page is an error).
+                if strict or page.layer in ACCOUNTABLE:
+                    rank = {layer.name: i for i, layer in enumerate(layers)}
+                    raise TuningError([_problem(v, {page.layer}, rank) for v in bad_page])
+                faults.append(_dropped(page.layer, bad_page))
+                dropped.add(page.layer)
+                layers = [layer for layer in layers if layer.name != page.layer]
+                continue
+            pinned = replace(context, workload=replace(workload, page_size=page.value))
+            try:
                 again, more = run_policies(plugins, pinned)
-                faults += [f for f in more if f not in faults]
-                first = knobs
-                knobs = merge([layer for layer in again if layer.name not in dropped])
-                for name in ("page_size", "min_page_size"):  # as chosen, with their provenance
-                    if name in first:
-                        knobs[name] = first[name]
+            except TuningError as e:  # no kernel can run this page (say, VMEM): its layer's
+                if strict or page.layer in ACCOUNTABLE:
+                    raise
+                message = "knobs break kernel constraints, layer dropped: " + "; ".join(
+                    p.message for p in e.problems
+                )
+                faults.append(Fault(page.layer, message, stage="tune"))
+                dropped.add(page.layer)
+                layers = [layer for layer in layers if layer.name != page.layer]
+                continue
+            faults += [f for f in more if f not in faults]
+            first = knobs
+            knobs = merge([layer for layer in again if layer.name not in dropped])
+            for name in ("page_size", "min_page_size"):  # as chosen, with their provenance
+                if name in first:
+                    knobs[name] = first[name]
         rank = {layer.name: i for i, layer in enumerate(layers)}
         _derive(spec, workload, knobs, rank)
         defaults = frozenset(k for k, v in knobs.items() if v.layer == ESSENTIAL)

@@ -165,7 +165,9 @@ def unknown_generations(model: OverridesFile, text: str, path: Path, catalog) ->
     ]
 
 
-def generation_problems(model: OverridesFile, text: str, path: Path, catalog) -> list[Problem]:
+def generation_problems(
+    model: OverridesFile, text: str, path: Path, catalog, only: str | None = None
+) -> list[Problem]:
     """Entries that break a rule of the generation they name (a VMEM limit above its core),
     found the same way by ``validate`` and by the policy, before any workload is known."""
     out = []
@@ -173,13 +175,18 @@ def generation_problems(model: OverridesFile, text: str, path: Path, catalog) ->
         if o.generation == "*":
             continue
         for gid in sorted(catalog.find(o.generation)):
+            if only is not None and gid != only:
+                continue
             spec = catalog[gid]
             vmem = spec.chip.vmem_bytes_per_core
             for k, v in o.knobs.items():
                 if k.endswith("vmem_limit_bytes") and v > vmem:
                     line = locate(text, ("override", i, "knobs", *k.split(".")))
                     mib = spec.chip.vmem_mib_per_core
-                    msg = f"{k} {v} is above the {gid} core VMEM of {vmem} bytes ({mib:g} MiB)"
+                    msg = (
+                        f"{k} {v} is above the {gid} core VMEM of {vmem} bytes ({mib:g} MiB) "
+                        "[rule vmem_within_core]"
+                    )
                     out.append(
                         Problem(
                             str(path), line, f"override[{i}].knobs.{k}", msg, f"use at most {vmem}"
@@ -205,7 +212,8 @@ def tpu_registry_tune(spec, workload: Workload, context: TuneContext) -> Layer |
         return None
     model, text = load_overrides(path)
     problems = unknown_generations(model, text, path, context.catalog)
-    problems += generation_problems(model, text, path, context.catalog)
+    # An entry for another generation is that generation's business (`validate` reports it).
+    problems += generation_problems(model, text, path, context.catalog, only=spec.id)
     if problems:
         raise TuningError(problems)
     knobs: dict[str, Any] = {}
