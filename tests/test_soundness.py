@@ -113,8 +113,11 @@ def test_huge_page_sizes_are_refused_with_the_bound(tmp_path):
         get_plugin_manager().unregister(name="huge")
     assert cfg.layer("page_size") == "baseline"
     assert [(f.plugin, f.message) for f in cfg.tuning.faults] == [
-        ("huge", "page_size 1099511627776 is out of range 1..65536 [rule knob_range] "
-            "(check the value and its unit)")
+        (
+            "huge",
+            "page_size 1099511627776 is out of range 1..65536 [rule knob_range] "
+            "(check the value and its unit)",
+        )
     ]
 
 
