@@ -27,14 +27,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import e2e_model
-import numpy as np
 import pytest
 from tpu_registry_vllm import tpu_inference_backend as backend
 
@@ -42,26 +39,25 @@ from tpu_registry import Workload, plan, resolve
 from tpu_registry.resolve import clear_cache
 
 HERE = Path(__file__).resolve().parent
-LAYERS = e2e_model.CONFIG["num_hidden_layers"]
-Q_HEADS, KV_HEADS, HEAD_DIM = e2e_model.CONFIG["num_attention_heads"], e2e_model.CONFIG["num_key_value_heads"], e2e_model.CONFIG["head_dim"]
+sys.path.insert(0, str(HERE.parent))  # e2e_model: what both stacks' end-to-end tests share
+from e2e_model import (  # noqa: E402
+    HEAD_DIM,
+    KV_HEADS,
+    LAYERS,
+    LONG,
+    MARGIN,
+    MAX_MODEL_LEN,
+    MAX_NUM_BATCHED_TOKENS,
+    MAX_NUM_SEQS,
+    MAX_TOKENS,
+    PROMPTS,
+    Q_HEADS,
+    Oracle,
+    build,
+)
 
-MAX_TOKENS = 48
 NUM_BLOCKS = 64  # num_gpu_blocks_override: a fixed KV cache, so nobody asks the (CPU) device for its HBM
-ENGINE = dict(max_model_len=512, max_num_seqs=4, max_num_batched_tokens=128, num_gpu_blocks_override=NUM_BLOCKS, dtype="bfloat16", seed=0)
-_words = "the a of page kernel block cache token query value head tensor chip memory layer model prompt".split()
-_rng = random.Random(5)
-PROMPTS = [
-    "Hello, TPU.",
-    "One registry for every chip generation.",
-    " ".join(_rng.choice(_words) for _ in range(60)),  # 336 tokens: 3 prefill chunks of <= 128, 21 pages of 16
-    "ok",
-]
-LONG = 2
-
-# A greedy token may differ from the float32 argmax only where the two are this close (in
-# logits; the model's logits have a standard deviation of about 3 and a median gap of about
-# 0.75 between the best two tokens). The engine computes in bfloat16.
-MARGIN = 0.25
+ENGINE = dict(max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, num_gpu_blocks_override=NUM_BLOCKS, dtype="bfloat16", seed=0)
 STAND_IN_TOLERANCE = 1.5e-2  # NumPy stand-in vs tpu-inference's reference, relative to the output's magnitude
 
 OVERRIDES = """\
@@ -122,11 +118,11 @@ class E2E:
     overrides: Path
     results: dict[str, dict]
     seconds: float
-    _logits: dict = dataclasses.field(default_factory=dict)
+    oracle: Oracle
 
     def config(self):
         """The registry's answer for this workload, resolved here, not by the plugin."""
-        w = Workload(num_q_heads=Q_HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, q_dtype="bfloat16", kv_dtype="bfloat16", max_model_len=ENGINE["max_model_len"], max_num_seqs=ENGINE["max_num_seqs"], max_num_batched_tokens=ENGINE["max_num_batched_tokens"])
+        w = Workload(num_q_heads=Q_HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, q_dtype="bfloat16", kv_dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS)
         old = os.environ.get("TPU_REGISTRY_OVERRIDES")
         os.environ["TPU_REGISTRY_OVERRIDES"] = str(self.overrides)
         clear_cache()
@@ -139,28 +135,9 @@ class E2E:
                 os.environ["TPU_REGISTRY_OVERRIDES"] = old
             clear_cache()
 
-    def float32_logits(self, seq: tuple[int, ...]) -> np.ndarray:
-        if seq not in self._logits:
-            self._logits[seq] = e2e_model.float32_logits(self.model, [list(seq)])[0]
-        return self._logits[seq]
-
     def disagreements(self, name: str) -> tuple[list[tuple], int]:
-        """Teacher-forced: each generated token against the argmax of transformers' float32
-        forward over the prompt and the tokens generated before it. Returns the tokens that
-        lose more than MARGIN logits to the argmax, and the number of near-ties accepted."""
         r = self.results[name]
-        bad, near_ties = [], 0
-        for i, (prompt, generated) in enumerate(zip(r["prompt_tokens"], r["tokens"], strict=True)):
-            logits = self.float32_logits(tuple(prompt + generated))
-            for j, token in enumerate(generated):
-                row = logits[len(prompt) - 1 + j]
-                best = int(row.argmax())
-                loss = float(row[best] - row[token])
-                if loss > MARGIN:
-                    bad.append((i, j, token, best, round(loss, 3)))
-                elif token != best:
-                    near_ties += 1
-        return bad, near_ties
+        return self.oracle.disagreements(r["prompt_tokens"], r["tokens"])
 
 
 def _start(name: str, run: dict, model: Path, overrides: Path, work: Path) -> tuple[subprocess.Popen, Path]:
@@ -184,7 +161,7 @@ def _start(name: str, run: dict, model: Path, overrides: Path, work: Path) -> tu
 def e2e(tmp_path_factory) -> E2E:
     t0 = time.monotonic()
     work = tmp_path_factory.mktemp("e2e")
-    model = e2e_model.build(work / "tiny-llama")
+    model = build(work / "tiny-llama")
     overrides = work / "overrides.toml"
     overrides.write_text(OVERRIDES)
     procs = {name: _start(name, run, model, overrides, work) for name, run in RUNS.items()}
@@ -200,7 +177,7 @@ def e2e(tmp_path_factory) -> E2E:
             tail = (work / f"{name}.log").read_text()[-8000:]
             raise AssertionError(f"engine run {name!r} failed ({rc}):\n{tail}")
         results[name] = json.loads(out.read_text())
-    return E2E(model, overrides, results, time.monotonic() - t0)
+    return E2E(model, overrides, results, time.monotonic() - t0, Oracle(model))
 
 
 # ---------------------------------------------------------------------------- tests
@@ -212,7 +189,7 @@ def test_runs_cover_decode_prefill_and_chunked_prefill(e2e):
     r = e2e.results["registry"]
     assert [len(t) for t in r["tokens"]] == [MAX_TOKENS] * len(PROMPTS)
     long_prompt = len(r["prompt_tokens"][LONG])
-    assert long_prompt > 2 * ENGINE["max_num_batched_tokens"]  # at least three chunks
+    assert long_prompt > 2 * MAX_NUM_BATCHED_TOKENS  # at least three chunks
     assert long_prompt > 10 * r["block_size"]
     for name, res in e2e.results.items():
         counts = res["runs"]["upstream" if name in ("upstream", "jax_native") else "registry"]
