@@ -145,7 +145,8 @@ def _start(name: str, run: dict, model: Path, overrides: Path, work: Path) -> tu
     spec = {"name": name, "model": str(model), "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "out": str(out), "engine": {**ENGINE, **run["engine"]}, "sm_scale_factor": run.get("sm_scale_factor", 1.0), "check_reference": run.get("check_reference", True)}
     spec_path = work / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, TPU_REGISTRY_OVERRIDES=str(overrides))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_REGISTRY")}
+    env.update(TPU_REGISTRY_OVERRIDES=str(overrides), TPU_REGISTRY_SYSFS_ROOT="/nonexistent-sysfs-root")  # not this machine's PCI bus
     for k, v in {**CHILD_ENV, **run["env"]}.items():
         if v is None:
             env.pop(k, None)
@@ -168,7 +169,7 @@ def e2e(tmp_path_factory) -> E2E:
     results = {}
     for name, (p, out) in procs.items():
         try:
-            rc = p.wait(timeout=TIMEOUT - (time.monotonic() - t0))
+            rc = p.wait(timeout=max(1.0, TIMEOUT - (time.monotonic() - t0)))
         except subprocess.TimeoutExpired:
             for q, _ in procs.values():
                 q.kill()
