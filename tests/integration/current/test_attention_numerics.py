@@ -105,11 +105,11 @@ def numpy_attention(q, k_new, v_new, cache, tables, seqs, page, sm_scale, window
 
 
 def build_batch(cfg, dtype, rng):
-    backend = backend.RegistryAttentionBackend(cfg)
+    attn_backend = backend.RegistryAttentionBackend(cfg)
     page = cfg.value("page_size")
     pps = -(-MAX_MODEL_LEN // page)
     total_pages = MAX_SEQS * pps + 3
-    shape = backend.get_kv_cache_shape(total_pages, page, HKV, D, dtype)
+    shape = attn_backend.get_kv_cache_shape(total_pages, page, HKV, D, dtype)
     cache = np.zeros(shape, np.float32)
     order = rng.permutation(total_pages)  # pages scattered over the pool
     tables = [order[s * pps : (s + 1) * pps] for s in range(MAX_SEQS)]
@@ -142,7 +142,7 @@ def build_batch(cfg, dtype, rng):
         query_start_loc=jnp.asarray(cu),
         request_distribution=jnp.asarray(np.array([n_decode, n_decode, len(SEQS)], np.int32)),
     )
-    return backend, md, tables, q, k, v, cache
+    return attn_backend, md, tables, q, k, v, cache
 
 
 @pytest.mark.parametrize("dtype,window,soft_cap,tol", [
@@ -155,12 +155,12 @@ def test_attention_matches_numpy(dtype, window, soft_cap, tol):
     cfg = resolve(Workload(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, q_dtype=name, kv_dtype=name, max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_SEQS, max_num_batched_tokens=MAX_TOKENS, sliding_window=window))
     assert cfg.generation == "v6e"  # TPU_ACCELERATOR_TYPE=v6e-1 from run_tests.sh
     rng = np.random.default_rng(7)
-    backend, md, tables, q, k, v, cache = build_batch(cfg, dtype, rng)
+    attn_backend, md, tables, q, k, v, cache = build_batch(cfg, dtype, rng)
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
     rec = RecordingRef()
     sm_scale = D**-0.5
     with kernel_binding.bind("rpa_v3", rec):
-        new_cache, out = attention(jnp.asarray(cache, dtype), jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), md, mesh, sm_scale=sm_scale, attention_chunk_size=window, attn_logits_soft_cap=soft_cap, attention_backend=backend)
+        new_cache, out = attention(jnp.asarray(cache, dtype), jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), md, mesh, sm_scale=sm_scale, attention_chunk_size=window, attn_logits_soft_cap=soft_cap, attention_backend=attn_backend)
 
     # Exactly the registry's kernel knobs reach the kernel, once, with the layer's settings.
     assert len(rec.calls) == 1
