@@ -139,9 +139,9 @@ class RecordingReference:
     the keyword arguments of the call and the shapes a per-token-bucket check needs, and runs
     upstream's own ``static_validate_inputs`` with every keyword argument, so a value the
     Pallas kernel would reject fails here too. At run time ``jax.pure_callback`` computes the
-    attention on the host (``numpy_rpa``) and counts the calls; the first call of each kind
-    (decode, prefill, mixed) is also run through tpu-inference's ``ref_ragged_paged_attention``
-    and the two must agree (``checks``).
+    attention on the host (``numpy_rpa``) and counts the calls; with ``check_reference`` the
+    first call of each kind (decode, prefill, mixed) is also run through tpu-inference's
+    ``ref_ragged_paged_attention`` and both results are kept (``checks``).
 
     The Pallas kernel itself cannot run on CPU (not even in interpret mode), and called without
     a VMEM limit it asks ``pltpu.get_tpu_info()``, which raises on CPU
@@ -152,7 +152,7 @@ class RecordingReference:
 
     CHECK_TOLERANCE = 3e-2  # float32 NumPy against the reference's bfloat16 logits and softmax
 
-    def __init__(self, path: str, sm_scale_factor: float = 1.0, check_reference: bool = True) -> None:
+    def __init__(self, path: str, sm_scale_factor: float = 1.0, check_reference: bool = False) -> None:
         self.path = path
         self.sm_scale_factor = sm_scale_factor
         self.check_reference = check_reference
