@@ -51,6 +51,7 @@ def main(spec_path: str) -> None:
 
     vc = llm.llm_engine.vllm_config
     runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    from tpu_inference.models.common.model_loader import resolve_model_impl_type
     from tpu_registry_vllm import tpu_inference_backend as backend
 
     cfg = backend._active
@@ -63,6 +64,7 @@ def main(spec_path: str) -> None:
         "block_size": vc.cache_config.block_size,
         "num_gpu_blocks": vc.cache_config.num_gpu_blocks,
         "attention_backend": str(getattr(vc.attention_config, "backend", None)),
+        "model_impl": resolve_model_impl_type(vc),  # flax_nnx: tpu-inference's JAX model; vllm: vLLM's
         "kv_cache_shapes": [list(c.shape) for c in runner.kv_caches],
         "kv_cache_dtypes": [str(c.dtype) for c in runner.kv_caches],
         "env": {k: os.environ.get(k) for k in ("RPA_V3_DECODE_BLOCK_SIZES", "RPA_V3_PREFILL_BLOCK_SIZES", "RPA_V3_MIXED_BLOCK_SIZES", "MODEL_IMPL_TYPE")},

@@ -198,6 +198,7 @@ def test_runs_cover_decode_prefill_and_chunked_prefill(e2e):
         counts = res["runs"]["upstream" if name in ("upstream", "jax_native") else "registry"]
         assert all(counts[kind] > 0 for kind in ("decode", "prefill", "mixed")), (name, counts)
         assert res["prompt_tokens"] == r["prompt_tokens"], name
+        assert res["model_impl"] == ("flax_nnx" if name == "jax_native" else "vllm"), name
 
 
 def test_stand_in_agrees_with_tpu_inference_reference(e2e):
