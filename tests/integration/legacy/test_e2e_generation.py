@@ -255,3 +255,61 @@ def test_registry_answer_reaches_vllm_and_every_kernel_call(e2e):
     # vLLM's own PALLAS leaves every knob to torch_xla.
     for call in e2e.results["upstream"]["calls"]:
         assert tuning_of(call) == UPSTREAM_KWARGS, call
+
+
+def test_stand_ins_match_torch_xla_reference():
+    """The dense attention stand-in against torch_xla's own non-kernel ragged_paged_attention
+    (on CPU tensors), and the dense KV-cache update against a slice-by-slice copy, on a batch
+    with decodes, a fresh prefill, chunked prefills, padding tokens and padded slices."""
+    import numpy as np
+    import torch
+    from torch_xla.experimental.custom_kernel import ragged_paged_attention
+
+    sys.path.insert(0, str(HERE))
+    from e2e_cpu_shims import dense_kv_cache_update, dense_ragged_paged_attention
+
+    rng = np.random.default_rng(3)
+    pages, page, hkv, hq, d, max_seqs, pps = 40, 16, 2, 4, 128, 6, 8
+    batch = [(1, 37), (1, 100), (20, 20), (13, 90), (9, 60)]  # (q_len, kv_len)
+    n_tok, pad = sum(q for q, _ in batch), 7
+    cache = torch.from_numpy(rng.normal(size=(pages, page, 2 * hkv, d)).astype(np.float32))
+    tables = torch.from_numpy(rng.permutation(pages * 2)[: max_seqs * pps].reshape(max_seqs, pps).astype(np.int32) % pages)
+    for s, (_, kv_len) in enumerate(batch):  # distinct pages per sequence
+        tables[s, : -(-kv_len // page)] = torch.arange(s * pps, s * pps + -(-kv_len // page), dtype=torch.int32) % pages
+    kv_lens = torch.zeros(max_seqs, dtype=torch.int32)
+    kv_lens[: len(batch)] = torch.tensor([kv for _, kv in batch])
+    cu = torch.ones(max_seqs + 1, dtype=torch.int32)  # vLLM 0.13 pads query_start_loc with 1
+    cu[0] = 0
+    cu[1 : len(batch) + 1] = torch.cumsum(torch.tensor([q for q, _ in batch]), 0)
+    num_seqs = torch.tensor([len(batch)], dtype=torch.int32)
+    q = torch.from_numpy(rng.normal(size=(n_tok + pad, hq, d)).astype(np.float32))
+    outs = []
+    for window, cap in ((None, None), (24, 3.0)):
+        kw = dict(sm_scale=0.1, sliding_window=window, soft_cap=cap)
+        want = ragged_paged_attention(q, cache, kv_lens, tables, cu, num_seqs, use_kernel=False, **kw)
+        got = dense_ragged_paged_attention(q, cache, kv_lens, tables, cu, num_seqs, num_kv_pages_per_block=4, num_queries_per_block=16, vmem_limit_bytes=1, **kw)
+        assert got.shape == q.shape and not got[n_tok:].any()
+        torch.testing.assert_close(got[:n_tok], want[:n_tok], rtol=2e-5, atol=2e-5)
+        outs.append(got[:n_tok])
+    assert (outs[0] - outs[1]).abs().max() > 0.1  # the batch exercises the window and the cap
+    wrong = dense_ragged_paged_attention(q, cache, kv_lens, tables, cu, num_seqs, sm_scale=0.1, sm_scale_factor=2.0)
+    assert (wrong[:n_tok] - outs[0]).abs().max() > 0.1  # the negative control's stand-in is wrong
+
+    # KV update: slices of at most one page each, padded with zero-length slices.
+    kv = torch.from_numpy(rng.normal(size=(n_tok + pad, 2 * hkv, d)).astype(np.float32))
+    slices, src = [], 0
+    for s, (q_len, kv_len) in enumerate(batch):
+        pos = kv_len - q_len
+        while pos < kv_len:
+            n = min(page - pos % page, kv_len - pos)
+            slices.append((int(tables[s, pos // page]) * page + pos % page, src, n))
+            src, pos = src + n, pos + n
+    padded = len(slices) + 5
+    slot_mapping = torch.zeros((3, padded), dtype=torch.int32)
+    slot_mapping[:, : len(slices)] = torch.tensor(slices, dtype=torch.int32).T
+    flat = cache.reshape(-1, 2 * hkv, d)
+    want_cache = flat.clone()
+    for start, s0, n in slices:
+        want_cache[start : start + n] = kv[s0 : s0 + n]
+    got_cache = dense_kv_cache_update(kv, slot_mapping, flat, torch.tensor([len(slices)], dtype=torch.int32), page, 8)
+    assert torch.equal(got_cache, want_cache) and not torch.equal(got_cache, flat)
