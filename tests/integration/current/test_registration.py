@@ -97,7 +97,7 @@ def test_plugin_loading_selects_the_registry_backend(runs):
     assert r["backend"] == "tpu_registry_vllm.tpu_inference_backend.RegistryAttentionBackend"
     assert r["rpa_backend"] == "RPAAttentionBackend"  # without the flag tpu-inference's own
     assert r["platform"] == "tpu_registry_vllm.tpu_inference_platform.TpuRegistryPlatform"
-    assert r["member_path"] == "tpu_registry_vllm.current_vllm.TpuRegistryBackend"
+    assert r["member_path"] == "tpu_registry_vllm.tpu_inference_vllm.TpuRegistryBackend"
     assert r["vllm_cls_name"] == "TPU_REGISTRY" and r["enum_by_name"] == "TPU_REGISTRY"
     assert r["impl_attention_backend"] == "tpu_registry"
     assert r["impl_bases"][1] == "PallasAttentionBackendImpl"

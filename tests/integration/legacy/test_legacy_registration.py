@@ -41,7 +41,7 @@ print(json.dumps({
     "flash_path": flash.get_path(),
     "flash_overridden": flash.is_overridden(),
     "second_register": second,
-    "legacy_imported": "tpu_registry_vllm.legacy" in sys.modules,
+    "legacy_imported": "tpu_registry_vllm.torch_xla_pallas" in sys.modules,
 }))
 """
 
