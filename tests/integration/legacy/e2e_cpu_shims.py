@@ -1,4 +1,4 @@
-"""CPU stand-ins for the TPU-only parts of vLLM 0.13 + torch_xla 2.9, for the end-to-end tests only.
+"""CPU stand-ins for the TPU-only parts of vLLM 0.13 + torch_xla 2.9 (end-to-end tests only).
 
 Each shim names the upstream line it works around; the registry's adapter runs unchanged.
 ``install()`` must run before vLLM and torch_xla are imported.
@@ -6,13 +6,13 @@ Each shim names the upstream line it works around; the registry's adapter runs u
 The two Pallas kernels are replaced *under* the custom ops that call them, so vLLM's own
 ``PALLAS`` backend and the registry's subclass run the very same code: the seams of
 ``tpu_registry_vllm.kernel_binding`` keep their TPU defaults
-(``torch.ops.xla.ragged_paged_attention`` and vLLM's ``write_to_kv_cache``). vLLM 0.13
-traces the model once with dynamo (even under ``enforce_eager``), so a Python stand-in bound
-at the seam would be inlined into that single trace and never see a concrete call; an op stays a node of the FX graph, and torch_xla's
-dynamo bridge calls its XLA implementation again for every new input shape (token bucket).
-That is where ``RecordingKernels`` records each compiled call with its concrete shapes and
-keyword arguments. The stand-ins build XLA graphs, so they must be dense and static-shaped: no
-Python value may be read from a tensor.
+(``torch.ops.xla.ragged_paged_attention`` and vLLM's ``write_to_kv_cache``). vLLM 0.13 traces
+the model once with dynamo (even under ``enforce_eager``), so a Python stand-in bound at the
+seam would be inlined into that single trace and never see a concrete call; an op stays a node
+of the FX graph, and torch_xla's dynamo bridge calls its XLA implementation again for every new
+input shape (token bucket). That is where ``RecordingKernels`` records each compiled call with
+its concrete shapes and keyword arguments. The stand-ins build XLA graphs, so they must be
+dense and static-shaped: no Python value may be read from a tensor.
 """
 
 from __future__ import annotations
