@@ -22,6 +22,7 @@ import argparse
 import atexit
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import shutil
@@ -154,17 +155,51 @@ def _numeric(s: str) -> bool:
         return s == "-"
 
 
+# How a figure meets its limit; targets carry the figure, the comparison and the limit, so
+# that PASS / MISSED is computed from the measurement, never written by hand.
+COMPARE = {
+    "<": lambda v, lim: v < lim,
+    "<=": lambda v, lim: v <= lim,
+    ">=": lambda v, lim: v >= lim,
+    "==": lambda v, lim: v == lim,
+}
+
+
 def target(
-    what: str, goal: str, measured: str, passed: bool | None, note: str = ""
+    what: str,
+    goal: str,
+    measured: str,
+    value: float | None,
+    op: str = "<",
+    limit: float = 0.0,
+    note: str = "",
 ) -> dict[str, Any]:
-    """One target line: None for ``passed`` means it could not be measured (SKIPPED)."""
+    """One target line: met when ``value op limit`` holds; ``value`` None means it could not
+    be measured (SKIPPED). ``measured`` prints ``value`` (its first number)."""
+    if op not in COMPARE:
+        raise ValueError(f"unknown comparison {op!r}")
+    if value is None:
+        status = SKIPPED
+    else:
+        status = PASS if COMPARE[op](value, limit) else MISSED
     return {
         "what": what,
         "target": goal,
         "measured": measured,
-        "status": SKIPPED if passed is None else PASS if passed else MISSED,
+        "value": value,
+        "op": op,
+        "limit": limit,
+        "status": status,
         "note": note,
     }
+
+
+def sound(targets: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether every measured figure is a real measurement (finite, not negative). A MISSED
+    timing target is a finding to report, not a broken run; a NaN or negative figure is."""
+    return all(
+        t["value"] is None or (math.isfinite(t["value"]) and t["value"] >= 0) for t in targets
+    )
 
 
 def targets_table(targets: Sequence[Mapping[str, Any]]) -> str:

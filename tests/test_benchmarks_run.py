@@ -5,6 +5,8 @@ size in a subprocess, must exit 0 and report sane results, and must write only w
 from __future__ import annotations
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,14 +45,63 @@ def _run(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.Complet
     return proc
 
 
+# Comparisons, written out here rather than taken from the harness.
+MEETS = {
+    "<": lambda v, lim: v < lim,
+    "<=": lambda v, lim: v <= lim,
+    ">=": lambda v, lim: v >= lim,
+    "==": lambda v, lim: v == lim,
+}
+FIGURE = re.compile(r"^(-?[\d,]*\.?\d+)")
+
+
+def _printed_figure(measured: str) -> tuple[float, float]:
+    """The first number a target prints, and half a unit of its last printed digit."""
+    m = FIGURE.match(measured)
+    assert m, f"the measured text {measured!r} does not start with its figure"
+    text = m.group(1).replace(",", "")
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    return float(text), 0.5 * 10**-decimals
+
+
+def _check_target(t: dict) -> None:
+    """A target's status follows from its figure: PASS exactly when the figure meets the
+    limit, MISSED exactly when it does not, and the figure is the one printed."""
+    assert t["status"] in STATUSES, t
+    assert t["target"] and t["measured"], t
+    if t["status"] == "SKIPPED":
+        assert t["value"] is None, t
+        return
+    value, op, limit = t["value"], t["op"], t["limit"]
+    assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, t
+    assert t["status"] == ("PASS" if MEETS[op](value, limit) else "MISSED"), t
+    printed, half_unit = _printed_figure(t["measured"])
+    assert abs(printed - value) <= half_unit + 1e-9 * abs(value), t
+
+
 def _check_result(result: dict) -> None:
     assert result["title"] and result["command"].startswith("python benchmarks/")
     assert "|" in result["markdown"]  # at least one table
     assert result["targets"], "every benchmark states at least one target"
     for t in result["targets"]:
-        assert t["status"] in STATUSES, t
-        assert t["target"] and t["measured"], t
-    assert result.get("ok", True)
+        _check_target(t)
+    assert result["ok"] is True  # the measurements are sound (finite, not negative)
+
+
+def test_target_status_check_bites():
+    """The check above refuses a status that does not follow from the figure, and one whose
+    figure is not the one printed (each target dict as the harness writes it)."""
+    good = {"target": "< 100 ms", "measured": "120.4 ms", "value": 120.4, "op": "<"}
+    good |= {"limit": 100.0, "status": "MISSED"}
+    _check_target(good)
+    for wrong in (
+        {"status": "PASS"},  # MISSED counted as success
+        {"measured": "12.4 ms"},  # a different figure printed
+        {"value": float("nan"), "status": "MISSED"},
+        {"value": 99.0, "measured": "99.0 ms"},  # met but reported MISSED
+    ):
+        with pytest.raises(AssertionError):
+            _check_target(good | wrong)
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,14 @@ import sys
 import types
 
 import pytest
-from conftest import REPO, make_sysfs, run_cli
+from conftest import HARDWARE, REPO, make_sysfs, run_cli
 
 import tpu_registry
 from tpu_registry.catalog import load_catalog
 from tpu_registry.detection import Evidence, detect, reconcile
 from tpu_registry.errors import DetectionError, RegistryError
 from tpu_registry.plugins import get_plugin_manager, reset
+from tpu_registry.tomlfile import tomllib
 
 GOOGLE = 0x1AE0
 
@@ -87,8 +88,155 @@ def test_real_identifier_strings(kind, value, count, unit, gid, host, slice_):
     assert d.status == "detected"
 
 
-def test_at_least_thirty_identifier_cases():
-    assert len(IDENTIFIERS) >= 30
+def test_identifier_cases_cover_every_identifier_in_the_hardware_files():
+    """Every device kind, accelerator-type prefix, GKE label and PCI device id the generation
+    files list (read here as plain TOML) has a case above naming that generation."""
+    listed, covered = set(), set()
+    for path in sorted(HARDWARE.glob("*.toml")):
+        doc = tomllib.loads(path.read_text())
+        gid, ident = doc["id"], doc["identify"]
+        listed |= {("device_kind", dk, gid) for dk in ident.get("device_kinds", [])}
+        listed |= {("gke_accelerator", g, gid) for g in ident.get("gke_accelerators", [])}
+        for a in ident.get("accelerator_types", []):
+            listed.add(("accelerator_type", a["prefix"], gid))
+        listed |= {("pci", p["device"], gid) for p in ident.get("pci", [])}
+    for kind, value, _count, _unit, gid, *_ in IDENTIFIERS:
+        if kind == "accelerator_type":
+            value = value.rsplit("-", 1)[0]
+        elif kind == "pci":
+            value = int(value.split(":")[1].split("/")[0], 16)
+        covered.add((kind, value, gid))
+    assert listed - covered == set()
+    assert len(listed) >= 30
+
+
+def _ev(kind, value):
+    return Evidence(kind, value, kind)  # the source names the kind, for readable messages
+
+
+def _outranked(winner, loser, loser_cands):
+    return (
+        f"{loser.source} says {loser.value!r} ({loser_cands}) but {winner.source} "
+        f"({winner.kind}) says {{gid}}; {loser.kind} is trusted less"
+    )
+
+
+PCI_V6E = _ev("pci", "1ae0:006f")
+DK_V6E, DK_V5E = _ev("device_kind", "TPU v6 lite"), _ev("device_kind", "TPU v5 lite")
+AT_V5E, AT_V6E = _ev("accelerator_type", "v5litepod-8"), _ev("accelerator_type", "v6e-8")
+GKE_V5P = _ev("gke_accelerator", "tpu-v5p-slice")
+TX_V4, TX_V5 = _ev("torch_xla_version", "4"), _ev("torch_xla_version", "5")
+GN_V3 = _ev("generation_number", "3")
+# Each trust level against the next one down, disagreeing: the more trusted decides, the
+# other is a conflict it outranks (breaks if two levels of PRIORITY swap or tie).
+LEVEL_PAIRS = [
+    (PCI_V6E, "v6e", DK_V5E, "v5e"),
+    (DK_V6E, "v6e", AT_V5E, "v5e"),
+    (AT_V5E, "v5e", GKE_V5P, "v5p"),
+    (GKE_V5P, "v5p", TX_V4, "v4"),
+    (TX_V4, "v4", GN_V3, "v3"),
+]
+
+
+@pytest.mark.parametrize(
+    ("winner", "gid", "loser", "loser_gid"),
+    LEVEL_PAIRS,
+    ids=[f"{w.kind}>{x.kind}" for w, _, x, _ in LEVEL_PAIRS],
+)
+def test_reconcile_more_trusted_level_wins(winner, gid, loser, loser_gid):
+    for evidence in ([winner, loser], [loser, winner]):
+        d = reconcile(load_catalog(), evidence)
+        assert (d.generation, d.status, d.candidates) == (gid, "detected", (gid,))
+        assert d.reason == (
+            f"{winner.kind} {winner.value!r} from {winner.source} "
+            "(conflicting evidence was outranked)"
+        )
+        assert [(f.evidence, f.status) for f in d.findings] == [
+            (winner, "decides"),
+            (loser, "conflict"),
+        ]
+        assert d.conflicts == (_outranked(winner, loser, loser_gid).format(gid=gid),)
+
+
+def test_reconcile_rules_one_case_each():
+    cat = load_catalog()
+
+    def result(evidence):
+        d = reconcile(cat, evidence)
+        return (
+            d.generation,
+            d.status,
+            d.reason,
+            d.candidates,
+            [(f.evidence, f.status) for f in d.findings],
+            d.conflicts,
+        )
+
+    # Equally trusted pieces that disagree, nothing more trusted: no winner.
+    assert result([AT_V6E, AT_V5E]) == (
+        None,
+        "conflict",
+        "evidence disagrees and nothing more trusted settles it",
+        (),
+        [(AT_V5E, "conflict"), (AT_V6E, "conflict")],
+        (
+            "accelerator_type says 'v5litepod-8' (v5e); accelerator_type says 'v6e-8' (v6e)"
+            " — equally trusted, no winner",
+        ),
+    )
+    # The same disagreement under more trusted evidence: the piece that fits it agrees.
+    assert result([AT_V6E, PCI_V6E, AT_V5E]) == (
+        "v6e",
+        "detected",
+        "pci '1ae0:006f' from pci (conflicting evidence was outranked)",
+        ("v6e",),
+        [(PCI_V6E, "decides"), (AT_V5E, "conflict"), (AT_V6E, "agrees")],
+        (_outranked(PCI_V6E, AT_V5E, "v5e").format(gid="v6e"),),
+    )
+    # Levels narrow by intersection: '5' names two generations, the GKE label one of them.
+    assert result([TX_V5, GKE_V5P]) == (
+        "v5p",
+        "detected",
+        "gke_accelerator 'tpu-v5p-slice' from gke_accelerator",
+        ("v5p",),
+        [(GKE_V5P, "decides"), (TX_V5, "agrees")],
+        (),
+    )
+    # Alone, it stays ambiguous.
+    assert result([TX_V5]) == (
+        None,
+        "ambiguous",
+        "evidence fits 2 generations: v5e, v5p",
+        ("v5e", "v5p"),
+        [(TX_V5, "agrees")],
+        (),
+    )
+    # Unknown identifiers decide nothing; topology is information only.
+    unknown, topo = _ev("device_kind", "TPU v99"), _ev("topology", "2x2")
+    # (Its reason, "no TPU evidence found" although an identifier was given, is not pinned.)
+    got = result([unknown, topo])
+    assert got[:2] + got[3:] == (
+        None,
+        "none",
+        (),
+        [(unknown, "unknown"), (topo, "info")],
+        (),
+    )
+    assert result([topo])[:2] == (None, "none")
+    assert result([unknown, DK_V6E])[:2] == ("v6e", "detected")
+    # An explicit choice wins outright over the most trusted hardware evidence.
+    explicit = Evidence("explicit", "v5e", "env")
+    assert result([PCI_V6E, explicit, AT_V5E]) == (
+        "v5e",
+        "explicit",
+        "explicit override via env",
+        ("v5e",),
+        [(explicit, "decides"), (PCI_V6E, "overridden"), (AT_V5E, "agrees")],
+        ("pci says '1ae0:006f' (v6e) but env overrides it with v5e",),
+    )
+    # Two explicit choices that disagree are an error, never a pick.
+    with pytest.raises(DetectionError, match="explicit overrides disagree: env=v5e, cli=v6e"):
+        reconcile(cat, [explicit, Evidence("explicit", "v6e", "cli")])
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,14 @@
 """Fuzzing (issue 7): bad data gives our error type, never a crash; reconcile is order-free.
 
-Four properties, each with a fixed seed (``derandomize=True``):
+Six properties, each with a fixed seed (``derandomize=True``):
 
 - near-valid documents (a real generation file, tuning table or overrides file with one
   mutation: a key deleted, a value of the wrong type or an extreme number, an unknown key...)
   written to a file and read back: ``read_toml`` + ``validate`` report ``Problem``s and raise
   nothing, and ``tpu-registry validate``'s checker does the same;
+- a real generation file with exactly one field made invalid (wrong type, out of range, an
+  unknown key, a required field missing) is refused with that field, and only it, named; valid
+  variations are accepted (a third test shows both checks fail stub validators);
 - arbitrary text and bytes in a data file: the same;
 - random evidence drawn from the real catalog's identifiers plus junk: ``reconcile`` returns a
   ``Detection`` or raises ``DetectionError`` only for explicit values that name nothing, several
@@ -62,7 +65,7 @@ def budget(name: str) -> settings:
 
 
 # Examples actually run, per property (reported by test_zz_report_counts when run with -s).
-RUN: dict[str, int] = {k: 0 for k in WEIGHTS}
+RUN: dict[str, int] = {k: 0 for k in (*WEIGHTS, "faults")}
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +326,201 @@ def test_near_valid_documents_give_problems_not_crashes(case, work):
     assert n >= 1
     for p in problems:
         assert isinstance(p, Problem)
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-field faults: a real generation file with exactly one field made invalid is refused,
+# naming that field; valid variations are accepted. What is valid is stated here, from the
+# documented schema (docs, the hardware files), not read from the models.
+# ---------------------------------------------------------------------------------------------
+
+TOP_REQUIRED = ("schema_version", "id", "name", "generation", "release_year", "chip")
+TOP_REQUIRED += ("identify", "sources")
+CHIP_COUNTS = (  # required numbers, each positive (sparse cores: 0 or more) and far below 10**7
+    "tensorcores_per_chip",
+    "mxus_per_core",
+    "mxu_rows",
+    "mxu_cols",
+    "sparsecores_per_chip",
+    "hbm_gib",
+    "hbm_bandwidth_gb_s",
+    "peak_bf16_tflops",
+    "vmem_mib_per_core",
+    "smem_kib_per_core",
+    "lanes",
+    "sublanes",
+    "jax_devices_per_chip",
+)
+CHIP_OPTIONAL = (
+    "peak_int8_tops",
+    "peak_fp8_tflops",
+    "ici_bandwidth_bidir_gb_s_per_chip",
+    "ici_ports_per_chip",
+    "max_pod_chips",
+    "chips_per_host",
+)
+OUT_OF_RANGE = {
+    "schema_version": [0, 99],
+    "generation": [0, 100],
+    "release_year": [1999, 2101],
+    **{f"chip.{k}": [-1, 10**7] for k in CHIP_COUNTS + CHIP_OPTIONAL},
+    "kernels.rpa_v2.default_num_kv_pages_per_block": [0, -8],
+    "kernels.rpa_v2.vmem_limit_mib": [0, 10**6],
+    "kernels.rpa_v3.decode_kv_bytes": [0, -1],
+    "kernels.rpa_v3.chunk_q_budget": [0],
+}
+NOT_A_NUMBER = ["32", True, [1], {"v": 1}]
+WRONG_TYPE = {
+    **{k: NOT_A_NUMBER for k in OUT_OF_RANGE},
+    "name": [5, True, ["TPU"]],
+    "id": [6, ["v6e"]],
+    "notes": [1, {"a": "b"}],
+    "provisional": ["yes", 1],
+    "aliases": ["v6", 3],
+    "chip.matmul_dtypes": ["bf16", 16],
+    "identify.device_kinds": ["TPU v6e", 1],
+    "sources": ["https://cloud.google.com", 1],
+}
+REQUIRED = TOP_REQUIRED + tuple(f"chip.{k}" for k in CHIP_COUNTS) + ("chip.matmul_dtypes",)
+NEW_KEYS = ["hbm_gb", "relase_year", "lane", "vmem_mib", "x_y"]
+TABLES_IN = ("", "chip", "identify", "kernels", "kernels.rpa_v2", "kernels.rpa_v3")
+
+
+def _get(doc: dict, dotted: str) -> tuple[dict, str] | None:
+    """The table holding ``dotted`` and its last key, if the table exists."""
+    *parents, last = dotted.split(".")
+    for p in parents:
+        doc = doc.get(p)
+        if not isinstance(doc, dict):
+            return None
+    return doc, last
+
+
+@st.composite
+def one_field_invalid(draw):
+    """(document, field) with exactly that field wrong: wrong type, out of range, unknown key,
+    or a required field missing."""
+    base = draw(st.sampled_from(GENERATIONS))
+    doc = _copy(base)
+    fault = draw(st.sampled_from(["wrong_type", "out_of_range", "unknown_key", "missing"]))
+    if fault == "unknown_key":
+        table = draw(st.sampled_from([t for t in TABLES_IN if t == "" or _get(doc, t + ".x")]))
+        holder = _get(doc, table + ".x")[0] if table else doc
+        key = draw(st.sampled_from([k for k in NEW_KEYS if k not in holder]))
+        holder[key] = draw(st.sampled_from([1, "x", [2], 0.5]))
+        return doc, f"{table}.{key}".lstrip(".")
+    pool = {"wrong_type": WRONG_TYPE, "out_of_range": OUT_OF_RANGE}.get(fault, REQUIRED)
+    present = [f for f in pool if (at := _get(doc, f)) and at[1] in at[0]]
+    field = draw(st.sampled_from(sorted(present)))
+    holder, last = _get(doc, field)
+    if fault == "missing":
+        del holder[last]
+    else:
+        holder[last] = _copy(draw(st.sampled_from(pool[field])))
+    return doc, field
+
+
+TEXT = st.text(  # within the BMP: the JSON escapes dumps() writes for others are not TOML's
+    st.characters(
+        min_codepoint=32,
+        max_codepoint=0xFFFF,
+        blacklist_characters="\x7f",
+        blacklist_categories=("Cs",),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@st.composite
+def valid_variation(draw):
+    """A real generation file with in-range values changed and optional fields dropped (the
+    file then marked provisional)."""
+    doc = _copy(draw(st.sampled_from(GENERATIONS)))
+    chip = doc["chip"]
+    changes = {
+        "name": TEXT,
+        "notes": st.just("") | TEXT,
+        "release_year": st.integers(2015, 2100),
+        "chip.hbm_gib": st.integers(64, 4096) | st.floats(64, 4096),
+        "chip.hbm_bandwidth_gb_s": st.floats(10.5, 100_000),
+        "chip.peak_bf16_tflops": st.floats(0.5, 100_000),
+        "chip.mxus_per_core": st.integers(1, 64),
+    }
+    for field in draw(st.lists(st.sampled_from(sorted(changes)), unique=True, max_size=4)):
+        holder, last = _get(doc, field)
+        holder[last] = draw(changes[field])
+    dropped = draw(st.lists(st.sampled_from(CHIP_OPTIONAL), unique=True, max_size=3))
+    for opt in dropped:  # unpublished figures may be left out of a provisional file only
+        chip.pop(opt, None)
+        doc["provisional"] = True
+    return doc
+
+
+def _validate_generation(doc: dict, path: Path) -> tuple[Any, list[Problem]]:
+    """The product's check of a generation file: read it back, validate it."""
+    path.write_text(dumps(doc), encoding="utf-8")
+    parsed, text, problems = read_toml(path)
+    if parsed is None:
+        return None, problems
+    return validate(Generation, parsed, text, path)
+
+
+def assert_refused_naming(validator, doc: dict, field: str, path: Path) -> None:
+    model, problems = validator(doc, path)
+    assert model is None, f"accepted a document whose {field} is invalid"
+    assert {p.field for p in problems} == {field}, (field, [str(p) for p in problems])
+    for p in problems:
+        assert str(p).startswith(f"{path}:") and p.message, p
+
+
+def assert_accepted(validator, doc: dict, path: Path) -> None:
+    model, problems = validator(doc, path)
+    assert problems == [] and isinstance(model, Generation), [str(p) for p in problems]
+
+
+FAULTS = settings(budget("documents"), max_examples=max(20, int(TOTAL * 0.1)))
+
+
+@FAULTS
+@given(case=one_field_invalid())
+def test_one_invalid_field_is_refused_and_named(case, work):
+    RUN["faults"] += 1
+    doc, field = case
+    assert_refused_naming(_validate_generation, doc, field, work / "one_field.toml")
+
+
+@FAULTS
+@given(doc=valid_variation())
+def test_valid_variations_are_accepted(doc, work):
+    RUN["faults"] += 1
+    assert_accepted(_validate_generation, doc, work / "variation.toml")
+
+
+def test_the_fault_checks_fail_a_validator_that_accepts_everything(work):
+    """The two checks above bite: a validator that accepts everything fails the first, one
+    that refuses everything the second, one that names the wrong field the first too."""
+    path = work / "stub.toml"
+    doc = _copy(GENERATIONS[0])
+    doc["chip"]["lanes"] = "128"
+
+    def accept_everything(doc, path):
+        return object(), []
+
+    def refuse_everything(doc, path):
+        return None, [Problem(str(path), 1, "", "no")]
+
+    def name_another_field(doc, path):
+        return None, [Problem(str(path), 1, "chip.sublanes", "bad")]
+
+    for stub in (accept_everything, name_another_field):
+        with pytest.raises(AssertionError):
+            assert_refused_naming(stub, doc, "chip.lanes", path)
+    with pytest.raises(AssertionError):
+        assert_accepted(refuse_everything, _copy(GENERATIONS[0]), path)
+    # and the real validator passes both on the same documents
+    assert_refused_naming(_validate_generation, doc, "chip.lanes", path)
+    assert_accepted(_validate_generation, _copy(GENERATIONS[0]), path)
 
 
 # ---------------------------------------------------------------------------------------------

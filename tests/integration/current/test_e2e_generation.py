@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import pytest
-from tpu_registry.resolve import clear_cache
 from tpu_registry_vllm import tpu_inference_backend as backend
 
 from tpu_registry import Workload, plan, resolve
@@ -164,17 +163,9 @@ class E2E:
             max_num_seqs=MAX_NUM_SEQS,
             max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
         )
-        old = os.environ.get("TPU_REGISTRY_OVERRIDES")
-        os.environ["TPU_REGISTRY_OVERRIDES"] = str(self.overrides)
-        clear_cache()
-        try:
-            return resolve(w)
-        finally:
-            if old is None:
-                os.environ.pop("TPU_REGISTRY_OVERRIDES")
-            else:
-                os.environ["TPU_REGISTRY_OVERRIDES"] = old
-            clear_cache()
+        # The file the plugin reads from TPU_REGISTRY_OVERRIDES, passed explicitly: the result
+        # remembers it, so the per-call configurations (for_call) apply it too.
+        return resolve(w, overrides=self.overrides)
 
     def disagreements(self, name: str) -> tuple[list[tuple], int]:
         r = self.results[name]

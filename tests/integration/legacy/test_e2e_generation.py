@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import pytest
-from tpu_registry.resolve import clear_cache
 from tpu_registry_vllm.torch_xla_pallas import KNOBS
 
 from tpu_registry import Workload, plan, resolve
@@ -134,17 +133,9 @@ class E2E:
             max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
             page_size=page_size,
         )
-        old = os.environ.get("TPU_REGISTRY_OVERRIDES")
-        os.environ["TPU_REGISTRY_OVERRIDES"] = str(self.overrides)
-        clear_cache()
-        try:
-            return resolve(w)
-        finally:
-            if old is None:
-                os.environ.pop("TPU_REGISTRY_OVERRIDES")
-            else:
-                os.environ["TPU_REGISTRY_OVERRIDES"] = old
-            clear_cache()
+        # The file the plugin reads from TPU_REGISTRY_OVERRIDES, passed explicitly: the result
+        # remembers it, so the per-call configurations (for_call) apply it too.
+        return resolve(w, overrides=self.overrides)
 
     def disagreements(self, name: str) -> tuple[list[tuple], int]:
         r = self.results[name]

@@ -2,12 +2,14 @@
 
 1. Baseline RPA v2 block sizes vs torch_xla 2.9's ``get_tuned_block_sizes`` default path (key not
    in its table), >= 1,000 workloads for each generation upstream supports (v4, v5e, v5p, v6e),
-   with ``get_tpu_version``/``get_device_name`` patched to that generation's values.
+   with ``get_tpu_version``/``get_device_name`` patched to that generation's values; workloads
+   whose key is in the table are compared through the tables policy (``resolve``) instead.
 2. Baseline page size, minimum page size and max sequences vs vLLM 0.13's
    ``PallasAttentionBackend`` statics on the same workloads.
 3. The ``tables`` policy with the imported v2 tables vs torch_xla's tuned lookup on every
    entry of ``TUNED_BLOCK_SIZES`` (668 per device name, 1336 in all; the 'TPU v5' rows apply
-   to both v5e and v5p, so they are checked for both).
+   to both v5e and v5p, so they are checked for both), and on random un-rounded workloads near
+   the entries, with tensor parallelism.
 
 Differences, each with its reason (asserted below, not hidden):
 
@@ -40,6 +42,7 @@ GENERATIONS = {
 MIB = 1024 * 1024
 PER_GENERATION = 1000
 SEEDS = {"v4": 4, "v5e": 51, "v5p": 52, "v6e": 6}  # fixed: the same workloads on every run
+V2_BLOCKS = ("num_kv_pages_per_block", "num_queries_per_block")
 
 
 @pytest.fixture
@@ -98,7 +101,7 @@ def test_baseline_matches_upstream_defaults(offline_env, upstream):
     from vllm.utils.math_utils import cdiv
     from vllm.v1.attention.backends.pallas import PallasAttentionBackend as P
 
-    from tpu_registry import kernels, load_catalog
+    from tpu_registry import kernels, load_catalog, resolve
     from tpu_registry.policies import baseline
 
     rpa, monkeypatch = upstream
@@ -114,7 +117,10 @@ def test_baseline_matches_upstream_defaults(offline_env, upstream):
                 break
             knobs = baseline.tpu_registry_tune(spec, w).knobs
             page = knobs["page_size"]
-            qh, kvh = w.q_heads_per_device, w.kv_heads_per_device
+            # Heads per device as vLLM shards them (KV heads replicated when fewer than
+            # devices), computed here rather than read from the workload under test.
+            qh = w.num_q_heads // w.tensor_parallel
+            kvh = max(1, w.num_kv_heads // w.tensor_parallel)
             q_dt, kv_dt = jnp.dtype(w.q_dtype), jnp.dtype(w.kv_dtype)
             try:
                 heads = rpa.get_min_heads_per_blk(qh, 2 * kvh, q_dt, kv_dt)
@@ -136,10 +142,16 @@ def test_baseline_matches_upstream_defaults(offline_env, upstream):
                 w.max_num_batched_tokens,
                 pages_per_seq,
             )
-            if rpa.simplify_key(key) in table:
-                in_table += 1  # the tuned path: covered entry by entry below
-                continue
             want = rpa.get_tuned_block_sizes(*key)
+            if rpa.simplify_key(key) in table:
+                # The tuned path: the baseline gives upstream's defaults, and the tables policy
+                # wins over it with the tuned entry, found by the registry's own bucketing.
+                cfg = resolve(w, simulate=gen)
+                got = tuple(cfg.value(f"rpa_v2.{k}") for k in V2_BLOCKS)
+                assert got == want, (gen, w, got, want)
+                assert {cfg.layer(f"rpa_v2.{k}") for k in V2_BLOCKS} == {"tables"}, (gen, w)
+                in_table += 1
+                continue
             got = (knobs["rpa_v2.num_kv_pages_per_block"], knobs["rpa_v2.num_queries_per_block"])
             assert got == want, (gen, w, got, want)
             halved += gen != "v4" and want[0] < min(
@@ -171,7 +183,8 @@ def test_baseline_matches_upstream_defaults(offline_env, upstream):
     vmem = {g: catalog[g].chip.vmem_bytes_per_core // MIB for g in GENERATIONS}
     print(
         "\nbaseline vs torch_xla default path / vLLM 0.13 statics "
-        "(agreeing, untileable both ways, skipped as table hits, SMEM floor raised the page):"
+        "(agreeing, untileable both ways, table hits agreeing through the tables policy, SMEM "
+        "floor raised the page):"
     )
     for gen, (n, u, t, f, h) in counts.items():
         print(
@@ -315,6 +328,65 @@ def test_tables_policy_matches_upstream_on_every_entry(offline_env, upstream):
         "clamped by pages_per_seq or tokens"
     )
     assert entries == 1336 and comparisons == 2004
+
+
+def test_tables_policy_matches_upstream_on_unrounded_workloads(offline_env, upstream):
+    """Random workloads near table entries, none of them a table key: tokens anywhere in the
+    entry's power-of-two bucket, model lengths anywhere in its last page, head dims below 128,
+    with tensor parallelism (and fewer KV heads than devices). torch_xla's own
+    ``get_tuned_block_sizes`` (its ``simplify_key``) is the reference, fed the heads per device
+    computed here and its own ``get_min_heads_per_blk``."""
+    import jax.numpy as jnp
+
+    from tpu_registry import Workload, resolve
+
+    rpa, monkeypatch = upstream
+    devices = {"v6e": "TPU v6", "v5e": "TPU v5", "v5p": "TPU v5"}
+    rng = random.Random(1717)
+    hits = misses = 0
+    for i in range(1500):
+        gen = rng.choice(sorted(devices))
+        as_generation(rpa, monkeypatch, gen)
+        rows = rpa.TUNED_BLOCK_SIZES[devices[gen]]
+        _, _, q_dev, kv_dev, hd_r, page, tok_r, len_r = rng.choice(sorted(rows))
+        tp = rng.choice([1, 2, 4, 8])
+        q_all, kv_all = q_dev * tp, kv_dev * tp
+        if kv_dev == 1 and tp > 1 and rng.random() < 0.5:  # fewer KV heads than devices
+            kv_all = rng.choice([d for d in range(1, tp) if q_all % d == 0])
+        tokens = rng.randint(tok_r // 2 + 1, tok_r)
+        model_len = rng.randint(len_r - page + 1, len_r)
+        if page > 1 << (model_len - 1).bit_length():
+            model_len = len_r
+        w = Workload(
+            num_q_heads=q_all,
+            num_kv_heads=kv_all,
+            head_dim=rng.randint(hd_r - 127, hd_r),
+            max_model_len=model_len,
+            max_num_seqs=rng.choice([8, 64, 256]),
+            max_num_batched_tokens=tokens,
+            page_size=page if i % 8 else None,  # now and then the registry's own page
+            tensor_parallel=tp,
+        )
+        qh, kvh = w.num_q_heads // tp, max(1, w.num_kv_heads // tp)
+        bf16 = jnp.dtype("bfloat16")
+        q_blk, kv_x2 = rpa.get_min_heads_per_blk(qh, 2 * kvh, bf16, bf16)
+        cfg = resolve(w, simulate=gen)
+        page_used = cfg.value("page_size")
+        assert w.page_size is None or page_used == page
+        key = (bf16, bf16, q_blk, kv_x2 // 2, w.head_dim, page_used, tokens)
+        key += (-(-model_len // page_used),)
+        want = rpa.get_tuned_block_sizes(*key)
+        got = tuple(cfg.value(f"rpa_v2.{k}") for k in V2_BLOCKS)
+        assert got == want, (gen, w, got, want)
+        layers = {cfg.layer(f"rpa_v2.{k}") for k in V2_BLOCKS}
+        if rpa.simplify_key(key) in rows:
+            hits += 1
+            assert layers == {"tables"}, (gen, w)
+        else:
+            misses += 1
+            assert layers == {"baseline"}, (gen, w)
+    print(f"\ntables policy vs torch_xla on un-rounded workloads: {hits} hits, {misses} misses")
+    assert hits >= 1000 and misses >= 20
 
 
 def test_vllm_013_overwrites_the_block_size():

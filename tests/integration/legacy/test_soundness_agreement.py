@@ -196,7 +196,9 @@ def test_rpa_v2_configs_pass_torch_xla_validators(gen, upstream, policy, tmp_pat
 
     def rejects(w, page: int, kwargs: dict, tokens: int) -> list[str]:
         """Why torch_xla would refuse this call (empty: it runs it)."""
-        q_heads, kv_heads = w.num_q_heads // w.tensor_parallel, w.kv_heads_per_device
+        # Heads per device as vLLM shards them (KV replicated when fewer than devices).
+        q_heads = w.num_q_heads // w.tensor_parallel
+        kv_heads = max(1, w.num_kv_heads // w.tensor_parallel)
         q_dt, kv_dt = jnp.dtype(w.q_dtype), jnp.dtype(w.kv_dtype)
         head = -(-w.head_dim // 128) * 128  # the adapter pads to 128 lanes, never further
         seqs, pages_per_seq = w.max_num_seqs, -(-w.max_model_len // page)
