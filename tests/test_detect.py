@@ -213,8 +213,11 @@ def test_reconcile_rules_one_case_each():
     )
     # Unknown identifiers decide nothing; topology is information only.
     unknown, topo = _ev("device_kind", "TPU v99"), _ev("topology", "2x2")
-    # (Its reason, "no TPU evidence found" although an identifier was given, is not pinned.)
     got = result([unknown, topo])
+    assert got[2] == (
+        "no evidence named a known generation "
+        "(not recognised: device_kind 'TPU v99' from device_kind)"
+    )
     assert got[:2] + got[3:] == (
         None,
         "none",

@@ -203,12 +203,12 @@ def reconcile(
             )
             current = frozenset() if current == everything else current
         elif current == everything:
-            winner_status, reason = (
-                "none",
-                "no TPU evidence found"
-                if not any(cands.values())
-                else "no evidence named a known generation",
-            )
+            # Nothing narrowed the candidates: say which evidence the catalog did not recognise.
+            unknown = [e for e in evidence if e.kind != "topology"]
+            winner_status, reason = "none", "no TPU evidence found"
+            if unknown:
+                named = ", ".join(f"{e.kind} {e.value!r} from {e.source}" for e in unknown)
+                reason = f"no evidence named a known generation (not recognised: {named})"
             current = frozenset()
         elif len(current) == 1:
             winner_status = "detected"
