@@ -92,6 +92,13 @@ def random_workloads(seed: int, n: int):
     return out
 
 
+def per_device(w: Workload) -> tuple[int, int]:
+    """Query and KV heads of one device under tensor parallelism, computed here (not by the
+    code under test): vLLM splits query heads and replicates KV heads when there are fewer
+    than devices."""
+    return w.num_q_heads // w.tensor_parallel, max(1, w.num_kv_heads // w.tensor_parallel)
+
+
 def upstream_vmem(device_kind: str, num_cores: int) -> int:
     device = jax.sharding.AbstractDevice(
         device_kind=device_kind, num_cores=num_cores, platform="tpu"
@@ -134,8 +141,8 @@ def test_baseline_equals_tpu_inference(gen, monkeypatch):
 
     def estimate(w: Workload, t: tuple[int, int, int, int]) -> int:
         return v3.get_vmem_estimate_bytes(
-            w.kv_heads_per_device,
-            w.q_heads_per_device // w.kv_heads_per_device,
+            per_device(w)[1],
+            per_device(w)[0] // per_device(w)[1],
             w.head_dim,
             t[0],
             t[1],
@@ -176,8 +183,7 @@ def test_baseline_equals_tpu_inference(gen, monkeypatch):
             d = v3.get_default_block_sizes(
                 JNP[w.q_dtype],
                 JNP[w.kv_dtype],
-                w.q_heads_per_device,
-                w.kv_heads_per_device,
+                *per_device(w),
                 w.head_dim,
                 ours_page,
                 w.max_num_batched_tokens,
