@@ -17,7 +17,12 @@ tokens and ``<s>``/``</s>``.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 SEED = 1234
@@ -147,3 +152,54 @@ class Oracle:
                 elif token != best:
                     near_ties += 1
         return bad, near_ties
+
+
+def start_engine(
+    name: str, spec: dict, child: Path, env_changes: dict, overrides: Path, work: Path
+) -> tuple[subprocess.Popen, Path]:
+    """Start one engine run in its own process (``child`` reads the spec, writes the result);
+    the machine's TPU_REGISTRY_* variables are dropped, ``env_changes`` applied (None unsets)."""
+    out = work / f"{name}.json"
+    spec_path = work / f"{name}.spec.json"
+    spec_path.write_text(json.dumps({**spec, "name": name, "out": str(out)}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_REGISTRY")}
+    # the overrides file of the run, and not this machine's PCI bus
+    env.update(
+        TPU_REGISTRY_OVERRIDES=str(overrides), TPU_REGISTRY_SYSFS_ROOT="/nonexistent-sysfs-root"
+    )
+    for k, v in env_changes.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    with open(work / f"{name}.log", "w") as log:  # a file, not a pipe: vLLM logs a lot
+        p = subprocess.Popen(
+            [sys.executable, str(child), str(spec_path)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=work,
+        )
+    return p, out
+
+
+def collect(
+    procs: dict[str, tuple[subprocess.Popen, Path]], work: Path, t0: float, timeout: float
+) -> dict:
+    """Wait for every run (all within ``timeout`` seconds of ``t0``); their results by name."""
+    results = {}
+    for name, (p, out) in procs.items():
+        try:
+            rc = p.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            for q, _ in procs.values():
+                q.kill()
+            log = work / f"{name}.log"
+            raise AssertionError(
+                f"engine run {name!r} took longer than {timeout} s; log: {log}"
+            ) from None
+        if rc != 0 or not out.exists():
+            tail = (work / f"{name}.log").read_text()[-8000:]
+            raise AssertionError(f"engine run {name!r} failed ({rc}):\n{tail}")
+        results[name] = json.loads(out.read_text())
+    return results

@@ -8,7 +8,10 @@ instead of leaving them to torch_xla (which asks for 120 MiB of VMEM even on 16 
 
 Knobs are resolved once per impl, for that impl's heads, head dim, window and KV dtype and the
 serving limits of the vLLM config current while the model is built (else from the first
-call's tensors). vLLM 0.13 fixes the page size itself and calls the base class's statics, so
+call's tensors). They are not resolved per call: vLLM 0.13 compiles the model with dynamo and a
+symbolic token count, and choosing knobs from it in Python would specialise the graph
+(ConstraintViolationError); torch_xla clamps ``num_queries_per_block`` to each call's tokens
+itself. vLLM 0.13 fixes the page size itself and calls the base class's statics, so
 the adapter tunes for the page size vLLM uses and says when the registry would choose another.
 Kernels are called through ``kernel_binding`` so tests on CPU can bind reference code.
 """
@@ -161,7 +164,6 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
         self.head_size_padded = cdiv(head_size, TPU_HEAD_SIZE_ALIGNMENT) * TPU_HEAD_SIZE_ALIGNMENT
         self.registry_config: ResolvedConfig | None = None
         self.kernel_kwargs: dict[str, int | None] | None = None  # None: not resolved yet
-        self._kv_pages_cap: int | None = None  # VLLM_TPU_MOST_MODEL_LEN's narrower tables
         for family in (FAMILY, "kv_cache_update"):
             kernel_binding.kernel(family)  # load the defaults now, not inside the traced forward
         vllm_config = _current_vllm_config()
@@ -207,7 +209,7 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
         if most is not None and w.page_size:
             # VLLM_TPU_MOST_MODEL_LEN gives some calls a narrower block table; the kernel
             # rejects more KV pages per block than the table has.
-            cap = self._kv_pages_cap = cdiv(most, w.page_size)
+            cap = cdiv(most, w.page_size)
             if kwargs["num_kv_pages_per_block"] > cap:
                 kwargs["num_kv_pages_per_block"] = cap
                 notes.append(
@@ -231,23 +233,6 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
             + "".join(f"; {n}" for n in notes)
         )
         _log_once(line)
-
-    def call_kwargs(self, num_tokens: int) -> dict[str, int | None]:
-        """The knobs of one call of ``num_tokens`` (padded) tokens. torch_xla looks its tuned
-        table up and clamps per call (``get_tuned_block_sizes`` with the call's token count),
-        and so does this; vLLM traces each bucket once, so it costs nothing at run time."""
-        assert self.kernel_kwargs is not None
-        if self.registry_config is None or None in self.kernel_kwargs.values():
-            return self.kernel_kwargs
-        try:
-            kwargs = self.registry_config.for_call(num_tokens).kernel_kwargs(FAMILY)
-        except Exception:  # noqa: BLE001 - the engine-wide knobs are valid for every call
-            return self.kernel_kwargs
-        if self._kv_pages_cap is not None:
-            kwargs["num_kv_pages_per_block"] = min(
-                kwargs["num_kv_pages_per_block"], self._kv_pages_cap
-            )
-        return kwargs
 
     def forward(
         self,
@@ -315,7 +300,7 @@ class RegistryPallasBackendImpl(PallasAttentionBackendImpl):
             attn_metadata.block_tables,
             attn_metadata.query_start_loc,
             attn_metadata.num_seqs,
-            **self.call_kwargs(num_tokens),
+            **self.kernel_kwargs,
             use_kernel=True,
             sm_scale=self.scale,
             sliding_window=self.sliding_window,

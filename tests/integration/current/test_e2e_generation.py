@@ -25,9 +25,6 @@ The kernel stand-in is the same in every run (``e2e_cpu_shims.RecordingReference
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,11 +50,12 @@ from e2e_model import (  # noqa: E402
     Q_HEADS,
     Oracle,
     build,
+    collect,
+    start_engine,
 )
 
-NUM_BLOCKS = (
-    64  # num_gpu_blocks_override: a fixed KV cache, so nobody asks the (CPU) device for its HBM
-)
+# num_gpu_blocks_override: a fixed KV cache, so nobody asks the (CPU) device for its HBM
+NUM_BLOCKS = 64
 ENGINE = dict(
     max_model_len=MAX_MODEL_LEN,
     max_num_seqs=MAX_NUM_SEQS,
@@ -172,43 +170,15 @@ class E2E:
         return self.oracle.disagreements(r["prompt_tokens"], r["tokens"])
 
 
-def _start(
-    name: str, run: dict, model: Path, overrides: Path, work: Path
-) -> tuple[subprocess.Popen, Path]:
-    out = work / f"{name}.json"
-    spec = {
-        "name": name,
+def _spec(run: dict, model: Path) -> dict:
+    return {
         "model": str(model),
         "prompts": PROMPTS,
         "max_tokens": MAX_TOKENS,
-        "out": str(out),
         "engine": {**ENGINE, **run["engine"]},
         "sm_scale_factor": run.get("sm_scale_factor", 1.0),
         "check_reference": run.get("check_reference", False),
     }
-    spec_path = work / f"{name}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_REGISTRY")}
-    env.update(
-        TPU_REGISTRY_OVERRIDES=str(overrides), TPU_REGISTRY_SYSFS_ROOT="/nonexistent-sysfs-root"
-    )  # not this machine's PCI bus
-    for k, v in {**CHILD_ENV, **run["env"]}.items():
-        if v is None:
-            env.pop(k, None)
-        else:
-            env[k] = v
-    log = open(
-        work / f"{name}.log", "w"
-    )  # a file, not a pipe: vLLM logs a lot, the runs are parallel
-    p = subprocess.Popen(
-        [sys.executable, str(HERE / "e2e_child.py"), str(spec_path)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=work,
-    )
-    log.close()
-    return p, out
 
 
 @pytest.fixture(scope="module")
@@ -218,21 +188,14 @@ def e2e(tmp_path_factory) -> E2E:
     model = build(work / "tiny-llama")
     overrides = work / "overrides.toml"
     overrides.write_text(OVERRIDES)
-    procs = {name: _start(name, run, model, overrides, work) for name, run in RUNS.items()}
-    results = {}
-    for name, (p, out) in procs.items():
-        try:
-            rc = p.wait(timeout=max(1.0, TIMEOUT - (time.monotonic() - t0)))
-        except subprocess.TimeoutExpired:
-            for q, _ in procs.values():
-                q.kill()
-            raise AssertionError(
-                f"engine run {name!r} took longer than {TIMEOUT} s; log: {work / (name + '.log')}"
-            ) from None
-        if rc != 0 or not out.exists():
-            tail = (work / f"{name}.log").read_text()[-8000:]
-            raise AssertionError(f"engine run {name!r} failed ({rc}):\n{tail}")
-        results[name] = json.loads(out.read_text())
+    child = HERE / "e2e_child.py"
+    procs = {
+        name: start_engine(
+            name, _spec(run, model), child, {**CHILD_ENV, **run["env"]}, overrides, work
+        )
+        for name, run in RUNS.items()
+    }
+    results = collect(procs, work, t0, TIMEOUT)
     return E2E(model, overrides, results, time.monotonic() - t0, Oracle(model))
 
 

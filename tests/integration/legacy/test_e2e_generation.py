@@ -23,9 +23,6 @@ torch_xla's and vLLM's custom ops, which both backends call.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,6 +48,8 @@ from e2e_model import (  # noqa: E402
     Q_HEADS,
     Oracle,
     build,
+    collect,
+    start_engine,
 )
 
 NUM_BLOCKS = 64  # num_gpu_blocks_override: a fixed KV cache (XLA:CPU reports no memory)
@@ -99,11 +98,11 @@ UPSTREAM_KWARGS = dict.fromkeys(KNOBS)  # vLLM's own PALLAS leaves all three to 
 def expected_kernel_kwargs(cfg, call: dict) -> dict:
     """The registry's answer for one kernel call: the RPA v2 tuning keywords the kernel must get.
 
-    The legacy impl passes the knobs of the call's token count (``q_tokens``: the padded token
-    bucket), as torch_xla looks its tuned table up per call (capped for
-    VLLM_TPU_MOST_MODEL_LEN, unset here).
+    The legacy impl passes ``cfg.kernel_kwargs("rpa_v2")`` to every call (capped for
+    VLLM_TPU_MOST_MODEL_LEN, unset here): vLLM 0.13 compiles with a symbolic token count, so
+    the adapter cannot choose per bucket; ``call`` holds the call's shapes for the record.
     """
-    return dict(cfg.for_call(call["q_tokens"]).kernel_kwargs("rpa_v2"))
+    return dict(cfg.kernel_kwargs("rpa_v2"))
 
 
 def tuning_of(call: dict) -> dict:
@@ -145,42 +144,14 @@ class E2E:
         return (self.work / f"{name}.log").read_text()
 
 
-def _start(
-    name: str, run: dict, model: Path, overrides: Path, work: Path
-) -> tuple[subprocess.Popen, Path]:
-    out = work / f"{name}.json"
-    spec = {
-        "name": name,
+def _spec(run: dict, model: Path) -> dict:
+    return {
         "model": str(model),
         "prompts": PROMPTS,
         "max_tokens": MAX_TOKENS,
-        "out": str(out),
         "engine": ENGINE,
         "sm_scale_factor": run.get("sm_scale_factor", 1.0),
     }
-    spec_path = work / f"{name}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_REGISTRY")}
-    env.update(
-        TPU_REGISTRY_OVERRIDES=str(overrides), TPU_REGISTRY_SYSFS_ROOT="/nonexistent-sysfs-root"
-    )  # not this machine's PCI bus
-    for k, v in {**CHILD_ENV, **run["env"]}.items():
-        if v is None:
-            env.pop(k, None)
-        else:
-            env[k] = v
-    log = open(
-        work / f"{name}.log", "w"
-    )  # a file, not a pipe: vLLM logs a lot, the runs are parallel
-    p = subprocess.Popen(
-        [sys.executable, str(HERE / "e2e_child.py"), str(spec_path)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=work,
-    )
-    log.close()
-    return p, out
 
 
 @pytest.fixture(scope="module")
@@ -190,21 +161,14 @@ def e2e(tmp_path_factory) -> E2E:
     model = build(work / "tiny-llama")
     overrides = work / "overrides.toml"
     overrides.write_text(OVERRIDES)
-    procs = {name: _start(name, run, model, overrides, work) for name, run in RUNS.items()}
-    results = {}
-    for name, (p, out) in procs.items():
-        try:
-            rc = p.wait(timeout=max(1.0, TIMEOUT - (time.monotonic() - t0)))
-        except subprocess.TimeoutExpired:
-            for q, _ in procs.values():
-                q.kill()
-            raise AssertionError(
-                f"engine run {name!r} took longer than {TIMEOUT} s; log: {work / (name + '.log')}"
-            ) from None
-        if rc != 0 or not out.exists():
-            tail = (work / f"{name}.log").read_text()[-8000:]
-            raise AssertionError(f"engine run {name!r} failed ({rc}):\n{tail}")
-        results[name] = json.loads(out.read_text())
+    child = HERE / "e2e_child.py"
+    procs = {
+        name: start_engine(
+            name, _spec(run, model), child, {**CHILD_ENV, **run["env"]}, overrides, work
+        )
+        for name, run in RUNS.items()
+    }
+    results = collect(procs, work, t0, TIMEOUT)
     return E2E(model, overrides, work, results, time.monotonic() - t0, Oracle(model))
 
 

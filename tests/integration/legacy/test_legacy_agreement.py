@@ -21,8 +21,8 @@ Differences, each with its reason (asserted below, not hidden):
   ``get_page_size`` equals the registry's page size *before* the floor, and the knob differs
   exactly where the floor is larger.
 - Token count: upstream's kernel looks its blocks up with ``q.shape[0]`` (the padded tokens of
-  each call); the adapter does the same per call (``ResolvedConfig.for_call``). Here both are
-  given the same number, the workload's token count.
+  each call); the adapter passes the knobs of ``max_num_batched_tokens`` to every call (vLLM
+  0.13 compiles with a symbolic token count). Both are compared here with the same number.
 """
 
 from __future__ import annotations
