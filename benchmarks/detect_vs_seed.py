@@ -7,7 +7,7 @@ time and peak RSS from ``os.wait4``):
     integration environment (torch 2.9.0 + torch-xla 2.9.0 + vllm 0.13, Python 3.11) with
     ``TPU_SKIP_MDS_QUERY=1 TPU_ACCELERATOR_TYPE=v6e-8 PJRT_DEVICE=CPU``: no network, no TPU;
 (b) ``import jax`` + ``jax.devices()`` with ``JAX_PLATFORMS=cpu`` (the .venv's jax);
-(c) ours: ``import tpu_registry.detect`` + ``detect()`` with its default, non-invasive
+(c) ours: ``import tpu_registry.detection`` + ``detect()`` with its default, non-invasive
     settings, in the same interpreter as (a) (and again in the .venv's, paired with (b)).
 
 All processes get the same environment variables, so (c) sees the same
@@ -102,7 +102,7 @@ def has_registry(python: Path) -> bool:
     env = child_env()
     return (
         subprocess.run(
-            [str(python), "-c", "import tpu_registry.detect"],
+            [str(python), "-c", "import tpu_registry.detection"],
             env=env,
             capture_output=True,
             timeout=120,
@@ -252,8 +252,8 @@ def run(small: bool, skip_legacy: bool) -> dict:
         why = ""
         if r_total < TARGET_RATIO:
             why = (
-                f"ours: import {med(ours, 'import_s') * 1000:.0f} ms (pydantic and the package's "
-                "eager imports, see the startup section) + detect() "
+                f"ours: import {med(ours, 'import_s') * 1000:.0f} ms (pydantic and the catalog "
+                "models detection loads, see the startup section) + detect() "
                 f"{med(ours, 'call_s') * 1000:.0f} ms (plugin manager, catalog load); the call "
                 f"alone is {r_call:,.0f}x cheaper"
             )
