@@ -7,7 +7,7 @@ machine; its first real run on a TPU VM is still to come, so treat its numbers a
 On a TPU VM with vLLM, tpu-inference and this repository's plugin installed::
 
     pip install -e . -e plugins/tpu-registry-vllm
-    python benchmarks/tpu_smoke.py                                    # Qwen/Qwen2.5-0.5B-Instruct
+    python benchmarks/tpu_smoke.py                                    # Qwen/Qwen2.5-1.5B-Instruct
     python benchmarks/tpu_smoke.py --model /path/to/model --prompts 128 --max-tokens 256
 
 It runs the same greedy generation twice, each in its own process so that neither run's
@@ -38,10 +38,14 @@ import time
 
 EXIT_NO_TPU = 2
 HARDWARE_EVIDENCE = ("pci", "device_kind")
-DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+# Head dim 128 (12 query / 2 KV heads): the RPA v3 kernel the backend drives (head dim 64 goes
+# to tpu-inference's hd64 kernel unchanged).
+DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
+# MODEL_IMPL_TYPE=vllm in both runs: by default tpu-inference runs Qwen2 as a JAX module whose
+# attention never calls a backend, and the comparison would measure only the page size.
 RUNS = {
-    "upstream": ({"TPU_REGISTRY_VLLM": "off"}, None),
-    "registry": ({"TPU_REGISTRY_VLLM": "auto"}, "TPU_REGISTRY"),
+    "upstream": ({"TPU_REGISTRY_VLLM": "off", "MODEL_IMPL_TYPE": "vllm"}, None),
+    "registry": ({"TPU_REGISTRY_VLLM": "auto", "MODEL_IMPL_TYPE": "vllm"}, "TPU_REGISTRY"),
 }
 
 
