@@ -562,6 +562,6 @@ def test_detect_timeout_must_be_a_positive_number(value):
     with pytest.raises(DetectionError) as e:
         detect(env={"TPU_REGISTRY_DETECT_TIMEOUT": value}, sysfs_root="/nonexistent")
     assert str(e.value) == (
-        f"TPU_REGISTRY_DETECT_TIMEOUT={value!r} is not a positive number of seconds "
+        f"TPU_REGISTRY_DETECT_TIMEOUT={value!r} is not a number of seconds in (0, 600] "
         "(the default is 2)"
     )

@@ -23,6 +23,7 @@ from .errors import CatalogError, Problem
 from .modelerrors import validate
 from .spec import Generation
 from .tomlfile import locate, read_toml
+from .units import count
 
 ENV_PATH = "TPU_REGISTRY_PATH"
 log = logging.getLogger("tpu_registry")
@@ -109,8 +110,7 @@ class Catalog:
         prefix, _, suffix = text.rpartition("-")
         if not prefix:
             prefix, suffix = text, ""
-        count = int(suffix) if suffix.isdigit() else None
-        return self.lookup("accelerator_type", prefix), prefix, count
+        return self.lookup("accelerator_type", prefix), prefix, count(suffix)
 
     def find(self, text: str) -> set[str]:
         """Resolve what a person typed: id, alias, or any identifier string."""
@@ -119,9 +119,10 @@ class Catalog:
         for kind in ("device_kind", "gke_accelerator", "accelerator_type"):
             if hit := self.lookup(kind, text):
                 return hit
-        if hit := self.accelerator_prefix(text)[0]:
-            return hit
         t = text.strip().lower()
+        hit, prefix, n = self.accelerator_prefix(text)
+        if hit and (n is not None or prefix == t):  # "v5p-8" or "v5p"; not "v5p-" + junk
+            return hit
         if t.startswith("0x") or ":" in t:
             try:
                 parts = [int(p, 16) for p in t.replace("/", ":").split(":")]

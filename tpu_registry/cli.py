@@ -1,8 +1,8 @@
 """tpu-registry: list | show | detect | resolve | validate | schema | plugins | doctor.
 
 Exit codes: 0 success; 2 invalid input (bad data files, bad arguments, unknown generation,
-failed validation); 3 ``detect --require`` found no TPU; 1 an unexpected internal error
-(reported in one line; set TPU_REGISTRY_DEBUG=1 for the traceback).
+failed validation); 3 ``detect --require`` found no TPU; 130 interrupted (Ctrl-C); 1 an
+unexpected internal error (reported in one line; set TPU_REGISTRY_DEBUG=1 for the traceback).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_NO_TPU = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -404,12 +405,23 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tpu-registry")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tpu-registry",
         description="Facts and kernel knobs for Google TPU generations.",
-        epilog="Exit codes: 0 ok, 2 invalid input, 3 no TPU (detect --require), 1 internal error.",
+        epilog="Exit codes: 0 ok, 2 invalid input, 3 no TPU (detect --require), 130 interrupted, "
+        "1 internal error.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn, help: str) -> argparse.ArgumentParser:
@@ -528,6 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INVALID
     except BrokenPipeError:
         return EXIT_OK
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as e:  # never a traceback for users; the debug variable shows it
         if os.environ.get("TPU_REGISTRY_DEBUG"):
             raise

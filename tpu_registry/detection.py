@@ -24,6 +24,7 @@ from .types import EVIDENCE_KINDS, DetectContext, Detection, Evidence, Fault, Fi
 
 ENV_TIMEOUT = "TPU_REGISTRY_DETECT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 2.0
+MAX_TIMEOUT_S = 600.0  # a detector that needs longer is broken; threads cannot wait forever
 
 # How much each kind of evidence is trusted (higher wins). Identifiers read from the hardware
 # beat what the environment claims; version numbers that name several generations come last.
@@ -320,10 +321,10 @@ def detect(
             timeout_s = float(env.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S))
         except ValueError:
             timeout_s = math.nan
-    if not (math.isfinite(timeout_s) and timeout_s > 0):
+    if not (math.isfinite(timeout_s) and 0 < timeout_s <= MAX_TIMEOUT_S):
         raise DetectionError(
-            f"{ENV_TIMEOUT}={env.get(ENV_TIMEOUT, timeout_s)!r} is not a positive number of "
-            f"seconds (the default is {DEFAULT_TIMEOUT_S:g})"
+            f"{ENV_TIMEOUT}={env.get(ENV_TIMEOUT, timeout_s)!r} is not a number of seconds in "
+            f"(0, {MAX_TIMEOUT_S:g}] (the default is {DEFAULT_TIMEOUT_S:g})"
         )
     root = Path(sysfs_root if sysfs_root is not None else env.get("TPU_REGISTRY_SYSFS_ROOT", "/"))
     context = DetectContext(

@@ -56,6 +56,16 @@ def itemsize(dtype: str) -> int:
     return DTYPE_BITS[dtype] // 8
 
 
+def count(text: str, max_digits: int = 9) -> int | None:
+    """A positive whole number written in ASCII digits (``"8"``), else None. Other scripts'
+    digits (``"٨"``) and absurd lengths are not counts: int() would accept the first and take
+    quadratic time (or raise) on the second."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit() and 0 < len(text) <= max_digits):
+        return None
+    return int(text) or None
+
+
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
 

@@ -184,7 +184,13 @@ class Workload:
             raise TuningError(
                 [Problem(str(p), None, "", "is not a JSON object", "pass the model's config.json")]
             )
-        cfg = cfg.get("text_config", cfg) if "num_attention_heads" not in cfg else cfg
+        if "num_attention_heads" not in cfg and cfg.get("text_config") is not None:
+            cfg = cfg["text_config"]  # multimodal configs keep the language model's here
+            if not isinstance(cfg, dict):
+                hint = "pass the language model's config.json"
+                raise TuningError(
+                    [Problem(str(p), None, "text_config", "is not a JSON object", hint)]
+                )
         for key, what in UNSUPPORTED_ATTENTION.items():
             if cfg.get(key) is not None:
                 raise TuningError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from tpu_registry import units
 from tpu_registry.hookspecs import hookimpl
 from tpu_registry.types import DetectContext, Evidence
 
@@ -38,7 +39,7 @@ def tpu_registry_detect(context: DetectContext) -> list[Evidence]:
         )
     if value := env.get("TPU_ACCELERATOR_TYPE", "").strip():
         suffix = value.rpartition("-")[2]
-        count = int(suffix) if suffix.isdigit() and int(suffix) > 0 else None
+        count = units.count(suffix)
         out.append(
             Evidence(
                 "accelerator_type",

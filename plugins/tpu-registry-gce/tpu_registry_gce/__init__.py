@@ -111,7 +111,7 @@ def parse_tpu_env(text: str) -> dict[str, str]:
 def _product(shape: str) -> int | None:
     """``2,2,1`` or ``2x2x1`` -> 4; None unless every part is a positive integer."""
     parts = shape.replace("x", ",").split(",")
-    if not all(p.strip().isdecimal() and int(p) > 0 for p in parts):
+    if not all(p.strip().isascii() and p.strip().isdecimal() and int(p) > 0 for p in parts):
         return None
     return math.prod(int(p) for p in parts)
 
@@ -119,7 +119,8 @@ def _product(shape: str) -> int | None:
 def _suffix(accelerator_type: str) -> int | None:
     """``v5p-8`` -> 8. Cores or chips? The catalog knows per generation (count_unit=suffix)."""
     tail = accelerator_type.rpartition("-")[2]
-    return int(tail) if tail.isdecimal() and int(tail) > 0 else None
+    ok = tail.isascii() and tail.isdecimal() and len(tail) <= 9  # not "٨", not 5,000 digits
+    return int(tail) if ok and int(tail) > 0 else None
 
 
 @tpu_registry.hookimpl
