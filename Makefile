@@ -11,16 +11,20 @@ TEST_EXTRAS := jax==0.10.2 matplotlib ruff
 
 .PHONY: run test test-core test-py310 test-integration bench fuzz lint clean
 
-$(STAMP): pyproject.toml plugins/tpu-registry-gce/pyproject.toml
+# The vLLM plugin installs without vLLM (its entry points import nothing heavy): the core venvs
+# carry it so its tpu_registry side (settings, doctor) and the import contracts are checked.
+PLUGINS := -e plugins/tpu-registry-gce -e plugins/tpu-registry-vllm
+
+$(STAMP): pyproject.toml plugins/tpu-registry-gce/pyproject.toml plugins/tpu-registry-vllm/pyproject.toml
 	$(PY311) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]' $(TEST_EXTRAS)
-	$(BIN)/pip install -q --disable-pip-version-check -e plugins/tpu-registry-gce
+	$(BIN)/pip install -q --disable-pip-version-check $(PLUGINS)
 	touch $@
 
-$(STAMP310): pyproject.toml plugins/tpu-registry-gce/pyproject.toml
+$(STAMP310): pyproject.toml plugins/tpu-registry-gce/pyproject.toml plugins/tpu-registry-vllm/pyproject.toml
 	@PY310=$$(scripts/find_python.sh 3.10) && $$PY310 -m venv $(VENV310)
 	$(VENV310)/bin/pip install -q --disable-pip-version-check -e '.[test]'
-	$(VENV310)/bin/pip install -q --disable-pip-version-check -e plugins/tpu-registry-gce
+	$(VENV310)/bin/pip install -q --disable-pip-version-check $(PLUGINS)
 	touch $@
 
 run: $(STAMP)
@@ -48,7 +52,7 @@ fuzz: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check tpu_registry tests benchmarks plugins scripts
-	PYTHONPATH=plugins/tpu-registry-gce:plugins/tpu-registry-vllm $(BIN)/lint-imports --no-cache
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) $(VENV310) dist build .pytest_cache
