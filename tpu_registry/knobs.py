@@ -33,10 +33,6 @@ class KnobSpec:
     settable: bool = True  # False: derived from other knobs and the workload, never set
     power_of_two: bool = False
 
-    @property
-    def family(self) -> str | None:
-        return self.name.split(".", 1)[0] if "." in self.name else None
-
 
 _BLOCKS = "(bq_sz, bkv_sz, bq_csz, bkv_csz): query and KV tokens per block and per compute chunk"
 REGISTRY: dict[str, KnobSpec] = {
@@ -118,9 +114,6 @@ REGISTRY: dict[str, KnobSpec] = {
         ),
     )
 }
-COMMON_KNOBS = tuple(k for k in REGISTRY if "." not in k)
-FAMILIES = tuple(sorted({s.family for s in REGISTRY.values() if s.family}))
-BLOCK_KNOBS = tuple(k for k, s in REGISTRY.items() if s.kind == "blocks")
 SETTABLE = tuple(k for k, s in REGISTRY.items() if s.settable)
 
 

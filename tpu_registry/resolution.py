@@ -20,13 +20,13 @@ from . import settings
 from .catalog import ENV_PATH, Catalog, builtin_hardware_dir, load_catalog
 from .detection import detect
 from .errors import CatalogError, DetectionError, Problem
+from .policies.tables import ENV_TABLES
 from .spec import Generation
 from .tune import tune
 from .types import Detection, Knob, TuneContext, Tuning, format_value
 from .workload import Workload
 
 ENV_OVERRIDES = "TPU_REGISTRY_OVERRIDES"
-ENV_TABLES = "TPU_REGISTRY_TABLES_PATH"
 STAMP_EVERY_S = 1.0  # how often the data files behind a cached result are looked at again
 log = logging.getLogger("tpu_registry")
 

@@ -113,10 +113,13 @@ BUILTIN: tuple[Setting, ...] = (
 
 _lock = threading.Lock()
 _registry: dict[str, Setting] = {s.name: s for s in BUILTIN}
+# The names resolve() keys on, kept sorted as settings are declared (read on every call).
+_key_names: tuple[str, ...] = tuple(sorted(s.name for s in BUILTIN if s.affects_resolve))
 
 
 def register(settings: Iterable[Setting]) -> None:
     """Add settings a plugin declares. A name already declared by someone else is an error."""
+    global _key_names
     with _lock:
         for s in settings:
             if not isinstance(s, Setting):
@@ -125,6 +128,7 @@ def register(settings: Iterable[Setting]) -> None:
             if old is not None and old != s:
                 raise ValueError(f"setting {s.name} is declared twice ({old.owner} and {s.owner})")
             _registry[s.name] = s
+        _key_names = tuple(sorted(n for n, s in _registry.items() if s.affects_resolve))
 
 
 def all_settings() -> list[Setting]:
@@ -134,16 +138,9 @@ def all_settings() -> list[Setting]:
         )
 
 
-def names() -> frozenset[str]:
-    with _lock:
-        return frozenset(_registry)
-
-
 def resolve_key(env: Mapping[str, str]) -> tuple:
     """The values of every variable that changes ``resolve()``: part of its cache key."""
-    with _lock:
-        keys = sorted(n for n, s in _registry.items() if s.affects_resolve)
-    return tuple((k, env.get(k)) for k in keys)
+    return tuple((k, env.get(k)) for k in _key_names)
 
 
 def markdown_table(settings: Iterable[Setting] | None = None) -> str:

@@ -62,11 +62,6 @@ def selected(vllm_config: Any) -> bool:
 # ----------------------------------------------------------------------------- configuration
 
 
-def block_sizes_rejected(t: tuple[int, int, int, int], page_size: int) -> str | None:
-    """Why tpu-inference's v3 kernel would reject this tuple as an explicit argument."""
-    return rpa_v3_rejection(t, page_size)
-
-
 def kernel_kwargs(cfg: ResolvedConfig) -> dict[str, Any]:
     """The registry's ``rpa_v3`` knobs that the v3 kernel takes, minus tuples it would reject."""
     out = {}
@@ -74,7 +69,7 @@ def kernel_kwargs(cfg: ResolvedConfig) -> dict[str, Any]:
     for name, value in cfg.kernel_kwargs(FAMILY).items():
         if name not in KERNEL_TUNING:
             continue
-        if name.endswith("_block_sizes") and block_sizes_rejected(value, page):
+        if name.endswith("_block_sizes") and rpa_v3_rejection(value, page):
             continue
         out[name] = value
     return out
@@ -103,7 +98,7 @@ def export_block_sizes(cfg: ResolvedConfig, env: dict[str, str] | None = None) -
         if current and ours.get(var) != current:
             notes.append(f"{var}={current} kept (set by the user)")
             continue
-        why = block_sizes_rejected(value, page)
+        why = rpa_v3_rejection(value, page)
         if why:
             env.pop(var, None)
             ours.pop(var, None)
@@ -143,7 +138,7 @@ def activate(vllm_config: Any, *, export: bool = True) -> ResolvedConfig:
         page = cfg.value("page_size")
         for name in ("d_block_sizes", "p_block_sizes", "m_block_sizes"):
             value = cfg.value(f"{FAMILY}.{name}")
-            why = value is not None and block_sizes_rejected(value, page)
+            why = value is not None and rpa_v3_rejection(value, page)
             if why:
                 notes.append(f"{name} not passed to the kernel ({why}; its default applies)")
         _active = cfg
