@@ -7,6 +7,7 @@ figures are per chip unless the name says ``per_core``. Sanity ranges are delibe
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -208,6 +209,114 @@ class Kernels(DataModel):
         return self
 
 
+_TOPOLOGY = r"^[1-9][0-9]{0,3}(x[1-9][0-9]{0,3}){1,2}$"
+
+
+def axes_of(topology: str) -> tuple[int, ...]:
+    """``"4x4x8"`` -> ``(4, 4, 8)``. The pattern above has already checked the form."""
+    return tuple(int(n) for n in topology.split("x"))
+
+
+class VmType(DataModel):
+    """A GCE machine type that TPU VMs of this generation run as, and the host facts users
+    ask about. Unpublished figures stay unset."""
+
+    machine_type: str = Field(pattern=r"^[a-z0-9]+(-[a-z0-9]+)+$", max_length=64)
+    chips: Annotated[int, Field(gt=0, le=64)]
+    vcpus: Annotated[int, Field(gt=0, le=4096)] | None = None
+    memory_gb: Annotated[float, Field(gt=0, le=65536)] | None = None
+    numa_nodes: Annotated[int, Field(gt=0, le=64)] | None = None
+
+
+class Shape(DataModel):
+    """A slice shape listed by name, and the machine types its VMs may be (first: the one the
+    TPU API creates; others: what GKE also accepts). Unset: ``slices.machine_type``."""
+
+    topology: str = Field(pattern=_TOPOLOGY)
+    machine_types: list[str] = Field(default_factory=list)
+
+
+class Cubes(DataModel):
+    """The rule for slices built of whole cubes (3D generations): every axis a multiple of
+    ``edge``, at most ``max_cubes`` cubes, axes written in non-decreasing order if ``sorted``."""
+
+    edge: Annotated[int, Field(gt=1, le=64)]
+    max_cubes: Annotated[int, Field(gt=0, le=100_000)]
+    sorted_axes: bool = True
+
+
+class Slices(DataModel):
+    """Which slices a generation offers and what they run on. ``tpu_registry.slices`` maps an
+    accelerator type or topology to a slice record over this data; no per-generation code."""
+
+    axes: Literal[2, 3]
+    machine_type: str  # the VM type of shapes that name none (multi-host slices)
+    max_chips: Annotated[int, Field(gt=0, le=1_000_000)]  # the largest single slice
+    shapes: list[Shape] = Field(min_length=1)
+    cubes: Cubes | None = None
+    # An axis wraps around (a ring, not a line) when its length is a multiple of this.
+    wrap_axis_multiple: Annotated[int, Field(gt=1, le=64)] | None = None
+    dcn_gbps_per_chip: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    ici_link_gb_s_one_way: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    ici_link_gb_s_bidir: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    vm_types: list[VmType] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Slices:
+        names = [v.machine_type for v in self.vm_types]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise data_error(
+                f"machine type {dup!r} is listed twice", "keep one [[slices.vm_types]] entry",
+                ("vm_types",),
+            )
+        known = set(names)
+        for field, used in [("machine_type", [self.machine_type])] + [
+            (f"shapes.{i}.machine_types", s.machine_types) for i, s in enumerate(self.shapes)
+        ]:
+            for m in used:
+                if m not in known:
+                    raise data_error(
+                        f"machine type {m!r} is not in slices.vm_types",
+                        "add a [[slices.vm_types]] entry for it, or fix the name",
+                        tuple(field.split(".")),
+                    )
+        tops = [s.topology for s in self.shapes]
+        for i, s in enumerate(self.shapes):
+            dims = axes_of(s.topology)
+            where = ("shapes", i, "topology")
+            if len(dims) != self.axes:
+                raise data_error(
+                    f"topology {s.topology!r} has {len(dims)} axes; this generation's slices "
+                    f"have {self.axes}",
+                    f"write {self.axes} numbers separated by x",
+                    where,
+                )
+            if tops.count(s.topology) > 1:
+                raise data_error(f"topology {s.topology!r} is listed twice", "keep one", where)
+            chips = math.prod(dims)
+            if chips > self.max_chips:
+                raise data_error(
+                    f"topology {s.topology!r} has {chips} chips, more than slices.max_chips "
+                    f"({self.max_chips})",
+                    "fix the shape or max_chips",
+                    where,
+                )
+            by_name = {v.machine_type: v for v in self.vm_types}
+            for m in s.machine_types or [self.machine_type]:
+                if chips % by_name[m].chips:
+                    raise data_error(
+                        f"topology {s.topology!r} ({chips} chips) cannot be split into VMs of "
+                        f"{m} ({by_name[m].chips} chips)",
+                        "name a machine type whose chip count divides the slice",
+                        where,
+                    )
+        if self.cubes is not None and self.axes != 3:
+            raise data_error("[slices.cubes] needs axes = 3", "remove it or set axes = 3",
+                             ("cubes",))
+        return self
+
+
 class Source(DataModel):
     """Where numbers come from: a URL or a repository path, and the fields it supports."""
 
@@ -229,6 +338,28 @@ class Source(DataModel):
         return self
 
 
+def _slice_figures(slices: Slices) -> list[str]:
+    """Every figure of [slices] that is set, by the name a source lists it under."""
+    out = [
+        f"slices.{name}"
+        for name, value in slices
+        if value is not None and name not in ("vm_types", "axes")
+    ]
+    for vm in slices.vm_types:
+        out += [
+            f"slices.vm_types.{vm.machine_type}.{name}"
+            for name, value in vm
+            if value is not None and name != "machine_type"
+        ]
+    return out
+
+
+def _covered(field: str, covered: set[str]) -> bool:
+    """``slices.vm_types.X.vcpus`` is covered by itself or by any table above it."""
+    parts = field.split(".")
+    return any(".".join(parts[:n]) in covered for n in range(2, len(parts) + 1))
+
+
 class Generation(DataModel):
     schema_version: int
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=32)
@@ -242,6 +373,7 @@ class Generation(DataModel):
     chip: Chip
     identify: Identify
     kernels: Kernels = Field(default_factory=Kernels)
+    slices: Slices | None = None
     sources: list[Source] = Field(min_length=1)
 
     @field_validator("schema_version")
@@ -283,7 +415,36 @@ class Generation(DataModel):
                     f"no source covers {', '.join(missing)}",
                     "add each field to the `fields` list of the [[sources]] entry it comes from",
                 )
+        slices = info.data.get("slices")
+        if slices is not None:
+            missing = [f for f in _slice_figures(slices) if not _covered(f, covered)]
+            if missing:
+                raise data_error(
+                    f"no source covers {', '.join(missing)}",
+                    "add each field (or its table, such as slices.vm_types.NAME) to the `fields` "
+                    "list of the [[sources]] entry it comes from",
+                )
         return sources
+
+    @model_validator(mode="after")
+    def _slices_fit_the_chip(self) -> Generation:
+        s = self.slices
+        if s is None:
+            return self
+        if not self.identify.accelerator_types:
+            raise data_error(
+                "[slices] needs an accelerator-type prefix to name its slices",
+                "add identify.accelerator_types",
+                ("slices",),
+            )
+        if self.chip.max_pod_chips and s.max_chips > self.chip.max_pod_chips:
+            raise data_error(
+                f"slices.max_chips ({s.max_chips}) exceeds chip.max_pod_chips "
+                f"({self.chip.max_pod_chips}): a slice cannot be larger than its pod",
+                "check both counts",
+                ("slices", "max_chips"),
+            )
+        return self
 
     @model_validator(mode="after")
     def _published_unless_provisional(self) -> Generation:
