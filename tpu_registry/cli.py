@@ -1,4 +1,4 @@
-"""tpu-registry: list | show | detect | resolve | validate | schema | plugins | doctor.
+"""tpu-registry: list | show | slice | detect | resolve | validate | schema | plugins | doctor.
 
 Exit codes: 0 success; 2 invalid input (bad data files, bad arguments, unknown generation,
 failed validation); 3 ``detect --require`` found no TPU; 130 interrupted (Ctrl-C); 1 an
@@ -201,6 +201,92 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _wrap_text(sl) -> str:
+    if sl.wraparound is None:
+        return "not published"
+    dims = sl.topology.split("x")
+    if not any(sl.wraparound):
+        return "none"
+    return ", ".join(f"{n}: {'yes' if w else 'no'}" for n, w in zip(dims, sl.wraparound))
+
+
+def slice_text(sl) -> str:
+    """The human-readable answer of `tpu-registry slice` (README shows it; a test checks)."""
+    from .slices import hosts_text
+
+    def fig(x, unit: str) -> str:
+        return "-" if x is None else f"{_num(x)} {unit}"
+
+    also = f" (also: {', '.join(sl.other_machine_types)})" if sl.other_machine_types else ""
+    ici_link = (
+        f"; per link {fig(sl.ici_link_gb_s_one_way, 'GB/s')} one way, "
+        f"{fig(sl.ici_link_gb_s_bidir, 'GB/s')} bidirectional"
+        if sl.ici_link_gb_s_one_way is not None
+        else ""
+    )
+    rows = [
+        ("topology", sl.topology),
+        ("chips", sl.chips),
+        ("TensorCores", sl.tensorcores),
+        ("hosts", hosts_text(sl.hosts)),
+        ("VMs", f"{sl.vms} x {sl.chips_per_vm} chips"),
+        ("machine type", sl.machine_type + also),
+        ("GKE accelerator", sl.gke_accelerator or "-"),
+        (
+            "VM",
+            f"{sl.vcpus_per_vm or '-'} vCPUs, {fig(sl.memory_gb_per_vm, 'GB')} memory, "
+            f"{sl.numa_nodes_per_vm or '-'} NUMA nodes",
+        ),
+        ("wraparound", _wrap_text(sl)),
+        (
+            "ICI",
+            f"{fig(sl.ici_bandwidth_bidir_gb_s_per_chip, 'GB/s')} bidirectional per chip"
+            + ici_link,
+        ),
+        ("DCN", f"{fig(sl.dcn_gbps_per_chip, 'Gbps')} per chip"),
+    ]
+    lines = [
+        f"{sl.accelerator_type} ({sl.generation}, {'multi' if sl.multi_host else 'single'}-host)"
+    ]
+    lines += [f"  {k:16} {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def cmd_slice(args: argparse.Namespace) -> int:
+    from .catalog import load_catalog
+    from .errors import RegistryError
+    from .slices import all_slices, slice_of
+
+    cat = load_catalog(args.catalog)
+    if args.list:
+        if not args.generation or args.name:
+            raise RegistryError("--list takes --generation ID and no accelerator type")
+        found = all_slices(cat.get(args.generation))
+        if args.json:
+            _dump([s.to_dict() for s in found])
+            return EXIT_OK
+        print(
+            table(
+                ["accelerator type", "topology", "chips", "VMs", "chips/VM", "machine type"],
+                [
+                    [s.accelerator_type, s.topology, s.chips, s.vms, s.chips_per_vm, s.machine_type]
+                    for s in found
+                ],
+            )
+        )
+        return EXIT_OK
+    if not args.name:
+        raise RegistryError(
+            "give an accelerator type (v5p-128) or a topology with --generation (4x4x8)"
+        )
+    sl = slice_of(cat, args.name, generation=args.generation, machine_type=args.machine_type)
+    if args.json:
+        _dump(sl.to_dict())
+    else:
+        print(slice_text(sl))
+    return EXIT_OK
+
+
 def _detection_text(d) -> str:
     lines = []
     if d.generation:
@@ -213,6 +299,12 @@ def _detection_text(d) -> str:
         f"chips per host: {d.chips_per_host or '-'}   slice chips: {d.slice_chips or '-'}   "
         f"topology: {d.topology or '-'}"
     )
+    if d.slice is not None:
+        sl = d.slice
+        lines.append(
+            f"slice: {sl.accelerator_type}, {sl.vms} VM{'s' if sl.vms != 1 else ''} of "
+            f"{sl.machine_type} ({sl.chips_per_vm} chips each)"
+        )
     if d.findings:
         lines.append("")
         lines.append(
@@ -443,6 +535,16 @@ def build_parser() -> argparse.ArgumentParser:
     catalog_opt(sp)
     sp = add("show", cmd_show, "everything about one generation, with sources")
     sp.add_argument("name", help="id, alias or identifier (e.g. v6e, 'TPU v5 lite', v5p-8)")
+    catalog_opt(sp)
+    sp = add(
+        "slice",
+        cmd_slice,
+        "a slice: topology, chips, cores, hosts, VMs, machine type, wraparound, ICI and DCN",
+    )
+    sp.add_argument("name", nargs="?", help="accelerator type (v5p-128) or topology (4x4x8)")
+    sp.add_argument("--generation", metavar="ID", help="the generation of a topology")
+    sp.add_argument("--machine-type", metavar="TYPE", help="one of the VM types the shape allows")
+    sp.add_argument("--list", action="store_true", help="every slice of --generation")
     catalog_opt(sp)
     sp = add("validate", cmd_validate, "check generation files, tuning tables and overrides files")
     sp.add_argument(

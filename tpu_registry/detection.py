@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .catalog import Catalog
 from .errors import DetectionError, Problem
+from .slices import SliceError, describe, generations_of_machine_type, slice_of, vm_chips
 from .types import EVIDENCE_KINDS, DetectContext, Detection, Evidence, Fault, Finding
 
 ENV_TIMEOUT = "TPU_REGISTRY_DETECT_TIMEOUT"
@@ -33,6 +34,7 @@ PRIORITY: dict[str, int] = {
     "pci": 80,
     "device_kind": 70,
     "accelerator_type": 60,
+    "machine_type": 55,
     "gke_accelerator": 50,
     "torch_xla_version": 30,
     "generation_number": 20,
@@ -51,6 +53,8 @@ def candidates_for(catalog: Catalog, ev: Evidence) -> set[str]:
         return catalog.lookup(ev.kind, ev.value.strip())
     if ev.kind == "topology":
         return set()
+    if ev.kind == "machine_type":
+        return generations_of_machine_type(catalog, ev.value)
     return catalog.lookup(ev.kind, ev.value)
 
 
@@ -231,6 +235,10 @@ def reconcile(
         else None
     )
     chips_host, chips_slice, topo = _counts(catalog, gid, evidence, status)
+    slice_, chips_host, shape_conflicts = _shape(catalog, gid, evidence, status, chips_host)
+    conflicts += shape_conflicts
+    if slice_ is not None:
+        chips_slice, topo = slice_.chips, slice_.topology
     findings = tuple(
         Finding(e, tuple(sorted(cands[e])), status.get(e, "unknown")) for e in evidence
     )
@@ -242,6 +250,7 @@ def reconcile(
         chips_per_host=chips_host,
         slice_chips=chips_slice,
         topology=topo,
+        slice=slice_,
         findings=findings,
         conflicts=tuple(conflicts),
         faults=tuple(faults),
@@ -286,9 +295,85 @@ def _counts(
         if topo is None and e.topology:
             topo = e.topology
     per_host = catalog[gid].chip.chips_per_host
-    if host is None and slice_ is not None and per_host:
-        host = min(slice_, per_host)
+    if host is None and slice_ is not None and per_host and catalog[gid].slices is None:
+        host = min(slice_, per_host)  # no slice data: the physical host is all we know
     return host, slice_, topo
+
+
+def _shape(
+    catalog: Catalog,
+    gid: str | None,
+    evidence: Sequence[Evidence],
+    status: Mapping[Evidence, str],
+    host: int | None,
+):
+    """The slice the evidence describes, chips on this VM, and every disagreement about the
+    shape. The accelerator type names the slice; a slice topology refines its shape (same chip
+    count); the machine type picks the VM size; host-scope bounds count this VM's chips."""
+    if gid is None or catalog[gid].slices is None:
+        return None, host, []
+    spec = catalog[gid]
+    usable = [e for e in evidence if status.get(e) in ("agrees", "decides", "info")]
+    first = {
+        key: next((e for e in usable if pick(e)), None)
+        for key, pick in (
+            ("accel", lambda e: e.kind == "accelerator_type"),
+            ("topo", lambda e: e.scope == "slice" and bool(e.topology)),
+            ("machine", lambda e: e.kind == "machine_type"),
+            ("host", lambda e: e.scope == "host" and to_chips(catalog, gid, e) is not None),
+            ("hosts", lambda e: e.count_unit == "hosts" and e.count is not None),
+        )
+    }
+    accel, topo, machine = first["accel"], first["topo"], first["machine"]
+    conflicts: list[str] = []
+    mt = machine.value.strip().lower().rpartition("/")[2] if machine else None
+    if mt is not None and vm_chips(spec, mt) is None:
+        mt = None  # a machine type of another generation: reconcile has reported it
+    record = None
+    if accel is not None:
+        try:
+            record = slice_of(catalog, accel.value)
+        except SliceError as e:
+            conflicts.append(f"{accel.source} says {accel.value!r}: {e.problems[0].message}")
+    if topo is not None:
+        try:
+            from_topo = describe(spec, topo.topology or topo.value)
+        except SliceError as e:
+            conflicts.append(f"{topo.source} says {topo.value!r}: {e.problems[0].message}")
+            from_topo = None
+        if from_topo is not None and record is not None and from_topo.chips != record.chips:
+            conflicts.append(
+                f"{accel.source} says {accel.value!r} ({record.chips} chips, {record.topology}) "
+                f"but {topo.source} says {topo.value!r} ({from_topo.chips} chips); the "
+                "accelerator type is trusted more"
+            )
+        elif from_topo is not None:
+            record = from_topo  # same chips: the topology says which shape
+    if record is not None and mt is not None and mt != record.machine_type:
+        try:
+            record = describe(spec, record.topology, mt)
+        except SliceError as e:
+            conflicts.append(f"{machine.source} says {machine.value!r}: {e.problems[0].message}")
+    if record is not None and first["hosts"] is not None and first["hosts"].count != record.vms:
+        h = first["hosts"]
+        conflicts.append(
+            f"{h.source} says {h.value!r} ({h.count} hosts) but a {record.topology} "
+            f"{spec.id} slice on {record.machine_type} has {record.vms} VMs"
+        )
+    vm = record.chips_per_vm if record is not None else (vm_chips(spec, mt) if mt else None)
+    if host is not None and vm is not None and host != vm:
+        h = first["host"]
+        said = f"{h.source} says {h.value!r}" if h else "host evidence says"
+        conflicts.append(
+            f"{said} ({host} chips on this VM) but "
+            + (
+                f"a {record.accelerator_type} VM of {record.machine_type}"
+                if record is not None
+                else f"a {mt} VM"
+            )
+            + f" has {vm}; the host count is used"
+        )
+    return record, host if host is not None else vm, conflicts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -227,9 +227,7 @@ def slice_of(
     is_topology = all(p.isascii() and p.isdecimal() for p in text.lower().split("x"))
     if is_topology:
         if not generation:
-            raise SliceError(
-                f"topology {text!r} names no generation: add --generation (e.g. v5p)"
-            )
+            raise SliceError(f"topology {text!r} names no generation: add --generation (e.g. v5p)")
         return describe(catalog.get(generation), text, machine_type)
     hits, _prefix, _n = catalog.accelerator_prefix(text)
     if len(hits) != 1:

@@ -267,7 +267,8 @@ class Slices(DataModel):
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise data_error(
-                f"machine type {dup!r} is listed twice", "keep one [[slices.vm_types]] entry",
+                f"machine type {dup!r} is listed twice",
+                "keep one [[slices.vm_types]] entry",
                 ("vm_types",),
             )
         known = set(names)
@@ -312,8 +313,9 @@ class Slices(DataModel):
                         where,
                     )
         if self.cubes is not None and self.axes != 3:
-            raise data_error("[slices.cubes] needs axes = 3", "remove it or set axes = 3",
-                             ("cubes",))
+            raise data_error(
+                "[slices.cubes] needs axes = 3", "remove it or set axes = 3", ("cubes",)
+            )
         return self
 
 

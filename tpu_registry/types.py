@@ -31,6 +31,7 @@ EVIDENCE_KINDS = (
     "pci",
     "device_kind",
     "accelerator_type",
+    "machine_type",  # the GCE machine type of this VM (ct6e-standard-4t): generation and VM size
     "gke_accelerator",
     "torch_xla_version",
     "generation_number",
@@ -112,6 +113,8 @@ class Detection:
     chips_per_host: int | None = None
     slice_chips: int | None = None
     topology: str | None = None
+    # The slice this VM is part of (a ``tpu_registry.slices.Slice``), when evidence names one.
+    slice: Any = None
     findings: tuple[Finding, ...] = ()
     conflicts: tuple[str, ...] = ()
     faults: tuple[Fault, ...] = ()
@@ -126,6 +129,7 @@ class Detection:
             "chips_per_host": self.chips_per_host,
             "slice_chips": self.slice_chips,
             "topology": self.topology,
+            "slice": self.slice.to_dict() if self.slice is not None else None,
             "evidence": [f.to_dict() for f in self.findings],
             "conflicts": list(self.conflicts),
             "faults": [f.to_dict() for f in self.faults],
