@@ -649,9 +649,11 @@ def _real_values() -> dict[str, list[str]]:
             }
         for p in spec.identify.pci:
             values["pci"].add(f"{p.vendor:04x}:{p.device:04x}/0001")
-        for vm in spec.slices.vm_types if spec.slices else ():
-            values["machine_type"] |= {vm.machine_type, f"projects/1/machineTypes/{vm.machine_type}"}
             values["explicit"].add(f"0x{p.vendor:04x}:0x{p.device:04x}")
+        for vm in spec.slices.vm_types if spec.slices else ():
+            # As GCE metadata returns it, and bare.
+            full = f"projects/1/machineTypes/{vm.machine_type}"
+            values["machine_type"] |= {vm.machine_type, full}
     values["topology"] |= {"2x2", "2x2x1", "4x4", "2,2,1"}
     return {k: sorted(v) for k, v in values.items()}
 
