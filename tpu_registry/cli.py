@@ -207,7 +207,9 @@ def _wrap_text(sl) -> str:
     dims = sl.topology.split("x")
     if not any(sl.wraparound):
         return "none"
-    return ", ".join(f"{n}: {'yes' if w else 'no'}" for n, w in zip(dims, sl.wraparound, strict=True))
+    return ", ".join(
+        f"{n}: {'yes' if w else 'no'}" for n, w in zip(dims, sl.wraparound, strict=True)
+    )
 
 
 def slice_text(sl) -> str:
