@@ -33,6 +33,7 @@ COMMANDS = [
     "mkdir -p /tmp/gce-md",
     "printf 'v5p-8' > /tmp/gce-md/accelerator-type",
     "printf \"CHIPS_PER_HOST_BOUNDS: '2,2,1'\\nTOPOLOGY: '2x2x1'\\n\" > /tmp/gce-md/tpu-env",
+    "printf 'projects/1/machineTypes/ct5p-hightpu-4t' > /tmp/gce-md/machine-type",
     "python -m http.server --bind 127.0.0.1 --directory /tmp/gce-md 0 &",
     "TPU_REGISTRY_GCE=1 TPU_REGISTRY_GCE_URL=http://127.0.0.1:PORT/ tpu-registry detect --json",
     "kill %1",
@@ -136,12 +137,13 @@ def test_contributing_detector_plugin_walkthrough(tmp_path):
 
     # Step 7: the metadata keys as files, served on 127.0.0.1.
     md = tmp_path / "gce-md"
-    for _ in range(3):
+    for _ in range(4):
         line = next(cmds)
         assert line.startswith(("mkdir ", "printf ")) and "/tmp/gce-md" in line
         subprocess.run(["bash", "-c", line.replace("/tmp/gce-md", str(md))], check=True, timeout=30)
     assert (md / "accelerator-type").read_text() == "v5p-8"
     assert (md / "tpu-env").read_text() == "CHIPS_PER_HOST_BOUNDS: '2,2,1'\nTOPOLOGY: '2x2x1'\n"
+    assert (md / "machine-type").read_text() == "projects/1/machineTypes/ct5p-hightpu-4t"
 
     line = next(cmds)
     assert line.endswith(" &")
@@ -182,11 +184,12 @@ def test_contributing_detector_plugin_walkthrough(tmp_path):
         assert out["faults"] == [] and out["conflicts"] == []
         assert [(e["detector"], e["kind"], e["value"], e["status"]) for e in out["evidence"]] == [
             ("gce", "accelerator_type", "v5p-8", "decides"),
+            ("gce", "machine_type", "ct5p-hightpu-4t", "agrees"),
             ("gce", "topology", "2,2,1", "info"),
             ("gce", "topology", "2x2x1", "info"),
         ]
         requests = log_requests(tmp_path / "server.log")
-        assert requests == ["GET /accelerator-type", "GET /tpu-env"]
+        assert requests == ["GET /accelerator-type", "GET /tpu-env", "GET /machine-type"]
 
         # "Without TPU_REGISTRY_GCE=1 the plugin sends nothing and the answer is 'no TPU'."
         off = json.loads(

@@ -188,9 +188,21 @@ def test_evidence_from_accelerator_type_and_tpu_env(metadata_server):
             scope="slice",
             topology="2x2x1",
         ),
+        Evidence(
+            "topology",
+            "1,1,1",
+            "gce metadata tpu-env HOST_BOUNDS",
+            count=1,
+            count_unit="hosts",
+            scope="slice",
+        ),
     ]
     assert sorted(metadata_server.paths) == sorted(
-        [metadata_server.path("accelerator-type"), metadata_server.path("tpu-env")]
+        [
+            metadata_server.path("accelerator-type"),
+            metadata_server.path("tpu-env"),
+            "/computeMetadata/v1/instance/machine-type",
+        ]
     )
 
 
@@ -217,7 +229,7 @@ def test_accelerator_type_key_wins_over_tpu_env(metadata_server):
 
 def test_both_keys_absent_is_no_evidence(metadata_server):
     assert gce.tpu_registry_detect(ctx(metadata_server)) is None
-    assert len(metadata_server.hits) == 2  # asked, got 404 twice, no error
+    assert len(metadata_server.hits) == 3  # asked, got 404 three times, no error
 
 
 def test_parse_tpu_env():

@@ -5,8 +5,12 @@ detector plugin"). A detector reports what it *saw*; the catalog decides which g
 that means. Here it reads two keys of the TPU VM's instance attributes:
 
 * ``accelerator-type`` (``v5p-8``)  -> ``accelerator_type`` evidence for the whole slice;
-* ``tpu-env`` (``KEY: 'value'`` lines) -> ``TOPOLOGY`` and ``CHIPS_PER_HOST_BOUNDS`` as
-  ``topology`` evidence, and ``ACCELERATOR_TYPE`` when the key above is absent.
+* ``tpu-env`` (``KEY: 'value'`` lines) -> ``TOPOLOGY``, ``CHIPS_PER_HOST_BOUNDS`` and
+  ``HOST_BOUNDS`` as ``topology`` evidence, and ``ACCELERATOR_TYPE`` when the key above is
+  absent;
+
+and the instance's own ``machine-type`` (``projects/N/machineTypes/ct6e-standard-4t``) ->
+``machine_type`` evidence: the catalog's slice data knows how many chips a VM of it has.
 
 It talks to the network, so it is opt-in: nothing happens unless ``TPU_REGISTRY_GCE=1``.
 Every request is bounded: one host (the configured one), a short timeout for the whole
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import tpu_registry
 from tpu_registry import DetectContext, Evidence, Setting
@@ -123,6 +127,11 @@ def _suffix(accelerator_type: str) -> int | None:
     return int(tail) if ok and int(tail) > 0 else None
 
 
+def instance_url(attributes_url: str) -> str:
+    """The instance folder above the attributes folder, where ``machine-type`` lives."""
+    return urljoin(attributes_url.rstrip("/") + "/", "..")
+
+
 @tpu_registry.hookimpl
 def tpu_registry_settings() -> list[Setting]:
     return [
@@ -179,4 +188,12 @@ def tpu_registry_detect(context: DetectContext) -> list[Evidence] | None:
     if topo := tpu_env.get("TOPOLOGY"):
         where, count = "gce metadata tpu-env TOPOLOGY", _product(topo)
         out.append(Evidence("topology", topo, where, count=count, scope="slice", topology=topo))
+    if hosts := tpu_env.get("HOST_BOUNDS"):
+        where, count = "gce metadata tpu-env HOST_BOUNDS", _product(hosts)
+        out.append(
+            Evidence("topology", hosts, where, count=count, count_unit="hosts", scope="slice")
+        )
+    machine = (fetch(instance_url(base), "machine-type", timeout_s) or "").strip()
+    if machine := machine.rpartition("/")[2]:  # projects/123/machineTypes/ct6e-standard-4t
+        out.append(Evidence("machine_type", machine, "gce metadata machine-type"))
     return out or None
