@@ -11,6 +11,12 @@ TEST_EXTRAS := jax==0.10.2 matplotlib ruff
 
 .PHONY: run test test-core test-py310 test-integration bench fuzz lint clean
 
+# xpk's TPU table is compared with the catalog's slice data (tests/test_slices.py). xpk pins
+# kubernetes, docker and google-cloud clients; the test reads one module of it as data, so it
+# is installed without its dependencies, at the version tests/data/slices/xpk_differences.toml
+# was written against.
+XPK := xpk==1.16.0
+
 # The vLLM plugin installs without vLLM (its entry points import nothing heavy): the core venvs
 # carry it so its tpu_registry side (settings, doctor) and the import contracts are checked.
 PLUGINS := -e plugins/tpu-registry-gce -e plugins/tpu-registry-vllm
@@ -19,12 +25,14 @@ $(STAMP): pyproject.toml plugins/tpu-registry-gce/pyproject.toml plugins/tpu-reg
 	$(PY311) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]' $(TEST_EXTRAS)
 	$(BIN)/pip install -q --disable-pip-version-check $(PLUGINS)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(XPK)
 	touch $@
 
 $(STAMP310): pyproject.toml plugins/tpu-registry-gce/pyproject.toml plugins/tpu-registry-vllm/pyproject.toml
 	@PY310=$$(scripts/find_python.sh 3.10) && $$PY310 -m venv $(VENV310)
 	$(VENV310)/bin/pip install -q --disable-pip-version-check -e '.[test]'
 	$(VENV310)/bin/pip install -q --disable-pip-version-check $(PLUGINS)
+	$(VENV310)/bin/pip install -q --disable-pip-version-check --no-deps $(XPK)
 	touch $@
 
 run: $(STAMP)

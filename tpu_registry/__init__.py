@@ -43,6 +43,9 @@ _EXPORTS = {
     "cdiv": "units",
     "rpa_v3_rejection": "kernels",
     "Generation": "spec",
+    "Slice": "slices",
+    "SliceError": "slices",
+    "slice_of": "slices",
     "Catalog": "catalog",
     "load_catalog": "catalog",
     "detect": "detection",
@@ -73,6 +76,8 @@ __all__ = [
     "RegistryError",
     "ResolvedConfig",
     "Setting",
+    "Slice",
+    "SliceError",
     "TuneContext",
     "Tuning",
     "TuningError",
@@ -91,6 +96,7 @@ __all__ = [
     "reconcile",
     "resolve",
     "rpa_v3_rejection",
+    "slice_of",
 ]
 assert sorted(__all__) == sorted(_EXPORTS)
 
@@ -117,6 +123,7 @@ if TYPE_CHECKING:  # for type checkers and editors; never executed
     from .kernels import rpa_v3_rejection
     from .resolution import ResolvedConfig, clear_cache, resolve
     from .settings import Setting
+    from .slices import Slice, SliceError, slice_of
     from .spec import Generation
     from .types import (
         DetectContext,

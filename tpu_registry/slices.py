@@ -3,9 +3,9 @@
 One function over each generation's ``[slices]`` data, no per-generation code:
 
 * the shapes a generation offers are its listed ``shapes`` plus, for 3D generations with a
-  ``[slices.cubes]`` rule, every ``AxBxC`` whose axes are multiples of the cube edge, with at
-  most ``max_cubes`` cubes and at most ``max_chips`` chips (non-decreasing axes if
-  ``sorted_axes``);
+  ``[slices.cubes]`` rule, every ``AxBxC`` whose axes are multiples of the cube edge and at most
+  ``max_axis``, with at most ``max_cubes`` cubes and at most ``max_chips`` chips
+  (non-decreasing axes if ``sorted_axes``);
 * chips are the product of the axes; TensorCores are chips x ``chip.tensorcores_per_chip``; the
   accelerator-type suffix counts chips or cores as ``identify.accelerator_types`` says;
 * an accelerator type names a chip count; its topology is the listed shape with that count, else
@@ -94,20 +94,48 @@ def _cube_shapes(data: Slices) -> list[tuple[int, ...]]:
     if cubes is None:
         return []
     e, out = cubes.edge, []
-    top = cubes.max_cubes
-    for a in range(1, top + 1):
-        for b in range(a if cubes.sorted_axes else 1, top // a + 1):
-            for c in range(b if cubes.sorted_axes else 1, top // (a * b) + 1):
+    top, longest = cubes.max_cubes, cubes.max_axis // cubes.edge
+    for a in range(1, min(top, longest) + 1):
+        for b in range(a if cubes.sorted_axes else 1, min(top // a, longest) + 1):
+            for c in range(b if cubes.sorted_axes else 1, min(top // (a * b), longest) + 1):
                 dims = (a * e, b * e, c * e)
                 if math.prod(dims) <= data.max_chips:
                     out.append(dims)
     return out
 
 
+# Per [slices] table: its shapes, as a tuple and a set, and the default shape per chip count.
+# Models are frozen; each entry keeps its table alive, so the id cannot be reused.
+_shapes_cache: dict[int, tuple[Slices, tuple[str, ...], frozenset[str], dict[int, str]]] = {}
+
+
+def _offered(data: Slices) -> tuple[tuple[str, ...], frozenset[str], dict[int, str]]:
+    hit = _shapes_cache.get(id(data))
+    if hit is None or hit[0] is not data:
+        shapes = tuple(_topologies(data))
+        defaults: dict[int, tuple[int, ...]] = {}
+        for dims in map(axes_of, shapes[len(data.shapes) :]):  # the most cube-like wins
+            n = math.prod(dims)
+            if n not in defaults or (max(dims), sum(dims), dims) < (
+                max(defaults[n]),
+                sum(defaults[n]),
+                defaults[n],
+            ):
+                defaults[n] = dims
+        by_chips = {n: "x".join(map(str, d)) for n, d in defaults.items()}
+        for s in reversed(data.shapes):  # a listed shape is the default for its chip count
+            by_chips[math.prod(axes_of(s.topology))] = s.topology
+        hit = _shapes_cache[id(data)] = (data, shapes, frozenset(shapes), by_chips)
+    return hit[1], hit[2], hit[3]
+
+
 def topologies(spec: Generation) -> list[str]:
     """Every topology the generation offers: listed shapes first, then cube-rule shapes by
     chip count."""
-    data = _data(spec)
+    return list(_offered(_data(spec))[0])
+
+
+def _topologies(data: Slices) -> list[str]:
     listed = [s.topology for s in data.shapes]
     seen = set(listed)
     rest = sorted(
@@ -118,15 +146,9 @@ def topologies(spec: Generation) -> list[str]:
 
 
 def _default_topology(spec: Generation, chips: int) -> str | None:
-    data = _data(spec)
-    for s in data.shapes:
-        if math.prod(axes_of(s.topology)) == chips:
-            return s.topology
-    fits = [d for d in _cube_shapes(data) if math.prod(d) == chips]
-    if not fits:
-        return None
-    best = min(fits, key=lambda d: (max(d), sum(d), d))
-    return "x".join(map(str, best))
+    """The listed shape with this many chips (the first), else the most cube-like one:
+    smallest longest axis, then smallest sum of axes."""
+    return _offered(_data(spec))[2].get(chips)
 
 
 def _suffix_unit(spec: Generation) -> tuple[str, str]:
@@ -141,8 +163,8 @@ def describe(spec: Generation, topology: str, machine_type: str | None = None) -
     ``machine_type`` picks one of the VM types the shape allows (default: the first)."""
     data = _data(spec)
     topo = topology.strip().lower()
-    offered = topologies(spec)
-    if topo not in offered:
+    offered, known, _ = _offered(data)
+    if topo not in known:
         sample = ", ".join(offered[:8]) + (", ..." if len(offered) > 8 else "")
         raise SliceError(
             f"{spec.id} offers no slice of topology {topology!r} (offered: {sample}; "

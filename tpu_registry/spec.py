@@ -238,10 +238,12 @@ class Shape(DataModel):
 
 class Cubes(DataModel):
     """The rule for slices built of whole cubes (3D generations): every axis a multiple of
-    ``edge``, at most ``max_cubes`` cubes, axes written in non-decreasing order if ``sorted``."""
+    ``edge`` and at most ``max_axis`` long, at most ``max_cubes`` cubes, axes written in
+    non-decreasing order if ``sorted_axes``."""
 
     edge: Annotated[int, Field(gt=1, le=64)]
     max_cubes: Annotated[int, Field(gt=0, le=100_000)]
+    max_axis: Annotated[int, Field(gt=1, le=100_000)]  # no axis is longer
     sorted_axes: bool = True
 
 

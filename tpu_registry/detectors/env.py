@@ -67,4 +67,13 @@ def tpu_registry_detect(context: DetectContext) -> list[Evidence]:
                 Evidence("topology", value, f"env {name}", count=_product(value), scope="host")
             )
             break
+    for name in ("TPU_HOST_BOUNDS", "HOST_BOUNDS"):  # hosts (VMs) in the slice, not chips
+        if value := env.get(name, "").strip():
+            count = _product(value)
+            out.append(
+                Evidence(
+                    "topology", value, f"env {name}", count=count, count_unit="hosts", scope="slice"
+                )
+            )
+            break
     return out
