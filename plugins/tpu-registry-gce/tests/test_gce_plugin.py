@@ -431,3 +431,62 @@ def test_detect_stays_within_its_budget_when_the_server_hangs(metadata_server):
     d = detect(env=core_env(metadata_server))
     assert time.monotonic() - start < 2
     assert [f.plugin for f in d.faults] == ["gce"] and "within 0.5 s" in d.faults[0].message
+
+
+# --- a VM in a multi-host slice ----------------------------------------------------------------
+
+MACHINE_TYPE = "/computeMetadata/v1/instance/machine-type"
+MULTI_HOST = [
+    # accelerator type, topology, host bounds, machine type, generation, VMs in the slice
+    ("v5litepod-16", "4x4", "2,2,1", "ct5lp-hightpu-4t", "v5e", 4),
+    ("v6e-16", "4x4", "2,2,1", "ct6e-standard-4t", "v6e", 4),
+    ("v5p-128", "4x4x4", "2,2,4", "ct5p-hightpu-4t", "v5p", 16),
+    ("tpu7x-64", "2x4x4", "1,2,4", "tpu7x-standard-4t", "tpu7x", 8),
+]
+
+
+@pytest.mark.parametrize("case", MULTI_HOST, ids=[c[0] for c in MULTI_HOST])
+def test_a_vm_in_a_multi_host_slice_from_metadata(metadata_server, case):
+    accel, topo, hosts, machine, gid, vms = case
+    metadata_server.serve("accelerator-type", accel)
+    metadata_server.serve(
+        "tpu-env",
+        f"ACCELERATOR_TYPE: '{accel}'\nCHIPS_PER_HOST_BOUNDS: '2,2,1'\nHOST_BOUNDS: '{hosts}'\n"
+        f"TOPOLOGY: '{topo}'\nWORKER_ID: '3'\n",
+    )
+    metadata_server.serve(MACHINE_TYPE, f"projects/123456789/machineTypes/{machine}")
+    d = detect(env=core_env(metadata_server))
+    assert (d.generation, d.chips_per_host, d.slice_chips, d.topology) == (gid, 4, 4 * vms, topo)
+    assert (d.slice.machine_type, d.slice.vms, d.slice.accelerator_type) == (machine, vms, accel)
+    assert d.conflicts == () and d.faults == ()
+    kinds = {(f.evidence.kind, f.evidence.value): f.status for f in d.findings}
+    assert kinds[("machine_type", machine)] == "agrees"
+
+
+def test_machine_type_alone_names_the_generation_and_the_vm_size(metadata_server):
+    metadata_server.serve(MACHINE_TYPE, "projects/1/machineTypes/ct6e-standard-8t")
+    d = detect(env=core_env(metadata_server))
+    assert (d.generation, d.chips_per_host, d.slice) == ("v6e", 8, None)
+    assert d.reason == "machine_type 'ct6e-standard-8t' from gce metadata machine-type"
+
+
+def test_machine_type_that_disagrees_with_the_slice_is_a_conflict(metadata_server):
+    metadata_server.serve("accelerator-type", "v6e-16")
+    metadata_server.serve(MACHINE_TYPE, "projects/1/machineTypes/ct6e-standard-8t")
+    d = detect(env=core_env(metadata_server))
+    assert (d.generation, d.chips_per_host) == ("v6e", 4)
+    assert d.conflicts == (
+        "gce metadata machine-type says 'ct6e-standard-8t': a v6e slice of topology 4x4 does "
+        "not run on machine type 'ct6e-standard-8t' (it runs on ct6e-standard-4t)",
+    )
+
+
+def test_machine_type_of_another_generation_is_outranked(metadata_server):
+    metadata_server.serve("accelerator-type", "v6e-16")
+    metadata_server.serve(MACHINE_TYPE, "projects/1/machineTypes/ct5p-hightpu-4t")
+    d = detect(env=core_env(metadata_server))
+    assert d.generation == "v6e"
+    assert d.conflicts == (
+        "gce metadata machine-type says 'ct5p-hightpu-4t' (v5p) but gce metadata "
+        "accelerator-type (accelerator_type) says v6e; machine_type is trusted less",
+    )
