@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -145,6 +146,7 @@ def test_contributing_add_a_generation_walkthrough(tmp_path, monkeypatch):
         ("torch_xla_versions = [6]", "torch_xla_versions = []"),
         ('prefix = "v6e"', 'prefix = "v99"'),
         ("device = 0x006f", "device = 0x0999"),
+        ("ct6e-standard-", "ct99-standard-"),  # "rename copied ones"
     ]:
         assert old in text, old
         text = text.replace(old, new)
@@ -159,6 +161,20 @@ def test_contributing_add_a_generation_walkthrough(tmp_path, monkeypatch):
     shown = json.loads(run_cli("show", "v99", "--json", env=env).stdout)
     assert shown["name"] == "TPU v99" and shown["path"] == str(site / "v99.toml")
     assert json.loads(run_cli("show", "TPU v99", "--json", env=env).stdout)["id"] == "v99"
+    # Its slices, with no code change: the [slices] table copied from v6e, machine types renamed.
+    assert "tpu-registry slice v99-16" in section and "--list --generation v99" in section
+    shown = json.loads(run_cli("slice", "v99-16", "--json", env=env).stdout)
+    assert (shown["generation"], shown["topology"], shown["vms"], shown["machine_type"]) == (
+        "v99",
+        "4x4",
+        4,
+        "ct99-standard-4t",
+    )
+    listed = run_cli("slice", "--list", "--generation", "v99", env=env).stdout.splitlines()
+    assert len(listed) == 2 + 9 and listed[-1].split()[:2] == ["v99-256", "16x16"]
+    quoted = re.search(r"```toml\n(.*?)\n *```", section, re.S).group(1)
+    quoted = "\n".join(line[5:] for line in quoted.splitlines())  # the list item's indent
+    assert quoted.startswith("shapes = [") and quoted in (HARDWARE / "v6e.toml").read_text()
 
 
 def test_schema_command_emits_json_schema():
