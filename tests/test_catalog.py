@@ -294,6 +294,56 @@ def test_catalog_agrees_with_jax_tpu_info():
     assert not unexplained, "\n".join(unexplained)
 
 
+# chip.matmul_dtypes lists the dtypes with a rated matmul speed (spec.py says why). Against
+# JAX's TpuInfo rates and against its is_matmul_supported (what Pallas/Mosaic lowers without a
+# cast), every difference is listed here with its reason; the test holds both lists exact.
+DTYPES_NOT_RATED_BY_JAX = {
+    ("v4", "int8"): "Cloud v4 page: '275 teraflops (bf16 or int8)'; JAX: int8 not available",
+    ("v5p", "fp8"): "Cloud v5p page: FP8 peak 459 TFLOPS (the bf16 rate); JAX: fp8 0",
+    ("tpu8i", "int4"): "JAX at the commit tpu8i.toml cites (int4 weights); jax 0.10.2 lists no "
+    "int4 rate",
+}
+DTYPES_MOSAIC_DIFFERS = {
+    ("v2", "bf16"): "MXU rated in bf16 (TpuInfo bf16 rate); Mosaic takes only f32 x f32 on v2",
+    ("v3", "bf16"): "MXU rated in bf16 (TpuInfo bf16 rate); Mosaic takes only f32 x f32 on v3",
+    ("v4", "int8"): "Mosaic takes int8 only as the right-hand side of a bf16/f32 matmul",
+    ("v5e", "fp8"): "Mosaic accepts fp8 inputs on v5e, but TpuInfo lists no fp8 rate: not listed",
+    ("tpu8i", "int4"): "as above: not in jax 0.10.2",
+}
+
+
+@pytest.mark.needs_jax
+def test_matmul_dtypes_against_jax():
+    import jax.numpy as jnp
+    from jax.experimental.pallas import tpu as pltpu
+
+    kinds = {
+        "f32": [jnp.float32],
+        "bf16": [jnp.bfloat16],
+        "int8": [jnp.int8],
+        "int4": [jnp.int4],
+        "fp8": [jnp.float8_e5m2, jnp.float8_e4m3fn, jnp.float8_e4m3b11fnuz],
+    }
+    cat = load_catalog()
+    not_rated, mosaic = set(), set()
+    for gid, name in JAX_CHIPS.items():
+        info = pltpu.get_tpu_info_for_chip(getattr(pltpu.ChipVersion, name), 1)
+        rates = {
+            "bf16": info.bf16_ops_per_second,
+            "int8": info.int8_ops_per_second,
+            "fp8": info.fp8_ops_per_second,
+            "int4": info.int4_ops_per_second,
+        }
+        rated = {"f32"} | {d for d, r in rates.items() if r}
+        lowered = {d for d, ts in kinds.items() if any(info.is_matmul_supported(t, t) for t in ts)}
+        ours = set(cat[gid].chip.matmul_dtypes)
+        assert rated <= ours, f"{gid}: JAX rates {sorted(rated - ours)} that the catalog omits"
+        not_rated |= {(gid, d) for d in ours - rated}
+        mosaic |= {(gid, d) for d in ours ^ lowered}
+    assert not_rated == set(DTYPES_NOT_RATED_BY_JAX)
+    assert mosaic == set(DTYPES_MOSAIC_DIFFERS)
+
+
 @pytest.mark.needs_jax
 def test_explained_differences_are_still_differences():
     """An explanation that no longer applies (the numbers now agree) must be removed."""

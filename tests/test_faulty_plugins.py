@@ -119,7 +119,8 @@ DETECTOR_FAULTS = [
         "unknown_kind",
         lambda c: Evidence("vibes", "v6e", "fake"),
         "reported unknown evidence kind 'vibes' (known: explicit, pci, device_kind, "
-        "accelerator_type, gke_accelerator, torch_xla_version, generation_number, topology)",
+        "accelerator_type, machine_type, gke_accelerator, torch_xla_version, generation_number, "
+        "topology)",
     ),
 ]
 

@@ -540,3 +540,40 @@ def test_same_chips_other_shape_is_not_a_conflict():
         sysfs_root="/nonexistent",
     )
     assert (d.topology, d.slice.chips, d.conflicts) == ("8x4x4", 128, ())
+
+
+# --------------------------------------------------------------------------- unnamed chips
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "chip"),
+    [
+        ("device_kind", "TPU v4 lite", "TPU v4i ('TPU v4 lite'), the inference variant of TPU v4"),
+        ("device_kind", "TPU7", "TPU7, a chip distinct from TPU7x (Ironwood)"),
+        ("gke_accelerator", "tpu7", "TPU7, a chip distinct from TPU7x (Ironwood)"),
+        ("accelerator_type", "tpu7-8", "TPU7, a chip distinct from TPU7x (Ironwood)"),
+        (
+            "machine_type",
+            "projects/1/machineTypes/tpu7-standard-4t",
+            "TPU7, a chip distinct from TPU7x (Ironwood)",
+        ),
+        ("pci", "1ae0:0056", "Google PCI device 0x0056, a test part with no public name"),
+    ],
+)
+def test_chips_the_catalog_recognises_but_does_not_describe(kind, value, chip):
+    from tpu_registry.detection import Evidence, reconcile
+
+    d = reconcile(CATALOG, [Evidence(kind, value, "test")])
+    assert (d.generation, d.status) == (None, "none")
+    assert f"; recognised: {chip}: not in the catalog (" in d.reason
+    # It names no generation: TPU7 is not TPU7x.
+    assert d.findings[0].candidates == () and d.findings[0].status == "unknown"
+
+
+def test_unrecognised_identifiers_still_say_so():
+    from tpu_registry.detection import Evidence, reconcile
+
+    d = reconcile(CATALOG, [Evidence("device_kind", "TPU v99", "test")])
+    assert d.reason == (
+        "no evidence named a known generation (not recognised: device_kind 'TPU v99' from test)"
+    )

@@ -169,6 +169,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     for fam in spec.kernels.families:
         for k, v in (data["kernels"][fam] or {}).items():
             print(f"  {fam}.{k:30} {'-' if v is None else v}")
+    if spec.slices is not None:
+        from .slices import topologies
+
+        sl = spec.slices
+        print(
+            f"slices: {len(topologies(spec))} shapes, largest {sl.max_chips} chips; machine "
+            "types (chips per VM): "
+            f"{', '.join(f'{v.machine_type} ({v.chips})' for v in sl.vm_types)} "
+            f"(`tpu-registry slice --list --generation {spec.id}`)"
+        )
+    else:
+        print("slices: not described")
     print("sources:")
     for s in spec.sources:
         where = s.url or f"{s.repo}:{s.path}" + (f"@{s.commit[:12]}" if s.commit else "")

@@ -22,6 +22,7 @@ from .catalog import Catalog
 from .errors import DetectionError, Problem
 from .slices import SliceError, describe, generations_of_machine_type, slice_of, vm_chips
 from .types import EVIDENCE_KINDS, DetectContext, Detection, Evidence, Fault, Finding
+from .unsupported import recognise
 
 ENV_TIMEOUT = "TPU_REGISTRY_DETECT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 2.0
@@ -214,6 +215,9 @@ def reconcile(
             if unknown:
                 named = ", ".join(f"{e.kind} {e.value!r} from {e.source}" for e in unknown)
                 reason = f"no evidence named a known generation (not recognised: {named})"
+                known = {u.name: u for u in (recognise(e.kind, e.value) for e in unknown) if u}
+                if known:
+                    reason += "; recognised: " + "; ".join(u.text() for u in known.values())
             current = frozenset()
         elif len(current) == 1:
             winner_status = "detected"

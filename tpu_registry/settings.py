@@ -108,9 +108,7 @@ BUILTIN: tuple[Setting, ...] = (
         "Evidence: the grid of hosts (VMs) in the slice (`2,2,1`); checked against the slice.",
         affects_resolve=True,
     ),
-    Setting(
-        "HOST_BOUNDS", "Evidence: as TPU_HOST_BOUNDS, older spelling.", affects_resolve=True
-    ),
+    Setting("HOST_BOUNDS", "Evidence: as TPU_HOST_BOUNDS, older spelling.", affects_resolve=True),
     Setting(
         "TPU_SKIP_MDS_QUERY",
         "Set: the torch_xla detector may call torch_xla's TPU helpers (they read no metadata "

@@ -52,6 +52,10 @@ class Chip(DataModel):
     peak_bf16_tflops: Annotated[float, _range(0, 100_000)]
     peak_int8_tops: Annotated[float, _range(0, 200_000)] | None = None
     peak_fp8_tflops: Annotated[float, _range(0, 200_000)] | None = None
+    # Dtypes the MXUs multiply at a rated speed (a peak in Cloud's or JAX's TpuInfo tables).
+    # Not JAX's ``is_matmul_supported``, which says what Pallas/Mosaic lowers without a cast:
+    # f32 only on v2/v3 (whose bf16 rate JAX's own table lists), fp8 inputs on v5e (whose fp8
+    # rate JAX lists as 0).
     matmul_dtypes: list[Dtype] = Field(min_length=1)
     vmem_mib_per_core: Annotated[float, _range(0, 4096)]
     smem_kib_per_core: Annotated[int, _range(0, 65536)]
