@@ -58,9 +58,9 @@ def test_wheel_ships_the_catalog(wheel):
         for n in names
         if n.startswith("tpu_registry/hardware/") and n.endswith(".toml")
     )
-    expected = sorted(p.name for p in HARDWARE.glob("*.toml")) + sorted(
-        p.name for p in (HARDWARE / "tuning").glob("*.toml")
-    )
+    expected = [
+        p.name for sub in ("", "tuning", "unsupported") for p in (HARDWARE / sub).glob("*.toml")
+    ]
     assert shipped == sorted(expected)
 
 

@@ -19,7 +19,7 @@ from tpu_registry.plugins import get_plugins, reset
 
 # String constants that look like variables but name something else.
 NOT_VARIABLES = {"TPU_REGISTRY"}  # the vLLM attention backend's name
-VARIABLE = re.compile(r"^(TPU_[A-Z0-9_]+|CHIPS_PER_HOST_BOUNDS)$")
+VARIABLE = re.compile(r"^(TPU_[A-Z0-9_]+|CHIPS_PER_HOST_BOUNDS|HOST_BOUNDS)$")
 SOURCES = [REPO / "tpu_registry", *sorted((REPO / "plugins").glob("*/tpu_registry_*"))]
 
 

@@ -260,7 +260,8 @@ def slice_text(sl) -> str:
         ("DCN", f"{fig(sl.dcn_gbps_per_chip, 'Gbps')} per chip"),
     ]
     lines = [
-        f"{sl.accelerator_type} ({sl.generation}, {'multi' if sl.multi_host else 'single'}-host)"
+        f"{sl.accelerator_type or sl.topology} ({sl.generation}, "
+        f"{'multi' if sl.multi_host else 'single'}-host)"
     ]
     lines += [f"  {k:16} {v}" for k, v in rows]
     return "\n".join(lines)
@@ -283,7 +284,14 @@ def cmd_slice(args: argparse.Namespace) -> int:
             table(
                 ["accelerator type", "topology", "chips", "VMs", "chips/VM", "machine type"],
                 [
-                    [s.accelerator_type, s.topology, s.chips, s.vms, s.chips_per_vm, s.machine_type]
+                    [
+                        s.accelerator_type or "-",
+                        s.topology,
+                        s.chips,
+                        s.vms,
+                        s.chips_per_vm,
+                        s.machine_type,
+                    ]
                     for s in found
                 ],
             )
@@ -315,9 +323,10 @@ def _detection_text(d) -> str:
     )
     if d.slice is not None:
         sl = d.slice
+        vms = f"{sl.vms} VM{'s' if sl.vms != 1 else ''}"
         lines.append(
-            f"slice: {sl.accelerator_type}, {sl.vms} VM{'s' if sl.vms != 1 else ''} of "
-            f"{sl.machine_type} ({sl.chips_per_vm} chips each)"
+            f"slice: {sl.accelerator_type or sl.topology}, {vms} of {sl.machine_type} "
+            f"({sl.chips_per_vm} chips each)"
         )
     if d.findings:
         lines.append("")

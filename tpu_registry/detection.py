@@ -371,7 +371,7 @@ def _shape(
         conflicts.append(
             f"{said} ({host} chips on this VM) but "
             + (
-                f"a {record.accelerator_type} VM of {record.machine_type}"
+                f"a {record.accelerator_type or record.topology} VM of {record.machine_type}"
                 if record is not None
                 else f"a {mt} VM"
             )

@@ -44,7 +44,7 @@ class Slice:
     are None."""
 
     generation: str
-    accelerator_type: str
+    accelerator_type: str | None  # None when the generation lists no accelerator-type prefix
     topology: str
     chips: int
     tensorcores: int
@@ -151,9 +151,9 @@ def _default_topology(spec: Generation, chips: int) -> str | None:
     return _offered(_data(spec))[2].get(chips)
 
 
-def _suffix_unit(spec: Generation) -> tuple[str, str]:
+def _suffix_unit(spec: Generation) -> tuple[str, str] | None:
     if not spec.identify.accelerator_types:
-        raise SliceError(f"{spec.id} lists no accelerator type prefix (identify.accelerator_types)")
+        return None
     a = spec.identify.accelerator_types[0]
     return a.prefix, a.suffix_counts
 
@@ -182,7 +182,7 @@ def describe(spec: Generation, topology: str, machine_type: str | None = None) -
     dims = axes_of(topo)
     chips = math.prod(dims)
     cores = chips * spec.chip.tensorcores_per_chip
-    prefix, unit = _suffix_unit(spec)
+    named = _suffix_unit(spec)
     wrap = None
     if data.wrap_axis_multiple:
         whole = data.cubes is None or all(d % data.cubes.edge == 0 for d in dims)
@@ -190,7 +190,9 @@ def describe(spec: Generation, topology: str, machine_type: str | None = None) -
     per_host = spec.chip.chips_per_host or vm.chips
     return Slice(
         generation=spec.id,
-        accelerator_type=f"{prefix}-{cores if unit == 'cores' else chips}",
+        accelerator_type=(
+            f"{named[0]}-{cores if named[1] == 'cores' else chips}" if named else None
+        ),
         topology=topo,
         chips=chips,
         tensorcores=cores,
@@ -215,7 +217,10 @@ def describe(spec: Generation, topology: str, machine_type: str | None = None) -
 
 def chips_of_accelerator_type(spec: Generation, accelerator_type: str) -> int:
     """``v5p-128`` -> 64 chips (the suffix counts cores on v5p). Raises SliceError."""
-    prefix, unit = _suffix_unit(spec)
+    named = _suffix_unit(spec)
+    if named is None:
+        raise SliceError(f"{spec.id} lists no accelerator-type prefix (identify.accelerator_types)")
+    prefix, unit = named
     text = accelerator_type.strip().lower()
     head, _, tail = text.rpartition("-")
     ok = tail.isascii() and tail.isdecimal() and len(tail) <= MAX_SUFFIX_DIGITS

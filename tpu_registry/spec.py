@@ -439,12 +439,6 @@ class Generation(DataModel):
         s = self.slices
         if s is None:
             return self
-        if not self.identify.accelerator_types:
-            raise data_error(
-                "[slices] needs an accelerator-type prefix to name its slices",
-                "add identify.accelerator_types",
-                ("slices",),
-            )
         if self.chip.max_pod_chips and s.max_chips > self.chip.max_pod_chips:
             raise data_error(
                 f"slices.max_chips ({s.max_chips}) exceeds chip.max_pod_chips "
