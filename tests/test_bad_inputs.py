@@ -245,7 +245,7 @@ def test_twenty_megabyte_file_is_refused_unread(capsys, tmp_path):
     size = huge.stat().st_size
     assert size == 20 * 1024 * 1024
     expected = [
-        f"{huge}: (file): file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit "
+        f"{huge}: file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit "
         "(data files are small; is this the right file?)"
     ]
     _assert_validate(capsys, [str(huge)], expected)
@@ -385,7 +385,7 @@ def test_v6e_copy_itself_is_valid(tmp_path):
 def test_path_argument_that_does_not_exist(capsys, tmp_path):
     missing = tmp_path / "nope.toml"
     _assert_validate(
-        capsys, [str(missing)], [f"{missing}: (file): no such file or folder (check the path)"]
+        capsys, [str(missing)], [f"{missing}: no such file or folder (check the path)"]
     )
 
 
@@ -408,27 +408,27 @@ def _folder_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     return {
         "missing": (
             missing,
-            f"{missing}: (file): folder from TPU_REGISTRY_PATH does not exist "
+            f"{missing}: folder from TPU_REGISTRY_PATH does not exist "
             "(create it or remove it from TPU_REGISTRY_PATH)",
         ),
         "file": (
             a_file,
-            f"{a_file}: (file): TPU_REGISTRY_PATH names a file, not a folder "
+            f"{a_file}: TPU_REGISTRY_PATH names a file, not a folder "
             "(name the folder that holds the .toml files)",
         ),
         "symlink_loop": (
             loop,
-            f"{loop}: (file): folder from TPU_REGISTRY_PATH is a broken or looping symlink "
+            f"{loop}: folder from TPU_REGISTRY_PATH is a broken or looping symlink "
             "(point it at a real folder)",
         ),
         "broken_symlink": (
             broken,
-            f"{broken}: (file): folder from TPU_REGISTRY_PATH is a broken or looping symlink "
+            f"{broken}: folder from TPU_REGISTRY_PATH is a broken or looping symlink "
             "(point it at a real folder)",
         ),
         "file_symlink_loop": (
             holder,
-            f"{holder / 'self.toml'}: (file): cannot read file: Too many levels of symbolic links "
+            f"{holder / 'self.toml'}: cannot read file: Too many levels of symbolic links "
             "(check that it exists and is readable)",
         ),
     }
@@ -503,7 +503,7 @@ def test_unreadable_folder_is_reported_when_permissions_apply(tmp_path):
     folder.chmod(0)
     env = {**os.environ, "TPU_REGISTRY_PATH": str(folder)}
     message = (
-        f"{folder}: (file): cannot read folder from TPU_REGISTRY_PATH: Permission denied "
+        f"{folder}: cannot read folder from TPU_REGISTRY_PATH: Permission denied "
         "(check its permissions and links)"
     )
     lib = (

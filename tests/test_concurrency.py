@@ -132,7 +132,7 @@ def test_errors_are_not_cached_and_threads_all_see_them(counted):
 
     results = _together(N_THREADS, call)
     assert len(set(results)) == 1 and results[0].startswith(
-        "detection: (file): cannot resolve: no TPU was found"
+        "detection: cannot resolve: no TPU was found"
     )
     assert counted["compute"] == N_THREADS  # nothing to share: each call tries again
     assert not resolve_mod._cache

@@ -379,7 +379,7 @@ def test_explicit_override_naming_nothing_is_an_error():
     with pytest.raises(DetectionError) as e:
         detect(env={"TPU_REGISTRY_GENERATION": "v99"}, sysfs_root="/nonexistent")
     assert str(e.value) == (
-        "env TPU_REGISTRY_GENERATION: (file): explicit generation 'v99' names no generation "
+        "env TPU_REGISTRY_GENERATION: explicit generation 'v99' names no generation "
         "(use an id from `tpu-registry list`)"
     )
 

@@ -317,7 +317,7 @@ def test_faulty_policy_from_cli_is_shown_not_fatal(register, capsys):
     assert cli.main([*args, "--strict"]) == 2
     out, err = capsys.readouterr()
     assert (
-        "error: policy faulty_cli: (file): raised ZeroDivisionError: division by zero" in err
+        "error: policy faulty_cli: raised ZeroDivisionError: division by zero" in err
         and "Traceback" not in out + err
     )
 
@@ -481,7 +481,7 @@ def test_entry_point_failures_from_the_command_line(fake_distribution):
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert sorted(r.stderr.splitlines()) == sorted(
-        f"error: detector {n}: (file): {m} ({STRICT_HINT})" for n, m in LOAD_FAULTS
+        f"error: detector {n}: {m} ({STRICT_HINT})" for n, m in LOAD_FAULTS
     )
     r = subprocess.run(
         [cli_path(), "detect", "--simulate", "v6e"],

@@ -267,7 +267,8 @@ def test_replaces_names_an_id_never_a_path(tmp_path):
     with pytest.raises(CatalogError) as info:
         load_catalog([folder])
     assert [p.message for p in info.value.problems] == [
-        f"replaces {str(target)!r}, but no generation has that id"
+        f"replaces {str(target)!r}, but the file's id is 'corpus'; a replacement keeps the id "
+        "it replaces"
     ]
 
 

@@ -906,7 +906,7 @@ def test_cli_resolve_needs_a_shape_and_a_tpu():
     r = run_cli("resolve", "--heads", "32", "--kv-heads", "8", "--head-dim", "128")
     assert r.returncode == 2
     assert r.stderr.strip() == (
-        "error: detection: (file): cannot resolve: no TPU was found: no TPU evidence found "
+        "error: detection: cannot resolve: no TPU was found: no TPU evidence found "
         "(say which generation with --simulate ID or TPU_REGISTRY_GENERATION=ID)"
     )
 

@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import threading
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -43,8 +44,9 @@ def builtin_hardware_dir() -> Path:
 
 
 def norm(text: str) -> str:
-    """Names and aliases match case-insensitively and ignore surrounding space."""
-    return " ".join(text.split()).casefold()
+    """Names and aliases match case-insensitively, in NFKC form (a full-width ｖ６ｅ is v6e),
+    and ignore surrounding space."""
+    return " ".join(unicodedata.normalize("NFKC", text).split()).casefold()
 
 
 def pci_key(vendor: int, device: int, subsystem: int | None = None) -> str:
@@ -116,6 +118,10 @@ class Catalog:
         """Resolve what a person typed: id, alias, or any identifier string."""
         if (gid := self._names.get(norm(text))) is not None:
             return {gid}
+        return self.find_identifier(text)
+
+    def find_identifier(self, text: str) -> set[str]:
+        """What ``find`` resolves through identifiers alone (not ids or aliases)."""
         for kind in ("device_kind", "gke_accelerator", "accelerator_type"):
             if hit := self.lookup(kind, text):
                 return hit
@@ -368,6 +374,18 @@ def _assemble(
         text = texts[path]
         target = spec.replaces
         line = locate(text, ("replaces",))
+        if spec.id != target:  # renaming through replaces would make ids depend on file order
+            problems.append(
+                Problem(
+                    str(path),
+                    line,
+                    "replaces",
+                    f"replaces {target!r}, but the file's id is {spec.id!r}; a replacement keeps "
+                    "the id it replaces",
+                    f'write id = "{target}", or remove replaces to add a new generation',
+                )
+            )
+            continue
         if target in replaced_by:  # checked first: the first replacement removed the target
             problems.append(
                 Problem(
@@ -387,17 +405,6 @@ def _assemble(
                     "replaces",
                     f"replaces {target!r}, but no generation has that id",
                     "use the id of a generation in `tpu-registry list`",
-                )
-            )
-            continue
-        if spec.id != target and spec.id in entries:
-            problems.append(
-                Problem(
-                    str(path),
-                    locate(text, ("id",)),
-                    "id",
-                    f"id {spec.id!r} is already defined in {entries[spec.id].path}",
-                    "pick another id",
                 )
             )
             continue
@@ -450,7 +457,70 @@ def _assemble(
             entries.items(), key=lambda kv: (kv[1].spec.generation, kv[1].spec.provisional, kv[0])
         )
     )
-    return Catalog(entries=entries, folders=folders, _names=names, _index=index)
+    catalog = Catalog(entries=entries, folders=folders, _names=names, _index=index)
+    problems += _namespace_problems(catalog, texts)
+    return catalog
+
+
+# Fields whose strings a person may type (`show X`, TPU_REGISTRY_GENERATION=X), as
+# (kind for messages, field name, strings of a generation).
+def _typed(spec: Generation) -> Iterator[tuple[str, str, str]]:
+    yield "id", "id", spec.id
+    for a in spec.aliases:
+        yield "alias", "aliases", a
+    for dk in spec.identify.device_kinds:
+        yield "device_kind", "identify.device_kinds", dk
+    for g in spec.identify.gke_accelerators:
+        yield "gke_accelerator", "identify.gke_accelerators", g
+    for at in spec.identify.accelerator_types:
+        yield "accelerator_type", "identify.accelerator_types", at.prefix
+
+
+def _namespace_problems(catalog: Catalog, texts: dict[Path, str]) -> list[Problem]:
+    """Ids, aliases and identifiers share one namespace: a string that names one generation
+    by one kind must not name another by a different kind (an alias "TPU v5 lite" in a new
+    file would capture `show` and TPU_REGISTRY_GENERATION while detection still says v5e).
+    Collisions within one kind are reported by ``_assemble`` already."""
+    out: list[Problem] = []
+    claims: dict[str, tuple[str, str, str]] = {}  # normalised text -> (gid, kind, text)
+    names_kinds = ("id", "alias")
+    for gid, entry in catalog.entries.items():
+        text = texts[entry.path]
+        for kind, field_name, value in _typed(entry.spec):
+            if kind in names_kinds:
+                reported = catalog._names.get(norm(value), gid) != gid
+            else:
+                ikey = value if kind == "device_kind" else value.strip().lower()
+                reported = bool(catalog._index.get((kind, ikey), set()) - {gid})
+            if reported:  # a collision within one kind: _assemble has reported it
+                continue
+            key = norm(value)
+            other = claims.get(key)
+            if other is None or other[0] == gid:
+                claims.setdefault(key, (gid, kind, value))
+                other = None
+                if kind in names_kinds:  # "v5p-8", "1ae0:006f": an identifier in disguise
+                    hits = catalog.find_identifier(value) - {gid}
+                    if hits:
+                        as_pci = ":" in value or value.lower().startswith("0x")
+                        other = (sorted(hits)[0], "pci" if as_pci else "accelerator_type", value)
+                if other is None:
+                    continue
+            elif other[1] == kind or {other[1], kind} <= set(names_kinds):
+                continue  # the same kind (v6e's id and its accelerator prefix "v6e" coincide)
+            ogid, okind, ovalue = other
+            out.append(
+                Problem(
+                    str(entry.path),
+                    locate(text, tuple(field_name.split("."))),
+                    field_name,
+                    f"{kind} {value!r} is already {okind} {ovalue!r} of {ogid!r} in "
+                    f"{catalog.entries[ogid].path}",
+                    "ids, aliases and identifiers share one namespace; a string may name only "
+                    "one generation",
+                )
+            )
+    return out
 
 
 def clear_cache() -> None:

@@ -22,7 +22,9 @@ class Problem:
             text = self.message
         else:
             where = f"{self.path}:{self.line}" if self.line else self.path
-            text = f"{where}: {self.field or '(file)'}: {self.message}"
+            # A problem of a whole file (or of no file: "detection") names no field.
+            parts = [where, self.field] if where and self.field else [where or self.field]
+            text = f"{': '.join(parts)}: {self.message}"
         return f"{text} ({self.hint})" if self.hint else text
 
     def to_dict(self) -> dict:

@@ -8,6 +8,7 @@ figures are per chip unless the name says ``per_core``. Sanity ranges are delibe
 from __future__ import annotations
 
 import math
+import unicodedata
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -26,6 +27,48 @@ SCHEMA_VERSION = 1
 Dtype = Literal["f32", "bf16", "int8", "int4", "fp8"]
 Topology = Literal["2d_torus", "3d_torus", "3d_torus_ocs", "other"]
 KernelFamily = Literal["rpa_v2", "rpa_v3"]
+
+
+def identifier(value: str, what: str, at: tuple = ()) -> str:
+    """An identifier (alias, device kind, GKE label) in its NFKC form, which must be printable
+    ASCII without surrounding space: identifiers are matched exactly, and a homoglyph (a
+    Cyrillic і in "trillium"), a zero-width space or a NUL would name something no one can
+    type or tell apart on screen."""
+    text = unicodedata.normalize("NFKC", value)
+    if not text.strip():
+        raise data_error(f"{what} is empty or only whitespace", "remove it, or fill it in", at)
+    bad = next((c for c in text if not " " <= c <= "~"), None)
+    if bad is not None:
+        name = unicodedata.name(bad, "a control character")
+        raise data_error(
+            f"{what} {ascii(value)} is not printable ASCII (U+{ord(bad):04X} {name})",
+            "identifiers are matched exactly: write them in plain ASCII letters, digits and "
+            "punctuation",
+            at,
+        )
+    if text != text.strip():
+        raise data_error(
+            f"{what} {value!r} starts or ends with whitespace", "remove the spaces", at
+        )
+    return text
+
+
+def identifiers_list(values: list[str], what: str) -> list[str]:
+    return [identifier(v, what, (i,)) for i, v in enumerate(values)]
+
+
+def printable_name(value: str) -> str:
+    """A display name may be any printable text, but not blank, and no control characters
+    (an escape sequence or newline in a name would forge lines of `tpu-registry list`)."""
+    if not value.strip():
+        raise data_error("name is empty or only whitespace", "write the generation's name")
+    bad = next((c for c in value if not c.isprintable()), None)
+    if bad is not None:
+        raise data_error(
+            f"name {ascii(value)} holds a control or invisible character (U+{ord(bad):04X})",
+            "write the name on one line, with printable characters only",
+        )
+    return value
 
 
 class DataModel(BaseModel):
@@ -57,8 +100,8 @@ class Chip(DataModel):
     # f32 only on v2/v3 (whose bf16 rate JAX's own table lists), fp8 inputs on v5e (whose fp8
     # rate JAX lists as 0).
     matmul_dtypes: list[Dtype] = Field(min_length=1)
-    vmem_mib_per_core: Annotated[float, _range(0, 4096)]
-    smem_kib_per_core: Annotated[int, _range(0, 65536)]
+    vmem_mib_per_core: Annotated[float, _range(1, 4096, gt=False)]
+    smem_kib_per_core: Annotated[int, _range(1, 65536, gt=False)]
     lanes: Annotated[int, _range(0, 4096)]
     sublanes: Annotated[int, _range(0, 256)]
     ici_bandwidth_bidir_gb_s_per_chip: Annotated[float, _range(0, 100_000)] | None = None
@@ -161,6 +204,16 @@ class Identify(DataModel):
     pci: list[PciId] = Field(default_factory=list)
     torch_xla_versions: list[Annotated[int, Field(ge=1, le=99)]] = Field(default_factory=list)
 
+    @field_validator("device_kinds")
+    @classmethod
+    def _device_kinds(cls, v: list[str]) -> list[str]:
+        return identifiers_list(v, "device kind")
+
+    @field_validator("gke_accelerators")
+    @classmethod
+    def _gke(cls, v: list[str]) -> list[str]:
+        return identifiers_list(v, "GKE accelerator label")
+
 
 class RpaV2Facts(DataModel):
     """Defaults of the RPA v2 kernel (torch_xla / JAX ``ragged_paged_attention``)."""
@@ -168,8 +221,8 @@ class RpaV2Facts(DataModel):
     default_num_kv_pages_per_block: Annotated[int, Field(gt=0, le=4096)]
     default_num_queries_per_block: Annotated[int, Field(gt=0, le=4096)]
     # torch_xla halves the KV block while the block matrices would take this much VMEM or more.
-    halve_kv_block_at_vmem_mib: Annotated[float, Field(gt=0, le=4096)] | None = None
-    vmem_limit_mib: Annotated[float, Field(gt=0, le=4096)]
+    halve_kv_block_at_vmem_mib: Annotated[float, Field(ge=1, le=4096)] | None = None
+    vmem_limit_mib: Annotated[float, Field(ge=1, le=4096)]
 
 
 class RpaV3Facts(DataModel):
@@ -182,18 +235,21 @@ class RpaV3Facts(DataModel):
     ``bkv = decode_kv_bytes * kv_packing // 4 // head_dim // kv_heads_x2``.
     """
 
-    decode_kv_bytes: Annotated[int, Field(gt=0)]
-    prefill_q_budget: Annotated[int, Field(gt=0)]
-    prefill_q_max_divisor: Annotated[int, Field(gt=0)]
-    prefill_kv_tokens: Annotated[int, Field(gt=0)]
-    prefill_kv_max_divisor: Annotated[int, Field(gt=0)]
-    chunk_q_budget: Annotated[int, Field(gt=0)]
-    chunk_q_max_divisor: Annotated[int, Field(gt=0)]
-    chunk_kv_tokens: Annotated[int, Field(gt=0)]
+    # Ranges are wide around upstream's numbers (16 MiB, budgets of 512-2048 tokens,
+    # divisors 1-2): a value outside is a slip that would break every resolve, so `validate`
+    # refuses it rather than `resolve` blaming the user's overrides.
+    decode_kv_bytes: Annotated[int, Field(ge=1 << 20, le=1 << 30)]
+    prefill_q_budget: Annotated[int, Field(ge=1, le=65536)]
+    prefill_q_max_divisor: Annotated[int, Field(ge=1, le=8)]
+    prefill_kv_tokens: Annotated[int, Field(ge=1, le=1 << 20)]
+    prefill_kv_max_divisor: Annotated[int, Field(ge=1, le=8)]
+    chunk_q_budget: Annotated[int, Field(ge=1, le=65536)]
+    chunk_q_max_divisor: Annotated[int, Field(ge=1, le=8)]
+    chunk_kv_tokens: Annotated[int, Field(ge=1, le=1 << 20)]
     # Tuned-table miss fallback of the older v3 kernel: KV tokens per block.
-    kv_tokens_per_block: Annotated[int, Field(gt=0)]
+    kv_tokens_per_block: Annotated[int, Field(ge=1, le=1 << 20)]
     # None means "the whole VMEM of the core", as tpu-inference does today.
-    vmem_limit_mib: Annotated[float, Field(gt=0, le=4096)] | None = None
+    vmem_limit_mib: Annotated[float, Field(ge=1, le=4096)] | None = None
 
 
 class Kernels(DataModel):
@@ -383,6 +439,16 @@ class Generation(DataModel):
     kernels: Kernels = Field(default_factory=Kernels)
     slices: Slices | None = None
     sources: list[Source] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return printable_name(v)
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: list[str]) -> list[str]:
+        return identifiers_list(v, "alias")
 
     @field_validator("schema_version")
     @classmethod

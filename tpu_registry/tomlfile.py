@@ -7,6 +7,7 @@ or included. Parsed documents go through the parse cache (``parse_cache``).
 
 from __future__ import annotations
 
+import codecs
 import re
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from . import parse_cache
 from .errors import Problem
+from .files import FileRefused, read_capped
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,15 +35,12 @@ def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
         return None, text, [Problem(shown, line, "", message, hint)]
 
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            msg = f"file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit"
-            return fail(None, msg, "data files are small; is this the right file?")
-        raw = path.read_bytes()
-    except OSError as e:
-        return fail(
-            None, f"cannot read file: {e.strerror or e}", "check that it exists and is readable"
-        )
+        raw = read_capped(path, MAX_FILE_BYTES)
+    except FileRefused as e:
+        return fail(None, e.message, e.hint)
+    if raw.startswith(codecs.BOM_UTF8):
+        hint = "save it as UTF-8 without a BOM"
+        return fail(1, "file starts with a UTF-8 byte-order mark (BOM)", hint)
     try:
         decoded = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, TuningError
+from .files import FileRefused, read_capped
 from .units import canonical_dtype
+
+# A config.json is a few KiB (the largest, with label maps, a few hundred): anything near this
+# cap is not a model config, and reading it whole would cost memory for nothing.
+MAX_HF_CONFIG_BYTES = 4 * 1024 * 1024
+# --hf-config: max_model_len is the model's max_position_embeddings capped here (a 128K
+# context would size every knob for sequences nobody asked for); without it, the default.
+HF_MAX_MODEL_LEN_CAP = 8192
 
 # config.json keys of attention shapes the registry does not model yet. Modelling them as
 # multi-head attention would hand out wrong knobs and KV sizes, so they are refused.
@@ -163,10 +171,13 @@ class Workload:
         """Attention shape from a Hugging Face ``config.json``; serving limits from ``limits``."""
         p = Path(path)
         try:
-            cfg = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
+            cfg = json.loads(read_capped(p, MAX_HF_CONFIG_BYTES).decode("utf-8"))
+        except FileRefused as e:
+            raise TuningError([Problem(str(p), None, "", e.message, e.hint)]) from None
+        except UnicodeDecodeError as e:
+            msg = f"not valid UTF-8 (byte 0x{e.object[e.start]:02x})"
             raise TuningError(
-                [Problem(str(p), None, "", f"cannot read: {e}", "pass the model's config.json")]
+                [Problem(str(p), None, "", msg, "pass the model's config.json")]
             ) from None
         except json.JSONDecodeError as e:
             raise TuningError(
@@ -244,6 +255,6 @@ class Workload:
         ):
             values["sliding_window"] = window
         if "max_model_len" not in limits and isinstance(cfg.get("max_position_embeddings"), int):
-            values["max_model_len"] = min(cfg["max_position_embeddings"], 8192)
+            values["max_model_len"] = min(cfg["max_position_embeddings"], HF_MAX_MODEL_LEN_CAP)
         values.update({k: v for k, v in limits.items() if v is not None})
         return cls.from_dict(values, where=str(p))

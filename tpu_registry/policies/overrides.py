@@ -210,7 +210,14 @@ def tpu_registry_tune(spec, workload: Workload, context: TuneContext) -> Layer |
     path = context.overrides_path
     if path is None:
         return None
-    model, text = load_overrides(path)
+    try:
+        model, text = load_overrides(path)
+    except TuningError:
+        raise
+    except Exception as e:  # noqa: BLE001 - never skip the user's file: say why it failed
+        msg = f"cannot read the overrides file: {type(e).__name__}: {e}".rstrip(": ")
+        hint = "fix the file or unset TPU_REGISTRY_OVERRIDES / --overrides"
+        raise TuningError([Problem(str(path), None, "", msg, hint)]) from None
     problems = unknown_generations(model, text, path, context.catalog)
     # An entry for another generation is that generation's business (`validate` reports it).
     problems += generation_problems(model, text, path, context.catalog, only=spec.id)
