@@ -430,6 +430,8 @@ TEXT = st.text(  # within the BMP: the JSON escapes dumps() writes for others ar
     min_size=1,
     max_size=40,
 )
+# A name is any printable text (no control or invisible characters), not blank.
+NAME = TEXT.filter(lambda t: t.isprintable() and bool(t.strip()))
 
 
 @st.composite
@@ -439,7 +441,7 @@ def valid_variation(draw):
     doc = _copy(draw(st.sampled_from(GENERATIONS)))
     chip = doc["chip"]
     changes = {
-        "name": TEXT,
+        "name": NAME,
         "notes": st.just("") | TEXT,
         "release_year": st.integers(2015, 2100),
         "chip.hbm_gib": st.integers(64, 4096) | st.floats(64, 4096),

@@ -238,8 +238,11 @@ def reconcile(
         if len(current) == 1 and winner_status in ("detected", "explicit", "simulated")
         else None
     )
-    chips_host, chips_slice, topo = _counts(catalog, gid, evidence, status)
-    slice_, chips_host, shape_conflicts = _shape(catalog, gid, evidence, status, chips_host)
+    chips_host, chips_slice, topo, count_notes, refused = _counts(catalog, gid, evidence, status)
+    conflicts += count_notes
+    slice_, chips_host, shape_conflicts = _shape(
+        catalog, gid, evidence, status, chips_host, refused
+    )
     conflicts += shape_conflicts
     if slice_ is not None:
         chips_slice, topo = slice_.chips, slice_.topology
@@ -261,47 +264,95 @@ def reconcile(
     )
 
 
-def to_chips(catalog: Catalog, gid: str, ev: Evidence) -> int | None:
-    if ev.count is None:
-        return None
-    spec = catalog[gid]
-    chip = spec.chip
-    unit = ev.count_unit
-    if unit == "suffix":  # an accelerator-type suffix counts cores or chips, per the catalog
-        prefix = catalog.accelerator_prefix(ev.value)[1]
-        unit = next(
-            (a.suffix_counts for a in spec.identify.accelerator_types if a.prefix == prefix), ""
-        )
-    per = {
+def _unit(catalog: Catalog, gid: str, ev: Evidence) -> str:
+    """What ``ev.count`` counts: an accelerator-type suffix counts cores or chips, per the
+    catalog."""
+    if ev.count_unit != "suffix":
+        return ev.count_unit
+    prefix = catalog.accelerator_prefix(ev.value)[1]
+    accel = catalog[gid].identify.accelerator_types
+    return next((a.suffix_counts for a in accel if a.prefix == prefix), "")
+
+
+def _per_chip(chip, unit: str) -> int | None:
+    return {
         "chips": 1,
         "cores": chip.tensorcores_per_chip,
         "devices": chip.jax_devices_per_chip,
     }.get(unit)
+
+
+def to_chips(catalog: Catalog, gid: str, ev: Evidence) -> int | None:
+    if ev.count is None:
+        return None
+    per = _per_chip(catalog[gid].chip, _unit(catalog, gid, ev))
     if not per:
         return None
     return max(1, ev.count // per)
 
 
+def count_problem(catalog: Catalog, gid: str, ev: Evidence) -> str | None:
+    """Why the count of ``ev`` cannot be right for generation ``gid`` (None: plausible),
+    from the catalog facts every generation has: cores per chip and the pod size. Which slice
+    shapes exist is a question for slice data, not this check."""
+    if ev.count is None:
+        return None
+    chip = catalog[gid].chip
+    unit = _unit(catalog, gid, ev)
+    per = _per_chip(chip, unit)
+    if not per:
+        return None
+    if ev.count % per:
+        return f"{ev.count} {unit} is not a whole number of {gid} chips ({per} {unit} per chip)"
+    chips = ev.count // per
+    if chip.max_pod_chips and chips > chip.max_pod_chips:
+        return f"{chips} chips is more than a whole {gid} pod ({chip.max_pod_chips} chips)"
+    return None
+
+
 def _counts(
     catalog: Catalog, gid: str | None, evidence: Sequence[Evidence], status: Mapping[Evidence, str]
-) -> tuple[int | None, int | None, str | None]:
+) -> tuple[int | None, int | None, str | None, list[str], set[Evidence]]:
+    """Chips per host, slice chips and topology, with a note for each count refused and the
+    evidence refused (which the slice shape then leaves out too)."""
     host = slice_ = topo = None
+    host_ev = slice_ev = None
+    notes: list[str] = []
+    refused: set[Evidence] = set()
     if gid is None:
-        return None, None, None
+        return None, None, None, notes, refused
     usable = [e for e in evidence if status.get(e) in ("agrees", "decides", "info")]
+    per_host = catalog[gid].chip.chips_per_host
     for e in usable:  # already ordered most trusted first
+        why = count_problem(catalog, gid, e)
+        if e.count is None and e.count_unit == "suffix" and "-" in e.value:
+            suffix = e.value.rpartition("-")[2]
+            why = f"suffix {suffix[:20]!r}{'...' if len(suffix) > 20 else ''} is not a count"
+            why += " (ASCII digits, at most 9)"
+        elif e.scope == "host" and per_host and (chips := to_chips(catalog, gid, e) or 0) > per_host:
+            why = f"{chips} chips per host is more than a {gid} host has ({per_host})"
+        if why:
+            notes.append(f"{e.source} says {e.value!r}: {why}; its count is not used")
+            refused.add(e)
+            continue
         chips = to_chips(catalog, gid, e)
         if chips is not None:
             if e.scope == "host" and host is None:
-                host = chips
+                host, host_ev = chips, e
             elif e.scope == "slice" and slice_ is None:
-                slice_ = chips
+                slice_, slice_ev = chips, e
         if topo is None and e.topology:
             topo = e.topology
-    per_host = catalog[gid].chip.chips_per_host
+    if host is not None and slice_ is not None and host > slice_:
+        notes.append(
+            f"{host_ev.source} says {host} chips per host, more than the {slice_}-chip slice "
+            f"{slice_ev.source} names; the host count is not used"
+        )
+        refused.add(host_ev)
+        host = None
     if host is None and slice_ is not None and per_host and catalog[gid].slices is None:
         host = min(slice_, per_host)  # no slice data: the physical host is all we know
-    return host, slice_, topo
+    return host, slice_, topo, notes, refused
 
 
 def _shape(
@@ -310,14 +361,17 @@ def _shape(
     evidence: Sequence[Evidence],
     status: Mapping[Evidence, str],
     host: int | None,
+    refused: set[Evidence] | frozenset = frozenset(),
 ):
     """The slice the evidence describes, chips on this VM, and every disagreement about the
-    shape. The accelerator type names the slice; a slice topology refines its shape (same chip
+    shape (evidence whose count ``_counts`` refused is left out). The accelerator type names the slice; a slice topology refines its shape (same chip
     count); the machine type picks the VM size; host-scope bounds count this VM's chips."""
     if gid is None or catalog[gid].slices is None:
         return None, host, []
     spec = catalog[gid]
-    usable = [e for e in evidence if status.get(e) in ("agrees", "decides", "info")]
+    usable = [
+        e for e in evidence if status.get(e) in ("agrees", "decides", "info") and e not in refused
+    ]
     first = {
         key: next((e for e in usable if pick(e)), None)
         for key, pick in (
