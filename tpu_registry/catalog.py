@@ -143,7 +143,8 @@ class Catalog:
         if len(hits) == 1:
             return self[next(iter(hits))]
         if not hits:
-            raise CatalogError(f"no generation is named {text!r} (try `tpu-registry list`)")
+            shown = text if len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
+            raise CatalogError(f"no generation is named {shown!r} (try `tpu-registry list`)")
         raise CatalogError(f"{text!r} names more than one generation: {', '.join(sorted(hits))}")
 
 

@@ -19,11 +19,26 @@ from typing import Any
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_NO_TPU = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+JSON_HELP = "machine-readable output; errors too, as {\"error\": ...} on stdout (see README)"
+
+
+def safe(text: Any) -> str:
+    """``text`` with every control or invisible character escaped (``\\x1b``, ``\\n``): data
+    printed on a terminal must not move the cursor, recolour it or forge a line of output."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def safe_lines(text: str) -> str:
+    """Escape each line of our own multi-line text (its newlines are ours; the data's are not)."""
+    return "\n".join(safe(line) for line in text.split("\n"))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table: left-aligned text, right-aligned numbers."""
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    """A plain-text table: left-aligned text, right-aligned numbers, data escaped."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else safe(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     numeric = [
         all(_is_num(r[i]) for r in cells[1:]) and len(cells) > 1 for i in range(len(headers))
@@ -139,18 +154,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         _dump(data)
         return EXIT_OK
-    print(f"{spec.id}: {spec.name}{'  [PROVISIONAL]' if spec.provisional else ''}")
-    print(f"  file: {entry.path}" + (f" (replaces {entry.replaced})" if entry.replaced else ""))
-    print(
+    _say(f"{spec.id}: {spec.name}{'  [PROVISIONAL]' if spec.provisional else ''}")
+    _say(f"  file: {entry.path}" + (f" (replaces {entry.replaced})" if entry.replaced else ""))
+    _say(
         f"  generation {spec.generation}, released {spec.release_year}; aliases: "
         f"{', '.join(spec.aliases) or '-'}"
     )
     if spec.notes:
-        print(f"  notes: {spec.notes}")
-    print("chip (per chip unless per_core):")
+        _say(f"  notes: {spec.notes}")
+    _say("chip (per chip unless per_core):")
     for k, v in data["chip"].items():
-        print(f"  {k:36} {'-' if v is None else v}")
-    print("identify:")
+        _say(f"  {k:36} {'-' if v is None else v}")
+    _say("identify:")
     for k, v in data["identify"].items():
         if k == "pci":
             v = [
@@ -164,30 +179,37 @@ def cmd_show(args: argparse.Namespace) -> int:
             ]
         elif k == "accelerator_types":
             v = [f"{a['prefix']}-N (N counts {a['suffix_counts']})" for a in v]
-        print(f"  {k:36} {', '.join(map(str, v)) or '-'}")
-    print(f"kernels: {', '.join(spec.kernels.families) or 'none'}")
+        _say(f"  {k:36} {', '.join(map(str, v)) or '-'}")
+    _say(f"kernels: {', '.join(spec.kernels.families) or 'none'}")
     for fam in spec.kernels.families:
         for k, v in (data["kernels"][fam] or {}).items():
-            print(f"  {fam}.{k:30} {'-' if v is None else v}")
+            _say(f"  {fam}.{k:30} {'-' if v is None else v}")
     if spec.slices is not None:
         from .slices import topologies
 
         sl = spec.slices
-        print(
+        _say(
             f"slices: {len(topologies(spec))} shapes, largest {sl.max_chips} chips; machine "
             "types (chips per VM): "
             f"{', '.join(f'{v.machine_type} ({v.chips})' for v in sl.vm_types)} "
             f"(`tpu-registry slice --list --generation {spec.id}`)"
         )
     else:
-        print("slices: not described")
-    print("sources:")
+        _say("slices: not described")
+    _say("sources:")
     for s in spec.sources:
         where = s.url or f"{s.repo}:{s.path}" + (f"@{s.commit[:12]}" if s.commit else "")
-        print(f"  - {s.title}\n    {where}\n    covers: {', '.join(s.fields)}")
+        _say(f"  - {s.title}")
+        _say(f"    {where}")
+        _say(f"    covers: {', '.join(s.fields)}")
         if s.note:
-            print(f"    note: {s.note}")
+            _say(f"    note: {s.note}")
     return EXIT_OK
+
+
+def _say(line: str) -> None:
+    """Print one line of output built from data, escaped."""
+    print(safe(line))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -198,7 +220,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         _dump({"files": n, "ok": not problems, "problems": [p.to_dict() for p in problems]})
     else:
         for p in problems:
-            print(p, file=sys.stderr)
+            print(safe(p), file=sys.stderr)
         print(
             f"{n} file{'s' if n != 1 else ''} checked, {len(problems)} "
             f"problem{'s' if len(problems) != 1 else ''}"
@@ -366,13 +388,16 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if args.json:
         _dump(d.to_dict())
     else:
-        print(_detection_text(d))
+        print(safe_lines(_detection_text(d)))
     if args.require and not d.generation:
         return EXIT_NO_TPU
     return EXIT_OK
 
 
-def _workload(args: argparse.Namespace):
+def _workload(args: argparse.Namespace, notes: list[str] | None = None):
+    """The workload of ``resolve``/``doctor``: from --hf-config, where explicit --heads,
+    --kv-heads and --head-dim win over the file (each such choice appended to ``notes``),
+    else from those three flags."""
     from .errors import TuningError
     from .workload import Workload
 
@@ -387,15 +412,15 @@ def _workload(args: argparse.Namespace):
         "sliding_window": args.sliding_window,
     }
     limits = {k: v for k, v in limits.items() if v is not None}
+    shape = {"num_q_heads": args.heads, "num_kv_heads": args.kv_heads, "head_dim": args.head_dim}
     if args.hf_config:
-        return Workload.from_hf_config(args.hf_config, **limits)
-    if None in (args.heads, args.kv_heads, args.head_dim):
+        shape = {k: v for k, v in shape.items() if v is not None}
+        return Workload.from_hf_config(args.hf_config, notes=notes, **shape, **limits)
+    if None in shape.values():
         raise TuningError(
             "give the attention shape: --hf-config PATH, or --heads N --kv-heads N --head-dim N"
         )
-    return Workload(
-        num_q_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, **limits
-    )
+    return Workload(**shape, **limits)
 
 
 def vllm_flags(cfg) -> list[str]:
@@ -424,7 +449,19 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     from .attention import plan
     from .resolution import resolve
 
-    w = _workload(args)
+    from .errors import UsageError
+
+    fmt = args.format
+    if args.json and fmt not in ("text", "json"):
+        raise UsageError(f"--json and --format {fmt} ask for two outputs: give one")
+    if args.explain and (args.json or fmt != "text"):
+        given = "--json" if args.json else f"--format {fmt}"
+        raise UsageError(
+            f"--explain is text output and {given} is another: give one (the JSON holds every "
+            "knob's layer and note)"
+        )
+    notes: list[str] = []
+    w = _workload(args, notes)
     cfg = resolve(
         w,
         simulate=args.simulate,
@@ -433,9 +470,9 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         strict=args.strict,
         catalog_dirs=tuple(args.catalog),
     )
-    fmt = "json" if args.json else args.format
-    if fmt == "json":
-        _dump({**cfg.to_dict(), "plan": plan(cfg).to_dict(), "vllm": vllm_flags(cfg)})
+    if args.json or fmt == "json":
+        out = {**cfg.to_dict(), "plan": plan(cfg).to_dict(), "vllm": vllm_flags(cfg)}
+        _dump({**out, "workload_notes": notes})
     elif fmt == "vllm":
         print(f"# {cfg.spec.id}: equivalent vLLM settings without the tpu-registry plugin")
         for line in vllm_flags(cfg):
@@ -447,10 +484,13 @@ def cmd_resolve(args: argparse.Namespace) -> int:
                 "core VMEM)"
             )
     elif args.explain:
-        print(cfg.explain())
+        lines = cfg.explain().split("\n")
+        at = next((i + 1 for i, x in enumerate(lines) if x.startswith("workload:")), len(lines))
+        lines[at:at] = [f"  workload note: {n}" for n in notes]
+        print(safe_lines("\n".join(lines)))
     else:
         d = cfg.detection
-        print(f"{cfg.spec.id} ({cfg.spec.name}): {d.status}: {d.reason}")
+        _say(f"{cfg.spec.id} ({cfg.spec.name}): {d.status}: {d.reason}")
         print(
             table(
                 ["knob", "value", "layer"],
@@ -465,9 +505,9 @@ def cmd_resolve(args: argparse.Namespace) -> int:
             )
         )
         for f in cfg.tuning.faults:
-            print(f"policy fault: {f.plugin}: {f.message}")
-        for n in cfg.notes:
-            print(f"note: {n}")
+            _say(f"policy fault: {f.plugin}: {f.message}")
+        for n in notes + list(cfg.notes):
+            _say(f"note: {n}")
     return EXIT_OK
 
 
@@ -486,7 +526,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.json:
         _dump(r)
     else:
-        print(doctor.text(r))
+        print(safe_lines(doctor.text(r)))
     return EXIT_OK
 
 
@@ -513,7 +553,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         )
     )
     for f in faults:
-        print(f"plugin {f.plugin}: {f.message}")
+        _say(f"plugin {f.plugin}: {f.message}")
     return EXIT_OK
 
 
@@ -539,9 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, fn, help: str) -> argparse.ArgumentParser:
+    def add(name: str, fn, help: str, json_help: str = JSON_HELP) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
-        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.add_argument("--json", action="store_true", help=json_help)
         sp.set_defaults(fn=fn)
         return sp
 
@@ -574,9 +614,17 @@ def build_parser() -> argparse.ArgumentParser:
         "paths", nargs="*", help="files or folders (default: the whole catalog and tuning tables)"
     )
     sp = add(
-        "schema", cmd_schema, "JSON Schema of a data file (for editors such as Even Better TOML)"
+        "schema",
+        cmd_schema,
+        "JSON Schema of a data file (for editors such as Even Better TOML); always JSON",
+        json_help="accepted for symmetry with the other commands: the schema is always JSON",
     )
-    sp.add_argument("--kind", choices=["generation", "table", "overrides"], default="generation")
+    sp.add_argument(
+        "--kind",
+        choices=["generation", "table", "overrides"],
+        default="generation",
+        help="which data file: a generation file (default), a tuning table or an overrides file",
+    )
 
     for name, fn, help in (
         ("detect", cmd_detect, "which TPU this host has, and why"),
@@ -611,22 +659,30 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--hf-config",
                 metavar="PATH",
-                help="a Hugging Face config.json for the attention shape",
+                help="a Hugging Face config.json for the attention shape; max_model_len is its "
+                "max_position_embeddings capped at 8192 (else 2048) unless --max-model-len is "
+                "given; --heads, --kv-heads and --head-dim win over it",
             )
-            for flag, dest in (
-                ("--heads", "heads"),
-                ("--kv-heads", "kv_heads"),
-                ("--head-dim", "head_dim"),
-                ("--max-model-len", "max_model_len"),
-                ("--max-num-seqs", "max_num_seqs"),
-                ("--max-num-batched-tokens", "max_num_batched_tokens"),
-                ("--page-size", "page_size"),
-                ("--tp", "tp"),
-                ("--sliding-window", "sliding_window"),
+            for flag, dest, what in (
+                ("--heads", "heads", "query heads of the model"),
+                ("--kv-heads", "kv_heads", "KV heads (as many as --heads for MHA, 1 for MQA)"),
+                ("--head-dim", "head_dim", "dimension of one attention head"),
+                ("--max-model-len", "max_model_len", "longest sequence served (default 2048)"),
+                ("--max-num-seqs", "max_num_seqs", "sequences in one batch (default 256)"),
+                (
+                    "--max-num-batched-tokens",
+                    "max_num_batched_tokens",
+                    "tokens in one batch (default 2048)",
+                ),
+                ("--page-size", "page_size", "fix the KV-cache page (vLLM --block-size)"),
+                ("--tp", "tp", "tensor-parallel degree: heads are split across chips"),
+                ("--sliding-window", "sliding_window", "attention window in tokens, if any"),
             ):
-                sp.add_argument(flag, dest=dest, type=int, metavar="N")
-            sp.add_argument("--q-dtype", metavar="T")
-            sp.add_argument("--kv-dtype", metavar="T", help="bf16, fp8 (e4m3), fp8_e5m2, int8")
+                sp.add_argument(flag, dest=dest, type=int, metavar="N", help=what)
+            sp.add_argument("--q-dtype", metavar="T", help="query dtype (default bf16)")
+            sp.add_argument(
+                "--kv-dtype", metavar="T", help="KV-cache dtype: bf16, fp8 (e4m3), fp8_e5m2, int8"
+            )
             sp.add_argument(
                 "--overrides",
                 metavar="PATH",
@@ -639,11 +695,23 @@ def build_parser() -> argparse.ArgumentParser:
                 "--format",
                 choices=["text", "json", "vllm"],
                 default="text",
-                help="vllm: the equivalent vLLM flags and variables",
+                help="text (default); json (as --json); vllm: the equivalent vLLM flags and "
+                "variables. One output per run: --json with vllm, or --explain with json or "
+                "vllm, is an error",
             )
 
     add("plugins", cmd_plugins, "installed plugins, where they come from, their hooks")
     return p
+
+
+def _json_error(kind: str, code: int, problems: list[dict]) -> None:
+    """With --json a failure is JSON on stdout too, so a script never parses text:
+    ``{"error": {"type": ..., "exit": ..., "problems": [{"path", "line", "field", "message",
+    "hint"}, ...]}}`` (the human lines still go to stderr)."""
+    try:
+        _dump({"error": {"type": kind, "exit": code, "problems": problems}})
+    except BrokenPipeError:
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -657,11 +725,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.setFormatter(logging.Formatter("warning: %(message)s"))
     logger = logging.getLogger("tpu_registry")
     logger.addHandler(warnings)
+    as_json = getattr(args, "json", False) or getattr(args, "format", None) == "json"
     try:
         return args.fn(args)
     except RegistryError as e:
         for p in e.problems:
-            print(f"error: {p}", file=sys.stderr)
+            print(f"error: {safe(p)}", file=sys.stderr)
+        if as_json:
+            _json_error(type(e).__name__, EXIT_INVALID, [p.to_dict() for p in e.problems])
         return EXIT_INVALID
     except BrokenPipeError:
         return EXIT_OK
@@ -671,11 +742,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # never a traceback for users; the debug variable shows it
         if os.environ.get("TPU_REGISTRY_DEBUG"):
             raise
-        print(
-            f"internal error: {type(e).__name__}: {e} (set TPU_REGISTRY_DEBUG=1 for details and "
-            "report it)",
-            file=sys.stderr,
-        )
+        hint = "set TPU_REGISTRY_DEBUG=1 for details and report it"
+        print(f"internal error: {type(e).__name__}: {safe(e)} ({hint})", file=sys.stderr)
+        if as_json:
+            problem = {"path": "", "line": None, "field": "", "hint": hint}
+            problem["message"] = f"{type(e).__name__}: {e}"
+            _json_error("InternalError", EXIT_INTERNAL, [problem])
         return EXIT_INTERNAL
     finally:
         logger.removeHandler(warnings)

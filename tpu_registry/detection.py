@@ -90,6 +90,9 @@ def reconcile(
     winner_status, reason = "none", "no TPU evidence found"
 
     explicit = [e for e in evidence if e.kind == "explicit"]
+    # --simulate is the caller's question for this one run: it wins over an exported
+    # TPU_REGISTRY_GENERATION, which is then reported as overridden (below), not an error.
+    explicit = [e for e in explicit if e.detector == "simulate"] or explicit
     if explicit:
         named = {e: cands[e] for e in explicit}
         bad = [e for e in explicit if len(named[e]) != 1]

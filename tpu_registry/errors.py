@@ -51,3 +51,7 @@ class DetectionError(RegistryError):
 
 class TuningError(RegistryError):
     """A workload, overrides file or policy result is invalid."""
+
+
+class UsageError(RegistryError):
+    """The command line asks for two things that exclude each other."""

@@ -167,8 +167,13 @@ class Workload:
             ) from None
 
     @classmethod
-    def from_hf_config(cls, path: os.PathLike | str, **limits: Any) -> Workload:
-        """Attention shape from a Hugging Face ``config.json``; serving limits from ``limits``."""
+    def from_hf_config(
+        cls, path: os.PathLike | str, *, notes: list[str] | None = None, **limits: Any
+    ) -> Workload:
+        """Attention shape from a Hugging Face ``config.json``; serving limits (and any shape
+        field) from ``limits``, which win over the file. Without ``max_model_len`` the model's
+        ``max_position_embeddings`` is used, capped at 8192, else the default 2048; each
+        choice the file did not state is appended to ``notes`` when given."""
         p = Path(path)
         try:
             cfg = json.loads(read_capped(p, MAX_HF_CONFIG_BYTES).decode("utf-8"))
@@ -254,7 +259,25 @@ class Workload:
             and cfg.get("use_sliding_window", True) is not False
         ):
             values["sliding_window"] = window
-        if "max_model_len" not in limits and isinstance(cfg.get("max_position_embeddings"), int):
-            values["max_model_len"] = min(cfg["max_position_embeddings"], HF_MAX_MODEL_LEN_CAP)
+        said = notes if notes is not None else []
+        positions = cfg.get("max_position_embeddings")
+        if limits.get("max_model_len") is None:
+            if isinstance(positions, int) and not isinstance(positions, bool):
+                values["max_model_len"] = min(positions, HF_MAX_MODEL_LEN_CAP)
+                if positions > HF_MAX_MODEL_LEN_CAP:
+                    said.append(
+                        f"max_model_len {HF_MAX_MODEL_LEN_CAP}: the model's "
+                        f"max_position_embeddings {positions} capped at {HF_MAX_MODEL_LEN_CAP} "
+                        "(give --max-model-len to choose)"
+                    )
+            else:
+                default = cls.__dataclass_fields__["max_model_len"].default
+                said.append(
+                    f"max_model_len {default}: the default, the config has no "
+                    "max_position_embeddings (give --max-model-len to choose)"
+                )
+        for k, v in limits.items():
+            if v is not None and k in values and values[k] != v:
+                said.append(f"{k} {v} given explicitly, over {values[k]} from {p}")
         values.update({k: v for k, v in limits.items() if v is not None})
         return cls.from_dict(values, where=str(p))
