@@ -233,7 +233,13 @@ def test_the_baseline_is_essential(monkeypatch):
         resolve(Workload(**V6E), simulate="v6e")
     for fmt in ("json", "vllm"):
         r = run_cli("resolve", "--simulate", "v6e", *SHAPE, "--format", fmt)
-        assert r.returncode == 2 and "essential" in r.stderr and r.stdout == ""
+        assert r.returncode == 2 and "essential" in r.stderr
+        if fmt == "vllm":
+            assert r.stdout == ""
+        else:  # JSON output asked for: the error is JSON too (README, "Errors as JSON")
+            error = json.loads(r.stdout)["error"]
+            assert (error["type"], error["exit"]) == ("RegistryError", 2)
+            assert "essential" in error["problems"][0]["message"]
 
 
 def test_mla_models_are_recognised_and_refused(tmp_path):

@@ -477,6 +477,25 @@ def _typed(spec: Generation) -> Iterator[tuple[str, str, str]]:
         yield "accelerator_type", "identify.accelerator_types", at.prefix
 
 
+def _disguised(catalog: Catalog, value: str, gid: str) -> tuple[str, str] | None:
+    """(generation, how) when a name reads as another generation's accelerator type with a
+    count (``v5p-8``) or PCI id (``1ae0:006f``); plain equal strings are checked as claims."""
+    hits, prefix, n = catalog.accelerator_prefix(value)
+    if n is not None and hits - {gid}:
+        return sorted(hits - {gid})[0], f"reads as an accelerator type (prefix {prefix!r} and a count)"
+    t = value.strip().lower()
+    if t.startswith("0x") or ":" in t:
+        try:
+            parts = [int(p, 16) for p in t.replace("/", ":").split(":")]
+        except ValueError:
+            return None
+        if len(parts) in (2, 3) and all(0 <= p <= 0xFFFF for p in parts):
+            key = pci_key(*parts)
+            if hits := catalog.lookup("pci", key) - {gid}:
+                return sorted(hits)[0], f"reads as pci id {key!r}"
+    return None
+
+
 def _namespace_problems(catalog: Catalog, texts: dict[Path, str]) -> list[Problem]:
     """Ids, aliases and identifiers share one namespace: a string that names one generation
     by one kind must not name another by a different kind (an alias "TPU v5 lite" in a new
@@ -501,22 +520,20 @@ def _namespace_problems(catalog: Catalog, texts: dict[Path, str]) -> list[Proble
                 claims.setdefault(key, (gid, kind, value))
                 other = None
                 if kind in names_kinds:  # "v5p-8", "1ae0:006f": an identifier in disguise
-                    hits = catalog.find_identifier(value) - {gid}
-                    if hits:
-                        as_pci = ":" in value or value.lower().startswith("0x")
-                        other = (sorted(hits)[0], "pci" if as_pci else "accelerator_type", value)
+                    other = _disguised(catalog, value, gid)
                 if other is None:
                     continue
+                ogid, what = other
             elif other[1] == kind or {other[1], kind} <= set(names_kinds):
                 continue  # the same kind (v6e's id and its accelerator prefix "v6e" coincide)
-            ogid, okind, ovalue = other
+            else:
+                ogid, what = other[0], f"is already {other[1]} {other[2]!r}"
             out.append(
                 Problem(
                     str(entry.path),
                     locate(text, tuple(field_name.split("."))),
                     field_name,
-                    f"{kind} {value!r} is already {okind} {ovalue!r} of {ogid!r} in "
-                    f"{catalog.entries[ogid].path}",
+                    f"{kind} {value!r} {what} of {ogid!r} in {catalog.entries[ogid].path}",
                     "ids, aliases and identifiers share one namespace; a string may name only "
                     "one generation",
                 )
