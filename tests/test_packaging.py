@@ -51,6 +51,10 @@ def wheel(tmp_path_factory):
     return whl
 
 
+# One generation per file of hardware/ (a file added there is picked up).
+N_FILES = len(list(HARDWARE.glob("*.toml")))
+
+
 def test_wheel_ships_the_catalog(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(
@@ -87,18 +91,18 @@ def test_wheel_install_finds_its_packaged_catalog(wheel, tmp_path):
     got = _probe(env, tmp_path)
     assert got["file"].startswith(str(target))
     assert got["dir"] == str(target / "tpu_registry" / "hardware")
-    assert len(got["ids"]) == 9
+    assert len(got["ids"]) == N_FILES
 
 
 def test_editable_install_reads_the_checkout(tmp_path):
     # This test environment is an editable install (make test): the checkout's files win.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     got = _probe(env, tmp_path)
-    assert got["dir"] == str(HARDWARE) and len(got["ids"]) == 9
+    assert got["dir"] == str(HARDWARE) and len(got["ids"]) == N_FILES
 
 
 def test_source_checkout_without_install(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     got = _probe(env, tmp_path)
     assert got["file"] == str(REPO / "tpu_registry" / "__init__.py")
-    assert got["dir"] == str(HARDWARE) and len(got["ids"]) == 9
+    assert got["dir"] == str(HARDWARE) and len(got["ids"]) == N_FILES
