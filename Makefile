@@ -46,7 +46,7 @@ test-core: $(STAMP)
 	$(BIN)/python -m pytest -q tests --ignore=tests/integration plugins/tpu-registry-gce/tests
 
 test-py310: $(STAMP310)
-	$(VENV310)/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/integration plugins/tpu-registry-gce/tests -m "not needs_jax and not needs_matplotlib"
+	$(VENV310)/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/integration plugins/tpu-registry-gce/tests -m "not needs_jax and not needs_matplotlib and not slow"
 
 test-integration: $(STAMP)
 	integration/run_tests.sh current

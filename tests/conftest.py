@@ -16,11 +16,41 @@ HARDWARE = REPO / "hardware"
 _ENV_PREFIXES = ("TPU_", "CHIPS_PER_HOST_BOUNDS", "HOST_BOUNDS")
 
 
+# The distributions of this repository. Any other entry point of the `tpu_registry` group (a
+# user's own policy or detector installed in the same environment) is blocked in every test:
+# the suite checks this project's behaviour, not that of whatever else is installed.
+OURS = {"tpu-registry", "tpu-registry-gce", "tpu-registry-vllm"}
+
+
+def _foreign_plugins() -> tuple[str, ...]:
+    from importlib.metadata import entry_points
+
+    return tuple(
+        sorted(
+            {
+                ep.name
+                for ep in entry_points(group="tpu_registry")
+                if ep.dist is None or ep.dist.metadata["Name"] not in OURS
+            }
+        )
+    )
+
+
+FOREIGN_PLUGINS = _foreign_plugins()
+
+
+def disable_plugins(*names: str) -> str:
+    """A value for TPU_REGISTRY_DISABLE_PLUGINS that also keeps foreign plugins out."""
+    return ",".join((*names, *FOREIGN_PLUGINS))
+
+
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     for name in list(os.environ):
         if name.startswith(_ENV_PREFIXES):
             monkeypatch.delenv(name, raising=False)
+    if FOREIGN_PLUGINS:
+        monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", disable_plugins())
     # No sysfs of the machine: detection reads an empty tree unless a test builds one.
     monkeypatch.setenv("TPU_REGISTRY_SYSFS_ROOT", "/nonexistent-sysfs-root")
     # A loaded CI machine must not turn a slow thread start into a detector time-out; tests

@@ -85,9 +85,11 @@ def test_show_text_lists_sources():
 
 
 def test_show_unknown_and_ambiguous_names_exit_2():
-    r = run_cli("show", "v99")
+    r = run_cli("show", "no-such-tpu")  # not v99: step 5 of CONTRIBUTING may add that one
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: no generation is named 'v99' (try `tpu-registry list`)"
+    assert r.stderr.strip() == (
+        "error: no generation is named 'no-such-tpu' (try `tpu-registry list`)"
+    )
     assert "Traceback" not in r.stderr
 
 
@@ -131,19 +133,9 @@ def test_replacing_a_builtin_must_be_explicit(tmp_path, monkeypatch):
     assert "(replaces built-in)" in run_cli("list").stdout
 
 
-def test_contributing_add_a_generation_walkthrough(tmp_path, monkeypatch):
-    """CONTRIBUTING.md 'Add a TPU generation', step by step, exactly as written there."""
-    doc = (REPO / "CONTRIBUTING.md").read_text()
-    section = doc.split("<!-- section: add-generation -->")[1].split(
-        "<!-- end: add-generation -->"
-    )[0]
-    assert "cp hardware/v6e.toml ~/tpu-site/v99.toml" in section
-    assert "export TPU_REGISTRY_PATH=~/tpu-site" in section
-    site = tmp_path / "tpu-site"
-    site.mkdir()
-    shutil.copy(HARDWARE / "v6e.toml", site / "v99.toml")
-    # The edits the section lists: id, name, aliases, generation, and every identifier.
-    text = (site / "v99.toml").read_text()
+def v99_from_v6e(text: str, gid: str = "v99") -> str:
+    """The edits 'Add a TPU generation' step 2 lists, made to a copy of v6e.toml: id, name,
+    aliases, generation, and every identifier (``gid`` in place of v99)."""
     for old, new in [
         ('id = "v6e"', 'id = "v99"'),
         ('name = "TPU v6e (Trillium)"', 'name = "TPU v99"'),
@@ -157,29 +149,45 @@ def test_contributing_add_a_generation_walkthrough(tmp_path, monkeypatch):
         ("ct6e-standard-", "ct99-standard-"),  # "rename copied ones"
     ]:
         assert old in text, old
-        text = text.replace(old, new)
-    (site / "v99.toml").write_text(text)
+        text = text.replace(old, new.replace("v99", gid).replace("0x0999", f"0x09{gid[1:]}"))
+    return text
+
+
+def test_contributing_add_a_generation_walkthrough(tmp_path, monkeypatch):
+    """CONTRIBUTING.md 'Add a TPU generation', step by step, exactly as written there."""
+    doc = (REPO / "CONTRIBUTING.md").read_text()
+    section = doc.split("<!-- section: add-generation -->")[1].split(
+        "<!-- end: add-generation -->"
+    )[0]
+    assert "cp hardware/v6e.toml ~/tpu-site/v99.toml" in section
+    assert "export TPU_REGISTRY_PATH=~/tpu-site" in section
+    # Once step 5 has moved a v99 into hardware/, steps 1-4 are followed with the next id.
+    gid = "v99" if not (HARDWARE / "v99.toml").exists() else "v98"
+    site = tmp_path / "tpu-site"
+    site.mkdir()
+    shutil.copy(HARDWARE / "v6e.toml", site / f"{gid}.toml")
+    (site / f"{gid}.toml").write_text(v99_from_v6e((site / f"{gid}.toml").read_text(), gid))
     assert "tpu-registry validate ~/tpu-site" in section
     r = run_cli("validate", str(site))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("0 problems")
     env = {"TPU_REGISTRY_PATH": str(site)}
     rows = json.loads(run_cli("list", "--json", env=env).stdout)
-    assert "v99" in [x["id"] for x in rows]
-    shown = json.loads(run_cli("show", "v99", "--json", env=env).stdout)
-    assert shown["name"] == "TPU v99" and shown["path"] == str(site / "v99.toml")
-    assert json.loads(run_cli("show", "TPU v99", "--json", env=env).stdout)["id"] == "v99"
+    assert gid in [x["id"] for x in rows]
+    shown = json.loads(run_cli("show", gid, "--json", env=env).stdout)
+    assert shown["name"] == f"TPU {gid}" and shown["path"] == str(site / f"{gid}.toml")
+    assert json.loads(run_cli("show", f"TPU {gid}", "--json", env=env).stdout)["id"] == gid
     # Its slices, with no code change: the [slices] table copied from v6e, machine types renamed.
     assert "tpu-registry slice v99-16" in section and "--list --generation v99" in section
-    shown = json.loads(run_cli("slice", "v99-16", "--json", env=env).stdout)
+    shown = json.loads(run_cli("slice", f"{gid}-16", "--json", env=env).stdout)
     assert (shown["generation"], shown["topology"], shown["vms"], shown["machine_type"]) == (
-        "v99",
+        gid,
         "4x4",
         4,
         "ct99-standard-4t",
     )
-    listed = run_cli("slice", "--list", "--generation", "v99", env=env).stdout.splitlines()
-    assert len(listed) == 2 + 9 and listed[-1].split()[:2] == ["v99-256", "16x16"]
+    listed = run_cli("slice", "--list", "--generation", gid, env=env).stdout.splitlines()
+    assert len(listed) == 2 + 9 and listed[-1].split()[:2] == [f"{gid}-256", "16x16"]
     quoted = re.search(r"```toml\n(.*?)\n *```", section, re.S).group(1)
     quoted = "\n".join(line[5:] for line in quoted.splitlines())  # the list item's indent
     assert quoted.startswith("shapes = [") and quoted in (HARDWARE / "v6e.toml").read_text()

@@ -229,18 +229,23 @@ def test_walkthrough_snippets_match_the_plugin():
     for line in tree[1:]:
         name = line.split("#")[0].strip()
         assert (PLUGIN / name).exists(), name
-    # Step 2: every line of the pyproject excerpt is in the real pyproject.toml.
+    # Step 2: the pyproject of one's own project is the example's with its own names: each
+    # line, names swapped, is in the real pyproject.toml (tests/test_walkthroughs.py builds
+    # and installs it).
     real = {line.strip() for line in (PLUGIN / "pyproject.toml").read_text().splitlines()}
     [toml] = blocks("toml")
-    assert "[project.entry-points.tpu_registry]" in toml and 'gce = "tpu_registry_gce"' in toml
+    assert "[project.entry-points.tpu_registry]" in toml and 'my_detector = "my_detector"' in toml
+    assert 'gce = "tpu_registry_gce"' in text
     for line in filter(str.strip, toml):
+        line = line.replace('my_detector = "my_detector"', 'gce = "tpu_registry_gce"')
+        line = line.replace("my-detector", "tpu-registry-gce").replace("my_detector", "tpu_registry_gce")
         assert line.strip() in real, line
     # Step 3: every line of the hook excerpt (but the elisions) is in the real module.
     source = {
         line.strip()
         for line in (PLUGIN / "tpu_registry_gce" / "__init__.py").read_text().splitlines()
     }
-    [py] = blocks("python")
+    [py] = [b for b in blocks("python") if any("fetch(" in line for line in b)]
     assert "@tpu_registry.hookimpl" in py
     for line in filter(str.strip, py):
         if line.strip() != "...":

@@ -9,7 +9,7 @@ import sys
 import types
 
 import pytest
-from conftest import HARDWARE, REPO, make_sysfs, run_cli
+from conftest import HARDWARE, REPO, disable_plugins, make_sysfs, run_cli
 
 import tpu_registry
 from tpu_registry.catalog import load_catalog
@@ -490,9 +490,9 @@ def test_builtin_plugins_are_ordinary_registered_modules():
 
 def test_disable_plugins_by_name(monkeypatch, tmp_path):
     root = make_sysfs(tmp_path, [(GOOGLE, 0x006F, None)])
-    monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", "sysfs")
+    monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", disable_plugins("sysfs"))
     assert detect(env={}, sysfs_root=root).generation is None
-    monkeypatch.delenv("TPU_REGISTRY_DISABLE_PLUGINS")
+    monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", disable_plugins())
     assert detect(env={}, sysfs_root=root).generation == "v6e"
 
 

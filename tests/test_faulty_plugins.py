@@ -16,7 +16,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import cli_path
+from conftest import cli_path, disable_plugins
 
 import tpu_registry
 from tpu_registry import Layer, Workload, plugins
@@ -514,12 +514,12 @@ def test_entry_point_with_a_misspelled_hook_is_named_and_can_be_disabled(tmp_pat
     try:
         with pytest.raises(RegistryError, match="unknown hook 'tpu_registry_detekt'"):
             get_plugin_manager()
-        monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", "typo")
+        monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", disable_plugins("typo"))
         assert "typo" not in {p.name for p in get_plugins().describe()}
     finally:
         plugins.reset()
     env = {**os.environ, "PYTHONPATH": str(site)}
-    env.pop("TPU_REGISTRY_DISABLE_PLUGINS", None)
+    env["TPU_REGISTRY_DISABLE_PLUGINS"] = disable_plugins()
     r = subprocess.run(
         [cli_path(), "plugins"], capture_output=True, text=True, env=env, timeout=120
     )
