@@ -238,7 +238,9 @@ def test_walkthrough_snippets_match_the_plugin():
     assert 'gce = "tpu_registry_gce"' in text
     for line in filter(str.strip, toml):
         line = line.replace('my_detector = "my_detector"', 'gce = "tpu_registry_gce"')
-        line = line.replace("my-detector", "tpu-registry-gce").replace("my_detector", "tpu_registry_gce")
+        line = line.replace("my-detector", "tpu-registry-gce").replace(
+            "my_detector", "tpu_registry_gce"
+        )
         assert line.strip() in real, line
     # Step 3: every line of the hook excerpt (but the elisions) is in the real module.
     source = {

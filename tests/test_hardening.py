@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -29,7 +30,9 @@ from tpu_registry.workload import MAX_HF_CONFIG_BYTES
 BAD = Path(__file__).resolve().parent / "data" / "bad"
 SHAPE = ("--heads", "32", "--kv-heads", "8", "--head-dim", "128")
 W = Workload(num_q_heads=32, num_kv_heads=8, head_dim=128)
-FIFO_MSG = "is a FIFO (named pipe), not a regular file (name a regular file; data is never streamed)"
+FIFO_MSG = (
+    "is a FIFO (named pipe), not a regular file (name a regular file; data is never streamed)"
+)
 CHR_MSG = "is a character device, not a regular file (name a regular file; data is never streamed)"
 
 
@@ -112,8 +115,9 @@ def test_an_overrides_file_that_cannot_be_read_is_an_error_never_skipped(
     """Reading raises (memory, I/O): the resolve fails naming the file; it never goes on with
     baseline knobs and a "policy fault" line."""
     path = tmp_path / "overrides.toml"
-    path.write_text('schema_version = 1\n[[override]]\ngeneration = "v6e"\n'
-                    "[override.knobs]\npage_size = 64\n")
+    path.write_text(
+        'schema_version = 1\n[[override]]\ngeneration = "v6e"\n[override.knobs]\npage_size = 64\n'
+    )
 
     def broken(_path):
         raise error
@@ -141,10 +145,14 @@ def test_a_folder_given_as_overrides_is_refused(tmp_path):
 
 
 def test_the_issue_alias_hijack_is_refused_naming_both_files(tmp_path):
-    text = (BAD / "_base.toml").read_text().replace(
-        'name = "Corpus test chip"',
-        'name = "Corpus test chip"\n'
-        'aliases = ["TPU v5 lite", "tpu-v6e-slice", "1ae0:006f", "v5p-8"]',
+    text = (
+        (BAD / "_base.toml")
+        .read_text()
+        .replace(
+            'name = "Corpus test chip"',
+            'name = "Corpus test chip"\n'
+            'aliases = ["TPU v5 lite", "tpu-v6e-slice", "1ae0:006f", "v5p-8"]',
+        )
     )
     (tmp_path / "x.toml").write_text(text)
     with pytest.raises(CatalogError) as info:
@@ -177,7 +185,11 @@ def test_replaces_chain_gives_the_same_problems_in_any_file_order(tmp_path):
 
 
 def test_a_replacement_keeping_its_id_is_accepted(tmp_path):
-    text = (HARDWARE / "v6e.toml").read_text().replace('\nid = "v6e"\n', '\nid = "v6e"\nreplaces = "v6e"\n')
+    text = (
+        (HARDWARE / "v6e.toml")
+        .read_text()
+        .replace('\nid = "v6e"\n', '\nid = "v6e"\nreplaces = "v6e"\n')
+    )
     (tmp_path / "mine.toml").write_text(text)
     assert load_catalog([tmp_path]).entries["v6e"].path == tmp_path / "mine.toml"
 
@@ -205,9 +217,27 @@ def _detect(**env) -> object:
             None,
             "suffix '999999999999' is not a count (ASCII digits, at most 9)",
         ),
-        ("v6e-999999999", None, None, None, "999999999 chips is more than a whole v6e pod (256 chips)"),
-        ("v5p-7", None, None, None, "7 cores is not a whole number of v5p chips (2 cores per chip)"),
-        ("v6e-\u0668", None, None, None, "suffix '\u0668' is not a count (ASCII digits, at most 9)"),
+        (
+            "v6e-999999999",
+            None,
+            None,
+            None,
+            "999999999 chips is more than a whole v6e pod (256 chips)",
+        ),
+        (
+            "v5p-7",
+            None,
+            None,
+            None,
+            "7 cores is not a whole number of v5p chips (2 cores per chip)",
+        ),
+        (
+            "v6e-\u0668",
+            None,
+            None,
+            None,
+            "suffix '\u0668' is not a count (ASCII digits, at most 9)",
+        ),
         ("v6e-4", "2,2,4", 4, 4, "16 chips per host is more than a v6e host has (8)"),
         ("v6e-4", "2,2,2", 4, 4, "8 chips per host, more than the 4-chip slice"),
         ("v6e-8", "2,2,2", 8, 8, None),
@@ -291,12 +321,19 @@ def test_simulate_wins_over_an_exported_generation_and_says_so():
 
 def test_explicit_shape_flags_win_over_hf_config_and_explain_says_so(tmp_path):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({
-        "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096,
-        "max_position_embeddings": 131072,
-    }))
-    r = _cli("resolve", "--simulate", "v6e", "--hf-config", str(config), "--kv-heads", "4",
-             "--explain")
+    config.write_text(
+        json.dumps(
+            {
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "hidden_size": 4096,
+                "max_position_embeddings": 131072,
+            }
+        )
+    )
+    r = _cli(
+        "resolve", "--simulate", "v6e", "--hf-config", str(config), "--kv-heads", "4", "--explain"
+    )
     assert r.returncode == 0
     assert "workload: 32 q heads, 4 kv heads, head dim 128" in r.stdout
     assert f"  workload note: num_kv_heads 4 given explicitly, over 8 from {config}" in r.stdout
@@ -387,3 +424,41 @@ def test_builtin_catalog_is_within_the_sane_ranges():
     """The ranges refuse slips, not the real chips: every shipped file validates."""
     assert len(load_catalog([], plugins=False)) == len(list(builtin_hardware_dir().glob("*.toml")))
     assert MAX_FILE_BYTES < MAX_HF_CONFIG_BYTES
+
+
+# ---------------------------------------------------------------------------------------------
+# SECURITY.md: every promise names a test that exists
+# ---------------------------------------------------------------------------------------------
+
+_NODE = re.compile(r"`((?:tests|plugins)/[\w./-]+\.py)::(\w+)`")
+
+
+def _promises(text: str) -> list[str]:
+    """Each list item, and each paragraph with a bold claim, of the sections before
+    'Reporting a vulnerability' (the table of sources is a list of who sets what, not a
+    promise)."""
+    body = text.split("## Reporting a vulnerability")[0]
+    out = []
+    for para in re.split(r"\n\s*\n", body):
+        if para.lstrip().startswith(("#", "|")):
+            continue
+        items = re.split(r"\n(?=- )", para)
+        if items[0].lstrip().startswith("- "):
+            out += items
+        elif "**" in para:
+            out.append(para)
+    return out
+
+
+def test_security_promises_name_existing_tests():
+    text = (HARDWARE.parent / "SECURITY.md").read_text()
+    promises = _promises(text)
+    assert len(promises) >= 18
+    unnamed = [p[:80] for p in promises if not _NODE.search(p)]
+    assert unnamed == []
+    missing = []
+    for path, name in _NODE.findall(text):
+        source = (HARDWARE.parent / path).read_text()
+        if not re.search(rf"^def {name}\(", source, re.M):
+            missing.append(f"{path}::{name}")
+    assert missing == [] and len(_NODE.findall(text)) >= 30

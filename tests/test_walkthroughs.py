@@ -50,8 +50,20 @@ def fenced(text: str, lang: str) -> list[str]:
 def pip_install(project: Path, target: Path) -> None:
     """`pip install .` in ``project``, into ``target`` (offline: no index, no isolation)."""
     r = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "--no-deps", "--no-index", "--no-build-isolation", "--target", str(target), "."],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            ".",
+        ],
         capture_output=True,
         text=True,
         cwd=project,
@@ -83,13 +95,20 @@ def test_detector_walkthrough_from_a_fresh_project(tmp_path):
     assert r.returncode == 0, r.stderr
     row = next(p for p in json.loads(r.stdout)["plugins"] if p["name"] == "my_detector")
     assert (row["kind"], row["distribution"], row["hooks"]) == (
-        "entry point", "my-detector", ["tpu_registry_detect"]
+        "entry point",
+        "my-detector",
+        ["tpu_registry_detect"],
     )
     # "MY_SITE_TPU=v5p-8 tpu-registry detect then names v5p from detector my_detector"
     assert "`MY_SITE_TPU=v5p-8 tpu-registry detect`" in text
     r = run_cli("detect", "--json", env={**visible(target), "MY_SITE_TPU": "v5p-8"})
     d = json.loads(r.stdout)
-    assert (r.returncode, d["generation"], d["status"], d["slice_chips"]) == (0, "v5p", "detected", 4)
+    assert (r.returncode, d["generation"], d["status"], d["slice_chips"]) == (
+        0,
+        "v5p",
+        "detected",
+        4,
+    )
     assert [(e["detector"], e["value"]) for e in d["evidence"]] == [("my_detector", "v5p-8")]
 
 
@@ -106,7 +125,8 @@ def test_tuning_policy_walkthrough_from_a_fresh_project(tmp_path):
     env = visible(target)
 
     row = next(
-        p for p in json.loads(run_cli("plugins", "--json", env=env).stdout)["plugins"]
+        p
+        for p in json.loads(run_cli("plugins", "--json", env=env).stdout)["plugins"]
         if p["name"] == "my_policy"
     )
     assert (row["kind"], row["distribution"]) == ("entry point", "my-policy")
@@ -128,9 +148,13 @@ def test_add_a_generation_step_5_in_a_copy_of_the_checkout(tmp_path):
     rebuild the shared integration environments, so the catalog tests step 5 names run."""
     text = section("add-generation")
     assert "run `make test`" in text and "`tests/test_catalog.py`" in text
-    files = subprocess.run(
-        ["git", "ls-files", "-z"], capture_output=True, cwd=REPO, check=True, timeout=60
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z"], capture_output=True, cwd=REPO, check=True, timeout=60
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     copy = tmp_path / "checkout"
     for name in filter(None, files):
         src = REPO / name
@@ -140,8 +164,16 @@ def test_add_a_generation_step_5_in_a_copy_of_the_checkout(tmp_path):
     (copy / "hardware" / "v99.toml").write_text(v99_from_v6e((HARDWARE / "v6e.toml").read_text()))
     env = {**os.environ, "PYTHONPATH": str(copy), "TPU_REGISTRY_CACHE_DIR": "off"}
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_catalog.py",
-         "tests/test_packaging.py::test_source_checkout_without_install"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_catalog.py",
+            "tests/test_packaging.py::test_source_checkout_without_install",
+        ],
         capture_output=True,
         text=True,
         cwd=copy,
@@ -151,7 +183,11 @@ def test_add_a_generation_step_5_in_a_copy_of_the_checkout(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     probe = subprocess.run(
         [sys.executable, "-c", "import tpu_registry; print(tpu_registry.load_catalog().ids())"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
     )
     assert "'v99'" in probe.stdout, probe.stderr
 
@@ -189,8 +225,21 @@ def test_plugin_tests_pass_with_a_users_policy_plugin_visible(tmp_path):
     env = {"PYTHONPATH": str(site), "TPU_REGISTRY_DISABLE_PLUGINS": ""}
     listed = json.loads(run_cli("plugins", "--json", env=env).stdout)["plugins"]
     assert ("site_policy", "site-policy-x") in {(p["name"], p["distribution"]) for p in listed}
-    r = run_cli("resolve", "--simulate", "v6e", "--heads", "32", "--kv-heads", "8",
-                "--head-dim", "128", "--max-model-len", "8192", "--json", env=env)
+    r = run_cli(
+        "resolve",
+        "--simulate",
+        "v6e",
+        "--heads",
+        "32",
+        "--kv-heads",
+        "8",
+        "--head-dim",
+        "128",
+        "--max-model-len",
+        "8192",
+        "--json",
+        env=env,
+    )
     assert json.loads(r.stdout)["knobs"]["page_size"]["layer"] == "site-policy"
 
     full = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}

@@ -482,7 +482,9 @@ def _disguised(catalog: Catalog, value: str, gid: str) -> tuple[str, str] | None
     count (``v5p-8``) or PCI id (``1ae0:006f``); plain equal strings are checked as claims."""
     hits, prefix, n = catalog.accelerator_prefix(value)
     if n is not None and hits - {gid}:
-        return sorted(hits - {gid})[0], f"reads as an accelerator type (prefix {prefix!r} and a count)"
+        return sorted(hits - {gid})[
+            0
+        ], f"reads as an accelerator type (prefix {prefix!r} and a count)"
     t = value.strip().lower()
     if t.startswith("0x") or ":" in t:
         try:

@@ -19,7 +19,7 @@ from typing import Any
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_NO_TPU = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-JSON_HELP = "machine-readable output; errors too, as {\"error\": ...} on stdout (see README)"
+JSON_HELP = 'machine-readable output; errors too, as {"error": ...} on stdout (see README)'
 
 
 def safe(text: Any) -> str:
@@ -447,9 +447,8 @@ def vllm_flags(cfg) -> list[str]:
 
 def cmd_resolve(args: argparse.Namespace) -> int:
     from .attention import plan
-    from .resolution import resolve
-
     from .errors import UsageError
+    from .resolution import resolve
 
     fmt = args.format
     if args.json and fmt not in ("text", "json"):

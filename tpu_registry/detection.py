@@ -332,7 +332,9 @@ def _counts(
             suffix = e.value.rpartition("-")[2]
             why = f"suffix {suffix[:20]!r}{'...' if len(suffix) > 20 else ''} is not a count"
             why += " (ASCII digits, at most 9)"
-        elif e.scope == "host" and per_host and (chips := to_chips(catalog, gid, e) or 0) > per_host:
+        elif (
+            e.scope == "host" and per_host and (chips := to_chips(catalog, gid, e) or 0) > per_host
+        ):
             why = f"{chips} chips per host is more than a {gid} host has ({per_host})"
         if why:
             notes.append(f"{e.source} says {e.value!r}: {why}; its count is not used")
