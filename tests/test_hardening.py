@@ -256,6 +256,17 @@ def test_impossible_counts_are_flagged_and_not_used(accel, bounds, host, slice_,
         assert any(flag in c for c in d.conflicts), d.conflicts
 
 
+@pytest.mark.parametrize("bounds", ["9" * 5000, "2,x,1", "0,2,2"])
+def test_a_host_shape_that_is_not_one_is_flagged(bounds):
+    d = _detect(TPU_CHIPS_PER_HOST_BOUNDS=bounds, TPU_REGISTRY_GENERATION="v6e")
+    assert (d.generation, d.chips_per_host) == ("v6e", None)
+    shown = repr(bounds)
+    assert d.conflicts == (
+        f"env TPU_CHIPS_PER_HOST_BOUNDS says {shown}: not a shape of positive whole numbers "
+        "(such as 2,2,1 or 2x4); its count is not used",
+    )
+
+
 def test_a_huge_suffix_beside_an_explicit_generation_keeps_the_explicit_one():
     d = _detect(TPU_ACCELERATOR_TYPE="v6e-" + "9" * 4300, TPU_REGISTRY_GENERATION="v5e")
     assert (d.generation, d.status) == ("v5e", "explicit")
@@ -462,3 +473,12 @@ def test_security_promises_name_existing_tests():
         if not re.search(rf"^def {name}\(", source, re.M):
             missing.append(f"{path}::{name}")
     assert missing == [] and len(_NODE.findall(text)) >= 30
+
+
+def test_overrides_doc_lists_every_match_field_and_the_reading_rules():
+    doc = (HARDWARE.parent / "docs" / "overrides.md").read_text()
+    listed = re.search(r"\*\*`match`\*\* keys are workload fields \((.*?)\);", doc, re.S).group(1)
+    assert re.findall(r"`(\w+)`", listed) == list(overrides_mod.WORKLOAD_FIELDS)
+    flat = " ".join(doc.split())
+    assert "a regular file only" in flat and "never skipped" in flat
+    assert f"at most {MAX_FILE_BYTES // (1024 * 1024)} MiB" in flat

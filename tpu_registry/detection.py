@@ -332,6 +332,8 @@ def _counts(
             suffix = e.value.rpartition("-")[2]
             why = f"suffix {suffix[:20]!r}{'...' if len(suffix) > 20 else ''} is not a count"
             why += " (ASCII digits, at most 9)"
+        elif e.kind == "topology" and e.count is None:
+            why = "not a shape of positive whole numbers (such as 2,2,1 or 2x4)"
         elif (
             e.scope == "host" and per_host and (chips := to_chips(catalog, gid, e) or 0) > per_host
         ):

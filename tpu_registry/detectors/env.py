@@ -12,12 +12,10 @@ EXPLICIT = "TPU_REGISTRY_GENERATION"
 
 
 def _product(text: str) -> int | None:
-    """``2,2,1`` or ``2x4`` -> 4 / 8; None when it is not a list of positive integers."""
-    try:
-        nums = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
-    except ValueError:
-        return None
-    if not nums or any(n <= 0 for n in nums):
+    """``2,2,1`` or ``2x4`` -> 4 / 8; None unless every part is a positive whole number in
+    ASCII digits (``2,x,1`` is no shape, not 2)."""
+    nums = [units.count(p) for p in text.replace("x", ",").split(",")]
+    if not nums or None in nums:
         return None
     return math.prod(nums)
 
