@@ -482,3 +482,14 @@ def test_overrides_doc_lists_every_match_field_and_the_reading_rules():
     flat = " ".join(doc.split())
     assert "a regular file only" in flat and "never skipped" in flat
     assert f"at most {MAX_FILE_BYTES // (1024 * 1024)} MiB" in flat
+
+
+def test_a_long_typed_name_is_quoted_short_in_errors():
+    huge = "v6e-" + "5" * 5000
+    r = _cli("detect", "--simulate", huge)
+    shown = f"{huge[:60]}...(5004 characters)"
+    assert (r.returncode, r.stderr) == (
+        2,
+        f"error: --simulate: explicit generation {shown!r} names no generation (use an id from "
+        "`tpu-registry list`)\n",
+    )

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import CatalogError, Problem
+from .errors import CatalogError, Problem, shorten
 from .modelerrors import validate
 from .spec import Generation
 from .tomlfile import locate, read_toml
@@ -143,8 +143,9 @@ class Catalog:
         if len(hits) == 1:
             return self[next(iter(hits))]
         if not hits:
-            shown = text if len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
-            raise CatalogError(f"no generation is named {shown!r} (try `tpu-registry list`)")
+            raise CatalogError(
+                f"no generation is named {shorten(text)!r} (try `tpu-registry list`)"
+            )
         raise CatalogError(f"{text!r} names more than one generation: {', '.join(sorted(hits))}")
 
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .catalog import Catalog
-from .errors import DetectionError, Problem
+from .errors import DetectionError, Problem, shorten
 from .slices import SliceError, describe, generations_of_machine_type, slice_of, vm_chips
 from .types import EVIDENCE_KINDS, DetectContext, Detection, Evidence, Fault, Finding
 from .unsupported import recognise
@@ -109,7 +109,7 @@ def reconcile(
                         e.source,
                         None,
                         "",
-                        f"explicit generation {e.value!r} {what}",
+                        f"explicit generation {shorten(e.value)!r} {what}",
                         "use an id from `tpu-registry list`",
                     )
                 ]

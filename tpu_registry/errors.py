@@ -31,6 +31,12 @@ class Problem:
         return asdict(self)
 
 
+def shorten(text: str, limit: int = 80) -> str:
+    """What a user typed, as an error quotes it: a 5,000-character value is cut, with its
+    length, so the message stays one readable line."""
+    return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} characters)"
+
+
 class RegistryError(Exception):
     """Base class: every error the registry raises on purpose."""
 
