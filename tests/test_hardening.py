@@ -493,3 +493,14 @@ def test_a_long_typed_name_is_quoted_short_in_errors():
         f"error: --simulate: explicit generation {shown!r} names no generation (use an id from "
         "`tpu-registry list`)\n",
     )
+
+
+def test_a_fifo_in_a_fake_sysfs_tree_is_no_evidence(tmp_path):
+    from conftest import make_sysfs
+
+    root = make_sysfs(tmp_path, [(0x1AE0, 0x006F, None)])
+    dev = next((root / "sys" / "bus" / "pci" / "devices").iterdir())
+    (dev / "device").unlink()
+    os.mkfifo(dev / "device")  # a read would block forever
+    d = detect(env={}, sysfs_root=root)
+    assert d.generation is None and d.findings == ()

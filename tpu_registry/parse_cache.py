@@ -16,7 +16,12 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from .files import FileRefused, read_capped
+
 ENV_CACHE = "TPU_REGISTRY_CACHE_DIR"
+# A cached document of a data file (at most 1 MiB of TOML) is smaller than this; a cache file
+# that is not a regular file or is larger is not used.
+MAX_CACHED_BYTES = 8 * 1024 * 1024
 
 
 def cache_dir() -> Path:
@@ -59,8 +64,8 @@ def get(raw: bytes) -> dict[str, Any] | None:
     if os.environ.get(ENV_CACHE) == "off" or not _cache_trusted(cache_dir()):
         return None
     try:
-        doc = json.loads(_cache_file(raw).read_bytes())
-    except (OSError, ValueError):
+        doc = json.loads(read_capped(_cache_file(raw), MAX_CACHED_BYTES))
+    except (FileRefused, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
 

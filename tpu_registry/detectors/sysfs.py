@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from tpu_registry.catalog import pci_key
+from tpu_registry.files import FileRefused, read_capped
 from tpu_registry.hookspecs import hookimpl
 from tpu_registry.types import DetectContext, Evidence
 
@@ -17,9 +18,11 @@ GOOGLE_VENDOR = 0x1AE0
 
 
 def _hex(path: Path) -> int | None:
+    """A sysfs attribute (``0x1ae0``): a small regular file; anything else (a FIFO in a fake
+    tree, garbage) is no evidence."""
     try:
-        return int(path.read_text().strip(), 16)
-    except (OSError, ValueError):
+        return int(read_capped(path, 4096).decode("ascii").strip(), 16)
+    except (FileRefused, UnicodeDecodeError, ValueError):
         return None
 
 
