@@ -85,7 +85,7 @@ def test_show_text_lists_sources():
 
 
 def test_show_unknown_and_ambiguous_names_exit_2():
-    r = run_cli("show", "no-such-tpu")  # not v99: step 5 of CONTRIBUTING may add that one
+    r = run_cli("show", "no-such-tpu")
     assert r.returncode == 2
     assert r.stderr.strip() == (
         "error: no generation is named 'no-such-tpu' (try `tpu-registry list`)"
@@ -133,23 +133,23 @@ def test_replacing_a_builtin_must_be_explicit(tmp_path, monkeypatch):
     assert "(replaces built-in)" in run_cli("list").stdout
 
 
-def v99_from_v6e(text: str, gid: str = "v99") -> str:
+def v9x_from_v6e(text: str, gid: str = "v9x", pci_device: int = 0x0999) -> str:
     """The edits 'Add a TPU generation' step 2 lists, made to a copy of v6e.toml: id, name,
-    aliases, generation, and every identifier (``gid`` in place of v99)."""
+    aliases, generation, and every identifier (``gid`` in place of v9x)."""
     for old, new in [
-        ('id = "v6e"', 'id = "v99"'),
-        ('name = "TPU v6e (Trillium)"', 'name = "TPU v99"'),
+        ('id = "v6e"', f'id = "{gid}"'),
+        ('name = "TPU v6e (Trillium)"', f'name = "TPU {gid}"'),
         ('aliases = ["trillium", "v6 lite", "tpu-v6e", "v6"]', "aliases = []"),
         ("generation = 6", "generation = 99"),
-        ('device_kinds = ["TPU v6 lite", "TPU v6e"]', 'device_kinds = ["TPU v99"]'),
-        ('gke_accelerators = ["tpu-v6e-slice"]', 'gke_accelerators = ["tpu-v99-slice"]'),
+        ('device_kinds = ["TPU v6 lite", "TPU v6e"]', f'device_kinds = ["TPU {gid}"]'),
+        ('gke_accelerators = ["tpu-v6e-slice"]', f'gke_accelerators = ["tpu-{gid}-slice"]'),
         ("torch_xla_versions = [6]", "torch_xla_versions = []"),
-        ('prefix = "v6e"', 'prefix = "v99"'),
-        ("device = 0x006f", "device = 0x0999"),
-        ("ct6e-standard-", "ct99-standard-"),  # "rename copied ones"
+        ('prefix = "v6e"', f'prefix = "{gid}"'),
+        ("device = 0x006f", f"device = 0x{pci_device:04x}"),
+        ("ct6e-standard-", f"ct{gid[1:]}-standard-"),  # "rename copied ones"
     ]:
         assert old in text, old
-        text = text.replace(old, new.replace("v99", gid).replace("0x0999", f"0x09{gid[1:]}"))
+        text = text.replace(old, new)
     return text
 
 
@@ -159,14 +159,14 @@ def test_contributing_add_a_generation_walkthrough(tmp_path, monkeypatch):
     section = doc.split("<!-- section: add-generation -->")[1].split(
         "<!-- end: add-generation -->"
     )[0]
-    assert "cp hardware/v6e.toml ~/tpu-site/v99.toml" in section
+    assert "cp hardware/v6e.toml ~/tpu-site/v9x.toml" in section
     assert "export TPU_REGISTRY_PATH=~/tpu-site" in section
-    # Once step 5 has moved a v99 into hardware/, steps 1-4 are followed with the next id.
-    gid = "v99" if not (HARDWARE / "v99.toml").exists() else "v98"
+    # Once step 5 has moved a v9x into hardware/, steps 1-4 are followed with another id.
+    gid, pci = ("v9x", 0x0999) if not (HARDWARE / "v9x.toml").exists() else ("v9y", 0x0998)
     site = tmp_path / "tpu-site"
     site.mkdir()
     shutil.copy(HARDWARE / "v6e.toml", site / f"{gid}.toml")
-    (site / f"{gid}.toml").write_text(v99_from_v6e((site / f"{gid}.toml").read_text(), gid))
+    (site / f"{gid}.toml").write_text(v9x_from_v6e((site / f"{gid}.toml").read_text(), gid, pci))
     assert "tpu-registry validate ~/tpu-site" in section
     r = run_cli("validate", str(site))
     assert r.returncode == 0, r.stderr
@@ -178,13 +178,13 @@ def test_contributing_add_a_generation_walkthrough(tmp_path, monkeypatch):
     assert shown["name"] == f"TPU {gid}" and shown["path"] == str(site / f"{gid}.toml")
     assert json.loads(run_cli("show", f"TPU {gid}", "--json", env=env).stdout)["id"] == gid
     # Its slices, with no code change: the [slices] table copied from v6e, machine types renamed.
-    assert "tpu-registry slice v99-16" in section and "--list --generation v99" in section
+    assert "tpu-registry slice v9x-16" in section and "--list --generation v9x" in section
     shown = json.loads(run_cli("slice", f"{gid}-16", "--json", env=env).stdout)
     assert (shown["generation"], shown["topology"], shown["vms"], shown["machine_type"]) == (
         gid,
         "4x4",
         4,
-        "ct99-standard-4t",
+        f"ct{gid[1:]}-standard-4t",
     )
     listed = run_cli("slice", "--list", "--generation", gid, env=env).stdout.splitlines()
     assert len(listed) == 2 + 9 and listed[-1].split()[:2] == [f"{gid}-256", "16x16"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import HARDWARE, REPO, run_cli
-from test_catalog import v99_from_v6e
+from test_catalog import v9x_from_v6e
 
 pytestmark = pytest.mark.slow
 
@@ -161,7 +161,20 @@ def test_add_a_generation_step_5_in_a_copy_of_the_checkout(tmp_path):
         if src.is_file():
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, copy / name)
-    (copy / "hardware" / "v99.toml").write_text(v99_from_v6e((HARDWARE / "v6e.toml").read_text()))
+    (copy / "hardware" / "v9x.toml").write_text(v9x_from_v6e((HARDWARE / "v6e.toml").read_text()))
+    # "add a row for each": the identifiers of the new file, as step 5 says.
+    assert "`IDENTIFIERS` table of `tests/test_detect.py`" in " ".join(text.split())
+    detect_tests = copy / "tests" / "test_detect.py"
+    last = '    ("torch_xla_version", "7", None, "chips", "tpu7x", None, None),\n]'
+    rows = (
+        '    ("device_kind", "TPU v9x", 8, "devices", "v9x", 8, None),\n'
+        '    ("accelerator_type", "v9x-8", 8, "suffix", "v9x", 8, 8),\n'
+        '    ("gke_accelerator", "tpu-v9x-slice", None, "chips", "v9x", None, None),\n'
+        '    ("pci", "1ae0:0999", 8, "chips", "v9x", 8, None),\n'
+    )
+    source = detect_tests.read_text()
+    assert last in source
+    detect_tests.write_text(source.replace(last, last[:-1] + rows + "]"))
     env = {**os.environ, "PYTHONPATH": str(copy), "TPU_REGISTRY_CACHE_DIR": "off"}
     r = subprocess.run(
         [
@@ -172,6 +185,7 @@ def test_add_a_generation_step_5_in_a_copy_of_the_checkout(tmp_path):
             "-p",
             "no:cacheprovider",
             "tests/test_catalog.py",
+            "tests/test_detect.py",
             "tests/test_packaging.py::test_source_checkout_without_install",
         ],
         capture_output=True,
@@ -189,7 +203,7 @@ def test_add_a_generation_step_5_in_a_copy_of_the_checkout(tmp_path):
         env=env,
         timeout=120,
     )
-    assert "'v99'" in probe.stdout, probe.stderr
+    assert "'v9x'" in probe.stdout, probe.stderr
 
 
 POLICY = '''import tpu_registry
