@@ -327,7 +327,7 @@ def cmd_slice(args: argparse.Namespace) -> int:
     if args.json:
         _dump(sl.to_dict())
     else:
-        print(slice_text(sl))
+        print(safe_lines(slice_text(sl)))
     return EXIT_OK
 
 
