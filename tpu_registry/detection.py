@@ -371,8 +371,9 @@ def _shape(
     refused: set[Evidence] | frozenset = frozenset(),
 ):
     """The slice the evidence describes, chips on this VM, and every disagreement about the
-    shape (evidence whose count ``_counts`` refused is left out). The accelerator type names the slice; a slice topology refines its shape (same chip
-    count); the machine type picks the VM size; host-scope bounds count this VM's chips."""
+    shape (evidence whose count ``_counts`` refused is left out). The accelerator type names
+    the slice; a slice topology refines its shape (same chip count); the machine type picks
+    the VM size; host-scope bounds count this VM's chips."""
     if gid is None or catalog[gid].slices is None:
         return None, host, []
     spec = catalog[gid]
