@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, run_cli
 
 import tpu_registry
-from tpu_registry import Layer, Workload, kernels, resolve
+from tpu_registry import Layer, Workload, kernels, plan, resolve
 from tpu_registry.catalog import load_catalog
 from tpu_registry.errors import CatalogError, RegistryError, TuningError
 from tpu_registry.plugins import get_plugin_manager
@@ -21,6 +21,8 @@ from tpu_registry.resolution import clear_cache
 
 V6E = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)
 SHAPE = ["--heads", "32", "--kv-heads", "8", "--head-dim", "128"]
+# V6E's changes for a DeepSeek-V2-shaped MLA workload
+MLA = dict(num_kv_heads=1, head_dim=576, kv_lora_rank=512, qk_rope_head_dim=64)
 
 
 def overrides(tmp_path: Path, knobs: str, generation: str = "v6e", match: str = "") -> Path:
@@ -242,18 +244,66 @@ def test_the_baseline_is_essential(monkeypatch):
             assert "essential" in error["problems"][0]["message"]
 
 
-def test_mla_models_are_recognised_and_refused(tmp_path):
-    config = json.loads((REPO / "tests" / "data" / "hf" / "deepseek-v2-lite.json").read_text())
+def test_mla_models_get_the_mla_kernel_and_its_cache(tmp_path):
+    """DeepSeek-V2-Lite's config.json: one latent of 512 + 64 per token, the MLA kernel's
+    knobs (no RPA knob), the MLA backend's page of 1024 and a cache row of 640 lanes."""
+    path = REPO / "tests" / "data" / "hf" / "deepseek-v2-lite.json"
+    config = json.loads(path.read_text())
     assert config["kv_lora_rank"] == 512 and config["qk_rope_head_dim"] == 64
-    r = run_cli(
-        "resolve",
-        "--simulate",
-        "v6e",
-        "--hf-config",
-        str(REPO / "tests" / "data" / "hf" / "deepseek-v2-lite.json"),
+    r = run_cli("resolve", "--simulate", "v6e", "--hf-config", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    w = out["workload"]
+    assert (w["num_q_heads"], w["num_kv_heads"], w["head_dim"]) == (
+        config["num_attention_heads"],
+        1,
+        576,
     )
-    assert r.returncode == 2 and r.stdout == ""
-    assert "multi-head latent attention (MLA" in r.stderr and "kv_lora_rank" in r.stderr
+    knobs = out["knobs"]
+    assert knobs["page_size"]["value"] == 1024
+    assert not [k for k in knobs if k.startswith("rpa_")]
+    assert knobs["mla_v2.decode_batch_size"]["value"] == 4  # get_tuned_params' fallback
+    assert knobs["mla_v2.mixed_queries_per_block"]["value"] == 16
+    assert knobs["mla_v2.vmem_limit_bytes"]["value"] == 128 * 2**20  # the core's VMEM
+    cfg = resolve(Workload.from_hf_config(path), simulate="v6e")
+    p = plan(cfg)
+    assert p.layouts == ("tpu_inference",)
+    assert p.kv_cache_shape("tpu_inference", 10) == (10, 1024 // 32, 32, 640)
+    assert p.kv_bytes_per_token("tpu_inference") == 640 * 2
+    assert p.kernel_kwargs("mla_v2")["num_kv_pages_per_block"] == (3, 1, 1)
+    with pytest.raises(ValueError, match="MLA has no vllm_pallas KV cache"):
+        p.kv_cache_shape("vllm_pallas", 10)
+
+
+def test_mla_and_sinks_workloads_are_checked():
+    mla = dict(num_q_heads=16, num_kv_heads=1, kv_lora_rank=512, qk_rope_head_dim=64)
+    assert Workload(head_dim=576, **mla).is_mla
+    with pytest.raises(TuningError, match="kv_lora_rank \\+ qk_rope_head_dim = 576"):
+        Workload(head_dim=512, **mla)
+    with pytest.raises(TuningError, match="needs both kv_lora_rank and qk_rope_head_dim"):
+        Workload(16, 1, 576, kv_lora_rank=512)
+    with pytest.raises(TuningError, match="use num_kv_heads 1"):
+        Workload(16, 16, 576, kv_lora_rank=512, qk_rope_head_dim=64)
+    with pytest.raises(TuningError, match="attention sinks need head_dim 64"):
+        Workload(8, 2, 128, attention_sinks=True)
+    # tensor parallelism does not split MLA heads (tpu-inference runs MLA data-parallel)
+    w = Workload(head_dim=576, tensor_parallel=8, **mla)
+    assert (w.q_heads_per_device, w.kv_heads_per_device) == (16, 1)
+
+
+def test_head_dim_64_and_sinks_select_the_hd64_kernel():
+    from tpu_registry.kernels import families_for
+
+    spec = load_catalog()["v6e"]
+    assert families_for(spec, Workload(32, 8, 128)) == ("rpa_v2", "rpa_v3")
+    assert families_for(spec, Workload(32, 8, 64)) == ("rpa_v2", "rpa_v3_hd64")
+    assert families_for(spec, Workload(64, 8, 64, attention_sinks=True)) == ("rpa_v3_hd64",)
+    mla = Workload(16, 1, 576, kv_lora_rank=512, qk_rope_head_dim=64)
+    assert families_for(spec, mla) == ("mla_v2",)
+    assert families_for(load_catalog()["v4"], mla) == ()
+    gpt_oss = REPO / "tests" / "data" / "hf" / "gpt-oss-20b.json"
+    w = Workload.from_hf_config(gpt_oss)
+    assert (w.head_dim, w.attention_sinks, w.sliding_window) == (64, True, 128)
 
 
 def test_a_resolved_config_is_read_only():
@@ -410,7 +460,69 @@ RULE_CASES = {
         {"page_size": 16, "rpa_v3.d_block_sizes": (1, 16, 1, 16)},
         "page_size",
     ),
+    "rpa_v3_hd64_float_kv": (
+        "v6e",
+        {"head_dim": 64, "kv_dtype": "int8"},
+        {"page_size": 128, "rpa_v3_hd64.num_kv_pages_per_block": 8},
+        "rpa_v3_hd64.num_kv_pages_per_block",
+    ),
+    "rpa_v3_hd64_blocks_in_range": (
+        "v6e",
+        {"head_dim": 64},
+        {"page_size": 128, "rpa_v3_hd64.num_kv_pages_per_block": 17},
+        "rpa_v3_hd64.num_kv_pages_per_block",
+    ),
+    "rpa_v3_hd64_vmem_estimate": (
+        "v6e",
+        {"head_dim": 64},
+        {
+            "page_size": 128,
+            "rpa_v3_hd64.num_kv_pages_per_block": 16,
+            "rpa_v3_hd64.num_queries_per_block": 32,
+            "rpa_v3_hd64.vmem_limit_bytes": 2**20,
+        },
+        "rpa_v3_hd64.num_kv_pages_per_block",
+    ),
+    "rpa_v3_hd64_smem_estimate": (
+        "v6e",
+        {"head_dim": 64, "max_model_len": 16, "max_num_seqs": 100000},
+        {"page_size": 16, "rpa_v3_hd64.num_kv_pages_per_block": 1},
+        "page_size",
+    ),
+    "mla_v2_float_kv": (
+        "v6e",
+        {**MLA, "kv_dtype": "int8"},
+        {"page_size": 1024, "mla_v2.decode_batch_size": 4},
+        "mla_v2.decode_batch_size",
+    ),
+    "mla_v2_kv_packing": (
+        ("v6e", 2),  # a catalog whose MLA kv_packing (2) does not hold whole fp8 words (4)
+        {**MLA, "kv_dtype": "float8_e4m3fn"},
+        {"page_size": 1024, "mla_v2.decode_batch_size": 4},
+        "mla_v2.decode_batch_size",
+    ),
+    "mla_v2_page_packing": (
+        "v6e",
+        MLA,
+        {"page_size": 16, "mla_v2.decode_batch_size": 4},
+        "page_size",
+    ),
+    "mla_v2_q_split_divides": (
+        "v6e",
+        MLA,
+        {"page_size": 1024, "mla_v2.mixed_queries_per_block": 16, "mla_v2.mixed_q_split": 3},
+        "mla_v2.mixed_queries_per_block",
+    ),
 }
+
+
+def _spec(gid):
+    """A catalog generation, or one with its MLA kv_packing replaced: ``(id, kv_packing)``."""
+    if isinstance(gid, str):
+        return load_catalog()[gid]
+    spec = load_catalog()[gid[0]]
+    mla = spec.kernels.mla_v2.model_copy(update={"kv_packing": gid[1]})
+    return spec.model_copy(update={"kernels": spec.kernels.model_copy(update={"mla_v2": mla})})
 
 
 def test_every_rule_has_a_case_and_a_documented_source():
@@ -424,7 +536,7 @@ def test_every_rule_has_a_case_and_a_documented_source():
 @pytest.mark.parametrize("rule", sorted(RULE_CASES))
 def test_each_rule_refuses_exactly_its_case(rule):
     gid, changes, knobs, knob = RULE_CASES[rule]
-    spec = load_catalog()[gid]
+    spec = _spec(gid)
     w = replace(Workload(**V6E), **changes)
     found = kernels.check(spec, w, knobs)
     assert [(v.rule, v.knob) for v in found] == [(rule, knob)], found

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import random
 import re
+from collections import Counter
 from itertools import product
 
 import pytest
@@ -164,6 +165,28 @@ def up_vmem(kv_dtype, q_heads, kv_heads, head_dim, bq_sz, bkv_sz, q_dtype="bfloa
     return cdiv(bits, 8)
 
 
+# tpu-inference 0.32 kernel_hd64.py: get_tuned_block_sizes' per-version fallback and clamp,
+# DEFAULT_VMEM_LIMIT_BYTES, and get_vmem_estimate_bytes.
+UP_HD64_FALLBACK_KV = {4: 512, 7: 4096}  # `case _`: 2048
+
+
+def up_hd64(version, page, pages_per_seq, tokens):
+    bkv_p = UP_HD64_FALLBACK_KV.get(version, 2048) // page
+    return min(pages_per_seq, bkv_p), min(tokens, 32)
+
+
+def up_hd64_vmem(kv_dtype, q_heads, kv_heads, bq_sz, bkv_sz, q_dtype):
+    q_pack, kv_pack = up_packing(q_dtype), up_packing(kv_dtype)
+    q_per_kv = align_to(q_heads // kv_heads, q_pack)
+    bits = (
+        (2 * bkv_sz * align_to(kv_heads, kv_pack) * 128) * (32 // kv_pack)
+        + 2 * (2 * kv_heads * bq_sz * q_per_kv * 128) * (32 // q_pack)
+        + 2 * (kv_heads * bq_sz * q_per_kv * 128) * 32
+        + (kv_heads * bq_sz * q_per_kv * 128) * 32
+    )
+    return cdiv(bits, 8)
+
+
 def up_rpa_v2(
     version, q_dtype, kv_dtype, q_heads_blk, kv_heads_blk, head_dim, page, max_tokens, pages_per_seq
 ):
@@ -274,7 +297,9 @@ def test_baseline_equals_upstream_formulas(cat, gid):
         q, kv = up_heads_per_device(q_all, kv_all, tp)
         page = user_page or max(up_page_size(L), up_min_page_size(L, seqs))
         pages = cdiv(L, page)
-        v3 = "rpa_v3" in spec.kernels.families and kv_dtype != "int8"
+        # tpu-inference runs head dim 64 through kernel_hd64, every other through kernel.py
+        v3 = "rpa_v3" in spec.kernels.families and kv_dtype != "int8" and hd != 64
+        hd64 = "rpa_v3_hd64" in spec.kernels.families and kv_dtype != "int8" and hd == 64
         if v3 and up_vmem(kv_dtype, q, kv, hd, 1, page, q_dtype) > limit:
             # Not even one query and one page fit upstream's VMEM estimate: refused.
             with pytest.raises(TuningError, match="rpa_v3_vmem_estimate"):
@@ -286,10 +311,27 @@ def test_baseline_equals_upstream_formulas(cat, gid):
         assert k["min_page_size"] == up_min_page_size(L, seqs)
         assert k["max_num_seqs_smem"] == up_max_num_seqs(L, page)
         assert k["head_dim_padded"] == cdiv(hd, 128) * 128
-        if "rpa_v3" in spec.kernels.families and kv_dtype == "int8":
-            # tpu-inference's v3 kernel refuses integer KV caches: no v3 knob at all.
+        if "rpa_v3" in spec.kernels.families and (kv_dtype == "int8" or hd == 64):
+            # tpu-inference's v3 kernel refuses integer KV caches, and head dim 64 runs the
+            # hd64 kernel: no v3 knob at all.
             assert not [n for n in k if n.startswith("rpa_v3.")], (gid, w)
             no_v3 += 1
+        if hd64:
+            want = up_hd64(version, page, pages, tokens)
+            vmem = min(100 * MIB, limit)  # DEFAULT_VMEM_LIMIT_BYTES, capped at the core
+            got = (k["rpa_v3_hd64.num_kv_pages_per_block"], k["rpa_v3_hd64.num_queries_per_block"])
+            if (
+                want[0] >= 1
+                and up_hd64_vmem(kv_dtype, q, kv, want[1], want[0] * page, q_dtype) <= vmem
+            ):
+                assert got == want, (gid, w)
+            else:  # no whole page in the fallback, or too much VMEM: the nearest that runs
+                shrunk += 1
+                assert 1 <= got[0] <= max(1, want[0]) and 1 <= got[1] <= want[1], (gid, w)
+                assert up_hd64_vmem(kv_dtype, q, kv, got[1], got[0] * page, q_dtype) <= vmem
+            assert k["rpa_v3_hd64.vmem_limit_bytes"] == vmem
+        elif "rpa_v3_hd64" in spec.kernels.families:
+            assert not [n for n in k if n.startswith("rpa_v3_hd64.")], (gid, w)
         if v3:
             for case, knob in (
                 ("decode", "rpa_v3.d_block_sizes"),
@@ -572,7 +614,7 @@ def test_tables_apply_on_a_hit_and_record_provenance():
 # do. Transcribed from the torch_xla source, independent of tpu_registry.policies.tables.
 def _upstream_tables():
     out = {}
-    for path in sorted((HARDWARE / "tuning").glob("*.toml")):
+    for path in sorted((HARDWARE / "tuning").glob("rpa_v2_*.toml")):
         doc = tomllib.loads(path.read_text())
         assert doc["kernel"] == "rpa_v2" and len(doc["key"]) == 8, path
         rows = {tuple(r[:8]): tuple(r[8:]) for r in doc["rows"]}
@@ -689,7 +731,7 @@ def test_every_imported_table_row_is_reachable():
     """Each row's key is what bucket() computes for some workload, so none is dead weight."""
     from tpu_registry.policies.tables import lookup
 
-    tables = load_tables(table_folders({}))
+    tables = [t for t in load_tables(table_folders({})) if t.table.kernel == "rpa_v2"]
     for t in tables:
         for row in t.table.rows:
             qd, kvd, qh, kvh, hd, page, tokens, model_len = row[:8]
@@ -709,6 +751,77 @@ def test_every_imported_table_row_is_reachable():
                 "rpa_v2.num_queries_per_block": row[9],
             }, row
     assert sum(len(t.table.rows) for t in tables) == 1336
+
+
+def test_every_hd64_table_row_is_reachable():
+    """Each row of the imported head-dim-64 tables is hit by a workload built from its key
+    (heads chosen so that upstream's get_simplified_raw_key gives the row's counts)."""
+    from tpu_registry.policies.tables import lookup
+
+    tables = [t for t in load_tables(table_folders({})) if t.table.kernel == "rpa_v3_hd64"]
+    assert {g for t in tables for g in t.table.generations} == {"v5e", "v6e", "tpu7x"}
+    for t in tables:
+        for row in t.table.rows:
+            page, qd, kvd, qh, kvh, model_len, sw, bkv_p, bq = row
+            w = Workload(
+                qh,
+                kvh,
+                64,
+                q_dtype=qd,
+                kv_dtype=kvd,
+                max_model_len=model_len,
+                max_num_batched_tokens=8192,
+                page_size=page,
+                sliding_window=sw or None,
+            )
+            knobs, _ = lookup(t.table.generations[0], "rpa_v3_hd64", w, page, [t])
+            assert knobs == {
+                "rpa_v3_hd64.num_kv_pages_per_block": bkv_p,
+                "rpa_v3_hd64.num_queries_per_block": bq,
+            }, row
+    assert sum(len(t.table.rows) for t in tables) == 312
+
+
+def test_mla_table_rows_are_reachable_but_the_swapped_ones():
+    """Each MLA row whose kv_packing is the catalog's (tpu-inference's MLA_KV_PACKING_SIZE
+    default, 32) is hit by the workload of its key. Upstream also keys 9 rows by TuningKey's
+    own defaults (kv_packing 4, 256 rows per page: a cache packed as DeepSeek V4's manager
+    sets MLA_KV_PACKING_SIZE=4) and 11 rows by kv_packing 1024 with 576 rows per page (the
+    page size and latent width, apparently swapped), which no default cache meets; they are
+    kept, as upstream keeps them, and counted here."""
+    from tpu_registry.policies.tables import lookup
+
+    spec = load_catalog()["v6e"]
+    pack = spec.kernels.mla_v2.kv_packing
+    tables = [t for t in load_tables(table_folders({})) if t.table.kernel == "mla_v2"]
+    reachable, unreachable = 0, Counter()
+    for t in tables:
+        n = len(t.table.key)
+        for row in t.table.rows:
+            tokens, heads, lkv, rope, kvd, qd, rows_per_page, row_pack, seqs, pps = row[:n]
+            if row_pack != pack:
+                unreachable[row_pack, rows_per_page] += 1
+                continue
+            page = rows_per_page * pack
+            w = Workload(
+                heads,
+                1,
+                lkv + rope,
+                kv_lora_rank=lkv,
+                qk_rope_head_dim=rope,
+                q_dtype=qd,
+                kv_dtype=kvd,
+                max_model_len=pps * page,
+                max_num_seqs=seqs,
+                max_num_batched_tokens=tokens,
+                page_size=page,
+            )
+            knobs, _ = lookup("v6e", "mla_v2", w, page, [t], pack)
+            assert knobs == {
+                f"mla_v2.{name}": v for name, v in zip(t.table.value, row[n:], strict=True)
+            }, row
+            reachable += 1
+    assert reachable == 39 and unreachable == {(4, 256): 9, (1024, 576): 11}
 
 
 def test_overrides_per_generation_and_workload_match(tmp_path):

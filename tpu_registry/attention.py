@@ -8,7 +8,9 @@ cache layouts exist upstream:
 - ``tpu_inference`` (RPA v3): ``(pages, page_size, align(2 * kv_heads, packing) // packing,
   packing, align(head_dim, 128))``, narrow dtypes packed along a sub-axis; for head dim 64 the
   hd64 kernel's ``(pages, page_size, align(kv_heads, packing) // packing, packing, 128)``, K and
-  V side by side in the 128 lanes.
+  V side by side in the 128 lanes; for MLA the MLA kernel's ``(pages, align(page_size,
+  kv_packing) // kv_packing, kv_packing, align(kv_lora_rank + qk_rope_head_dim, 128))``, one
+  latent per token, packed by ``MLA_KV_PACKING_SIZE`` tokens whatever the dtype.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .kernels import padded_head_dim
+from .kernels import families_for, padded_head_dim
 from .resolution import ResolvedConfig
 from .units import DTYPE_BITS, align, cdiv, packing
 from .workload import Workload
@@ -34,7 +36,15 @@ def kv_cache_shape(
     kv_dtype: str,
     *,
     head_align: int = 128,
+    mla_kv_packing: int | None = None,
 ) -> tuple[int, ...]:
+    """One layout's cache shape. ``mla_kv_packing`` marks an MLA cache (``head_dim`` is then
+    the latent plus rope width and ``num_kv_heads`` is ignored): only tpu-inference has one."""
+    if mla_kv_packing is not None:
+        if layout != "tpu_inference":
+            raise ValueError(f"MLA has no {layout} KV cache (only tpu_inference runs MLA)")
+        rows = align(page_size, mla_kv_packing) // mla_kv_packing
+        return (num_pages, rows, mla_kv_packing, align(head_dim, 128))
     if layout == "vllm_pallas":
         return (num_pages, page_size, 2 * num_kv_heads, padded_head_dim(head_dim, head_align))
     if layout == "tpu_inference":
@@ -59,10 +69,22 @@ def kv_bytes_per_token(
     *,
     head_align: int = 128,
     num_layers: int = 1,
+    mla_kv_packing: int | None = None,
+    page_size: int = 1,
 ) -> int:
-    """HBM bytes one token's K and V take in the cache, per device, over ``num_layers``."""
-    shape = kv_cache_shape(layout, 1, 1, num_kv_heads, head_dim, kv_dtype, head_align=head_align)
-    return math.prod(shape) * DTYPE_BITS[kv_dtype] // 8 * num_layers
+    """HBM bytes one token's K and V take in the cache, per device, over ``num_layers``: a
+    page's bytes over its tokens (an MLA page rounded up to its packing holds empty rows)."""
+    shape = kv_cache_shape(
+        layout,
+        1,
+        page_size,
+        num_kv_heads,
+        head_dim,
+        kv_dtype,
+        head_align=head_align,
+        mla_kv_packing=mla_kv_packing,
+    )
+    return math.prod(shape) * DTYPE_BITS[kv_dtype] // 8 * num_layers // page_size
 
 
 def tokens_in_budget(budget_bytes: int, page_size: int, bytes_per_token: int) -> int:
@@ -95,7 +117,23 @@ class AttentionPlan:
 
     @property
     def families(self) -> tuple[str, ...]:
-        return tuple(self.config.spec.kernels.families)
+        """The kernel families that run this workload's attention on this generation."""
+        return families_for(self.config.spec, self.workload)
+
+    @property
+    def mla_kv_packing(self) -> int | None:
+        """Tokens per packed row of an MLA cache (None: not an MLA workload)."""
+        facts = self.config.spec.kernels.mla_v2
+        if not self.workload.is_mla:
+            return None
+        if facts is None:
+            raise ValueError(f"{self.config.spec.id} has no MLA kernel, so no MLA KV cache")
+        return facts.kv_packing
+
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        """The cache layouts that exist for this workload (MLA: tpu-inference's only)."""
+        return ("tpu_inference",) if self.workload.is_mla else LAYOUTS
 
     def kv_cache_shape(self, layout: str, num_pages: int) -> tuple[int, ...]:
         w = self.workload
@@ -107,6 +145,7 @@ class AttentionPlan:
             w.head_dim,
             w.kv_dtype,
             head_align=self.config.spec.chip.lanes,
+            mla_kv_packing=self.mla_kv_packing,
         )
 
     def kv_bytes_per_token(self, layout: str, num_layers: int = 1) -> int:
@@ -118,6 +157,8 @@ class AttentionPlan:
             w.kv_dtype,
             head_align=self.config.spec.chip.lanes,
             num_layers=num_layers,
+            mla_kv_packing=self.mla_kv_packing,
+            page_size=self.page_size,
         )
 
     def tokens_in_budget(self, layout: str, budget_bytes: int, num_layers: int = 1) -> int:
@@ -128,7 +169,7 @@ class AttentionPlan:
     def kernel_kwargs(self, family: str) -> dict[str, Any]:
         if family not in self.families:
             raise ValueError(
-                f"{self.config.spec.id} has no {family} kernel (it has: "
+                f"no {family} kernel of {self.config.spec.id} runs this workload (these do: "
                 f"{', '.join(self.families) or 'none'})"
             )
         return self.config.kernel_kwargs(family)
@@ -139,7 +180,7 @@ class AttentionPlan:
             "head_dim_padded": self.head_dim_padded,
             "pages_per_seq": self.pages_per_seq,
             "kv_bytes_per_token_per_layer": {
-                layout: self.kv_bytes_per_token(layout) for layout in LAYOUTS
+                layout: self.kv_bytes_per_token(layout) for layout in self.layouts
             },
             "kernel_kwargs": {
                 f: {

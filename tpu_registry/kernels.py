@@ -19,7 +19,7 @@ from .types import Violation
 from .units import align, cdiv, itemsize, mib_to_bytes, next_pow2, packing
 
 if TYPE_CHECKING:
-    from .spec import Generation, RpaV2Facts, RpaV3Facts
+    from .spec import Generation, MlaV2Facts, RpaV2Facts, RpaV3Facts, RpaV3Hd64Facts
     from .workload import Workload
 
 # --------------------------------------------------------------------------- page size
@@ -67,6 +67,17 @@ def default_page_size(smem_bytes: int, w: Workload, *, where: str = "") -> int:
         return w.page_size
     floor = min_page_size(smem_bytes, w.max_model_len, w.max_num_seqs, where=where)
     return max(page_size_for(w.max_model_len), floor)
+
+
+def page_size_of(spec: Generation, w: Workload) -> int:
+    """The page size upstream gives this workload on this generation: MLA models get the MLA
+    backend's page (``PallasMLAttentionBackend.get_page_size``), raised to the SMEM floor the
+    registry holds every page to; every other model ``default_page_size``."""
+    smem = spec.chip.smem_bytes_per_core
+    if w.is_mla and "mla_v2" in spec.kernels.families and w.page_size is None:
+        floor = min_page_size(smem, w.max_model_len, w.max_num_seqs, where=spec.id)
+        return max(spec.kernels.mla_v2.page_size, floor)
+    return default_page_size(smem, w, where=spec.id)
 
 
 def max_num_seqs_for(smem_bytes: int, max_model_len: int, page: int) -> int:
@@ -257,6 +268,165 @@ def rpa_v3_rejection(block_sizes: tuple[int, int, int, int], page_size: int) -> 
     return None
 
 
+# --------------------------------------------------------------------------- dispatch
+# Which kernel runs a layer, as upstream dispatches it: tpu-inference's
+# ``sharded_ragged_paged_attention`` takes the hd64 kernel when ``q.shape[-1] == 64`` (and only
+# it takes sinks); MLA layers always run ``FLASH_ATTN_MLA`` (``TpuPlatform.get_attn_backend_cls``);
+# torch_xla's RPA v2 (vLLM <= 0.13) takes any head dim but neither sinks nor MLA.
+
+
+def families_for(spec: Generation, w: Workload) -> tuple[str, ...]:
+    """The kernel families of ``spec`` that run this workload's attention."""
+    if w.is_mla:
+        wanted: tuple[str, ...] = ("mla_v2",)
+    elif w.attention_sinks:
+        wanted = ("rpa_v3_hd64",)
+    elif w.head_dim == 64:
+        wanted = ("rpa_v2", "rpa_v3_hd64")
+    else:
+        wanted = ("rpa_v2", "rpa_v3")
+    return tuple(f for f in spec.kernels.families if f in wanted)
+
+
+# --------------------------------------------------------------------------- RPA v3, head dim 64
+# tpu-inference's ``kernel_hd64.py`` and ``tuned_block_sizes_hd64.py``.
+
+
+def hd64_heads(w: Workload) -> tuple[int, int]:
+    """``get_simplified_raw_key``'s head counts of one shard: query heads per KV head padded to
+    the query packing, times the KV heads, and KV heads padded to the KV packing, each raised
+    to a power of two."""
+    kv = w.kv_heads_per_device
+    q_per_kv = align(w.q_heads_per_device // kv, packing(w.q_dtype))
+    return next_pow2(q_per_kv * kv), next_pow2(align(kv, packing(w.kv_dtype)))
+
+
+def rpa_v3_hd64_vmem_bytes(w: Workload, bq: int, bkv_tokens: int) -> int:
+    """hd64 ``get_vmem_estimate_bytes``: K and V share the 128 lanes of one row."""
+    q_pack, kv_pack = packing(w.q_dtype), packing(w.kv_dtype)
+    kv = w.kv_heads_per_device
+    q_per_kv = align(w.q_heads_per_device // kv, q_pack)
+    lanes = 2 * 64
+    bits = (
+        2 * bkv_tokens * align(kv, kv_pack) * lanes * (32 // kv_pack)
+        + 2 * (2 * kv * bq * q_per_kv * lanes) * (32 // q_pack)
+        + 2 * (kv * bq * q_per_kv * 128) * 32
+        + kv * bq * q_per_kv * lanes * 32
+    )
+    return cdiv(bits, 8)
+
+
+def rpa_v3_hd64_clamp(w: Workload, page: int, bkv_p: int, bq: int) -> tuple[int, int]:
+    """``get_tuned_block_sizes``' per-call clamp of a looked-up pair:
+    ``min(pages_per_seq, bkv_p), min(max_num_tokens, bq)``."""
+    return min(cdiv(w.max_model_len, page), bkv_p), min(w.tokens, bq)
+
+
+def rpa_v3_hd64_fit_vmem(
+    w: Workload, page: int, blocks: tuple[int, int], limit: int
+) -> tuple[int, int] | None:
+    """``blocks`` (KV pages, queries) if their VMEM estimate is within ``limit``, else halved
+    (queries first) until it is; None when one page and one query do not fit."""
+    bkv_p, bq = blocks
+    while rpa_v3_hd64_vmem_bytes(w, bq, bkv_p * page) > limit:
+        if bq > 1:
+            bq //= 2
+        elif bkv_p > 1:
+            bkv_p //= 2
+        else:
+            return None
+    return bkv_p, bq
+
+
+def rpa_v3_hd64_defaults(
+    facts: RpaV3Hd64Facts, vmem_core_bytes: int, w: Workload, page: int
+) -> tuple[dict[str, int], list[str]]:
+    """The hd64 kernel's own choice on a tuned-table miss: the per-version fallback, clamped
+    per call; its default VMEM limit capped at the core. Where upstream's choice cannot run
+    (no whole page in the fallback's tokens, or blocks above the VMEM limit) the registry
+    gives the nearest that can, and says so."""
+    notes = []
+    bkv_p, bq = rpa_v3_hd64_clamp(w, page, facts.fallback_kv_tokens // page, facts.fallback_queries)
+    if bkv_p < 1:
+        notes.append(
+            f"rpa_v3_hd64: upstream's fallback of {facts.fallback_kv_tokens} KV tokens per block "
+            f"holds no page of {page} tokens (0 pages); 1 page instead"
+        )
+        bkv_p = 1
+    limit = mib_to_bytes(facts.vmem_limit_mib)
+    vmem = min(limit, vmem_core_bytes)
+    if vmem < limit:
+        notes.append(
+            f"rpa_v3_hd64.vmem_limit_bytes {vmem} (the core's VMEM) instead of upstream's "
+            f"default {limit}"
+        )
+    want = (bkv_p, bq)
+    fitted = rpa_v3_hd64_fit_vmem(w, page, want, vmem)
+    if fitted is None:
+        need = rpa_v3_hd64_vmem_bytes(w, 1, page)
+        msg = (
+            f"the head-dim-64 RPA v3 kernel needs {need} bytes of VMEM for one page of {page} "
+            f"tokens, above the {vmem}-byte limit [rule rpa_v3_hd64_vmem_estimate]"
+        )
+        hint = "lower max_num_seqs or max_model_len so that a smaller page fits SMEM"
+        raise TuningError([Problem("workload", None, "page_size", msg, hint)])
+    bkv_p, bq = fitted
+    if fitted != want:
+        notes.append(
+            f"rpa_v3_hd64 blocks {(bkv_p, bq)} instead of upstream's {want}, which need "
+            f"{rpa_v3_hd64_vmem_bytes(w, want[1], want[0] * page)} bytes of VMEM (limit {vmem})"
+        )
+    return {
+        "rpa_v3_hd64.num_kv_pages_per_block": bkv_p,
+        "rpa_v3_hd64.num_queries_per_block": bq,
+        "rpa_v3_hd64.vmem_limit_bytes": vmem,
+    }, notes
+
+
+# --------------------------------------------------------------------------- MLA v2
+# tpu-inference's ``kernels/mla/v2`` (``mla_ragged_paged_attention``, ``tuned_params``) and its
+# call site ``attention_interface.mla_attention``.
+
+MLA_CASES = ("decode", "prefill", "mixed")  # the kernel's (decode, prefill, mixed) tuples
+
+
+def mla_v2_defaults(facts: MlaV2Facts, vmem_core_bytes: int) -> dict[str, int]:
+    """``get_tuned_params``' fallbacks as ``mla_attention`` uses them: decode from the
+    batched-decode case, prefill and mixed from the mixed case; no VMEM limit is passed, so
+    the kernel takes the core's whole VMEM (``get_tpu_info().vmem_capacity_bytes``)."""
+    d, m = facts.decode, facts.mixed
+    return {
+        "mla_v2.decode_kv_pages_per_block": d.num_kv_pages_per_block,
+        "mla_v2.decode_queries_per_block": d.num_queries_per_block,
+        "mla_v2.decode_batch_size": d.decode_batch_size,
+        "mla_v2.prefill_kv_pages_per_block": m.num_kv_pages_per_block,
+        "mla_v2.prefill_queries_per_block": m.num_queries_per_block,
+        "mla_v2.mixed_kv_pages_per_block": m.num_kv_pages_per_block,
+        "mla_v2.mixed_queries_per_block": m.num_queries_per_block,
+        "mla_v2.mixed_q_split": m.q_split,
+        "mla_v2.vmem_limit_bytes": vmem_core_bytes,
+    }
+
+
+def mla_v2_kernel_kwargs(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The MLA kernel's keyword arguments from the registry's flat knobs (names without the
+    family prefix): per-case values become its (decode, prefill, mixed) tuples."""
+    out: dict[str, Any] = {}
+    for name in ("kv_pages_per_block", "queries_per_block"):
+        values = [flat.get(f"{case}_{name}") for case in MLA_CASES]
+        if all(v is not None for v in values):
+            out[f"num_{name}"] = tuple(values)
+    for name in ("decode_batch_size", "mixed_q_split", "vmem_limit_bytes"):
+        if flat.get(name) is not None:
+            out[name] = flat[name]
+    return out
+
+
+def kernel_arguments(family: str, flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A family's knobs (names without the family prefix) as its kernel's keyword arguments."""
+    return mla_v2_kernel_kwargs(flat) if family == "mla_v2" else dict(flat)
+
+
 # --------------------------------------------------------------------------- estimates
 # tpu-inference's RPA v3 ``get_vmem_estimate_bytes`` and ``get_smem_estimate_bytes``.
 
@@ -296,8 +466,14 @@ def rpa_v3_smem_bytes(max_num_seqs: int, pages_per_seq: int) -> int:
 
 # --------------------------------------------------------------------------- constraints
 
-VMEM_KNOBS = ("vmem_limit_bytes", "rpa_v2.vmem_limit_bytes", "rpa_v3.vmem_limit_bytes")
-FAMILY_VMEM_KNOBS = ("rpa_v2.vmem_limit_bytes", "rpa_v3.vmem_limit_bytes")
+FAMILY_VMEM_KNOBS = (
+    "rpa_v2.vmem_limit_bytes",
+    "rpa_v3.vmem_limit_bytes",
+    "rpa_v3_hd64.vmem_limit_bytes",
+    "mla_v2.vmem_limit_bytes",
+)
+VMEM_KNOBS = ("vmem_limit_bytes", *FAMILY_VMEM_KNOBS)
+HD64_KNOBS = ("rpa_v3_hd64.num_kv_pages_per_block", "rpa_v3_hd64.num_queries_per_block")
 
 # Every rule, with the upstream check it mirrors ("registry": a rule of this project, stricter
 # than upstream, with its reason). docs and tests iterate over this table.
@@ -317,9 +493,11 @@ RULES = {
     ),
     "page_within_sequence": (
         "registry: a page larger than a whole sequence (next power of two of max_model_len) only "
-        "wastes HBM"
+        "wastes HBM (not held against the MLA backend's own fixed page)"
     ),
-    "page_kv_packing": "tpu-inference RPA v3 static_validate_inputs: page_size % kv_packing == 0",
+    "page_kv_packing": (
+        "tpu-inference RPA v3 and hd64 static_validate_inputs: page_size % kv_packing == 0"
+    ),
     "vmem_positive": (
         "tpu-inference RPA v3 and torch_xla RPA v2 static_validate_inputs: vmem_limit_bytes > 0"
     ),
@@ -356,6 +534,37 @@ RULES = {
     "rpa_v3_smem_estimate": (
         "tpu-inference RPA v3 get_smem_estimate_bytes must not exceed the core's SMEM"
     ),
+    "rpa_v3_hd64_float_kv": (
+        "tpu-inference hd64 static_validate_inputs: integer KV caches are not supported"
+    ),
+    "rpa_v3_hd64_blocks_in_range": (
+        "tpu-inference hd64 static_validate_inputs: num_kv_pages_per_block > 0 and "
+        "num_queries_per_block > 0; registry: at most pages_per_seq and max_num_batched_tokens, "
+        "as get_tuned_block_sizes clamps them"
+    ),
+    "rpa_v3_hd64_vmem_estimate": (
+        "registry: tpu-inference hd64 get_vmem_estimate_bytes within rpa_v3_hd64.vmem_limit_bytes "
+        "(the kernel allocates these blocks in VMEM)"
+    ),
+    "rpa_v3_hd64_smem_estimate": (
+        "tpu-inference hd64 get_smem_estimate_bytes must not exceed the core's SMEM"
+    ),
+    "mla_v2_float_kv": (
+        "tpu-inference MLA v2 static_validate_inputs: integer KV caches are not supported"
+    ),
+    "mla_v2_kv_packing": (
+        "tpu-inference MLA v2 static_validate_inputs: kv_packing (MLA_KV_PACKING_SIZE) % the KV "
+        "dtype's packing == 0"
+    ),
+    "mla_v2_page_packing": (
+        "registry: MLA get_kv_cache_shape rounds a page up to kv_packing tokens and the kernel "
+        "then reads pages of that size, so page_size % kv_packing == 0 or tokens land in the "
+        "wrong page"
+    ),
+    "mla_v2_q_split_divides": (
+        "tpu-inference MLA v2 static_validate_inputs: num_queries_per_blocks[2] % mixed_q_split "
+        "== 0"
+    ),
 }
 
 
@@ -379,7 +588,7 @@ def check(
 
     chip = spec.chip
     vmem = chip.vmem_bytes_per_core
-    families = spec.kernels.families
+    families = families_for(spec, w)
     for name, value in knobs.items():
         if name not in defaults and knob_registry.out_of_range(name, value):
             bad(
@@ -414,13 +623,13 @@ def check(
                 f"use a page of at least {floor}, or lower max_num_seqs",
             )
         most = next_pow2(w.max_model_len)
-        if page > most:
+        if page > most and not (w.is_mla and "page_size" in defaults):
             msg = (
                 f"page_size {page} is above {most}, the most a sequence of max_model_len "
                 f"{w.max_model_len} needs"
             )
             bad("page_within_sequence", ("page_size",), msg, f"use a page of at most {most}")
-        if "rpa_v3" in families and page % packing(w.kv_dtype):
+        if ("rpa_v3" in families or "rpa_v3_hd64" in families) and page % packing(w.kv_dtype):
             msg = (
                 f"page_size {page} is not a multiple of the {w.kv_dtype} packing "
                 f"{packing(w.kv_dtype)}"
@@ -537,6 +746,8 @@ def check(
                     msg,
                     "use smaller blocks or a larger VMEM limit",
                 )
+    _check_hd64(spec, w, knobs, page, bad)
+    _check_mla(spec, w, knobs, page, bad)
     if v3:
         need = rpa_v3_smem_bytes(w.max_num_seqs, pages_per_seq)
         if need > chip.smem_bytes_per_core:
@@ -551,3 +762,93 @@ def check(
                 "use a larger page or lower max_num_seqs",
             )
     return out
+
+
+def _check_hd64(spec: Generation, w: Workload, knobs: Mapping[str, Any], page: int, bad) -> None:
+    present = [k for k in (*HD64_KNOBS, "rpa_v3_hd64.vmem_limit_bytes") if k in knobs]
+    if not present:
+        return
+    if w.kv_dtype == "int8":
+        bad(
+            "rpa_v3_hd64_float_kv",
+            (present[0],),
+            f"{present[0]}: the head-dim-64 RPA v3 kernel does not take an int8 KV cache",
+            "use a floating-point KV dtype (bf16, fp8)",
+        )
+        return
+    pages_per_seq = cdiv(w.max_model_len, page)
+    bkv_p = knobs.get(HD64_KNOBS[0])
+    if bkv_p is not None and not 0 < bkv_p <= pages_per_seq:
+        msg = f"{HD64_KNOBS[0]} {bkv_p} must be in 1..{pages_per_seq} (pages per sequence)"
+        bad("rpa_v3_hd64_blocks_in_range", (HD64_KNOBS[0],), msg)
+        bkv_p = None
+    bq = knobs.get(HD64_KNOBS[1])
+    if bq is not None and not 0 < bq <= w.max_num_batched_tokens:
+        msg = f"{HD64_KNOBS[1]} {bq} must be in 1..{w.max_num_batched_tokens} (max batched tokens)"
+        bad("rpa_v3_hd64_blocks_in_range", (HD64_KNOBS[1],), msg)
+        bq = None
+    limit = knobs.get("rpa_v3_hd64.vmem_limit_bytes")
+    if bkv_p is not None and bq is not None and limit is not None and limit > 0:
+        need = rpa_v3_hd64_vmem_bytes(w, bq, bkv_p * page)
+        if need > limit:
+            msg = (
+                f"rpa_v3_hd64 blocks of {bkv_p} pages and {bq} queries need {need} bytes of VMEM, "
+                f"above rpa_v3_hd64.vmem_limit_bytes {limit}"
+            )
+            bad(
+                "rpa_v3_hd64_vmem_estimate",
+                (*HD64_KNOBS, "rpa_v3_hd64.vmem_limit_bytes"),
+                msg,
+                "use smaller blocks or a larger VMEM limit",
+            )
+    need = rpa_v3_smem_bytes(w.max_num_seqs, pages_per_seq)  # hd64's estimate is the same sum
+    if need > spec.chip.smem_bytes_per_core:
+        msg = (
+            f"page_size {page}: the head-dim-64 RPA v3 kernel's tables take {need} bytes of "
+            f"SMEM, above the {spec.id} core's {spec.chip.smem_bytes_per_core}"
+        )
+        bad(
+            "rpa_v3_hd64_smem_estimate",
+            ("page_size",),
+            msg,
+            "use a larger page or lower max_num_seqs",
+        )
+
+
+def _check_mla(spec: Generation, w: Workload, knobs: Mapping[str, Any], page: int, bad) -> None:
+    present = [k for k in knobs if k.startswith("mla_v2.")]
+    facts = spec.kernels.mla_v2
+    if not present or facts is None:
+        return
+    if w.kv_dtype == "int8":
+        bad(
+            "mla_v2_float_kv",
+            (present[0],),
+            f"{present[0]}: the MLA v2 kernel does not take an int8 KV cache",
+            "use a floating-point KV dtype (bf16, fp8)",
+        )
+        return
+    pack = facts.kv_packing
+    if pack % packing(w.kv_dtype):
+        msg = (
+            f"the MLA kv_packing {pack} of {spec.id} is not a multiple of the {w.kv_dtype} "
+            f"packing {packing(w.kv_dtype)}"
+        )
+        bad("mla_v2_kv_packing", (present[0],), msg, "fix [kernels.mla_v2] kv_packing")
+    if page % pack:
+        msg = (
+            f"page_size {page} is not a multiple of the MLA kv_packing {pack}: the cache rounds "
+            f"each page up to {align(page, pack)} tokens and the kernel reads pages of that size"
+        )
+        bad("mla_v2_page_packing", ("page_size",), msg, f"use a page that is a multiple of {pack}")
+    bq, split = knobs.get("mla_v2.mixed_queries_per_block"), knobs.get("mla_v2.mixed_q_split")
+    if bq is not None and split is not None and split > 0 and bq % split:
+        msg = (
+            f"mla_v2.mixed_queries_per_block {bq} is not a multiple of mla_v2.mixed_q_split {split}"
+        )
+        bad(
+            "mla_v2_q_split_divides",
+            ("mla_v2.mixed_queries_per_block", "mla_v2.mixed_q_split"),
+            msg,
+            "use a query block that the split divides",
+        )

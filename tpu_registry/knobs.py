@@ -112,6 +112,62 @@ REGISTRY: dict[str, KnobSpec] = {
             unit="bytes",
             maximum=MAX_VMEM_BYTES,
         ),
+        KnobSpec(
+            "rpa_v3_hd64.num_kv_pages_per_block",
+            "int",
+            "KV pages per block of the head-dim-64 RPA v3 kernel",
+            unit="pages",
+            maximum=MAX_PAGES,
+        ),
+        KnobSpec(
+            "rpa_v3_hd64.num_queries_per_block",
+            "int",
+            "query tokens per block of the head-dim-64 RPA v3 kernel",
+            unit="tokens",
+        ),
+        KnobSpec(
+            "rpa_v3_hd64.vmem_limit_bytes",
+            "int",
+            "VMEM limit passed to the head-dim-64 RPA v3 kernel",
+            unit="bytes",
+            maximum=MAX_VMEM_BYTES,
+        ),
+        *(
+            KnobSpec(
+                f"mla_v2.{case}_{name}",
+                "int",
+                f"{what} of the MLA v2 kernel's {case} case" + extra,
+                unit=unit,
+                maximum=maximum,
+            )
+            for case, extra in (
+                ("decode", " (decode-only and batched-decode sequences)"),
+                ("prefill", " (chunked prefill, when chunk_prefill_size is set)"),
+                ("mixed", ""),
+            )
+            for name, what, unit, maximum in (
+                ("kv_pages_per_block", "KV pages per block", "pages", MAX_PAGES),
+                ("queries_per_block", "query tokens per block", "tokens", MAX_TOKENS),
+            )
+        ),
+        KnobSpec(
+            "mla_v2.decode_batch_size",
+            "int",
+            "decode sequences the MLA v2 kernel processes per grid step",
+            unit="sequences",
+        ),
+        KnobSpec(
+            "mla_v2.mixed_q_split",
+            "int",
+            "query splits the MLA v2 kernel runs in parallel in the mixed case",
+        ),
+        KnobSpec(
+            "mla_v2.vmem_limit_bytes",
+            "int",
+            "VMEM limit passed to the MLA v2 kernel",
+            unit="bytes",
+            maximum=MAX_VMEM_BYTES,
+        ),
     )
 }
 SETTABLE = tuple(k for k, s in REGISTRY.items() if s.settable)

@@ -20,6 +20,7 @@ from . import settings
 from .catalog import ENV_PATH, Catalog, builtin_hardware_dir, load_catalog
 from .detection import detect
 from .errors import CatalogError, DetectionError, Problem
+from .kernels import kernel_arguments
 from .policies.tables import ENV_TABLES
 from .spec import Generation
 from .tune import tune
@@ -29,6 +30,9 @@ from .workload import Workload
 ENV_OVERRIDES = "TPU_REGISTRY_OVERRIDES"
 STAMP_EVERY_S = 1.0  # how often the data files behind a cached result are looked at again
 log = logging.getLogger("tpu_registry")
+
+
+_KEEP = object()  # for_call: keep the workload's value
 
 
 @dataclass(frozen=True)
@@ -58,19 +62,28 @@ class ResolvedConfig:
         return None if k is None else k.layer
 
     def for_call(
-        self, num_tokens: int, *, q_heads: int | None = None, kv_heads: int | None = None
+        self,
+        num_tokens: int,
+        *,
+        q_heads: int | None = None,
+        kv_heads: int | None = None,
+        sliding_window: int | None | object = _KEEP,
     ) -> ResolvedConfig:
         """The configuration of one kernel call: ``num_tokens`` padded tokens (a bucket vLLM
-        compiles), and optionally the heads of one shard. Upstream sizes query blocks per
-        call; the page size stays the engine's. Cached like every resolve()."""
+        compiles), and optionally the heads of one shard and the layer's sliding window (the
+        head-dim-64 kernel's tables are keyed by it; models such as gpt-oss alternate). Upstream
+        sizes blocks per call; the page size stays the engine's. Cached like every resolve()."""
         w = self.workload
         same_heads = q_heads in (None, w.q_heads_per_device) and kv_heads in (
             None,
             w.kv_heads_per_device,
         )
-        if num_tokens == w.tokens and same_heads:
+        same_window = sliding_window is _KEEP or sliding_window == w.sliding_window
+        if num_tokens == w.tokens and same_heads and same_window:
             return self
         changes: dict[str, Any] = {"num_tokens": num_tokens, "page_size": self.value("page_size")}
+        if not same_window:
+            changes["sliding_window"] = sliding_window
         if num_tokens > w.max_num_batched_tokens:  # a bucket above the limit vLLM was given
             changes["max_num_batched_tokens"] = num_tokens
         if not same_heads:
@@ -87,9 +100,10 @@ class ResolvedConfig:
     def kernel_kwargs(self, family: str) -> dict[str, Any]:
         """Knobs of one kernel family, as keyword arguments for that kernel."""
         prefix = family + "."
-        return {
+        flat = {
             k[len(prefix) :]: v.value for k, v in self.tuning.knobs.items() if k.startswith(prefix)
         }
+        return kernel_arguments(family, flat)
 
     def to_dict(self) -> dict[str, Any]:
         return {

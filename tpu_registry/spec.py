@@ -26,7 +26,7 @@ SCHEMA_VERSION = 1
 
 Dtype = Literal["f32", "bf16", "int8", "int4", "fp8"]
 Topology = Literal["2d_torus", "3d_torus", "3d_torus_ocs", "other"]
-KernelFamily = Literal["rpa_v2", "rpa_v3"]
+KernelFamily = Literal["rpa_v2", "rpa_v3", "rpa_v3_hd64", "mla_v2"]
 
 
 def identifier(value: str, what: str, at: tuple = ()) -> str:
@@ -252,10 +252,50 @@ class RpaV3Facts(DataModel):
     vmem_limit_mib: Annotated[float, Field(ge=1, le=4096)] | None = None
 
 
+class RpaV3Hd64Facts(DataModel):
+    """Defaults of tpu-inference's head-dim-64 RPA v3 kernel (``kernel_hd64.py``).
+
+    On a tuned-table miss ``get_tuned_block_sizes`` takes ``fallback_kv_tokens // page_size``
+    KV pages and ``fallback_queries`` queries per block (switching on the TPU version
+    upstream), both clamped per call; without a ``vmem_limit_bytes`` the kernel passes
+    ``DEFAULT_VMEM_LIMIT_BYTES``.
+    """
+
+    fallback_kv_tokens: Annotated[int, Field(gt=0, le=1 << 20)]
+    fallback_queries: Annotated[int, Field(gt=0, le=1 << 16)]
+    vmem_limit_mib: Annotated[float, Field(gt=0, le=4096)]
+
+
+class MlaCaseFacts(DataModel):
+    """One case of ``mla/v2/tuned_params.get_tuned_params``'s fallback ``TunableParams``."""
+
+    num_kv_pages_per_block: Annotated[int, Field(gt=0, le=1 << 16)]
+    num_queries_per_block: Annotated[int, Field(gt=0, le=1 << 16)]
+    decode_batch_size: Annotated[int, Field(gt=0, le=1 << 16)] = 1
+    q_split: Annotated[int, Field(gt=0, le=1 << 16)] = 1
+
+
+class MlaV2Facts(DataModel):
+    """Defaults of tpu-inference's MLA v2 kernel and its vLLM backend.
+
+    ``page_size`` is ``PallasMLAttentionBackend.get_page_size``; ``kv_packing`` the default of
+    ``MLA_KV_PACKING_SIZE`` (tokens per packed cache row, whatever the dtype); ``decode`` and
+    ``mixed`` the fallbacks of ``get_tuned_params`` (prefill uses the mixed ones upstream).
+    The kernel gets no VMEM limit from tpu-inference and takes the core's whole VMEM.
+    """
+
+    page_size: Annotated[int, Field(gt=0, le=1 << 16)]
+    kv_packing: Annotated[int, Field(gt=0, le=1 << 12)]
+    decode: MlaCaseFacts
+    mixed: MlaCaseFacts
+
+
 class Kernels(DataModel):
     families: list[KernelFamily] = Field(default_factory=list)
     rpa_v2: RpaV2Facts | None = None
     rpa_v3: RpaV3Facts | None = None
+    rpa_v3_hd64: RpaV3Hd64Facts | None = None
+    mla_v2: MlaV2Facts | None = None
 
     @model_validator(mode="after")
     def _facts_for_families(self) -> Kernels:

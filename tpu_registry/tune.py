@@ -96,6 +96,7 @@ PAGE_DEPENDENT = (
     "max_num_seqs_smem",
     "rpa_v2.num_kv_pages_per_block",
     *kernels.RPA_V3_CASES.values(),
+    *kernels.HD64_KNOBS,
 )
 
 
@@ -127,9 +128,24 @@ def _derive(spec, w, knobs: dict[str, Knob], rank: Mapping[str, int]) -> None:
             knobs[name] = replace(
                 k, value=ceiling.value, derived_from=(("vmem_limit_bytes", ceiling.layer),)
             )
+    page = knobs.get("page_size")
+    # The head-dim-64 kernel's blocks (the baseline's) follow a lowered limit too.
+    limit = knobs.get("rpa_v3_hd64.vmem_limit_bytes")
+    blocks = [knobs.get(n) for n in kernels.HD64_KNOBS]
+    if (
+        limit is not None
+        and limit.derived_from
+        and page is not None
+        and all(b is not None and b.layer == ESSENTIAL for b in blocks)
+    ):
+        values = (blocks[0].value, blocks[1].value)
+        fitted = kernels.rpa_v3_hd64_fit_vmem(w, page.value, values, limit.value)
+        if fitted is not None and fitted != values:
+            via = (("rpa_v3_hd64.vmem_limit_bytes", limit.derived_from[0][1]),)
+            for name, b, v in zip(kernels.HD64_KNOBS, blocks, fitted, strict=True):
+                knobs[name] = replace(b, value=v, derived_from=b.derived_from + via)
     # Upstream's block sizes (the baseline's) follow a lowered RPA v3 limit.
     limit = knobs.get("rpa_v3.vmem_limit_bytes")
-    page = knobs.get("page_size")
     if limit is None or page is None or not limit.derived_from:
         return
     for name in kernels.RPA_V3_CASES.values():

@@ -24,11 +24,9 @@ MAX_HF_CONFIG_BYTES = 4 * 1024 * 1024
 # context would size every knob for sequences nobody asked for); without it, the default.
 HF_MAX_MODEL_LEN_CAP = 8192
 
-# config.json keys of attention shapes the registry does not model yet. Modelling them as
-# multi-head attention would hand out wrong knobs and KV sizes, so they are refused.
-UNSUPPORTED_ATTENTION = {
-    "kv_lora_rank": "multi-head latent attention (MLA: DeepSeek V2/V3, Kimi)",
-}
+# config.json ``model_type``s whose attention has per-head sinks (tpu-inference runs them
+# through the head-dim-64 kernel, the only one that takes sinks).
+SINK_MODEL_TYPES = ("gpt_oss",)
 
 
 @dataclass(frozen=True)
@@ -50,6 +48,12 @@ class Workload:
     # The padded token count of one kernel call (vLLM compiles one graph per bucket); None
     # means the largest, max_num_batched_tokens. Upstream sizes query blocks per call.
     num_tokens: int | None = None
+    # Per-head attention sinks (gpt-oss): only tpu-inference's head-dim-64 kernel takes them.
+    attention_sinks: bool = False
+    # Multi-head latent attention (DeepSeek V2/V3, Kimi): the cache holds one latent of
+    # kv_lora_rank plus the rope part per token; head_dim is their sum, num_kv_heads 1.
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -69,7 +73,13 @@ class Workload:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 bad(name, f"must be a positive whole number, got {v!r}", "check the model config")
-        for name in ("page_size", "sliding_window", "num_tokens"):
+        for name in (
+            "page_size",
+            "sliding_window",
+            "num_tokens",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+        ):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 bad(
@@ -77,6 +87,38 @@ class Workload:
                     f"must be a positive whole number or unset, got {v!r}",
                     "leave it unset to let the registry choose",
                 )
+        if not isinstance(self.attention_sinks, bool):
+            bad("attention_sinks", f"must be true or false, got {self.attention_sinks!r}", "")
+        if not problems and (self.kv_lora_rank is None) != (self.qk_rope_head_dim is None):
+            bad(
+                "kv_lora_rank" if self.kv_lora_rank is None else "qk_rope_head_dim",
+                "multi-head latent attention needs both kv_lora_rank and qk_rope_head_dim",
+                "give both (config.json has them), or neither for multi-head attention",
+            )
+        elif not problems and self.is_mla:
+            width = self.kv_lora_rank + self.qk_rope_head_dim
+            if self.head_dim != width:
+                bad(
+                    "head_dim",
+                    f"{self.head_dim}: with MLA the cache stores kv_lora_rank + "
+                    f"qk_rope_head_dim = {width} values per token",
+                    f"use head_dim {width}",
+                )
+            if self.num_kv_heads != 1:
+                bad(
+                    "num_kv_heads",
+                    f"{self.num_kv_heads}: with MLA every query head reads one shared latent",
+                    "use num_kv_heads 1",
+                )
+            if self.attention_sinks:
+                bad("attention_sinks", "no MLA kernel takes attention sinks", "")
+        if not problems and self.attention_sinks and self.head_dim != 64:
+            bad(
+                "attention_sinks",
+                f"attention sinks need head_dim 64 (tpu-inference's hd64 kernel), got "
+                f"{self.head_dim}",
+                "tpu-inference raises NotImplementedError for sinks at other head dims",
+            )
         if not problems:
             if self.num_q_heads % self.num_kv_heads:
                 bad(
@@ -84,7 +126,7 @@ class Workload:
                     f"{self.num_kv_heads} KV heads do not divide {self.num_q_heads} query heads",
                     "grouped-query attention needs q heads = k x kv heads",
                 )
-            if self.num_q_heads % self.tensor_parallel:
+            if not self.is_mla and self.num_q_heads % self.tensor_parallel:
                 bad(
                     "tensor_parallel",
                     f"{self.tensor_parallel}-way tensor parallelism does not divide "
@@ -129,15 +171,20 @@ class Workload:
         """Tokens of the kernel call being tuned for (``num_tokens``, else the most)."""
         return self.num_tokens if self.num_tokens is not None else self.max_num_batched_tokens
 
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
     # Per-device view under tensor parallelism. KV heads are replicated when there are
-    # fewer of them than devices, as vLLM does.
+    # fewer of them than devices, as vLLM does. MLA runs data-parallel attention in
+    # tpu-inference (tokens are split, every device has every head).
     @property
     def q_heads_per_device(self) -> int:
-        return self.num_q_heads // self.tensor_parallel
+        return self.num_q_heads if self.is_mla else self.num_q_heads // self.tensor_parallel
 
     @property
     def kv_heads_per_device(self) -> int:
-        return max(1, self.num_kv_heads // self.tensor_parallel)
+        return 1 if self.is_mla else max(1, self.num_kv_heads // self.tensor_parallel)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,20 +254,6 @@ class Workload:
                 raise TuningError(
                     [Problem(str(p), None, "text_config", "is not a JSON object", hint)]
                 )
-        for key, what in UNSUPPORTED_ATTENTION.items():
-            if cfg.get(key) is not None:
-                raise TuningError(
-                    [
-                        Problem(
-                            str(p),
-                            None,
-                            key,
-                            f"the model uses {what}, which tpu-registry does not model yet",
-                            "MLA models keep tpu-inference's own MLA kernel settings; nothing "
-                            "here would be right for them",
-                        )
-                    ]
-                )
         heads = cfg.get("num_attention_heads")
         if not isinstance(heads, int):
             raise TuningError(
@@ -236,6 +269,23 @@ class Workload:
             )
         kv = cfg.get("num_key_value_heads") or heads
         head_dim = cfg.get("head_dim")
+        mla: dict[str, Any] = {}
+        if cfg.get("kv_lora_rank") is not None:  # DeepSeek V2/V3, Kimi: the cache holds a latent
+            mla = {k: cfg.get(k) for k in ("kv_lora_rank", "qk_rope_head_dim")}
+            for k, v in mla.items():
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    raise TuningError(
+                        [
+                            Problem(
+                                str(p),
+                                None,
+                                k,
+                                f"must be a positive whole number for MLA, got {v!r}",
+                                "check the model's config.json",
+                            )
+                        ]
+                    )
+            kv, head_dim = 1, mla["kv_lora_rank"] + mla["qk_rope_head_dim"]
         if not head_dim:
             hidden = cfg.get("hidden_size")
             if not isinstance(hidden, int):
@@ -252,6 +302,9 @@ class Workload:
                 )
             head_dim = hidden // heads
         values: dict[str, Any] = {"num_q_heads": heads, "num_kv_heads": kv, "head_dim": head_dim}
+        values.update(mla)
+        if cfg.get("model_type") in SINK_MODEL_TYPES:
+            values["attention_sinks"] = True
         window = cfg.get("sliding_window")
         if (
             isinstance(window, int)

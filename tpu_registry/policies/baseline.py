@@ -2,8 +2,9 @@
 
 Page size, minimum page size and sequences per SMEM as vLLM / tpu-inference compute them
 (with SMEM read from the catalog instead of a 1 MiB constant); head dim padded to the lane
-width; RPA v2 and RPA v3 defaults as torch_xla and tpu-inference compute them, from the
-numbers each generation file carries. The formulas live in ``tpu_registry.kernels``.
+width; the defaults of each kernel that runs the workload (RPA v2 under torch_xla; RPA v3, its
+head-dim-64 variant or MLA v2 under tpu-inference), from the numbers each generation file
+carries. The formulas live in ``tpu_registry.kernels``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def knobs_for(spec: Generation, w: Workload, page: int) -> tuple[dict, list[str]
         "vmem_limit_bytes": chip.vmem_bytes_per_core,
     }
     notes = []
-    families = spec.kernels.families
+    families = kernels.families_for(spec, w)
     if "rpa_v2" in families:
         v2 = kernels.rpa_v2_defaults(
             spec.kernels.rpa_v2, chip.lanes, chip.vmem_bytes_per_core, w, page
@@ -45,13 +46,30 @@ def knobs_for(spec: Generation, w: Workload, page: int) -> tuple[dict, list[str]
         v3, shrunk = kernels.rpa_v3_defaults(spec.kernels.rpa_v3, chip.vmem_bytes_per_core, w, page)
         knobs.update(v3)
         notes += shrunk
-    if not families:
+    if "rpa_v3_hd64" in families and w.kv_dtype == "int8":
+        notes.append("rpa_v3_hd64: the kernel does not take an int8 KV cache")
+    elif "rpa_v3_hd64" in families:
+        hd64, why = kernels.rpa_v3_hd64_defaults(
+            spec.kernels.rpa_v3_hd64, chip.vmem_bytes_per_core, w, page
+        )
+        knobs.update(hd64)
+        notes += why
+    if "mla_v2" in families and w.kv_dtype == "int8":
+        notes.append("mla_v2: the kernel does not take an int8 KV cache")
+    elif "mla_v2" in families:
+        knobs.update(kernels.mla_v2_defaults(spec.kernels.mla_v2, chip.vmem_bytes_per_core))
+    if not spec.kernels.families:
         notes.append(f"no paged-attention kernel supports {spec.id}; only common knobs are given")
+    elif not families:
+        notes.append(
+            f"no paged-attention kernel of {spec.id} runs this attention shape; only common "
+            "knobs are given"
+        )
     return knobs, notes
 
 
 @hookimpl(trylast=True)
 def tpu_registry_tune(spec: Generation, workload: Workload) -> Layer:
-    page = kernels.default_page_size(spec.chip.smem_bytes_per_core, workload, where=spec.id)
+    page = kernels.page_size_of(spec, workload)
     knobs, notes = knobs_for(spec, workload, page)
     return Layer("baseline", knobs, note="; ".join(notes))

@@ -40,7 +40,17 @@ KeyColumn = Literal[
     "max_num_batched_tokens",
     "max_model_len_paged",
     "max_model_len_pow2",
+    "max_model_len_paged_pow2",
     "sliding_window",
+    "num_q_heads_pow2",
+    "num_kv_heads_pow2",
+    "num_tokens",
+    "kv_lora_rank",
+    "qk_rope_head_dim",
+    "page_size_per_kv_packing",
+    "kv_packing",
+    "max_num_seqs",
+    "pages_per_seq",
 ]
 
 
@@ -130,13 +140,18 @@ def _dtype(name: str) -> str | None:
     return _DTYPES[name]
 
 
-def bucket(column: str, w: Workload, page: int) -> Any:
+def bucket(column: str, w: Workload, page: int, mla_kv_packing: int = 0) -> Any:
     """The table key cell for a workload: the single definition of the bucketing rules.
 
     Dtypes by canonical name; heads per device (and per RPA v2 block, the kernel's
     ``get_min_heads_per_blk``); head dim aligned to 128; page size, batched tokens and
     ``max_model_len_pow2`` to the next power of two; ``max_model_len_paged`` to whole pages;
-    sliding window exact (0 for none).
+    sliding window exact (0 for none). The head-dim-64 kernel's keys
+    (``get_simplified_raw_key``): ``num_q_heads_pow2`` / ``num_kv_heads_pow2`` from
+    ``kernels.hd64_heads``, ``max_model_len_paged_pow2`` the whole pages of a sequence raised to
+    a power of two. The MLA kernel's keys (``TuningKey`` as ``mla_attention`` fills it) are
+    exact: the call's padded tokens, the latent and rope widths, the cache's rows per page
+    and ``kv_packing``, ``max_num_seqs`` and pages per sequence.
     """
     if column in ("q_dtype", "kv_dtype"):
         return getattr(w, column)
@@ -163,6 +178,22 @@ def bucket(column: str, w: Workload, page: int) -> Any:
         return next_pow2(w.max_model_len)
     if column == "sliding_window":
         return w.sliding_window or 0
+    if column in ("num_q_heads_pow2", "num_kv_heads_pow2"):
+        return kernels.hd64_heads(w)[column == "num_kv_heads_pow2"]
+    if column == "max_model_len_paged_pow2":
+        return next_pow2(page * cdiv(w.max_model_len, page))
+    if column == "num_tokens":
+        return w.tokens
+    if column in ("kv_lora_rank", "qk_rope_head_dim"):
+        return getattr(w, column)
+    if column == "page_size_per_kv_packing":
+        return align(page, mla_kv_packing) // mla_kv_packing if mla_kv_packing else None
+    if column == "kv_packing":
+        return mla_kv_packing or None
+    if column == "max_num_seqs":
+        return w.max_num_seqs
+    if column == "pages_per_seq":
+        return cdiv(w.max_model_len, page)
     raise KeyError(column)
 
 
@@ -172,8 +203,8 @@ class LoadedTable:
         n = len(table.key)
         self.index = {k: tuple(table.rows[i][n:]) for k, i in table._index.items()}
 
-    def lookup(self, w: Workload, page: int) -> dict[str, Any] | None:
-        key = tuple(bucket(c, w, page) for c in self.table.key)
+    def lookup(self, w: Workload, page: int, mla_kv_packing: int = 0) -> dict[str, Any] | None:
+        key = tuple(bucket(c, w, page, mla_kv_packing) for c in self.table.key)
         hit = self.index.get(key)
         if hit is None:
             return None
@@ -265,13 +296,18 @@ def load_tables(folders: list[Path], generation: str | None = None) -> list[Load
 
 
 def lookup(
-    spec_id: str, family: str, w: Workload, page: int, tables: list[LoadedTable]
+    spec_id: str,
+    family: str,
+    w: Workload,
+    page: int,
+    tables: list[LoadedTable],
+    mla_kv_packing: int = 0,
 ) -> tuple[dict[str, Any], list[str]]:
     knobs: dict[str, Any] = {}
     used = []
     for t in tables:
         if spec_id in t.table.generations and t.table.kernel == family:
-            hit = t.lookup(w, page)
+            hit = t.lookup(w, page, mla_kv_packing)
             if hit:
                 for k, v in hit.items():
                     knobs.setdefault(k, v)
@@ -281,12 +317,13 @@ def lookup(
 
 @hookimpl
 def tpu_registry_tune(spec, workload: Workload, context: TuneContext) -> Layer | None:
-    page = kernels.default_page_size(spec.chip.smem_bytes_per_core, workload, where=spec.id)
+    page = kernels.page_size_of(spec, workload)
     knobs: dict[str, Any] = {}
     used: list[str] = []
     tables = load_tables(table_folders(context.env), generation=spec.id)
-    for family in spec.kernels.families:
-        hit, names = lookup(spec.id, family, workload, page, tables)
+    mla = spec.kernels.mla_v2.kv_packing if spec.kernels.mla_v2 is not None else 0
+    for family in kernels.families_for(spec, workload):
+        hit, names = lookup(spec.id, family, workload, page, tables, mla)
         knobs.update(hit)
         used += names
     if not knobs:
@@ -301,6 +338,10 @@ def tpu_registry_tune(spec, workload: Workload, context: TuneContext) -> Layer |
         knobs["rpa_v2.num_queries_per_block"] = min(
             workload.tokens, knobs["rpa_v2.num_queries_per_block"]
         )
+    bkv_p, bq = (knobs.get(k) for k in kernels.HD64_KNOBS)
+    if bkv_p is not None and bq is not None:  # get_tuned_block_sizes clamps a hit per call
+        bkv_p, bq = kernels.rpa_v3_hd64_clamp(workload, page, bkv_p, bq)
+        knobs.update(zip(kernels.HD64_KNOBS, (bkv_p, bq), strict=True))
     return Layer("tables", knobs, note="from " + ", ".join(used))
 
 
