@@ -410,12 +410,20 @@ def _workload(args: argparse.Namespace, notes: list[str] | None = None):
         "q_dtype": args.q_dtype,
         "kv_dtype": args.kv_dtype,
         "sliding_window": args.sliding_window,
+        "kv_lora_rank": args.kv_lora_rank,
+        "qk_rope_head_dim": args.qk_rope_head_dim,
+        "attention_sinks": args.attention_sinks,
     }
     limits = {k: v for k, v in limits.items() if v is not None}
     shape = {"num_q_heads": args.heads, "num_kv_heads": args.kv_heads, "head_dim": args.head_dim}
     if args.hf_config:
         shape = {k: v for k, v in shape.items() if v is not None}
         return Workload.from_hf_config(args.hf_config, notes=notes, **shape, **limits)
+    if args.kv_lora_rank and args.qk_rope_head_dim:  # MLA: one shared latent per token
+        if shape["num_kv_heads"] is None:
+            shape["num_kv_heads"] = 1
+        if shape["head_dim"] is None:
+            shape["head_dim"] = args.kv_lora_rank + args.qk_rope_head_dim
     if None in shape.values():
         raise TuningError(
             "give the attention shape: --hf-config PATH, or --heads N --kv-heads N --head-dim N"
@@ -678,6 +686,28 @@ def build_parser() -> argparse.ArgumentParser:
                 ("--sliding-window", "sliding_window", "attention window in tokens, if any"),
             ):
                 sp.add_argument(flag, dest=dest, type=int, metavar="N", help=what)
+            sp.add_argument(
+                "--kv-lora-rank",
+                dest="kv_lora_rank",
+                type=int,
+                metavar="N",
+                help="MLA (DeepSeek V2/V3, Kimi): latent width; with --qk-rope-head-dim, "
+                "--kv-heads defaults to 1 and --head-dim to their sum",
+            )
+            sp.add_argument(
+                "--qk-rope-head-dim",
+                dest="qk_rope_head_dim",
+                type=int,
+                metavar="N",
+                help="MLA: rope width stored beside the latent",
+            )
+            sp.add_argument(
+                "--attention-sinks",
+                dest="attention_sinks",
+                action="store_const",
+                const=True,
+                help="per-head attention sinks (gpt-oss; head dim 64 only)",
+            )
             sp.add_argument("--q-dtype", metavar="T", help="query dtype (default bf16)")
             sp.add_argument(
                 "--kv-dtype", metavar="T", help="KV-cache dtype: bf16, fp8 (e4m3), fp8_e5m2, int8"
