@@ -39,6 +39,7 @@ _EXPORTS = {
     "TuneContext": "types",
     "Violation": "types",
     "Workload": "workload",
+    "SINK_MODEL_TYPES": "workload",
     "canonical_dtype": "units",
     "cdiv": "units",
     "rpa_v3_rejection": "kernels",
@@ -75,6 +76,7 @@ __all__ = [
     "Problem",
     "RegistryError",
     "ResolvedConfig",
+    "SINK_MODEL_TYPES",
     "Setting",
     "Slice",
     "SliceError",
@@ -139,4 +141,4 @@ if TYPE_CHECKING:  # for type checkers and editors; never executed
         Violation,
     )
     from .units import canonical_dtype, cdiv
-    from .workload import Workload
+    from .workload import SINK_MODEL_TYPES, Workload

@@ -19,6 +19,12 @@ def _default(family: str) -> Callable[..., Any]:
         from tpu_inference.kernels.ragged_paged_attention.v3.kernel import ragged_paged_attention
 
         return ragged_paged_attention
+    if family == "rpa_v3_hd64":
+        from tpu_inference.kernels.ragged_paged_attention.v3.kernel_hd64 import (
+            ragged_paged_attention_hd64,
+        )
+
+        return ragged_paged_attention_hd64
     if family == "rpa_v2":
         import torch
 

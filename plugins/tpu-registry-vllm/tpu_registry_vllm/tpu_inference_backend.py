@@ -5,10 +5,13 @@
   left alone.
 - ``RegistryAttentionBackend`` is tpu-inference's kind of backend (KV cache layout + the
   attention computation). Its ``attention()`` calls the RPA v3 kernel through
-  ``kernel_binding.kernel("rpa_v3")`` with the registry's block sizes and VMEM limit; its KV
-  cache shape comes from the registry's attention plan. Calls the registry has no knobs for
-  (head dim 64 and attention sinks, which need the hd64 kernel; context parallelism; the
-  experimental batched kernel) go to tpu-inference's own RPA path unchanged.
+  ``kernel_binding.kernel("rpa_v3")``, or for head dim 64 (attention sinks included) the hd64
+  kernel through ``kernel_binding.kernel("rpa_v3_hd64")``, with the registry's block sizes and
+  VMEM limit for that call; its KV cache shape comes from the registry's attention plan.
+  Calls upstream's hd64 path refuses (KV sharing, bidirectional attention, sinks at other head
+  dims), context parallelism and the experimental batched kernel go to tpu-inference's own
+  RPA path unchanged. MLA layers never reach a registered backend (tpu-inference always runs
+  ``FLASH_ATTN_MLA`` for them); the platform gives them the registry's page size.
 - ``activate(vllm_config)`` resolves the registry for this engine once per process, exports
   ``RPA_V3_*_BLOCK_SIZES`` for models tpu-inference runs as JAX modules (never over a value the
   user set) and logs the one start-up line. The platform plugin calls it; the vLLM attention
@@ -28,11 +31,12 @@ from tpu_registry import kv_cache_shape as plan_kv_cache_shape
 
 from . import BACKEND_NAME, kernel_binding
 from .registry_plugin import ENV_EXPORT, ENV_EXPORTED
-from .vllm_config import log, log_line, resolve_for_vllm
+from .vllm_config import log, log_line, resolve_for_vllm, tpu_inference_family
 
 NAME = BACKEND_NAME.lower()  # tpu-inference keys registered backends by the lower-case name
 VLLM_BACKEND = "tpu_registry_vllm.tpu_inference_vllm.TpuRegistryBackend"
 FAMILY = "rpa_v3"
+HD64 = "rpa_v3_hd64"
 # The tuning keywords of tpu-inference's v3 kernel, in the registry's knob names.
 KERNEL_TUNING = ("d_block_sizes", "p_block_sizes", "m_block_sizes", "vmem_limit_bytes")
 # Variables tpu-inference's own call sites read (attention_interface.rpa_block_size_kwargs).
@@ -142,7 +146,7 @@ def activate(vllm_config: Any, *, export: bool = True) -> ResolvedConfig:
             if why:
                 notes.append(f"{name} not passed to the kernel ({why}; its default applies)")
         _active = cfg
-        line = log_line(cfg, family=FAMILY, extra=notes)
+        line = log_line(cfg, family=tpu_inference_family(cfg), extra=notes)
         if line not in _logged:
             _logged.add(line)
             log.info("%s", line)
@@ -169,16 +173,22 @@ def active_config() -> ResolvedConfig:
 # ----------------------------------------------------------------------------- the backend
 
 
-def _delegate(q, sinks, mesh) -> str | None:
-    """Why this call goes to tpu-inference's own RPA path (None: it runs through the seam)."""
+def _delegate(q, sinks, mesh, update_kv_cache: bool, use_causal_mask: bool) -> str | None:
+    """Why this call goes to tpu-inference's own RPA path (None: it runs through the seam).
+    Mirrors ``sharded_ragged_paged_attention``'s dispatch: what it refuses for head dim 64
+    (or sinks elsewhere) it refuses with its own message."""
     from tpu_inference import envs
 
-    if q.shape[-1] == 64:
-        return "head_dim 64 uses the hd64 kernel, which has its own block-size API"
-    if sinks is not None:
-        return "attention sinks need the hd64 kernel"
     if any(mesh.shape.get(axis, 1) > 1 for axis in ("dcp", "pcp")):
         return "context parallelism has its own kernels"
+    if q.shape[-1] == 64:
+        if not update_kv_cache:
+            return "the hd64 kernel has no KV sharing (upstream raises)"
+        if not use_causal_mask:
+            return "the hd64 kernel has no bidirectional attention (upstream raises)"
+        return None
+    if sinks is not None:
+        return "attention sinks need head dim 64 (upstream raises)"
     if envs.USE_BATCHED_RPA_KERNEL:
         return "USE_BATCHED_RPA_KERNEL selects the experimental batched kernel"
     return None
@@ -241,9 +251,30 @@ class RegistryAttentionBackend(AttentionBackend):
             attn_logits_soft_cap=attn_logits_soft_cap,
             decode_query_size=decode_query_size,
         )
-        if _delegate(q, sinks, mesh):
+        if _delegate(q, sinks, mesh, update_kv_cache, use_causal_mask):
             return RPAAttentionBackend().attention(kv_cache, q, k, v, md, shared_md, mesh, **common)
         config = self.config
+        if q.shape[-1] == 64:
+            output, kv_cache = _sharded_rpa_hd64(
+                mesh,
+                q,
+                k,
+                v,
+                kv_cache,
+                shared_md.seq_lens,
+                md.block_tables,
+                shared_md.query_start_loc,
+                shared_md.request_distribution,
+                sinks,
+                config=config,
+                sm_scale=sm_scale,
+                sliding_window=attention_chunk_size,
+                soft_cap=attn_logits_soft_cap,
+                q_scale=q_scale,
+                k_scale=k_scale,
+                v_scale=v_scale,
+            )
+            return kv_cache, output
         output, kv_cache = _sharded_rpa_v3(
             mesh,
             q,
@@ -267,6 +298,76 @@ class RegistryAttentionBackend(AttentionBackend):
         return kv_cache, output
 
 
+def _replicate_kv(mesh, k, v):
+    """Fewer KV heads than devices on the head axis: repeat them, as tpu-inference does."""
+    import jax.numpy as jnp
+    from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
+    from tpu_inference.utils import get_mesh_shape_product
+
+    heads = get_mesh_shape_product(mesh, Axis.ATTN_HEAD)
+    if heads > 1 and k.shape[1] < heads:
+        if heads % k.shape[1]:
+            raise ValueError(
+                f"{heads} devices on the head axis do not divide into {k.shape[1]} KV heads"
+            )
+        factor = heads // k.shape[1]
+        k, v = jnp.repeat(k, factor, axis=1), jnp.repeat(v, factor, axis=1)
+    return k, v
+
+
+def hd64_call_kwargs(
+    cfg: ResolvedConfig, num_tokens: int, q_heads: int, kv_heads: int, sliding_window
+) -> dict[str, Any]:
+    """The hd64 kernel's tuning kwargs of one call: one shard's heads, the layer's window
+    (the hd64 tables are keyed by it), the call's padded tokens."""
+    call = cfg.for_call(
+        num_tokens, q_heads=q_heads, kv_heads=kv_heads, sliding_window=sliding_window
+    )
+    return call.kernel_kwargs(HD64)
+
+
+def _sharded_rpa_hd64(
+    mesh,
+    q,
+    k,
+    v,
+    kv_cache,
+    kv_lens,
+    page_indices,
+    cu_q_lens,
+    distribution,
+    sinks,
+    *,
+    config: ResolvedConfig,
+    **kernel_args,
+):
+    """The hd64 kernel under ``shard_map``, sharded as tpu-inference shards it (sinks split
+    across the head axis with the query heads); tuned per call at trace time."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+    from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
+
+    k, v = _replicate_kv(mesh, k, v)
+    qkv = P(Axis.ATTN_DATA, Axis.ATTN_HEAD, None)
+    cache = P(Axis.ATTN_DATA, None, Axis.ATTN_HEAD, None, None)
+    meta = P(Axis.ATTN_DATA)
+    in_specs = (qkv, qkv, qkv, cache, meta, meta, meta, meta)
+    args = (q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution)
+    if sinks is not None:
+        in_specs += (P(Axis.ATTN_HEAD),)
+        args += (sinks,)
+    kernel = kernel_binding.kernel(HD64)
+    window = kernel_args["sliding_window"]
+
+    def body(q, k, *rest):
+        tuning = hd64_call_kwargs(config, q.shape[0], q.shape[1], k.shape[1], window)
+        return kernel(q, k, *rest, **kernel_args, **tuning)
+
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=in_specs, out_specs=(qkv, cache), check_vma=False
+    )(*args)
+
+
 def _sharded_rpa_v3(
     mesh,
     q,
@@ -288,19 +389,10 @@ def _sharded_rpa_v3(
     padded token count (vLLM traces one graph per bucket) and the shard's heads, as upstream's
     ``get_default_block_sizes`` sizes blocks per call. It costs nothing at run time."""
     import jax
-    import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
     from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
-    from tpu_inference.utils import get_mesh_shape_product
 
-    heads = get_mesh_shape_product(mesh, Axis.ATTN_HEAD)
-    if heads > 1 and k.shape[1] < heads:  # fewer KV heads than devices: replicate them
-        if heads % k.shape[1]:
-            raise ValueError(
-                f"{heads} devices on the head axis do not divide into {k.shape[1]} KV heads"
-            )
-        factor = heads // k.shape[1]
-        k, v = jnp.repeat(k, factor, axis=1), jnp.repeat(v, factor, axis=1)
+    k, v = _replicate_kv(mesh, k, v)
     qkv = P(Axis.ATTN_DATA, Axis.ATTN_HEAD, None)
     cache = P(Axis.ATTN_DATA, None, Axis.ATTN_HEAD, None, None)
     meta = P(Axis.ATTN_DATA)

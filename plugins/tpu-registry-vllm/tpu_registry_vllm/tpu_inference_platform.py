@@ -4,6 +4,9 @@ Only the page size changes: unless the user gave ``--block-size``, ``cache_confi
 is the registry's ``page_size`` and tpu-inference's own page-size rule is skipped; every other
 step of ``TpuPlatform.check_and_update_config`` runs unchanged, with that page size already in
 place. It also exports the registry's ``RPA_V3_*_BLOCK_SIZES`` and logs the start-up line.
+MLA models get the registry's MLA page (in place of ``PallasMLAttentionBackend.get_page_size``);
+this is all of the registry that reaches them, because tpu-inference runs their attention
+through ``FLASH_ATTN_MLA`` whatever backend is asked for.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ class TpuRegistryPlatform(TpuPlatform):
     def check_and_update_config(cls, vllm_config) -> None:
         cache_config, model_config = vllm_config.cache_config, vllm_config.model_config
         cfg = None
-        if cache_config is not None and model_config is not None and not model_config.use_mla:
+        if cache_config is not None and model_config is not None:
             try:
                 cfg = backend.activate(vllm_config)
             except RegistryError as e:

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from tpu_registry import ResolvedConfig, Workload, resolve
+from tpu_registry import SINK_MODEL_TYPES, ResolvedConfig, Workload, plan, resolve
 
 log = logging.getLogger("vllm.tpu_registry_vllm")  # under vLLM's logger, so its handler prints it
 
@@ -40,10 +40,24 @@ def workload_from_vllm(vllm_config: Any) -> Workload:
         if hasattr(mc, "hf_text_config")
         else None
     )
+    text = getattr(mc, "hf_text_config", None)
+    shape: dict[str, Any] = {
+        "num_kv_heads": max(mc.get_total_num_kv_heads(), 1),
+        "head_dim": mc.get_head_size(),
+    }
+    if getattr(mc, "use_mla", False):  # one latent per token: tpu-inference's MLA kernel
+        lora, rope = text.kv_lora_rank, text.qk_rope_head_dim
+        shape = {
+            "num_kv_heads": 1,
+            "head_dim": lora + rope,
+            "kv_lora_rank": lora,
+            "qk_rope_head_dim": rope,
+        }
+    elif getattr(text, "model_type", None) in SINK_MODEL_TYPES:
+        shape["attention_sinks"] = True
     return Workload(
         num_q_heads=mc.get_num_attention_heads(pc) * pc.tensor_parallel_size,
-        num_kv_heads=max(mc.get_total_num_kv_heads(), 1),
-        head_dim=mc.get_head_size(),
+        **shape,
         q_dtype=q_dtype,
         kv_dtype=kv_dtype,
         max_model_len=mc.max_model_len,
@@ -74,18 +88,39 @@ def log_line(cfg: ResolvedConfig, *, family: str, extra: Sequence[str] = ()) -> 
         return f"{name.split('.')[-1]}={v} [{k.layer}]"
 
     parts = [f"tpu-registry: {cfg.spec.id} ({d.status}: {d.reason})", knob("page_size")]
-    if family == "rpa_v3":
-        parts += [
-            knob("rpa_v3.d_block_sizes"),
-            knob("rpa_v3.p_block_sizes"),
-            knob("rpa_v3.m_block_sizes"),
-            knob("rpa_v3.vmem_limit_bytes"),
-        ]
-    else:
-        parts += [
-            knob("rpa_v2.num_kv_pages_per_block"),
-            knob("rpa_v2.num_queries_per_block"),
-            knob("rpa_v2.vmem_limit_bytes"),
-        ]
+    parts += [knob(name) for name in LOGGED.get(family, ())]
     parts += list(extra)
     return "; ".join(parts)
+
+
+# The knobs the start-up line shows per kernel family.
+LOGGED = {
+    "rpa_v3": (
+        "rpa_v3.d_block_sizes",
+        "rpa_v3.p_block_sizes",
+        "rpa_v3.m_block_sizes",
+        "rpa_v3.vmem_limit_bytes",
+    ),
+    "rpa_v3_hd64": (
+        "rpa_v3_hd64.num_kv_pages_per_block",
+        "rpa_v3_hd64.num_queries_per_block",
+        "rpa_v3_hd64.vmem_limit_bytes",
+    ),
+    "mla_v2": (
+        "mla_v2.decode_kv_pages_per_block",
+        "mla_v2.decode_batch_size",
+        "mla_v2.mixed_queries_per_block",
+        "mla_v2.vmem_limit_bytes",
+    ),
+    "rpa_v2": (
+        "rpa_v2.num_kv_pages_per_block",
+        "rpa_v2.num_queries_per_block",
+        "rpa_v2.vmem_limit_bytes",
+    ),
+}
+
+
+def tpu_inference_family(cfg: ResolvedConfig) -> str:
+    """The tpu-inference kernel family that runs this configuration's attention."""
+    families = plan(cfg).families
+    return next((f for f in ("mla_v2", "rpa_v3_hd64", "rpa_v3") if f in families), "rpa_v3")

@@ -337,13 +337,3 @@ def test_kernel_rejected_tuples_are_not_passed():
     with pytest.raises(ValueError, match="bq_csz"):
         v3.static_validate_inputs(*args, m_block_sizes=m)
     v3.static_validate_inputs(*args, **kw)  # what the adapter passes is accepted
-
-
-def test_calls_without_registry_knobs_go_to_tpu_inference():
-    """Head dim 64 and sinks need the hd64 kernel (old-style block sizes): those calls are
-    handed to tpu-inference's own RPA path; head dim 128 without sinks runs through the
-    kernel_binding."""
-    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
-    assert tib._delegate(jnp.zeros((4, 8, 64)), None, mesh)
-    assert tib._delegate(jnp.zeros((4, 8, 128)), jnp.zeros(8), mesh)
-    assert tib._delegate(jnp.zeros((4, 8, 128)), None, mesh) is None

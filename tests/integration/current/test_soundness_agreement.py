@@ -25,8 +25,9 @@
    tuples upstream's ``get_vmem_estimate_bytes`` puts above the limit, which the registry
    shrinks: exactly those differ, and the shrunk tuples fit and pass the validator.
 
-Head dim 64 runs tpu-inference's hd64 kernel (the adapter delegates it): such configs are
-resolved and counted but not fed to the v3 kernel's checks.
+Head dim 64 runs tpu-inference's hd64 kernel: such configs are resolved and counted here but
+not fed to the v3 kernel's checks; ``test_kernel_families_agreement.py`` feeds them to the hd64
+kernel's own ``static_validate_inputs``.
 """
 
 from __future__ import annotations
