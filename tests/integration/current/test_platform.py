@@ -193,3 +193,55 @@ def test_cli_format_vllm_matches_what_the_platform_applies(tiny_model, clean):
     assert printed == applied, p.stdout
     vmem = resolve(workload_from_vllm(vc)).value("rpa_v3.vmem_limit_bytes")
     assert f"RPA v3 VMEM limit: {vmem} bytes" in p.stdout
+
+
+# A tiny DeepSeek-V2-shaped model: vLLM runs it as MLA (kv_lora_rank 64 + rope 32 per token).
+TINY_MLA = {
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "model_type": "deepseek_v2",
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 64,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 32,
+    "v_head_dim": 32,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "max_position_embeddings": 4096,
+    "vocab_size": 1024,
+    "torch_dtype": "bfloat16",
+}
+DP_ATTENTION = {"sharding": {"sharding_strategy": {"enable_dp_attention": True}}}
+
+
+def test_mla_models_get_the_registry_page(clean, tmp_path, monkeypatch):
+    """MLA layers always run tpu-inference's FLASH_ATTN_MLA; what the registry reaches is the
+    page size (PallasMLAttentionBackend.get_page_size upstream), shown by an override."""
+    import json
+
+    model = tmp_path / "tiny-mla"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY_MLA))
+    monkeypatch.setenv("NEW_MODEL_DESIGN", "1")  # tpu-inference requires it for MLA
+    vc = engine(model, additional_config=DP_ATTENTION)
+    w = workload_from_vllm(vc)
+    assert vc.model_config.use_mla and w.is_mla
+    assert (w.num_kv_heads, w.head_dim, w.kv_lora_rank, w.qk_rope_head_dim) == (1, 96, 64, 32)
+    cfg = resolve(w)
+    assert vc.cache_config.block_size == cfg.value("page_size") == 1024  # upstream's page
+    assert any("decode_batch_size=4 [baseline]" in line for line in clean.lines)  # its knobs
+    f = tmp_path / "overrides.toml"
+    f.write_text(
+        'schema_version = 1\n[[override]]\ngeneration = "v6e"\n[override.knobs]\npage_size = 256\n'
+    )
+    monkeypatch.setenv("TPU_REGISTRY_OVERRIDES", str(f))
+    vc = engine(model, additional_config=DP_ATTENTION)
+    assert vc.cache_config.block_size == 256
+    assert vc.cache_config.user_specified_block_size is False
