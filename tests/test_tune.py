@@ -1099,3 +1099,14 @@ def test_head_dim_64_uses_the_hd64_layout_in_tpu_inference():
 
     assert kv_cache_shape("tpu_inference", 4, 16, 8, 64, "bfloat16") == (4, 16, 4, 2, 128)
     assert kv_cache_shape("tpu_inference", 4, 16, 1, 64, "float8_e4m3fn") == (4, 16, 1, 4, 128)
+
+
+def test_every_table_key_column_is_documented():
+    """docs/tables.md explains how each key column buckets a workload."""
+    from typing import get_args
+
+    from tpu_registry.policies.tables import KeyColumn
+
+    doc = (REPO / "docs" / "tables.md").read_text()
+    missing = [c for c in get_args(KeyColumn) if f"`{c}`" not in doc]
+    assert not missing, missing
