@@ -589,3 +589,29 @@ def test_the_baseline_never_breaks_a_rule():
             )
             checked += 1
     assert checked > 900 and refused < checked // 20
+
+
+def test_overrides_for_a_kernel_that_does_not_run_are_left_out_and_said(tmp_path):
+    """One overrides file for several models: RPA v3 blocks do not reach a head-dim-64 model
+    (the hd64 kernel runs it), so they are not reported as set; the note says so."""
+    f = overrides(tmp_path, '"rpa_v3.d_block_sizes" = [1, 256, 1, 128]\npage_size = 64')
+    cfg = resolve(Workload(8, 2, 64), simulate="v6e", overrides=f)
+    assert cfg.value("rpa_v3.d_block_sizes") is None
+    assert cfg.layer("page_size") == "overrides"
+    assert any(
+        "not applied (the kernels that run this workload: rpa_v2, rpa_v3_hd64): "
+        "rpa_v3.d_block_sizes" in n
+        for n in cfg.notes
+    ), cfg.notes
+    cfg = resolve(Workload(**V6E), simulate="v6e", overrides=f)  # and applied where it runs
+    assert cfg.value("rpa_v3.d_block_sizes") == (1, 256, 1, 128)
+
+
+def test_baseline_notes_reach_the_resolved_config():
+    """The baseline says where it departs from upstream (here: hd64's 100 MiB default VMEM
+    limit capped at TPU7x's 64 MiB)."""
+    cfg = resolve(Workload(64, 8, 64), simulate="tpu7x")
+    assert cfg.value("rpa_v3_hd64.vmem_limit_bytes") == 64 * 2**20
+    assert any(
+        n.startswith("baseline: rpa_v3_hd64.vmem_limit_bytes 67108864") for n in cfg.notes
+    ), cfg.notes

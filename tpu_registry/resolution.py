@@ -313,8 +313,7 @@ def _compute(
         notes.append(
             f"{spec.id} is provisional: its figures come from announcements and pre-release code"
         )
-    if not spec.kernels.families:
-        notes.append(f"no paged-attention kernel supports {spec.id}")
+    notes += tuning.notes  # the baseline's, e.g. no kernel for this chip, or blocks shrunk
     request = {
         "simulate": simulate,
         "overrides": overrides,

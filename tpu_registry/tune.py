@@ -227,7 +227,10 @@ def tune(plugins: Plugins, context: TuneContext, *, strict: bool = False) -> Tun
             [Problem(f"policy {f.plugin}", None, "", f.message, hint) for f in faults]
         )
     return Tuning(
-        dict(sorted(knobs.items())), tuple(layer.name for layer in layers), faults=tuple(faults)
+        dict(sorted(knobs.items())),
+        tuple(layer.name for layer in layers),
+        faults=tuple(faults),
+        notes=tuple(f"{layer.name}: {layer.note}" for layer in layers if layer.note),
     )
 
 

@@ -257,12 +257,14 @@ class Violation:
 
 @dataclass(frozen=True)
 class Tuning:
-    """The merged knobs (read-only), the layers merged (most trusted first), policy faults."""
+    """The merged knobs (read-only), the layers merged (most trusted first), policy faults,
+    and the notes of the layers merged (``"<layer>: <note>"``)."""
 
     knobs: Mapping[str, Knob]
     layers: tuple[str, ...]
     _: KW_ONLY
     faults: tuple[Fault, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "knobs", ReadOnlyMap(self.knobs))

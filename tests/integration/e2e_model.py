@@ -2,7 +2,7 @@
 the prompts, and the float32 oracle the generated tokens are checked against.
 
 A random Llama with GQA (4 query heads, 2 KV heads) and head dim 128, the shape that takes
-the backend's RPA v3 path (head dim 64 is handed to tpu-inference's hd64 kernel). Its weights
+the backend's RPA v3 path (``build(..., head_dim=64)`` makes the hd64 kernel's shape). Its weights
 are drawn in float32, rounded to bfloat16 and saved as bfloat16 with ``save_pretrained``, so
 vLLM (bfloat16) and the float32 oracle read exactly the same numbers.
 
@@ -71,13 +71,14 @@ LONG = 2
 MARGIN = 0.25
 
 
-def build(path: Path) -> Path:
+def build(path: Path, **changes) -> Path:
+    """The tiny model, with ``changes`` to CONFIG (e.g. ``head_dim=64`` for the hd64 kernel)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+    model = LlamaForCausalLM(LlamaConfig(**{**CONFIG, **changes})).eval()
     with torch.no_grad():
         for layer in model.model.layers:
             a = layer.self_attn

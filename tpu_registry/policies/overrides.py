@@ -24,19 +24,22 @@ import logging
 import stat
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import Field, field_validator
 
+from tpu_registry import kernels
 from tpu_registry import knobs as knob_registry
 from tpu_registry.errors import Problem, TuningError
 from tpu_registry.hookspecs import hookimpl
 from tpu_registry.modelerrors import data_error, validate
-from tpu_registry.spec import SCHEMA_VERSION, DataModel
+from tpu_registry.spec import SCHEMA_VERSION, DataModel, KernelFamily
 from tpu_registry.tomlfile import locate, read_toml
 from tpu_registry.types import Layer, TuneContext
 from tpu_registry.units import DTYPE_BITS, canonical_dtype
 from tpu_registry.workload import Workload
+
+KERNEL_FAMILIES = frozenset(get_args(KernelFamily))
 
 log = logging.getLogger("tpu_registry")
 
@@ -232,9 +235,24 @@ def tpu_registry_tune(spec, workload: Workload, context: TuneContext) -> Layer |
             continue
         for k, v in o.knobs.items():
             knobs.setdefault(k, v)
-    if not knobs:
+    # Knobs of a kernel family that does not run this workload (RPA v3 blocks for a head-dim-64
+    # model, say) would be reported as set while no kernel reads them: left out, and said so.
+    running = set(kernels.families_for(spec, workload))
+    idle = sorted(
+        k
+        for k in knobs
+        if "." in k and k.split(".", 1)[0] in KERNEL_FAMILIES and k.split(".", 1)[0] not in running
+    )
+    for k in idle:
+        del knobs[k]
+    if not knobs and not idle:
         return None
     note = f"from {path}"
+    if idle:
+        note += (
+            "; not applied (the kernels that run this workload: "
+            f"{', '.join(sorted(running)) or 'none'}): " + ", ".join(idle)
+        )
     if writable_by_others(path):
         note += " (warning: the file is writable by other users)"
     return Layer("overrides", knobs, note=note)

@@ -45,7 +45,8 @@ def main(spec_path: str) -> None:
     )
     upstream = attention_interface.ragged_paged_attention
 
-    with kernel_binding.bind("rpa_v3", ref):
+    ref_hd64 = e2e_cpu_shims.RecordingReferenceHd64("registry")
+    with kernel_binding.bind("rpa_v3", ref), kernel_binding.bind("rpa_v3_hd64", ref_hd64):
         llm = LLM(model=spec["model"], **spec["engine"])
         t_ready = time.monotonic()
         # Greedy, a fixed length (ignore_eos), token ids only: most ids of the random model's
@@ -66,6 +67,8 @@ def main(spec_path: str) -> None:
         "tokens": [list(o.outputs[0].token_ids) for o in outputs],
         "prompt_tokens": [list(o.prompt_token_ids) for o in outputs],
         "calls": ref.calls + upstream.calls,
+        "hd64_calls": ref_hd64.calls,
+        "hd64_runs": ref_hd64.runs,
         "runs": {"registry": ref.runs, "upstream": upstream.runs},
         "checks": ref.checks + upstream.checks,
         "block_size": vc.cache_config.block_size,

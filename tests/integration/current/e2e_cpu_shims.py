@@ -262,3 +262,115 @@ class RecordingReference:
         return jax.pure_callback(
             host, shapes, q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution
         )
+
+
+HD64_TUNING = ("num_kv_pages_per_block", "num_queries_per_block", "vmem_limit_bytes")
+
+
+def numpy_rpa_hd64(
+    q,
+    k,
+    v,
+    kv_cache,
+    kv_lens,
+    page_indices,
+    cu_q_lens,
+    distribution,
+    sinks=None,
+    *,
+    sm_scale,
+    sliding_window=None,
+    soft_cap=None,
+    q_scale=None,
+    k_scale=None,
+    v_scale=None,
+):
+    """What tpu-inference's ``ref_ragged_paged_attention_hd64`` computes, in NumPy: head h's K
+    in lanes 0-63 and V in lanes 64-127 of row (h // packing, h % packing); per-head sinks take
+    probability mass and contribute no value."""
+    import numpy as np
+
+    if q_scale is not None or k_scale is not None or v_scale is not None:
+        raise NotImplementedError("quantized KV is not part of the end-to-end test")
+    cache = np.array(kv_cache)
+    _, page, rows, pack, lanes = cache.shape
+    n_tok, hq, d = q.shape
+    hkv = k.shape[1]
+    merged = np.zeros((n_tok, rows * pack, lanes), cache.dtype)
+    merged[:, :hkv, :d], merged[:, :hkv, d:] = k, v
+    merged = merged.reshape(n_tok, rows, pack, lanes)
+    pps = page_indices.shape[0] // kv_lens.shape[0]
+    out = np.zeros((n_tok, hq, d), np.float32)
+    group = hq // hkv
+    for i in range(int(distribution[2])):
+        q0, q1, kv_len = int(cu_q_lens[i]), int(cu_q_lens[i + 1]), int(kv_lens[i])
+        q_len = q1 - q0
+        pages = page_indices[i * pps : i * pps + -(-kv_len // page)]
+        flat = cache[pages].reshape(-1, rows, pack, lanes)
+        flat[kv_len - q_len : kv_len] = merged[q0:q1]
+        cache[pages] = flat.reshape(len(pages), page, rows, pack, lanes)
+        kv = flat.reshape(-1, rows * pack, lanes)[:kv_len, :hkv].astype(np.float32)
+        q_pos = kv_len - q_len + np.arange(q_len)[:, None]
+        k_pos = np.arange(kv_len)[None, :]
+        allowed = k_pos <= q_pos
+        if sliding_window is not None:
+            allowed &= q_pos < k_pos + sliding_window
+        qs = np.asarray(q[q0:q1], np.float32)
+        for h in range(hq):
+            logits = qs[:, h] @ kv[:, h // group, :d].T * sm_scale
+            if soft_cap is not None:
+                logits = soft_cap * np.tanh(logits / soft_cap)
+            logits = np.where(allowed, logits, -np.inf)
+            top = logits.max(axis=-1, keepdims=True)
+            if sinks is not None:
+                top = np.maximum(top, float(sinks[h]))
+            e = np.exp(logits - top)
+            total = e.sum(axis=-1, keepdims=True)
+            if sinks is not None:
+                total = total + np.exp(float(sinks[h]) - top)
+            out[q0:q1, h] = (e / total) @ kv[:, h // group, d:]
+    return out, cache
+
+
+class RecordingReferenceHd64:
+    """The hd64 kernel's stand-in: records each traced call's keywords and shapes, runs the hd64
+    kernel's own ``static_validate_inputs`` with them, and computes ``numpy_rpa_hd64`` on the
+    host (the Pallas kernel cannot run on CPU)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.calls: list[dict[str, Any]] = []
+        self.runs = 0
+
+    def __call__(
+        self, q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks=None, **kw
+    ):
+        import jax
+        import numpy as np
+        from tpu_inference.kernels.ragged_paged_attention.v3 import kernel_hd64
+
+        args = (q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution)
+        kernel_hd64.static_validate_inputs(*args, sinks, **kw)
+        self.calls.append(
+            {
+                "path": self.path,
+                "kwargs": dict(kw),
+                "q_tokens": int(q.shape[0]),
+                "q_heads": int(q.shape[1]),
+                "kv_heads": int(k.shape[1]),
+                "head_dim": int(q.shape[2]),
+                "kv_cache_shape": list(kv_cache.shape),
+            }
+        )
+        ref_kw = {n: x for n, x in kw.items() if n not in HD64_TUNING}
+
+        def host(*arrays):
+            self.runs += 1
+            out, cache = numpy_rpa_hd64(*(np.asarray(a) for a in arrays), **ref_kw)
+            return out.astype(q.dtype), cache
+
+        shapes = (
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct(kv_cache.shape, kv_cache.dtype),
+        )
+        return jax.pure_callback(host, shapes, *args, *(() if sinks is None else (sinks,)))
