@@ -17,7 +17,10 @@ overrides in all of them:
 - ``wrong_scale``: as ``registry`` with a kernel stand-in whose softmax scale is doubled (the
   negative control: the comparison below must fail on it);
 - ``jax_native``: no ``MODEL_IMPL_TYPE``: tpu-inference runs Llama as a JAX module, which calls
-  its RPA path without any backend; only the exported ``RPA_V3_*_BLOCK_SIZES`` reach it.
+  its RPA path without any backend; only the exported ``RPA_V3_*_BLOCK_SIZES`` reach it;
+- ``hd64``: the same model with head dim 64 through ``TPU_REGISTRY``: the hd64 kernel
+  (``e2e_cpu_shims.RecordingReferenceHd64``) with the registry's hd64 knobs, set by the
+  overrides file's second entry.
 
 The kernel stand-in is the same in every run (``e2e_cpu_shims.RecordingReference``).
 """
@@ -80,7 +83,17 @@ page_size = 16
 "rpa_v3.p_block_sizes" = [64, 256, 32, 128]
 "rpa_v3.m_block_sizes" = [32, 128, 16, 64]
 "rpa_v3.vmem_limit_bytes" = 67108864
+
+[[override]]
+generation = "v6e"
+match = { head_dim = 64 }
+note = "end-to-end test: the hd64 kernel's knobs differ from the baseline"
+[override.knobs]
+"rpa_v3_hd64.num_kv_pages_per_block" = 4
+"rpa_v3_hd64.num_queries_per_block" = 16
+"rpa_v3_hd64.vmem_limit_bytes" = 33554432
 """
+HD64 = 64  # the head dim of the hd64 run's model
 
 # check_reference: also run tpu-inference's reference on the first call of each kind (about
 # ten seconds a run); the stand-in is the same code in every run, so the registry run checks it.
@@ -97,6 +110,11 @@ RUNS = {
         sm_scale_factor=2.0,
     ),
     "jax_native": dict(engine={"attention_backend": "TPU_REGISTRY"}, env={"MODEL_IMPL_TYPE": None}),
+    "hd64": dict(
+        engine={"attention_backend": "TPU_REGISTRY"},
+        env={"MODEL_IMPL_TYPE": "vllm"},
+        model="hd64",
+    ),
 }
 CHILD_ENV = {
     # the engine core in this process: the bound kernel is the one called
@@ -148,13 +166,14 @@ class E2E:
     results: dict[str, dict]
     seconds: float
     oracle: Oracle
+    oracle_hd64: Oracle
 
-    def config(self):
+    def config(self, head_dim: int = HEAD_DIM):
         """The registry's answer for this workload, resolved here, not by the plugin."""
         w = Workload(
             num_q_heads=Q_HEADS,
             num_kv_heads=KV_HEADS,
-            head_dim=HEAD_DIM,
+            head_dim=head_dim,
             q_dtype="bfloat16",
             kv_dtype="bfloat16",
             max_model_len=MAX_MODEL_LEN,
@@ -167,12 +186,13 @@ class E2E:
 
     def disagreements(self, name: str) -> tuple[list[tuple], int]:
         r = self.results[name]
-        return self.oracle.disagreements(r["prompt_tokens"], r["tokens"])
+        oracle = self.oracle_hd64 if name == "hd64" else self.oracle
+        return oracle.disagreements(r["prompt_tokens"], r["tokens"])
 
 
-def _spec(run: dict, model: Path) -> dict:
+def _spec(run: dict, models: dict[str, Path]) -> dict:
     return {
-        "model": str(model),
+        "model": str(models[run.get("model", "main")]),
         "prompts": PROMPTS,
         "max_tokens": MAX_TOKENS,
         "engine": {**ENGINE, **run["engine"]},
@@ -185,18 +205,28 @@ def _spec(run: dict, model: Path) -> dict:
 def e2e(tmp_path_factory) -> E2E:
     t0 = time.monotonic()
     work = tmp_path_factory.mktemp("e2e")
-    model = build(work / "tiny-llama")
+    models = {
+        "main": build(work / "tiny-llama"),
+        "hd64": build(work / "tiny-llama-hd64", head_dim=HD64),
+    }
     overrides = work / "overrides.toml"
     overrides.write_text(OVERRIDES)
     child = HERE / "e2e_child.py"
     procs = {
         name: start_engine(
-            name, _spec(run, model), child, {**CHILD_ENV, **run["env"]}, overrides, work
+            name, _spec(run, models), child, {**CHILD_ENV, **run["env"]}, overrides, work
         )
         for name, run in RUNS.items()
     }
     results = collect(procs, work, t0, TIMEOUT)
-    return E2E(model, overrides, results, time.monotonic() - t0, Oracle(model))
+    return E2E(
+        models["main"],
+        overrides,
+        results,
+        time.monotonic() - t0,
+        Oracle(models["main"]),
+        Oracle(models["hd64"]),
+    )
 
 
 # ---------------------------------------------------------------------------- tests
@@ -211,6 +241,8 @@ def test_runs_cover_decode_prefill_and_chunked_prefill(e2e):
     assert long_prompt > 2 * MAX_NUM_BATCHED_TOKENS  # at least three chunks
     assert long_prompt > 10 * r["block_size"]
     for name, res in e2e.results.items():
+        if name == "hd64":
+            continue  # one kernel for every kind of batch: see test_hd64_model_*
         counts = res["runs"]["upstream" if name in ("upstream", "jax_native") else "registry"]
         assert all(counts[kind] > 0 for kind in ("decode", "prefill", "mixed")), (name, counts)
         assert res["prompt_tokens"] == r["prompt_tokens"], name
@@ -339,3 +371,35 @@ def test_jax_native_model_gets_the_exported_block_sizes(e2e):
     assert r["block_size"] == cfg.value("page_size")
     bad, _ = e2e.disagreements("jax_native")  # the same weights, through tpu-inference's JAX Llama
     assert not bad, bad
+
+
+def test_hd64_model_runs_the_hd64_kernel_with_the_registry_knobs(e2e):
+    """Head dim 64 through ``TPU_REGISTRY``: every call goes to the hd64 kernel (none to the
+    RPA v3 one), with exactly the registry's hd64 knobs for the call (the overrides' entry
+    for head dim 64, clamped per call as upstream clamps them), and the tokens match
+    transformers' float32 forward of the same weights."""
+    cfg = e2e.config(head_dim=HD64)
+    for knob in (
+        "rpa_v3_hd64.num_kv_pages_per_block",
+        "rpa_v3_hd64.num_queries_per_block",
+        "rpa_v3_hd64.vmem_limit_bytes",
+    ):
+        assert cfg.layer(knob) == "overrides", knob
+    assert cfg.value("rpa_v3.d_block_sizes") is None  # the first entry's v3 blocks: not applied
+    r = e2e.results["hd64"]
+    assert r["hd64_runs"] > 0 and not r["calls"]
+    assert r["block_size"] == cfg.value("page_size") == 16
+    want_shape = list(plan(cfg).kv_cache_shape("tpu_inference", NUM_BLOCKS))
+    assert want_shape[-1] == 128 and r["kv_cache_shapes"] == [want_shape] * LAYERS
+    calls = r["hd64_calls"]
+    assert len({c["q_tokens"] for c in calls}) >= 2  # several token buckets were compiled
+    for call in calls:
+        one = cfg.for_call(call["q_tokens"], q_heads=call["q_heads"], kv_heads=call["kv_heads"])
+        want = one.kernel_kwargs("rpa_v3_hd64")
+        assert {k: call["kwargs"][k] for k in want} == want, call
+        assert want["num_queries_per_block"] == min(16, call["q_tokens"])
+        assert (call["q_heads"], call["kv_heads"], call["head_dim"]) == (Q_HEADS, KV_HEADS, HD64)
+        assert call["kwargs"]["sm_scale"] == HD64**-0.5
+    bad, near_ties = e2e.disagreements("hd64")
+    assert not bad, bad
+    assert near_ties <= len(PROMPTS) * MAX_TOKENS // 10, near_ties

@@ -459,6 +459,10 @@ def test_per_bucket_block_sizes(gen, no_detectors, monkeypatch, summary):
         except TuningError:
             counts["workloads refused"] += 1
             continue
+        if w.head_dim == 64:  # the hd64 kernel: test_kernel_families_agreement.py
+            assert cfg.value("rpa_v3.d_block_sizes") is None
+            counts["head dim 64 (hd64 kernel, checked elsewhere)"] += 1
+            continue
         counts["workloads"] += 1
         page = cfg.value("page_size")
         q_heads, kv_heads = shard_heads(w)
@@ -474,13 +478,12 @@ def test_per_bucket_block_sizes(gen, no_detectors, monkeypatch, summary):
                 counts["shrunk (upstream's estimate above the limit)"] += over
                 if over == (got == want) or (over and up.vmem_need(w, got) > limit):
                     diffs.append(f"{case.name}, bucket {bucket}: {got} vs upstream {want}, {w}")
-            if w.head_dim != 64:
-                why = up.rejects(w, page, kwargs, bucket, adapter_cache_shape)
-                if why:
-                    diffs.append(f"bucket {bucket}: kwargs {kwargs} rejected: {why}, {w}")
+            why = up.rejects(w, page, kwargs, bucket, adapter_cache_shape)
+            if why:
+                diffs.append(f"bucket {bucket}: kwargs {kwargs} rejected: {why}, {w}")
     summary["buckets"][gen] = counts
     print(f"\n{gen}: {dict(counts)}")
-    assert counts["workloads"] >= BUCKET_WORKLOADS // 2
+    assert counts["workloads"] >= BUCKET_WORKLOADS // 3
     assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs[:5])
 
 
