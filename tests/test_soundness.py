@@ -615,3 +615,25 @@ def test_baseline_notes_reach_the_resolved_config():
     assert any(
         n.startswith("baseline: rpa_v3_hd64.vmem_limit_bytes 67108864") for n in cfg.notes
     ), cfg.notes
+
+
+@pytest.mark.parametrize(
+    "name,heads",
+    [("deepseek-v2-lite", 16), ("deepseek-v3", 128), ("kimi-k2", 64)],
+)
+def test_mla_configs_give_the_mla_family_and_bytes(name, heads):
+    """DeepSeek-V2-Lite, DeepSeek-V3 and Kimi-K2 config.json shapes: every head reads one
+    512 + 64 latent per token (640 lanes in the cache), whatever the head count or TP."""
+    path = REPO / "tests" / "data" / "hf" / f"{name}.json"
+    w = Workload.from_hf_config(path, tensor_parallel=8)
+    assert (w.num_q_heads, w.num_kv_heads, w.kv_lora_rank, w.qk_rope_head_dim) == (
+        heads,
+        1,
+        512,
+        64,
+    )
+    cfg = resolve(w, simulate="v5p")
+    p = plan(cfg)
+    assert p.families == ("mla_v2",)
+    assert p.kv_bytes_per_token("tpu_inference", num_layers=61) == 640 * 2 * 61
+    assert cfg.value("mla_v2.vmem_limit_bytes") == 64 * 2**20  # v5p's core VMEM
