@@ -78,7 +78,8 @@ def random_workloads(seed: int, n: int):
             Workload(
                 num_q_heads=kv * group,
                 num_kv_heads=kv,
-                head_dim=rng.choice([64, 80, 96, 112, 128, 192, 256]),
+                # head dim 64 runs the hd64 kernel: test_kernel_families_agreement.py
+                head_dim=rng.choice([80, 96, 112, 128, 192, 256]),
                 q_dtype=q_dtype,
                 kv_dtype=kv_dtype,
                 max_model_len=max_model_len,
