@@ -51,8 +51,10 @@ CANNOT_REACH = {
         "models tpu-inference runs as JAX modules (Llama, Qwen2, Qwen3 by default): only the "
         "exported RPA_V3_*_BLOCK_SIZES reach them, not the VMEM limit; MODEL_IMPL_TYPE=vllm "
         "routes them through --attention-backend TPU_REGISTRY",
-        "head dim 64 and attention sinks: tpu-inference's hd64 kernel, called unchanged",
-        "MLA models (DeepSeek, Kimi): tpu-inference always runs FLASH_ATTN_MLA for them",
+        "head dim 64 and attention sinks outside --attention-backend TPU_REGISTRY: tpu-inference "
+        "passes its hd64 kernel no block sizes and reads no variable for them (page size only)",
+        "MLA models (DeepSeek, Kimi): tpu-inference always runs FLASH_ATTN_MLA for them and "
+        "builds the MLA kernel's arguments itself; only the page size reaches them",
         "logits_soft_cap on the vLLM-model path: tpu-inference drops it before attention",
     ],
     "legacy": [
