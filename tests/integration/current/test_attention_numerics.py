@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from runner_metadata import runner_metadata  # this folder
 from tpu_inference.kernels.ragged_paged_attention.v3 import kernel as v3
 from tpu_inference.layers.common.attention_backend import RPAAttentionBackend
 from tpu_inference.layers.common.attention_interface import attention
-from tpu_inference.layers.common.attention_metadata import AttentionMetadata
 from tpu_registry_vllm import kernel_binding
 from tpu_registry_vllm import tpu_inference_backend as tib
 
@@ -136,23 +136,7 @@ def build_batch(cfg, dtype, rng):
     q, k, v, cache = (
         np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)) for x in (q, k, v, cache)
     )
-    # Metadata as tpu-inference's runner lays it out: padded to max_num_seqs, decodes first,
-    # distribution (decode, decode, all), query_start_loc padded with its last value.
-    cu = np.zeros(MAX_SEQS + 1, np.int32)
-    cu[1 : len(SEQS) + 1] = np.cumsum([ql for ql, _ in SEQS])
-    cu[len(SEQS) + 1 :] = cu[len(SEQS)]
-    seq_lens = np.zeros(MAX_SEQS, np.int32)
-    seq_lens[: len(SEQS)] = [kv for _, kv in SEQS]
-    positions = np.zeros(T, np.int32)
-    positions[:n_tok] = np.concatenate([np.arange(kv - ql, kv) for ql, kv in SEQS])
-    n_decode = sum(1 for ql, _ in SEQS if ql == 1)
-    md = AttentionMetadata(
-        input_positions=jnp.asarray(positions),
-        block_tables=jnp.asarray(np.concatenate(tables).astype(np.int32)),
-        seq_lens=jnp.asarray(seq_lens),
-        query_start_loc=jnp.asarray(cu),
-        request_distribution=jnp.asarray(np.array([n_decode, n_decode, len(SEQS)], np.int32)),
-    )
+    md = runner_metadata(SEQS, MAX_SEQS, tables, T)
     return backend, md, tables, q, k, v, cache
 
 

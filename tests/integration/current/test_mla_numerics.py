@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+from runner_metadata import runner_metadata  # this folder
 from tpu_inference.kernels.mla.v1 import kernel as mla_v1
 from tpu_inference.kernels.mla.v2 import kernel as mla_v2
 from tpu_inference.layers.common import attention_interface
-from tpu_inference.layers.common.attention_metadata import AttentionMetadata
 
 from tpu_registry import Workload, plan, resolve
 
@@ -129,19 +129,7 @@ def test_mla_attention_through_tpu_inference_matches_numpy(monkeypatch):
         for t in range(hist):
             cache[slot(cache, tables[s], t)][:LKV] = c[t]
             cache[slot(cache, tables[s], t)][LKV : LKV + ROPE] = pe[t]
-    cu = np.zeros(MAX_SEQS + 1, np.int32)
-    cu[1 : len(SEQS) + 1] = np.cumsum([ql for ql, _ in SEQS])
-    cu[len(SEQS) + 1 :] = cu[len(SEQS)]
-    lens = np.zeros(MAX_SEQS, np.int32)
-    lens[: len(SEQS)] = [kv for _, kv in SEQS]
-    dec = sum(1 for ql, _ in SEQS if ql == 1)
-    md = AttentionMetadata(
-        input_positions=jnp.zeros(T, jnp.int32),
-        block_tables=jnp.asarray(np.concatenate(tables).astype(np.int32)),
-        seq_lens=jnp.asarray(lens),
-        query_start_loc=jnp.asarray(cu),
-        request_distribution=jnp.asarray(np.array([dec, dec, len(SEQS)], np.int32)),
-    )
+    md = runner_metadata(SEQS, MAX_SEQS, tables, T)
     md.padded_num_reqs = MAX_SEQS  # the runner pads requests; the registry keys by max_num_seqs
     rec = RecordingRef()
     monkeypatch.setattr(attention_interface, "mla_ragged_paged_attention", rec)
