@@ -348,6 +348,19 @@ def test_torch_xla_5_alone_is_ambiguous_and_pci_resolves_it():
     assert d.generation == "v5e"
 
 
+def test_torch_xla_bare_tpu_type_is_no_slice_conflict():
+    """torch_xla's get_tpu_type() names the generation only ('v6e'): beside the environment's
+    v6e-8 it agrees, and names no slice to disagree with (found by the legacy suite)."""
+    cat = load_catalog()
+    bare = Evidence("accelerator_type", "v6e", "torch_xla._internal.tpu.get_tpu_type()")
+    env = Evidence(
+        "accelerator_type", "v6e-8", "env TPU_ACCELERATOR_TYPE", count=8, count_unit="suffix"
+    )
+    d = reconcile(cat, [bare, env])
+    assert (d.generation, d.status, d.conflicts) == ("v6e", "detected", ())
+    assert d.slice is not None and d.slice.chips == 8
+
+
 def test_seed_tpu_version_variable_is_accepted_with_a_note():
     d = detect(env={"TPU_VERSION": "5"}, sysfs_root="/nonexistent")
     assert d.status == "ambiguous" and d.candidates == ("v5e", "v5p")

@@ -383,7 +383,8 @@ def _shape(
     first = {
         key: next((e for e in usable if pick(e)), None)
         for key, pick in (
-            ("accel", lambda e: e.kind == "accelerator_type"),
+            # a bare generation name (torch_xla's get_tpu_type() says 'v6e') names no slice
+            ("accel", lambda e: e.kind == "accelerator_type" and "-" in e.value),
             ("topo", lambda e: e.scope == "slice" and bool(e.topology)),
             ("machine", lambda e: e.kind == "machine_type"),
             ("host", lambda e: e.scope == "host" and to_chips(catalog, gid, e) is not None),
