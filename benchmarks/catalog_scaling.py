@@ -10,7 +10,11 @@ built-in folder alone is timed in the same rounds for reference.
 Then times lookups by identifier (``catalog.lookup(kind, value)`` and ``catalog.find(text)``)
 at every size: they should not grow with the catalog.
 
-Target (issue 6): per-file load cost at the largest size / at 10 files < 1.5 (linear growth).
+Files are validated once (the warm-up load) and then read from their snapshots in a private
+``TPU_REGISTRY_CACHE_DIR``, as every process after the first reads them.
+
+Targets (issue 14): per-file load cost at the largest size / at 10 files <= 1.2, and <= 0.1 ms
+per generated file from snapshots.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from pathlib import Path
 
 from run_all import md_table, per_call, script_main, sound, stats, target, tiny
 
-TARGET_RATIO = 1.5
+TARGET_RATIO = 1.2
+TARGET_PER_FILE_MS = 0.1
 
 SUBSTITUTIONS = {
     # pattern on one line of v6e.toml -> replacement, given n
@@ -70,8 +75,12 @@ def generate(folder: Path, count: int, text: str) -> Path:
 
 
 def run(small: bool) -> dict:
+    import os
+
     from tpu_registry import catalog
 
+    snaps = tempfile.mkdtemp(prefix="tpu-registry-bench-snapshots-")
+    os.environ["TPU_REGISTRY_CACHE_DIR"] = snaps
     sizes = [10, 50] if small else [10, 100, 1000, 5000]
     rounds = 2 if small else 5
     calls, batches = (2000, 3) if small else (10000, 15)
@@ -205,6 +214,11 @@ def run(small: bool) -> dict:
     print()
     print(lookup_table)
     ratio = per_file[(sizes[-1], True)] / per_file[(sizes[0], True)]
+    base_ms = stats(times[(0, True)]).median
+    per_generated = (stats(times[(sizes[-1], True)]).median - base_ms) / sizes[-1] * 1000
+    import shutil
+
+    shutil.rmtree(snaps, True)
     ratio_off = per_file[(sizes[-1], False)] / per_file[(sizes[0], False)]
     worst_lookup = max(v[-1] / v[0] for v in lookup_us.values())
     md = "\n".join(
@@ -226,20 +240,28 @@ def run(small: bool) -> dict:
     targets = [
         target(
             f"load cost per file at {sizes[-1]:,} / at {sizes[0]} generated files",
-            f"< {TARGET_RATIO}",
+            f"<= {TARGET_RATIO}",
             f"{ratio:.2f}",
             ratio,
-            "<",
+            "<=",
             TARGET_RATIO,
             f"with the garbage collector off: {ratio_off:.2f}"
             + (
                 ""
-                if ratio < TARGET_RATIO
+                if ratio <= TARGET_RATIO
                 else (
                     " — the growth is the cyclic GC traversing the ever larger live heap"
                     " of parsed documents and models during the load"
                 )
             ),
+        ),
+        target(
+            f"load cost per generated file at {sizes[-1]:,} files, from snapshots",
+            f"<= {TARGET_PER_FILE_MS} ms",
+            f"{per_generated:.3f} ms",
+            per_generated,
+            "<=",
+            TARGET_PER_FILE_MS,
         ),
         target(
             f"lookup time at {sizes[-1]:,} / at {sizes[0]} generated files (worst probe)",

@@ -6,14 +6,17 @@ time and peak RSS from ``os.wait4``):
 (a) the seed: ``import torch_xla`` + ``torch_xla._internal.tpu.version()``, in the legacy
     integration environment (torch 2.9.0 + torch-xla 2.9.0 + vllm 0.13, Python 3.11) with
     ``TPU_SKIP_MDS_QUERY=1 TPU_ACCELERATOR_TYPE=v6e-8 PJRT_DEVICE=CPU``: no network, no TPU;
-(b) ``import jax`` + ``jax.devices()`` with ``JAX_PLATFORMS=cpu`` (the .venv's jax);
+(b) ``import jax`` + ``jax.devices()`` with ``JAX_PLATFORMS=cpu``, in the current integration
+    environment (vLLM + tpu-inference + JAX, Python 3.12; the .venv's jax without it);
 (c) ours: ``import tpu_registry.detection`` + ``detect()`` with its default, non-invasive
-    settings, in the same interpreter as (a) (and again in the .venv's, paired with (b)).
+    settings, from this checkout (``PYTHONPATH``), in the same interpreter as (a) and again in
+    the same interpreter as (b), with a private snapshot folder filled by the warm-up.
 
 All processes get the same environment variables, so (c) sees the same
 ``TPU_ACCELERATOR_TYPE`` that torch_xla reads and must answer v6e.
 
-Target (issue 6): ours is at least 100x cheaper. The legacy environment is built with
+Targets (issue 14), whole process (wall time, fresh processes): ours is >= 100x cheaper than
+(a) and >= 12x cheaper than (b). The legacy environment is built with
 ``integration/build_env.sh legacy``; without it (a) is skipped and said so.
 """
 
@@ -40,7 +43,7 @@ from run_all import (
     tiny,
 )
 
-TARGET_RATIO = 100.0
+TARGET_RATIO = {"(a) torch_xla": 100.0, "(b) jax": 12.0}
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 OFFLINE = {
     "TPU_SKIP_MDS_QUERY": "1",
@@ -88,18 +91,36 @@ def cache_root() -> Path:
     return Path(os.environ.get("TPU_REGISTRY_CACHE") or Path.home() / ".cache" / "tpu-registry")
 
 
-def find_legacy() -> Path | None:
-    """The newest healthy ``legacy-*`` environment's python, or None."""
+def find_legacy(kind: str = "legacy") -> Path | None:
+    """The newest healthy ``legacy-*`` (or ``current-*``) environment's python, or None."""
     found = []
-    for py in glob.glob(str(cache_root() / "envs" / "legacy-*" / "bin" / "python")):
+    for py in glob.glob(str(cache_root() / "envs" / f"{kind}-*" / "bin" / "python")):
         marker = Path(py).parent.parent / ".healthy"
         if marker.is_file():
             found.append((marker.stat().st_mtime, Path(py)))
     return max(found)[1] if found else None
 
 
+_snapshots: str | None = None
+
+
+def ours_env(extra: dict | None = None) -> dict:
+    """This checkout first on the path (read-only use of the integration interpreters), a
+    private snapshot folder, the offline variables."""
+    global _snapshots
+    if _snapshots is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        _snapshots = tempfile.mkdtemp(prefix="tpu-registry-bench-snapshots-")
+        atexit.register(shutil.rmtree, _snapshots, True)
+    path = os.pathsep.join([str(ROOT), str(ROOT / "plugins" / "tpu-registry-vllm")])
+    return child_env({**OFFLINE, "PYTHONPATH": path, "TPU_REGISTRY_CACHE_DIR": _snapshots})
+
+
 def has_registry(python: Path) -> bool:
-    env = child_env()
+    env = ours_env()
     return (
         subprocess.run(
             [str(python), "-c", "import tpu_registry.detection"],
@@ -120,7 +141,8 @@ def run(small: bool, skip_legacy: bool) -> dict:
         notes.append("(a) skipped on request (--skip-legacy).")
     elif legacy is None:
         msg = (
-            f"LEGACY ENVIRONMENT MISSING: no {cache_root()}/envs/legacy-*/bin/python with a "
+            "LEGACY ENVIRONMENT MISSING: no <cache>/envs/legacy-*/bin/python (the cache is "
+            "~/.cache/tpu-registry, or TPU_REGISTRY_CACHE) with a "
             ".healthy marker. Build it with `integration/build_env.sh legacy` (Python 3.11, torch "
             "2.9.0 + torch-xla 2.9.0 + vllm 0.13; ~11 GB) and run this benchmark again. Skipping "
             "(a); (b) and (c) still run."
@@ -132,9 +154,13 @@ def run(small: bool, skip_legacy: bool) -> dict:
         ours_legacy_py = legacy if has_registry(legacy) else venv_py
         if ours_legacy_py != legacy:
             notes.append(
-                f"tpu_registry is not installed in {legacy.parent.parent}; "
-                f"(c) paired with (a) runs with {venv_py} instead."
+                "tpu_registry's dependencies are missing in the legacy environment; "
+                "(c) paired with (a) runs with the .venv's interpreter instead."
             )
+    current = find_legacy("current")
+    jax_py = current if current is not None and has_registry(current) else venv_py
+    if jax_py == venv_py:
+        notes.append("current integration environment missing: (b) uses the .venv's jax.")
 
     # name -> (python, code, bytecode cache?). Ours runs from a private bytecode cache (as an
     # installed package would); torch_xla and jax run from the bytecode their install wrote.
@@ -146,20 +172,22 @@ def run(small: bool, skip_legacy: bool) -> dict:
             if ours_legacy_py == legacy
             else "(c) import tpu_registry + detect(), .venv (paired with a)"
         ] = (ours_legacy_py, OURS_CODE, True)
-    kinds["(b) import jax + jax.devices()"] = (venv_py, JAX_CODE, False)
-    kinds["(c) import tpu_registry + detect(), .venv"] = (venv_py, OURS_CODE, True)
+    kinds["(b) import jax + jax.devices()"] = (jax_py, JAX_CODE, False)
+    kinds[
+        "(c) import tpu_registry + detect(), current env"
+        if jax_py == current
+        else "(c) import tpu_registry + detect(), .venv"
+    ] = (jax_py, OURS_CODE, True)
     names = list(kinds)
     print(
         f"detect_vs_seed: {rounds} round(s) of {len(names)} processes "
         f"after {warmup} warm-up round(s)"
-        + (f"; legacy env {legacy.parent.parent}" if legacy else "")
     )
 
     def one(name: str) -> dict:
-        python, code, cached = kinds[name]
-        proc = run_process(
-            [str(python), "-c", code], child_env(OFFLINE, bytecode_cache=cached), timeout=1800
-        ).check(name)
+        python, code, ours = kinds[name]
+        env = ours_env() if ours else child_env(OFFLINE, bytecode_cache=False)
+        proc = run_process([str(python), "-c", code], env, timeout=1800).check(name)
         out = last_json_line(proc.stdout)
         out["wall_s"], out["rss_mb"] = proc.wall_s, proc.maxrss_kib * 1024 / 1e6
         return out
@@ -226,9 +254,7 @@ def run(small: bool, skip_legacy: bool) -> dict:
     pairs = []
     if legacy is not None:
         pairs.append(("(a) torch_xla", names[0], names[1]))
-    pairs.append(
-        ("(b) jax", "(b) import jax + jax.devices()", "(c) import tpu_registry + detect(), .venv")
-    )
+    pairs.append(("(b) jax", "(b) import jax + jax.devices()", names[-1]))
     ratio_rows = []
     targets = []
     for label, theirs, ours in pairs:
@@ -249,22 +275,25 @@ def run(small: bool, skip_legacy: bool) -> dict:
                 f"{r_rss:,.1f}x",
             ]
         )
+        goal = TARGET_RATIO[label]
         why = ""
-        if r_total < TARGET_RATIO:
+        if r_wall < goal:
             why = (
-                f"ours: import {med(ours, 'import_s') * 1000:.0f} ms (pydantic and the catalog "
-                "models detection loads, see the startup section) + detect() "
-                f"{med(ours, 'call_s') * 1000:.0f} ms (plugin manager, catalog load); the call "
-                f"alone is {r_call:,.0f}x cheaper"
+                f"ours: {med(ours, 'wall_s') * 1000:.0f} ms whole process, of which import "
+                f"{med(ours, 'import_s') * 1000:.0f} ms (pluggy and the plugin manager, which "
+                "the installed detector plugins need) + detect() "
+                f"{med(ours, 'call_s') * 1000:.0f} ms; the interpreter alone starts in about a "
+                "third of that (startup section); import + call only: "
+                f"{r_total:,.1f}x"
             )
         targets.append(
             target(
-                f"{label} import + call vs ours (import + detect())",
-                f">= {TARGET_RATIO:.0f}x cheaper",
-                f"{r_total:,.1f}x",
-                r_total,
+                f"{label}: whole process, theirs vs ours (import + detect())",
+                f">= {goal:.0f}x cheaper",
+                f"{r_wall:,.1f}x",
+                r_wall,
                 ">=",
-                TARGET_RATIO,
+                goal,
                 why,
             )
         )
@@ -272,12 +301,12 @@ def run(small: bool, skip_legacy: bool) -> dict:
         targets.insert(
             0,
             target(
-                "(a) torch_xla import + version() vs ours",
-                f">= {TARGET_RATIO:.0f}x cheaper",
+                "(a) torch_xla: whole process, theirs vs ours",
+                f">= {TARGET_RATIO['(a) torch_xla']:.0f}x cheaper",
                 "not measured",
                 None,
                 ">=",
-                TARGET_RATIO,
+                TARGET_RATIO["(a) torch_xla"],
                 "legacy environment missing: build it with `integration/build_env.sh legacy`"
                 if not skip_legacy
                 else "skipped (--skip-legacy)",
@@ -306,7 +335,7 @@ def run(small: bool, skip_legacy: bool) -> dict:
             "*import* and *call* are timed inside the process; *whole process* and *peak RSS* come "
             "from `os.wait4`. Our processes read bytecode from a private cache; torch_xla's and "
             "jax's read the bytecode their installation wrote."
-            + (f" Legacy environment: `{legacy.parent.parent}`." if legacy else ""),
+            + (" (a) ran in the legacy integration environment." if legacy else ""),
             "",
             table,
             "",

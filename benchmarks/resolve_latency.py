@@ -9,7 +9,10 @@
   temporary folder with 8 v5e PCI functions (vendor 0x1ae0, device 0x0063) and
   ``TPU_ACCELERATOR_TYPE=v5litepod-8``, passed as ``sysfs_root=`` and ``env=``.
 
-Targets (issue 6): cold < 20 ms, warm < 50 µs, detect() on a full host < 5 ms.
+Every process shares one private snapshot folder (``TPU_REGISTRY_CACHE_DIR``) filled by the
+warm-up, so "cold" is a fresh process with unchanged data files, as in every vLLM worker.
+
+Targets (issue 14): cold <= 5 ms, warm <= 5 µs; detect() on a full host < 5 ms (issue 6).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from run_all import (
     tiny,
 )
 
-TARGET_COLD_MS, TARGET_WARM_US, TARGET_DETECT_MS = 20.0, 50.0, 5.0
+TARGET_COLD_MS, TARGET_WARM_US, TARGET_DETECT_MS = 5.0, 5.0, 5.0
 
 COLD_CODE = r"""
 import json, time
@@ -107,7 +110,14 @@ def run(small: bool) -> dict:
     procs, warm_calls, warm_batches, det_calls, det_batches = (
         (2, 2000, 3, 20, 3) if small else (15, 20000, 15, 200, 15)
     )
-    env = child_env()
+    import atexit
+    import os
+    import shutil
+
+    snaps = tempfile.mkdtemp(prefix="tpu-registry-bench-snapshots-")
+    atexit.register(shutil.rmtree, snaps, True)
+    os.environ["TPU_REGISTRY_CACHE_DIR"] = snaps  # this process's own warm calls too
+    env = child_env({"TPU_REGISTRY_CACHE_DIR": snaps})
     print(
         f"resolve cold: {procs} fresh processes of each kind "
         "(after one warm-up of each), alternating"
@@ -134,7 +144,6 @@ def run(small: bool) -> dict:
     cold_st = stats(cold)
 
     # Warm, in this process.
-    import tpu_registry
     from tpu_registry import Workload, resolve
     from tpu_registry.catalog import load_catalog
     from tpu_registry.detection import detect
@@ -154,11 +163,9 @@ def run(small: bool) -> dict:
 
         from tpu_registry import settings
 
-        env_key = stats(
-            per_call(lambda: settings.resolve_key(os.environ), warm_calls, warm_batches)
-        )
+        env_key = stats(per_call(settings.environ_key, warm_calls, warm_batches))
         n_keys = len(settings.resolve_key(os.environ))
-        env_note = f"{n_keys} `os.environ.get` calls building the cache key's environment part"
+        env_note = f"the environment part of the key ({n_keys} variables, raw values)"
     except ImportError:
         env_key, env_note = None, ""
 
@@ -284,7 +291,6 @@ def run(small: bool) -> dict:
     print(table)
     print()
     print(phase_table)
-    versions = f"tpu_registry from `{Path(tpu_registry.__file__).parent}`"
     md = "\n".join(
         [
             f"Cold: {procs} fresh processes, timed inside each after `import tpu_registry`. Warm: "
@@ -292,7 +298,7 @@ def run(small: bool) -> dict:
             f"(min–max over batches). detect(): {det_batches} batches of {det_calls} calls on a "
             "fake host (8 × v5e PCI functions `1ae0:0063` plus 3 non-Google devices in a temporary "
             "sysfs tree, `TPU_ACCELERATOR_TYPE=v5litepod-8`); the result is checked: v5e, 8 chips "
-            f"per host, PCI decides. {versions}.",
+            "per host, PCI decides.",
             "",
             table,
             "",
@@ -305,13 +311,13 @@ def run(small: bool) -> dict:
     targets = [
         target(
             "cold `resolve()` (first call in a fresh process)",
-            f"< {TARGET_COLD_MS:.0f} ms",
+            f"<= {TARGET_COLD_MS:.0f} ms",
             f"{cold_st.median * 1000:.1f} ms",
             cold_st.median * 1000,
-            "<",
+            "<=",
             TARGET_COLD_MS,
             ""
-            if cold_st.median * 1000 < TARGET_COLD_MS
+            if cold_st.median * 1000 <= TARGET_COLD_MS
             else "phases of the first call: "
             + "; ".join(
                 f"{k} {stats(v).median * 1000:.0f} ms"
@@ -320,15 +326,12 @@ def run(small: bool) -> dict:
         ),
         target(
             "warm `resolve()` (cache hit)",
-            f"< {TARGET_WARM_US:.0f} µs",
+            f"<= {TARGET_WARM_US:.0f} µs",
             f"{warm.median * 1e6:.2f} µs",
             warm.median * 1e6,
-            "<",
+            "<=",
             TARGET_WARM_US,
-            f"{env_note} alone take {env_key.median * 1e6:.0f} µs (measured separately): "
-            "nearly all of a warm call"
-            if env_key
-            else "",
+            f"{env_note}: {env_key.median * 1e6:.2f} µs (measured separately)" if env_key else "",
         ),
         target(
             "`detect()` on a full host (8 × v5e, env + sysfs)",
@@ -338,7 +341,8 @@ def run(small: bool) -> dict:
             "<",
             TARGET_DETECT_MS,
             f"with the catalog passed in: {det_cat.median * 1000:.2f} ms; "
-            f"Plugins.detect() {det_run.median * 1000:.2f} ms ({n_detectors} threads)"
+            f"Plugins.detect() {det_run.median * 1000:.2f} ms ({n_detectors} detectors; env and "
+            "sysfs inline, the others in threads)"
             + (f", of which sysfs {det_sysfs.median * 1000:.2f} ms" if det_sysfs else ""),
         ),
     ]

@@ -4,9 +4,16 @@ Measures, in the same run and in alternating order, N fresh processes each of::
 
     python -c pass                          (the bare interpreter)
     python -c "import pydantic, pluggy"     (our two dependencies, nothing of ours)
+    python -c "from pydantic import BaseModel; import pluggy, tomllib"   (what validating costs)
+    python -c "import tpu_registry"
     tpu-registry list --json
+    tpu-registry show v6e --json
     tpu-registry detect --json
+    tpu-registry resolve --simulate v6e --heads 32 --kv-heads 8 --head-dim 128 --json
     tpu-registry detect --json              (without a bytecode cache; information only)
+
+Every process shares one private snapshot folder (``TPU_REGISTRY_CACHE_DIR``), filled during the
+warm-up as a user's first run fills theirs.
 
 Each process is reaped with ``os.wait4`` so its own peak RSS is read. "Added" figures are
 the median over rounds of (command - bare interpreter) within the same round.
@@ -14,7 +21,8 @@ the median over rounds of (command - bare interpreter) within the same round.
 Then, to show what costs: the same work split into phases inside fresh processes, and
 ``python -X importtime -c "import tpu_registry.cli"`` (median over runs) by module and by package.
 
-Target (issue 6): the CLI adds < 150 ms and < 40 MB over the bare interpreter.
+Targets (issue 14): ``list``, ``show`` and ``detect`` add <= 40 ms over the bare interpreter,
+``resolve`` <= 60 ms, ``import tpu_registry`` <= 20 ms; peak RSS <= 12 MiB over it.
 """
 
 from __future__ import annotations
@@ -38,33 +46,31 @@ from run_all import (
     tiny,
 )
 
-TARGET_MS, TARGET_MB = 150.0, 40.0
-MB = 1e6  # targets are in decimal megabytes; ru_maxrss is in KiB
+TARGET_MS = {
+    "tpu-registry list --json": 40.0,
+    "tpu-registry show v6e --json": 40.0,
+    "tpu-registry detect --json": 40.0,
+    "tpu-registry resolve ... --json": 60.0,
+    'python -c "import tpu_registry"': 20.0,
+}
+TARGET_MIB = 12.0
+MB = 1024 * 1024  # MiB; ru_maxrss is in KiB
 
 PHASES_CODE = r"""
 import time
 t0 = time.perf_counter()
 import json
 t1 = time.perf_counter()
-import pydantic, pluggy
-t2a = time.perf_counter()
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-t2 = time.perf_counter()
 import tpu_registry.cli
+t2 = time.perf_counter()
+from tpu_registry.entrypoints import entry_points
+eps = entry_points()
 t3 = time.perf_counter()
-from importlib.metadata import entry_points
-eps = sorted(ep.name for ep in entry_points(group="tpu_registry"))
-for ep in entry_points(group="tpu_registry"):
-    try:
-        ep.load()
-    except Exception:
-        pass
-t3b = time.perf_counter()
-from tpu_registry.plugins import get_plugin_manager
-get_plugin_manager()
-t4 = time.perf_counter()
 from tpu_registry.catalog import load_catalog
 cat = load_catalog()
+t4 = time.perf_counter()
+from tpu_registry.plugins import get_plugins
+get_plugins()
 t5 = time.perf_counter()
 from tpu_registry.detection import detect
 d = detect(cat)
@@ -73,12 +79,10 @@ text = json.dumps(d.to_dict(), indent=2)
 t7 = time.perf_counter()
 print(json.dumps({
     "import json (stdlib)": t1 - t0,
-    "import pydantic, pluggy": t2a - t1,
-    "pydantic's model machinery (from pydantic import BaseModel, ...)": t2 - t2a,
-    "import tpu_registry.cli (rest of the package)": t3 - t2,
-    "entry-point plugins: find and import " + (", ".join(eps) or "(none installed)"): t3b - t3,
-    "plugin manager (built-in plugins, register, check)": t4 - t3b,
-    "load_catalog() (parse + validate the built-in files)": t5 - t4,
+    "import tpu_registry.cli": t2 - t1,
+    "entry points (cached list: " + (", ".join(ep.name for ep in eps) or "none") + ")": t3 - t2,
+    "load_catalog() (from snapshots; no plugin contributes folders)": t4 - t3,
+    "plugin manager (pluggy, built-in and entry-point plugins)": t5 - t4,
     "detect()": t6 - t5,
     "JSON output": t7 - t6,
     "files": len(cat),
@@ -93,26 +97,50 @@ def cli_cmd() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "tpu_registry.cli"]
 
 
+_snapshots: str | None = None
+
+
+def snapshot_dir() -> str:
+    """One private snapshot folder for every child process of this run."""
+    global _snapshots
+    if _snapshots is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        _snapshots = tempfile.mkdtemp(prefix="tpu-registry-bench-snapshots-")
+        atexit.register(shutil.rmtree, _snapshots, True)
+    return _snapshots
+
+
+TOML = "tomllib" if sys.version_info >= (3, 11) else "tomli"  # tomli on Python 3.10
+RESOLVE = ["--simulate", "v6e", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--json"]
+
+
 def commands() -> dict[str, tuple[list[str], dict[str, str]]]:
     py, cli = sys.executable, cli_cmd()
-    cached = child_env()
-    uncached = child_env({"PYTHONDONTWRITEBYTECODE": "1"}, bytecode_cache=False)
+    snaps = {"TPU_REGISTRY_CACHE_DIR": snapshot_dir()}
+    cached = child_env(snaps)
+    uncached = child_env({"PYTHONDONTWRITEBYTECODE": "1", **snaps}, bytecode_cache=False)
     uncached.pop("PYTHONPYCACHEPREFIX", None)
     return {
         "python -c pass": ([py, "-c", "pass"], cached),
         'python -c "import pydantic, pluggy"': ([py, "-c", "import pydantic, pluggy"], cached),
-        'python -c "from pydantic import BaseModel; import pluggy"': (
-            [py, "-c", "from pydantic import BaseModel; import pluggy"],
+        'python -c "from pydantic import BaseModel; import pluggy, tomllib"': (
+            [py, "-c", f"from pydantic import BaseModel; import pluggy, {TOML}"],
             cached,
         ),
+        'python -c "import tpu_registry"': ([py, "-c", "import tpu_registry"], cached),
         "tpu-registry list --json": ([*cli, "list", "--json"], cached),
+        "tpu-registry show v6e --json": ([*cli, "show", "v6e", "--json"], cached),
         "tpu-registry detect --json": ([*cli, "detect", "--json"], cached),
+        "tpu-registry resolve ... --json": ([*cli, "resolve", *RESOLVE], cached),
         "tpu-registry detect --json (no bytecode cache)": ([*cli, "detect", "--json"], uncached),
     }
 
 
 BARE = "python -c pass"
-TARGETED = ("tpu-registry list --json", "tpu-registry detect --json")
+TARGETED = tuple(TARGET_MS)
 
 
 def measure_processes(
@@ -147,7 +175,7 @@ def measure_processes(
 
 def measure_phases(reps: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = defaultdict(list)
-    env = child_env()
+    env = child_env({"TPU_REGISTRY_CACHE_DIR": snapshot_dir()})
     for _ in range(reps):
         data = last_json_line(
             run_process([sys.executable, "-c", PHASES_CODE], env).check("phases").stdout
@@ -231,8 +259,8 @@ def run(small: bool) -> dict:
             "wall ms",
             "added ms over bare",
             "wall / bare",
-            "peak RSS MB",
-            "added MB over bare",
+            "peak RSS MiB",
+            "added MiB over bare",
         ],
         rows,
         right=[False, True, True, True, True, True],
@@ -303,52 +331,47 @@ def run(small: bool) -> dict:
     print(ours_table)
 
     # Targets, with the reason taken from the measurements when missed.
-    spec_self = self_us.get("tpu_registry.spec", 0) / 1000
     med = {k: statistics.median(v) for k, v in phases.items()}
-    deps = (
-        med["import pydantic, pluggy"]
-        + med["pydantic's model machinery (from pydantic import BaseModel, ...)"]
+    slowest = ", ".join(
+        f"{k} {v:.0f} ms" for k, v in sorted(med.items(), key=lambda kv: -kv[1])[:3]
     )
-    cli_ms = deps + med["import tpu_registry.cli (rest of the package)"]
-    plugins_ms = sum(v for k, v in med.items() if "plugin" in k)
-    catalog_ms = med["load_catalog() (parse + validate the built-in files)"]
-    reason = (
-        f"importing tpu_registry.cli costs {cli_ms:.0f} ms (pydantic with its model machinery + "
-        f"pluggy {deps:.0f} ms; tpu_registry.spec builds its pydantic models at import, "
-        f"{spec_self:.0f} ms self under -X importtime; tpu_registry/__init__ imports resolve, "
-        "tune, attention eagerly even for `list`); entry-point plugins and plugin manager "
-        f"{plugins_ms:.0f} ms; load_catalog {catalog_ms:.0f} ms; detect() {med['detect()']:.0f} ms"
-    )
+    reason = f"largest phases of `detect --json` after interpreter start: {slowest}"
     targets = []
+    bare_ms, bare_mib = stats(wall[BARE]).median, stats(rss[BARE]).median
     for name in TARGETED:
-        ms, mb = stats(added_ms[name]), stats(added_mb[name])
+        ms, mib = stats(wall[name]), stats(rss[name])
+        added, added_mib = stats(added_ms[name]).median, stats(added_mb[name]).median
+        limit = TARGET_MS[name]
+        # The figure is the command's own median (never negative); the limit is the bare
+        # interpreter's median in the same run plus the allowance.
         targets.append(
             target(
-                f"`{name}` wall time over bare interpreter",
-                f"< {TARGET_MS:.0f} ms",
-                f"{ms.median:.0f} ms",
+                f"`{name}` wall time, at most {limit:.0f} ms over the bare interpreter",
+                f"<= {bare_ms:.1f} + {limit:.0f} ms",
+                f"{ms.median:.1f} ms ({added:+.1f} ms over bare, paired median)",
                 ms.median,
-                "<",
-                TARGET_MS,
-                "" if ms.median < TARGET_MS else reason,
+                "<=",
+                bare_ms + limit,
+                "" if ms.median <= bare_ms + limit else reason,
             )
         )
         targets.append(
             target(
-                f"`{name}` peak RSS over bare interpreter",
-                f"< {TARGET_MB:.0f} MB",
-                f"{mb.median:.1f} MB",
-                mb.median,
-                "<",
-                TARGET_MB,
+                f"`{name}` peak RSS, at most {TARGET_MIB:.0f} MiB over the bare interpreter",
+                f"<= {bare_mib:.1f} + {TARGET_MIB:.0f} MiB",
+                f"{mib.median:.1f} MiB ({added_mib:+.1f} MiB over bare)",
+                mib.median,
+                "<=",
+                bare_mib + TARGET_MIB,
             )
         )
     md = "\n".join(
         [
             f"Whole-process wall time and peak RSS (`os.wait4`), {reps} rounds after {warmup} "
             "warm-up round(s), the commands in alternating order each round; *added* is the median "
-            "of the per-round difference to the bare interpreter in the same round. Python: "
-            f"`{sys.executable}`. Child processes read bytecode from a private "
+            "of the per-round difference to the bare interpreter in the same round. Python "
+            f"{sys.version.split()[0]}; every process shares one snapshot folder, filled during "
+            "the warm-up. Child processes read bytecode from a private "
             "`PYTHONPYCACHEPREFIX` filled during the warm-up (as an installed package would); the "
             "*no bytecode cache* row shows this checkout under `PYTHONDONTWRITEBYTECODE=1`, which "
             "recompiles `tpu_registry` in every process.",

@@ -3,7 +3,6 @@ and folders or files other users can write draw a warning."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -18,7 +17,7 @@ from tpu_registry import Workload, cli
 from tpu_registry.catalog import load_catalog
 from tpu_registry.errors import CatalogError, TuningError
 from tpu_registry.plugins import BUILTIN_PLUGINS, get_plugin_manager, short_name
-from tpu_registry.tomlfile import read_toml, tomllib
+from tpu_registry.tomlfile import tomllib
 
 resolve_mod = importlib.import_module("tpu_registry.resolution")
 BASE = REPO / "tests" / "data" / "bad" / "_base.toml"  # a valid generation file, id "corpus"
@@ -155,35 +154,6 @@ def test_private_overrides_file_draws_no_warning(mode, tmp_path, caplog, capsys)
     assert cfg.layer("page_size") == "overrides"
     assert _warnings(caplog) == []
     assert capsys.readouterr().err == ""
-
-
-def test_parse_cache_writable_by_others_is_not_used(tmp_path, monkeypatch, caplog):
-    """A cached parse stands in for a file: a planted entry in a cache others can write must
-    not change what a file says."""
-    monkeypatch.setenv("TPU_REGISTRY_CACHE_DIR", str(tmp_path / "cache"))
-    src = tmp_path / "corpus.toml"
-    src.write_bytes(BASE.read_bytes())
-    real, _, problems = read_toml(src)
-    assert problems == [] and real["chip"]["hbm_gib"] == 32
-    cache = tmp_path / "cache" / "toml-json"
-    entry = cache / (hashlib.sha256(src.read_bytes()).hexdigest() + ".json")
-    assert entry.exists() and stat.S_IMODE(cache.stat().st_mode) == 0o700
-    planted = json.loads(entry.read_text())
-    planted["chip"]["hbm_gib"] = 4096
-    entry.write_text(json.dumps(planted))
-    # Control: in a private cache the entry is what the cache is for.
-    assert read_toml(src)[0]["chip"]["hbm_gib"] == 4096
-    cache.chmod(0o777)
-    with caplog.at_level(logging.WARNING, logger="tpu_registry"):
-        doc, _, problems = read_toml(src)
-        read_toml(src)
-    assert problems == [] and doc == real
-    # One warning for the folder (this test's folder is new to the process), not one per read.
-    assert _warnings(caplog) == [
-        f"parse cache {cache} is writable by other users or not yours; not using it "
-        "(chmod 700 it, or set TPU_REGISTRY_CACHE_DIR)"
-    ]
-    cache.chmod(0o700)
 
 
 # ---------------------------------------------------------------------------------------------

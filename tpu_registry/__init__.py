@@ -12,10 +12,8 @@ The flow is catalog -> detect -> tune -> resolve -> attention plan; each step is
 Names are imported on first use (PEP 562), so ``import tpu_registry`` loads nothing else.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+# Nothing is imported here, not even ``typing``: ``import tpu_registry`` costs one module.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers know it)
 
 # name -> module that defines it
 _EXPORTS = {
@@ -43,7 +41,7 @@ _EXPORTS = {
     "canonical_dtype": "units",
     "cdiv": "units",
     "rpa_v3_rejection": "kernels",
-    "Generation": "spec",
+    "Generation": "records",
     "Slice": "slices",
     "SliceError": "slices",
     "slice_of": "slices",
@@ -103,30 +101,34 @@ __all__ = [
 assert sorted(__all__) == sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":  # noqa: UP037 - typing is not imported at run time
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'tpu_registry' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 
 
-def __dir__() -> list[str]:
+def __dir__() -> "list[str]":  # noqa: UP037
     return sorted(set(globals()) | set(_EXPORTS))
 
 
 if TYPE_CHECKING:  # for type checkers and editors; never executed
+    from typing import Any
+
     from .attention import AttentionPlan, kv_bytes_per_token, kv_cache_shape, plan
     from .catalog import Catalog, load_catalog
     from .detection import detect, reconcile
     from .errors import CatalogError, DetectionError, Problem, RegistryError, TuningError
     from .hookspecs import hookimpl, hookspec
     from .kernels import rpa_v3_rejection
+    from .records import Generation
     from .resolution import ResolvedConfig, clear_cache, resolve
     from .settings import Setting
     from .slices import Slice, SliceError, slice_of
-    from .spec import Generation
     from .types import (
         DetectContext,
         Detection,

@@ -9,25 +9,36 @@ a catalog is never returned half-loaded.
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import re
 import stat
+import sys
 import threading
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
+from . import snapshot
 from .errors import CatalogError, Problem, shorten
-from .modelerrors import validate
-from .spec import Generation
-from .tomlfile import locate, read_toml
+from .records import Generation
+from .tomlfile import locate
 from .units import count
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
+
+    from . import spec
+
 ENV_PATH = "TPU_REGISTRY_PATH"
-log = logging.getLogger("tpu_registry")
+
+
+def _warn(message: str, *args: Any) -> None:
+    import logging  # only when there is something to say
+
+    logging.getLogger("tpu_registry").warning(message, *args)
+
 
 # Identifier kinds that must name at most one generation. torch_xla version numbers and
 # generation numbers are deliberately shared (torch_xla says 5 for both v5e and v5p).
@@ -37,10 +48,18 @@ UNIQUE_KINDS = ("device_kind", "accelerator_type", "gke_accelerator", "pci")
 def builtin_hardware_dir() -> Path:
     """The shipped catalog: the checkout's hardware/ when running from a source tree or an
     editable install (so edits show at once), else the copy packaged inside the wheel."""
-    root = Path(__file__).resolve().parent.parent
-    if (root / "hardware").is_dir() and (root / "pyproject.toml").is_file():
-        return root / "hardware"
-    return Path(str(resources.files("tpu_registry") / "hardware"))
+    global _builtin
+    if _builtin is None:
+        here = Path(__file__).resolve().parent
+        root = here.parent
+        if (root / "hardware").is_dir() and (root / "pyproject.toml").is_file():
+            _builtin = root / "hardware"
+        else:  # the wheel's copy, inside the package (what importlib.resources gives)
+            _builtin = here / "hardware"
+    return _builtin
+
+
+_builtin: Path | None = None
 
 
 def norm(text: str) -> str:
@@ -54,11 +73,71 @@ def pci_key(vendor: int, device: int, subsystem: int | None = None) -> str:
     return f"{key}/{subsystem:04x}" if subsystem is not None else key
 
 
-@dataclass(frozen=True)
+class Head:
+    """What the catalog indexes of a generation file served from its snapshot (id, names,
+    identifiers, sort order), and the file's validated data as JSON text, parsed into its
+    ``records.Generation`` on first use: a catalog of thousands of files is indexed without
+    building thousands of records (``snapshot.load(..., index=)``)."""
+
+    __slots__ = ("id", "replaces", "aliases", "generation", "provisional", "ids", "typed", "_json")
+
+    def __init__(self, index: dict[str, Any], text: snapshot.Text) -> None:
+        self.id, self.replaces = index["id"], index["replaces"]
+        self.aliases = tuple(index["aliases"])
+        self.generation, self.provisional = index["generation"], index["provisional"]
+        self.ids = [(kind, value) for kind, value in index["ids"]]
+        self.typed = [(kind, field, value) for kind, field, value in index["typed"]]
+        if not isinstance(self.id, str):
+            raise TypeError("malformed index")
+        self._json = text
+
+    def spec(self) -> Generation:
+        return Generation.from_dict(self._json.load())
+
+
+def head_index(data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a validated generation file that ``Head`` keeps."""
+    spec = Generation.from_dict(data)
+    return {
+        "id": spec.id,
+        "replaces": spec.replaces,
+        "aliases": list(spec.aliases),
+        "generation": spec.generation,
+        "provisional": spec.provisional,
+        "ids": [list(pair) for pair in identifiers(spec)],
+        "typed": [list(row) for row in _typed(spec)],
+    }
+
+
 class Entry:
-    spec: Generation
-    path: Path
-    replaced: Path | None = None  # the file this one replaced, if any
+    """A generation in the catalog: its record (built on first use from a ``Head``), the file
+    it comes from, and the file it replaced, if any."""
+
+    __slots__ = ("_spec", "path", "replaced")
+
+    def __init__(self, spec: Generation | Head, path: Path, replaced: Path | None = None):
+        self._spec, self.path, self.replaced = spec, path, replaced
+
+    @property
+    def spec(self) -> Generation:
+        spec = self._spec
+        if isinstance(spec, Head):
+            spec = self._spec = spec.spec()
+        return spec
+
+    def sort_key(self) -> tuple:
+        s = self._spec
+        return (s.generation, s.provisional, s.id)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return (self.spec, self.path, self.replaced) == (other.spec, other.path, other.replaced)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Entry(spec={self.spec!r}, path={self.path!r}, replaced={self.replaced!r})"
 
 
 @dataclass(frozen=True)
@@ -149,7 +228,10 @@ class Catalog:
         raise CatalogError(f"{text!r} names more than one generation: {', '.join(sorted(hits))}")
 
 
-def identifiers(spec: Generation) -> Iterator[tuple[str, str]]:
+def identifiers(spec: Generation | Head) -> Iterator[tuple[str, str]]:
+    if isinstance(spec, Head):
+        yield from spec.ids
+        return
     ident = spec.identify
     for dk in ident.device_kinds:
         yield "device_kind", dk
@@ -211,7 +293,8 @@ def list_files(folder: Path, origin: str) -> tuple[list[Path], list[Problem]]:
                 )
             ]
         files = sorted(
-            p for p in folder.iterdir() if p.suffix == ".toml" and not p.name.startswith(".")
+            (p for p in folder.iterdir() if p.suffix == ".toml" and not p.name.startswith(".")),
+            key=lambda p: p.name,  # one folder: the order of the paths, without Path compares
         )
         warn_if_writable_by_others(folder, origin)
     except OSError as e:
@@ -235,7 +318,7 @@ def warn_if_writable_by_others(folder: Path, origin: str) -> bool:
     if not mode & (stat.S_IWGRP | stat.S_IWOTH):
         return False
     who = "all users" if mode & stat.S_IWOTH else "its group"
-    log.warning(
+    _warn(
         "catalog folder %s (from %s) is writable by %s; anyone who can write there chooses your "
         "TPU facts and kernel knobs (chmod go-w %s)",
         folder,
@@ -256,10 +339,25 @@ def load_catalog(
     """
     plugin_dirs: list[Path] = []
     if plugins:
+        plugin_dirs = _plugin_dirs()
+    return _load(tuple(search_folders(folders, plugin_dirs=plugin_dirs)), tolerant)
+
+
+def _plugin_dirs() -> list[Path]:
+    """Folders the plugins contribute. No plugin is loaded (nor pluggy) when the cached entry
+    points say that none contributes any and no manager is built yet: ``list`` and ``show``
+    then read the catalog and nothing else."""
+    from . import entrypoints
+
+    built = sys.modules.get(f"{__package__}.plugins")
+    manager = built.current() if built is not None else None
+    if manager is None:
+        if entrypoints.no_plugin_folders():
+            return []
         from .plugins import get_plugins
 
-        plugin_dirs = get_plugins().hardware_dirs()
-    return _load(tuple(search_folders(folders, plugin_dirs=plugin_dirs)), tolerant)
+        manager = get_plugins()
+    return manager.hardware_dirs()
 
 
 _lock = threading.Lock()
@@ -279,12 +377,10 @@ def _signature(sources: tuple[tuple[Path, str], ...]) -> tuple:
     sig = []
     for folder, origin in sources:
         try:
+            with os.scandir(folder) as it:
+                found = [e for e in it if e.name.endswith(".toml")]
             entries = tuple(
-                sorted(
-                    (p.name, p.stat().st_mtime_ns, p.stat().st_size)
-                    for p in folder.iterdir()
-                    if p.suffix == ".toml"
-                )
+                sorted((e.name, st.st_mtime_ns, st.st_size) for e in found for st in (e.stat(),))
             )
         except OSError:
             entries = None
@@ -299,7 +395,7 @@ def _load(sources: tuple[tuple[Path, str], ...], tolerant: bool = False) -> Cata
             return _cache[key]
     problems: list[Problem] = []
     broken: list[Broken] = []
-    loaded: list[tuple[Generation, Path, str]] = []
+    loaded: list[tuple[Generation, Path, str | None]] = []
     # Loading allocates many small objects that all stay alive; the cyclic garbage collector
     # would rescan the growing heap again and again (per-file cost grew with catalog size).
     was_enabled = gc.isenabled()
@@ -308,14 +404,16 @@ def _load(sources: tuple[tuple[Path, str], ...], tolerant: bool = False) -> Cata
         for folder, origin in sources:
             files, probs = list_files(folder, origin)
             problems += probs
-            for path in files:
-                spec, text, probs = load_generation_file(path)
-                if probs and tolerant:
-                    broken.append(Broken(path, _id_of(text, path), tuple(probs)))
+            items = snapshot.load("generation", folder, files, validated_data, Head, head_index)
+            for item in items:
+                if item.problems and tolerant:
+                    broken.append(
+                        Broken(item.path, _id_of(item.text or "", item.path), tuple(item.problems))
+                    )
                     continue
-                problems += probs
-                if spec is not None:
-                    loaded.append((spec, path, text))
+                problems += item.problems
+                if item.data is not None:
+                    loaded.append((item.data, item.path, item.text))
         file_problems = len(problems)
         catalog = _assemble(loaded, tuple(f for f, _ in sources), problems)
     finally:
@@ -341,21 +439,44 @@ def _id_of(text: str, path: Path) -> str:
     return m.group(1) if m else path.stem
 
 
-def load_generation_file(path: Path) -> tuple[Generation | None, str, list[Problem]]:
+def load_generation_file(path: Path) -> tuple[spec.Generation | None, str, list[Problem]]:
+    """Parse one generation file and validate it with the pydantic model (always)."""
+    from .modelerrors import validate
+    from .spec import Generation as Model
+    from .tomlfile import read_toml
+
     doc, text, problems = read_toml(path)
     if doc is None:
         return None, text, problems
-    spec, problems = validate(Generation, doc, text, path)
-    return spec, text, problems  # type: ignore[return-value]
+    model, problems = validate(Model, doc, text, path)
+    return model, text, problems  # type: ignore[return-value]
+
+
+def validated_data(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
+    """A generation file's validated data (``model_dump()``), for its snapshot."""
+    model, text, problems = load_generation_file(path)
+    return (None if model is None else model.model_dump()), text, problems
+
+
+class _Texts(dict):
+    """File texts, read on first use: only a problem needs a line number, and files served
+    from a snapshot are not read."""
+
+    def __missing__(self, path: Path) -> str:
+        raw = snapshot.read_regular(path)
+        text = "" if raw is None else raw.decode("utf-8", errors="replace")
+        self[path] = text
+        return text
 
 
 def _assemble(
-    loaded: list[tuple[Generation, Path, str]], folders: tuple[Path, ...], problems: list[Problem]
+    loaded: list[tuple[Any, Path, str | None]], folders: tuple[Path, ...], problems: list[Problem]
 ) -> Catalog:
     entries: dict[str, Entry] = {}
-    texts = {path: text for _, path, text in loaded}
+    # Texts place problems on their lines: read only when there is a problem to place.
+    texts = _Texts({path: text for _, path, text in loaded if text is not None})
     replacing = [(s, p) for s, p, _ in loaded if s.replaces]
-    for spec, path, text in loaded:
+    for spec, path, _text in loaded:
         if spec.replaces:
             continue
         if spec.id in entries:
@@ -363,7 +484,7 @@ def _assemble(
             problems.append(
                 Problem(
                     str(path),
-                    locate(text, ("id",)),
+                    locate(texts[path], ("id",)),
                     "id",
                     f"id {spec.id!r} is already defined in {other}",
                     f'pick another id, or write replaces = "{spec.id}" to replace it',
@@ -416,15 +537,14 @@ def _assemble(
     names: dict[str, str] = {}
     index: dict[tuple[str, str], set[str]] = {}
     for gid, entry in entries.items():
-        text = texts[entry.path]
-        for label, name in [("id", gid)] + [("aliases", a) for a in entry.spec.aliases]:
+        for label, name in [("id", gid)] + [("aliases", a) for a in entry._spec.aliases]:
             key = norm(name)
             if key in names and names[key] != gid:
                 other = entries[names[key]].path
                 problems.append(
                     Problem(
                         str(entry.path),
-                        locate(text, (label,)),
+                        locate(texts[entry.path], (label,)),
                         label,
                         f"name {name!r} is already used by {names[key]!r} in {other}",
                         "choose a different alias",
@@ -432,7 +552,7 @@ def _assemble(
                 )
                 continue
             names[key] = gid
-        for kind, value in identifiers(entry.spec):
+        for kind, value in identifiers(entry._spec):
             ids = index.setdefault((kind, value), set())
             if kind in UNIQUE_KINDS and ids and gid not in ids:
                 other_id = next(iter(ids))
@@ -445,7 +565,7 @@ def _assemble(
                 problems.append(
                     Problem(
                         str(entry.path),
-                        locate(text, tuple(field_name.split("."))),
+                        locate(texts[entry.path], tuple(field_name.split("."))),
                         field_name,
                         f"{kind} {value!r} is already claimed by {other_id!r} in "
                         f"{entries[other_id].path}",
@@ -454,11 +574,7 @@ def _assemble(
                 )
                 continue
             ids.add(gid)
-    entries = dict(
-        sorted(
-            entries.items(), key=lambda kv: (kv[1].spec.generation, kv[1].spec.provisional, kv[0])
-        )
-    )
+    entries = dict(sorted(entries.items(), key=lambda kv: kv[1].sort_key()))
     catalog = Catalog(entries=entries, folders=folders, _names=names, _index=index)
     problems += _namespace_problems(catalog, texts)
     return catalog
@@ -466,7 +582,10 @@ def _assemble(
 
 # Fields whose strings a person may type (`show X`, TPU_REGISTRY_GENERATION=X), as
 # (kind for messages, field name, strings of a generation).
-def _typed(spec: Generation) -> Iterator[tuple[str, str, str]]:
+def _typed(spec: Generation | Head) -> Iterator[tuple[str, str, str]]:
+    if isinstance(spec, Head):
+        yield from spec.typed
+        return
     yield "id", "id", spec.id
     for a in spec.aliases:
         yield "alias", "aliases", a
@@ -508,8 +627,7 @@ def _namespace_problems(catalog: Catalog, texts: dict[Path, str]) -> list[Proble
     claims: dict[str, tuple[str, str, str]] = {}  # normalised text -> (gid, kind, text)
     names_kinds = ("id", "alias")
     for gid, entry in catalog.entries.items():
-        text = texts[entry.path]
-        for kind, field_name, value in _typed(entry.spec):
+        for kind, field_name, value in _typed(entry._spec):  # a Head is not parsed for this
             if kind in names_kinds:
                 reported = catalog._names.get(norm(value), gid) != gid
             else:
@@ -534,7 +652,7 @@ def _namespace_problems(catalog: Catalog, texts: dict[Path, str]) -> list[Proble
             out.append(
                 Problem(
                     str(entry.path),
-                    locate(text, tuple(field_name.split("."))),
+                    locate(texts[entry.path], tuple(field_name.split("."))),
                     field_name,
                     f"{kind} {value!r} {what} of {ogid!r} in {catalog.entries[ogid].path}",
                     "ids, aliases and identifiers share one namespace; a string may name only "

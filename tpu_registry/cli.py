@@ -15,7 +15,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_NO_TPU = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -148,7 +151,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     cat = load_catalog(args.catalog)
     spec = cat.get(args.name)
     entry = cat.entries[spec.id]
-    data = spec.model_dump(mode="json")
+    data = spec.to_dict()
     data["path"] = str(entry.path)
     data["replaced"] = str(entry.replaced) if entry.replaced else None
     if args.json:
@@ -568,12 +571,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from .version import __version__  # equal to the installed metadata (a test holds them)
 
-    try:
-        return version("tpu-registry")
-    except PackageNotFoundError:
-        return "(not installed)"
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

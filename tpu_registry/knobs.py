@@ -10,7 +10,6 @@ are in ``kernels.check``.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
@@ -183,6 +182,8 @@ class KnobError(ValueError):
 
 def suggest(name: str) -> str:
     """``did you mean 'rpa_v3.d_block_sizes'`` (or the list of knobs)."""
+    import difflib  # only to suggest a name for a misspelt one
+
     close = difflib.get_close_matches(name, SETTABLE, n=1, cutoff=0.6)
     if not close and "." in name:  # right knob, wrong family, or the other way round
         tail = name.split(".", 1)[1]

@@ -20,21 +20,28 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pluggy
-
-from . import hookspecs, settings
+from . import settings
+from .entrypoints import (  # noqa: F401 - ENV_* stay importable from here
+    ENV_AUTOLOAD,
+    ENV_DISABLE,
+    ENV_TRACE,
+    ESSENTIAL,
+    _env_key,
+    _off,
+    _save_entry_points,
+    _stat,
+    entry_points,
+)
 from .errors import CatalogError, RegistryError, TuningError
 from .types import EVIDENCE_KINDS, DetectContext, DoctorContext, Evidence, Fault, Layer
 
 if TYPE_CHECKING:
+    import pluggy
+
     from .spec import Generation
     from .types import Detection, TuneContext
     from .workload import Workload
 
-ENV_AUTOLOAD = "TPU_REGISTRY_PLUGINS_AUTOLOAD"
-ENV_DISABLE = "TPU_REGISTRY_DISABLE_PLUGINS"
-ENV_TRACE = "TPU_REGISTRY_TRACE_PLUGINS"
-ESSENTIAL = ("baseline", "tpu_registry.policies.baseline")  # like pytest's essential plugins
 
 BUILTIN_PLUGINS = (
     "tpu_registry.detectors.env",
@@ -47,13 +54,12 @@ BUILTIN_PLUGINS = (
 )
 
 
+INLINE_DETECTORS = ("tpu_registry.detectors.env", "tpu_registry.detectors.sysfs")
+
+
 def short_name(name: str) -> str:
     """``tpu_registry.detectors.env`` -> ``env``: the name used in reports and env lists."""
     return name.rsplit(".", 1)[-1] if name in BUILTIN_PLUGINS else name
-
-
-def _off(value: str) -> bool:
-    return value.strip().lower() in ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -72,10 +78,14 @@ class Plugins:
     """The loaded plugins of one configuration, and the hook calls."""
 
     def __init__(self, *, autoload: bool = True, disable: str = "", trace: bool = False) -> None:
+        import pluggy
+
+        from . import hookspecs
+
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.load_faults: list[Fault] = []
-        self._dists: dict[str, Any] = {}  # entry-point name -> Distribution
+        self._dists: dict[str, tuple[str, str]] = {}  # entry-point name -> (dist, version)
         self._block(disable)
         for modname in BUILTIN_PLUGINS:
             if not self.pm.is_blocked(modname):
@@ -104,21 +114,30 @@ class Plugins:
                         self.pm.set_blocked(builtin)
 
     def _load_entry_points(self) -> None:
-        """Like pluggy's loader, but one broken plugin is recorded and skipped, not fatal."""
-        from importlib.metadata import entry_points
-
-        for ep in entry_points(group=hookspecs.PROJECT):
+        """Like pluggy's loader, but one broken plugin is recorded and skipped, not fatal.
+        The entry points come from the cached list (``entry_points()``); what each loaded
+        plugin implements is recorded there, so ``list`` can skip loading plugins."""
+        eps = entry_points()
+        learned = False
+        for ep in eps:
             if self.pm.is_blocked(ep.name) or self.pm.has_plugin(ep.name):
                 continue
             try:
-                self.pm.register(ep.load(), name=ep.name)
+                plugin = _load(ep.value)
+                self.pm.register(plugin, name=ep.name)
             except Exception as e:
                 self.load_faults.append(
                     Fault(ep.name, f"failed to load: {type(e).__name__}: {e}", stage="load")
                 )
                 continue
             if ep.dist is not None:
-                self._dists[ep.name] = ep.dist
+                self._dists[ep.name] = (ep.dist, ep.version)
+            hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+            files = _module_files(plugin)
+            if ep.hooks != hooks or ep.files != files:
+                ep.hooks, ep.files, learned = hooks, files, True
+        if learned:
+            _save_entry_points(eps)
 
     # ------------------------------------------------------------------------ calling hooks
 
@@ -172,6 +191,10 @@ class Plugins:
         impls = self._impls("tpu_registry_detect")
         results: dict[str, Any] = {}
         errors: dict[str, BaseException] = {}
+        # The built-in env and sysfs detectors read the environment and a few small sysfs
+        # files: bounded by construction, they run inline. The runtime (jax, torch_xla) and
+        # third-party detectors keep their own threads and the time budget.
+        inline = [i for i in impls if i.plugin_name in INLINE_DETECTORS]
 
         def run(impl: pluggy.HookImpl) -> None:
             try:
@@ -181,6 +204,8 @@ class Plugins:
 
         threads = []
         for impl in impls:
+            if impl in inline:
+                continue
             t = threading.Thread(
                 target=run,
                 args=(impl,),
@@ -190,12 +215,18 @@ class Plugins:
             t.start()
             threads.append((impl.plugin_name, t))
         deadline = time.monotonic() + context.timeout_s
+        for impl in inline:
+            run(impl)
+        threads = [(i.plugin_name, None) for i in inline] + threads
         evidence: list[Evidence] = []
         faults = list(self.load_faults) + list(self.settings_faults)
+        order = {i.plugin_name: n for n, i in enumerate(impls)}
+        threads.sort(key=lambda nt: order[nt[0]])  # results in hook order, as before
         for name, t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+            if t is not None:
+                t.join(max(0.0, deadline - time.monotonic()))
             short = short_name(name)
-            if t.is_alive():
+            if t is not None and t.is_alive():
                 msg = (
                     f"gave no answer within {context.timeout_s:g} s; skipped "
                     "(TPU_REGISTRY_DETECT_TIMEOUT sets the budget)"
@@ -312,8 +343,7 @@ class Plugins:
             if builtin:
                 dist, ver = "tpu-registry", _own_version()
             else:
-                d = self._dists.get(name)
-                dist, ver = (d.metadata["Name"], d.version) if d is not None else (None, None)
+                dist, ver = self._dists.get(name, (None, None))
             hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or []))
             out.append(
                 PluginInfo(
@@ -376,11 +406,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _env_key() -> tuple:
-    env = os.environ
-    return (env.get(ENV_AUTOLOAD, "1"), env.get(ENV_DISABLE, ""), env.get(ENV_TRACE, ""))
-
-
 def get_plugins() -> Plugins:
     """The process-wide plugins, rebuilt when the plugin environment variables change."""
     global _plugins, _key
@@ -410,9 +435,34 @@ def reset() -> None:
 
 
 def _own_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
+    from .version import __version__
 
-    try:
-        return version("tpu-registry")
-    except PackageNotFoundError:
-        return None
+    return __version__
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def _load(value: str) -> Any:
+    """What an entry point's ``module:attr.attr`` value names (as ``EntryPoint.load``)."""
+    module, _, attrs = value.split("[", 1)[0].partition(":")  # extras ("[x]") load nothing
+    obj = importlib.import_module(module.strip())
+    for attr in filter(None, attrs.strip().split(".")):
+        obj = getattr(obj, attr)
+    return obj
+
+
+def _module_files(plugin: Any) -> list:
+    """The file of the module a plugin is (or is defined in), and its package's __init__."""
+    module = plugin if hasattr(plugin, "__file__") else sys.modules.get(plugin.__module__)
+    names = [getattr(module, "__file__", None)]
+    package = sys.modules.get((getattr(module, "__package__", "") or "").split(".")[0])
+    names.append(getattr(package, "__file__", None))
+    return [[f, *_stat(f)] for f in dict.fromkeys(n for n in names if n)]
+
+
+def current() -> Plugins | None:
+    """The process's plugins if they are built for the current environment, else None."""
+    key = _env_key()
+    with _lock:
+        return _plugins if _plugins is not None and _key == key else None

@@ -22,7 +22,7 @@ from .detection import detect
 from .errors import CatalogError, DetectionError, Problem
 from .kernels import kernel_arguments
 from .policies.tables import ENV_TABLES
-from .spec import Generation
+from .records import Generation
 from .tune import tune
 from .types import Detection, Knob, TuneContext, Tuning, format_value
 from .workload import Workload
@@ -150,7 +150,19 @@ class ResolvedConfig:
 
 
 _lock = threading.Lock()
-_cache: dict[tuple, ResolvedConfig] = {}
+_fast: dict[tuple, tuple[float, ResolvedConfig]] = {}
+
+
+class _Results(dict):
+    """resolve()'s results by full key. ``_fast`` indexes them by the raw arguments: whoever
+    clears the results (``clear_cache()``, tools, tests) clears that index with them."""
+
+    def clear(self) -> None:
+        super().clear()
+        _fast.clear()
+
+
+_cache: dict[tuple, ResolvedConfig] = _Results()
 _stamps: dict[tuple, tuple[float, tuple]] = {}
 
 
@@ -210,6 +222,7 @@ def clear_cache() -> None:
 
     with _lock:
         _cache.clear()
+        _fast.clear()
         _stamps.clear()
     _catalog.clear_cache()
     _tables.clear_cache()
@@ -236,6 +249,23 @@ def resolve(
     ``simulate`` or ``TPU_REGISTRY_GENERATION``), and ``TuningError`` or ``CatalogError`` for
     bad workloads, overrides or catalog files.
     """
+    # The fast path: the arguments as given and the raw values of the variables that matter,
+    # trusted for STAMP_EVERY_S after the data files behind the result were last looked at.
+    fast: tuple | None = (
+        workload,
+        simulate,
+        overrides,
+        allow_runtime_init,
+        strict,
+        catalog_dirs,
+        settings.environ_key(),
+    )
+    try:
+        seen = _fast.get(fast)
+    except TypeError:  # a workload given as a dict, or unhashable arguments: the full path
+        seen = fast = None
+    if seen is not None and time.monotonic() - seen[0] < STAMP_EVERY_S:
+        return seen[1]
     from .plugins import get_plugins
 
     w = _workload(workload)
@@ -245,14 +275,16 @@ def resolve(
     ov = str(overrides) if overrides else None
     stamp = _files_stamp(plugins, dirs, ov, env_key)
     key = (w, simulate, ov, allow_runtime_init, strict, dirs, env_key, stamp)
+    now = time.monotonic()
     hit = _cache.get(key)
-    if hit is not None:
-        return hit
-    with _lock:
-        hit = _cache.get(key)
-        if hit is None:
-            hit = _compute(w, simulate, overrides, allow_runtime_init, strict, catalog_dirs)
-            _cache[key] = hit
+    if hit is None:
+        with _lock:
+            hit = _cache.get(key)
+            if hit is None:
+                hit = _compute(w, simulate, overrides, allow_runtime_init, strict, catalog_dirs)
+                _cache[key] = hit
+    if fast is not None and fast[-1] == settings.environ_key():  # no plugin declared more
+        _fast[fast] = (now, hit)
     return hit
 
 

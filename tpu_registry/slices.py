@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
+from .derived import axes_of
 from .errors import RegistryError
-from .spec import axes_of
 
 if TYPE_CHECKING:
     from .catalog import Catalog

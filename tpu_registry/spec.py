@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from .derived import ChipDerived, axes_of
 from .modelerrors import data_error
 
 SCHEMA_VERSION = 1
@@ -82,7 +83,7 @@ def _range(lo: float, hi: float, *, gt: bool = True):
     return Field(gt=lo, le=hi) if gt else Field(ge=lo, le=hi)
 
 
-class Chip(DataModel):
+class Chip(DataModel, ChipDerived):
     """Per-chip facts. Mirrors JAX's ``TpuInfo`` but per chip, with units in every name."""
 
     tensorcores_per_chip: Annotated[int, _range(0, 16)]
@@ -164,22 +165,7 @@ class Chip(DataModel):
             )
         return self
 
-    # Derived values used by tuning; computed, never stored, so they cannot disagree.
-    @property
-    def vmem_bytes_per_core(self) -> int:
-        return int(self.vmem_mib_per_core * 1024 * 1024)
-
-    @property
-    def smem_bytes_per_core(self) -> int:
-        return self.smem_kib_per_core * 1024
-
-    @property
-    def hbm_bytes(self) -> int:
-        return int(self.hbm_gib * 1024**3)
-
-    @property
-    def hbm_bytes_per_jax_device(self) -> int:
-        return self.hbm_bytes // self.jax_devices_per_chip
+    # Derived values used by tuning (vmem_bytes_per_core, ...) come from ChipDerived.
 
 
 class AcceleratorType(DataModel):
@@ -310,11 +296,6 @@ class Kernels(DataModel):
 
 
 _TOPOLOGY = r"^[1-9][0-9]{0,3}(x[1-9][0-9]{0,3}){1,2}$"
-
-
-def axes_of(topology: str) -> tuple[int, ...]:
-    """``"4x4x8"`` -> ``(4, 4, 8)``. The pattern above has already checked the form."""
-    return tuple(int(n) for n in topology.split("x"))
 
 
 class VmType(DataModel):

@@ -2,7 +2,8 @@
 
 Shared by generation files, tuning tables and overrides files: all are data only, capped in
 size, decoded as UTF-8 and parsed with the standard TOML parser; nothing in them is executed
-or included. Parsed documents go through the parse cache (``parse_cache``).
+or included. Files that passed validation are read back from their snapshots
+(``snapshot``); this module parses the others. The TOML parser is imported on first use.
 """
 
 from __future__ import annotations
@@ -11,16 +12,28 @@ import codecs
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
-from . import parse_cache
 from .errors import Problem
 from .files import FileRefused, read_capped
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised by the Python 3.10 run of the suite
-    import tomli as tomllib
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name == "tomllib":
+        return _tomllib()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _tomllib():
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised by the Python 3.10 run of the suite
+        import tomli as tomllib
+    return tomllib
+
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_NESTING = 16
@@ -49,9 +62,7 @@ def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
     text = decoded
     if not text.strip():
         return fail(None, "file is empty", "fill it in, or delete it")
-    cached = parse_cache.get(raw)
-    if cached is not None:
-        return cached, text, []
+    tomllib = _tomllib()
     too_deep = f"over the limit of {MAX_NESTING}"
     depth, deep_line = _max_bracket_depth(text)
     if depth > MAX_NESTING:
@@ -78,7 +89,6 @@ def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
     depth = _max_doc_depth(doc)
     if depth > MAX_NESTING:
         return fail(None, f"nesting is {depth} levels deep, {too_deep}", "flatten the file")
-    parse_cache.put(raw, doc)
     return doc, text, []
 
 

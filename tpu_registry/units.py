@@ -47,6 +47,24 @@ def canonical_dtype(name: str) -> str:
     return key
 
 
+_DTYPES: dict[str, str | None] = {}
+
+
+def dtype_or_none(name: str) -> str | None:
+    """Canonical dtype name or None, memoised (a table repeats a few names thousands of times)."""
+    if name not in _DTYPES:
+        try:
+            _DTYPES[name] = canonical_dtype(name)
+        except TuningError:
+            _DTYPES[name] = None
+    return _DTYPES[name]
+
+
+def norm_cell(column: str, value):
+    """A tuning-table key cell as rows are indexed: dtypes by canonical name."""
+    return dtype_or_none(value) if column.endswith("dtype") else value
+
+
 def packing(dtype: str) -> int:
     """Values of ``dtype`` in one 32-bit word (the kernels' sublane packing)."""
     return 32 // DTYPE_BITS[dtype]

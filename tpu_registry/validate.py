@@ -31,13 +31,14 @@ def validate_paths(paths: list[Path]) -> tuple[int, list[Problem]]:
     from .modelerrors import validate
     from .plugins import get_plugins
     from .policies.overrides import (
-        OverridesFile,
         generation_problems,
         unknown_generations,
         warn_writable,
         writable_by_others,
     )
-    from .policies.tables import Table, table_folders
+    from .policies.schemas import OverridesFile, Table
+    from .policies.tables import table_folders
+    from .spec import Generation
     from .tomlfile import read_toml
 
     problems: list[Problem] = []
@@ -109,7 +110,7 @@ def validate_paths(paths: list[Path]) -> tuple[int, list[Problem]]:
             continue
         kind = "table" if origin == "tables" else file_kind(doc)
         if kind == "generation":
-            spec, probs = validate(cat.Generation, doc, text, path)
+            spec, probs = validate(Generation, doc, text, path)
             problems += probs
             if spec is not None:
                 loaded.append((spec, path, text))
@@ -148,8 +149,7 @@ class _Names:
 
 
 def json_schema(kind: str = "generation") -> dict[str, Any]:
-    from .policies.overrides import OverridesFile
-    from .policies.tables import Table
+    from .policies.schemas import OverridesFile, Table
     from .spec import Generation
 
     model = {"generation": Generation, "table": Table, "overrides": OverridesFile}[kind]

@@ -9,15 +9,19 @@ carries. The formulas live in ``tpu_registry.kernels``.
 
 from __future__ import annotations
 
-from tpu_registry import kernels
 from tpu_registry.hookspecs import hookimpl
-from tpu_registry.spec import Generation
 from tpu_registry.types import Layer
-from tpu_registry.workload import Workload
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from tpu_registry.records import Generation
+    from tpu_registry.workload import Workload
 
 
 def knobs_for(spec: Generation, w: Workload, page: int) -> tuple[dict, list[str]]:
     """Every baseline knob for a given page size, and notes on what could not be given."""
+    from tpu_registry import kernels  # on first use: detection registers this plugin too
+
     chip = spec.chip
     knobs: dict = {
         "head_dim_padded": kernels.padded_head_dim(w.head_dim, chip.lanes),
@@ -70,6 +74,8 @@ def knobs_for(spec: Generation, w: Workload, page: int) -> tuple[dict, list[str]
 
 @hookimpl(trylast=True)
 def tpu_registry_tune(spec: Generation, workload: Workload) -> Layer:
+    from tpu_registry import kernels
+
     page = kernels.page_size_of(spec, workload)
     knobs, notes = knobs_for(spec, workload, page)
     return Layer("baseline", knobs, note="; ".join(notes))

@@ -20,98 +20,32 @@ wins.
 
 from __future__ import annotations
 
-import logging
 import stat
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
-from pydantic import Field, field_validator
-
-from tpu_registry import kernels
-from tpu_registry import knobs as knob_registry
+from tpu_registry import records, snapshot
 from tpu_registry.errors import Problem, TuningError
 from tpu_registry.hookspecs import hookimpl
-from tpu_registry.modelerrors import data_error, validate
-from tpu_registry.spec import SCHEMA_VERSION, DataModel, KernelFamily
 from tpu_registry.tomlfile import locate, read_toml
 from tpu_registry.types import Layer, TuneContext
-from tpu_registry.units import DTYPE_BITS, canonical_dtype
-from tpu_registry.workload import Workload
+from tpu_registry.units import canonical_dtype
 
-KERNEL_FAMILIES = frozenset(get_args(KernelFamily))
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from tpu_registry.workload import Workload
 
-log = logging.getLogger("tpu_registry")
-
-WORKLOAD_FIELDS = tuple(f.name for f in fields(Workload))
-
-
-class Override(DataModel):
-    generation: str = Field(min_length=1)
-    match: dict[str, int | str] = Field(default_factory=dict)
-    knobs: dict[str, Any] = Field(min_length=1)
-    note: str = ""
-
-    @field_validator("match")
-    @classmethod
-    def _known_fields(cls, v: dict) -> dict:
-        unknown = sorted(set(v) - set(WORKLOAD_FIELDS))
-        if unknown:
-            raise data_error(
-                f"match names unknown workload fields: {', '.join(unknown)}",
-                f"known: {', '.join(WORKLOAD_FIELDS)}",
-                (unknown[0],),
-            )
-        # A value of the wrong kind would silently never match; a dtype must be one we know.
-        for k, want in v.items():
-            if k.endswith("dtype"):
-                try:
-                    canonical_dtype(want)
-                except TuningError:
-                    raise data_error(
-                        f"match {k} {want!r} is not a dtype",
-                        f"use one of: {', '.join(sorted(DTYPE_BITS))}",
-                        (k,),
-                    ) from None
-            elif not isinstance(want, int) or isinstance(want, bool):
-                raise data_error(
-                    f"match {k} must be a whole number, got {want!r}",
-                    "write the number without quotes",
-                    (k,),
-                )
-        return v
-
-    @field_validator("knobs", mode="before")
-    @classmethod
-    def _knobs(cls, v: Any) -> Any:
-        if not isinstance(v, dict):
-            return v
-        out = {}
-        for k, val in v.items():
-            if isinstance(val, dict):  # [override.knobs.rpa_v3], or an unquoted dotted key
-                inner = next(iter(val), "name")
-                hint = f'write "{k}.{inner}" = ... (quoted: an unquoted dotted key makes a table)'
-                raise data_error(f"{k} is a table; knob names are flat", hint, (k,))
-            try:
-                out[k] = knob_registry.coerce(k, val)
-            except knob_registry.KnobError as e:
-                raise data_error(str(e), e.hint, tuple(k.split("."))) from None
-        return out
+KERNEL_FAMILIES = frozenset(records.KERNEL_FAMILIES)
+_SCHEMA_NAMES = ("Override", "OverridesFile", "WORKLOAD_FIELDS")
 
 
-class OverridesFile(DataModel):
-    schema_version: int
-    override: list[Override] = Field(default_factory=list)
+def __getattr__(name: str) -> Any:
+    """The pydantic models live in ``schemas``: imported only when asked for."""
+    if name in _SCHEMA_NAMES:
+        from tpu_registry.policies import schemas
 
-    @field_validator("schema_version")
-    @classmethod
-    def _schema(cls, v: int) -> int:
-        if not 1 <= v <= SCHEMA_VERSION:
-            raise data_error(
-                f"schema_version {v} is not one this tpu-registry understands ({SCHEMA_VERSION})",
-                "upgrade tpu-registry, or write the schema_version it supports",
-            )
-        return v
+        return getattr(schemas, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def writable_by_others(path: Path) -> bool:
@@ -122,7 +56,9 @@ def writable_by_others(path: Path) -> bool:
 
 
 def warn_writable(path: Path) -> None:
-    log.warning(
+    import logging
+
+    logging.getLogger("tpu_registry").warning(
         "overrides file %s is writable by other users; anyone who can write it chooses your "
         "kernel knobs (chmod go-w %s)",
         path,
@@ -130,10 +66,25 @@ def warn_writable(path: Path) -> None:
     )
 
 
-_cache: dict[tuple, tuple[OverridesFile, str]] = {}
+_cache: dict[tuple, tuple[records.OverridesFile, str]] = {}
 
 
-def load_overrides(path: Path) -> tuple[OverridesFile, str]:
+def _validated(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
+    """Parse and validate an overrides file with its pydantic model."""
+    from tpu_registry.modelerrors import validate
+    from tpu_registry.policies.schemas import OverridesFile
+
+    doc, text, problems = read_toml(path)
+    if doc is None:
+        return None, text, problems
+    model, problems = validate(OverridesFile, doc, text, path)
+    if model is None:
+        return None, text, problems
+    return model.model_dump(), text, []
+
+
+def load_overrides(path: Path) -> tuple[records.OverridesFile, str]:
+    """The validated file (from its snapshot when unchanged) and its text."""
     try:
         st = path.stat()
         key = (str(path), st.st_mtime_ns, st.st_size, st.st_mode)
@@ -141,19 +92,20 @@ def load_overrides(path: Path) -> tuple[OverridesFile, str]:
         key = (str(path), None, None, None)
     if key in _cache:
         return _cache[key]
-    doc, text, problems = read_toml(path)
-    if doc is None:
-        raise TuningError(problems)
-    model, problems = validate(OverridesFile, doc, text, path)
-    if model is None:
-        raise TuningError(problems)
+    [item] = snapshot.load("overrides", path, [path], _validated, records.OverridesFile.from_dict)
+    if item.data is None:
+        raise TuningError(item.problems)
+    text = item.text
+    if text is None:  # served from the snapshot: the text places problems found later
+        raw = snapshot.read_regular(path)
+        text = "" if raw is None else raw.decode("utf-8", errors="replace")
     if writable_by_others(path):  # once per version of the file, not once per policy run
         warn_writable(path)
-    _cache[key] = (model, text)  # type: ignore[assignment]
-    return model, text  # type: ignore[return-value]
+    _cache[key] = (item.data, text)
+    return item.data, text
 
 
-def unknown_generations(model: OverridesFile, text: str, path: Path, catalog) -> list[Problem]:
+def unknown_generations(model, text: str, path: Path, catalog) -> list[Problem]:
     """Entries whose ``generation`` names nothing in the catalog (``"*"`` names everything)."""
     return [
         Problem(
@@ -169,7 +121,7 @@ def unknown_generations(model: OverridesFile, text: str, path: Path, catalog) ->
 
 
 def generation_problems(
-    model: OverridesFile, text: str, path: Path, catalog, only: str | None = None
+    model, text: str, path: Path, catalog, only: str | None = None
 ) -> list[Problem]:
     """Entries that break a rule of the generation they name (a VMEM limit above its core),
     found the same way by ``validate`` and by the policy, before any workload is known."""
@@ -198,7 +150,7 @@ def generation_problems(
     return out
 
 
-def matches(o: Override, w: Workload) -> bool:
+def matches(o, w: Workload) -> bool:
     for k, want in o.match.items():
         have = getattr(w, k)
         if isinstance(want, str) and k.endswith("dtype"):
@@ -235,6 +187,8 @@ def tpu_registry_tune(spec, workload: Workload, context: TuneContext) -> Layer |
             continue
         for k, v in o.knobs.items():
             knobs.setdefault(k, v)
+    from tpu_registry import kernels  # on first use: detection registers this plugin too
+
     # Knobs of a kernel family that does not run this workload (RPA v3 blocks for a head-dim-64
     # model, say) would be reported as set while no kernel reads them: left out, and said so.
     running = set(kernels.families_for(spec, workload))

@@ -11,133 +11,30 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
-
-from tpu_registry import kernels
+from tpu_registry import records, snapshot
 from tpu_registry.catalog import builtin_hardware_dir
-from tpu_registry.errors import CatalogError, Problem, TuningError
+from tpu_registry.errors import CatalogError, Problem
 from tpu_registry.hookspecs import hookimpl
-from tpu_registry.modelerrors import data_error, validate
-from tpu_registry.spec import SCHEMA_VERSION, DataModel, KernelFamily
-from tpu_registry.tomlfile import locate, read_toml
 from tpu_registry.types import Layer, TuneContext
-from tpu_registry.units import DTYPE_BITS, align, canonical_dtype, cdiv, next_pow2
-from tpu_registry.workload import Workload
+from tpu_registry.units import align, cdiv, next_pow2, norm_cell
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from tpu_registry.workload import Workload
+
+
+def __getattr__(name: str) -> Any:
+    """``Table`` (the pydantic model) is defined in ``schemas``: imported only when asked for."""
+    if name in ("Table", "KeyColumn"):
+        from tpu_registry.policies import schemas
+
+        return getattr(schemas, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 ENV_TABLES = "TPU_REGISTRY_TABLES_PATH"
-
-KeyColumn = Literal[
-    "q_dtype",
-    "kv_dtype",
-    "num_q_heads",
-    "num_kv_heads",
-    "num_q_heads_per_block",
-    "num_kv_heads_per_block",
-    "head_dim",
-    "page_size",
-    "max_num_batched_tokens",
-    "max_model_len_paged",
-    "max_model_len_pow2",
-    "max_model_len_paged_pow2",
-    "sliding_window",
-    "num_q_heads_pow2",
-    "num_kv_heads_pow2",
-    "num_tokens",
-    "kv_lora_rank",
-    "qk_rope_head_dim",
-    "page_size_per_kv_packing",
-    "kv_packing",
-    "max_num_seqs",
-    "pages_per_seq",
-]
-
-
-class Table(DataModel):
-    schema_version: int
-    kernel: KernelFamily
-    generations: list[str] = Field(min_length=1)
-    source: str = Field(min_length=1)
-    note: str = ""
-    key: list[KeyColumn] = Field(min_length=1)
-    value: list[str] = Field(min_length=1)
-    rows: list[list[Any]]
-    _index: dict[tuple, int] = PrivateAttr(default_factory=dict)
-
-    @field_validator("schema_version")
-    @classmethod
-    def _schema(cls, v: int) -> int:
-        if not 1 <= v <= SCHEMA_VERSION:
-            raise data_error(
-                f"schema_version {v} is not one this tpu-registry understands ({SCHEMA_VERSION})",
-                "upgrade tpu-registry, or write the schema_version it supports",
-            )
-        return v
-
-    @model_validator(mode="after")
-    def _rows(self) -> Table:
-        columns = self.key + self.value
-        width = len(columns)
-        n = len(self.key)
-        # Per-column checks are decided once, not per cell: tables have thousands of cells.
-        kinds = [
-            "dtype" if c.endswith("dtype") else "count0" if c == "sliding_window" else "count"
-            for c in columns
-        ]
-        seen: dict[tuple, int] = {}
-        for i, row in enumerate(self.rows):
-            if len(row) != width:
-                raise data_error(
-                    f"rows[{i}] has {len(row)} columns, expected {width} ({', '.join(columns)})",
-                    "give one cell per key and value column",
-                    ("rows", i),
-                )
-            for col, kind, cell in zip(columns, kinds, row, strict=True):
-                if kind == "dtype":
-                    if not (isinstance(cell, str) and _dtype(cell)):
-                        raise data_error(
-                            f"rows[{i}] {col} must be a dtype name, got {cell!r}",
-                            f"use one of: {', '.join(sorted(DTYPE_BITS))}",
-                            ("rows", i),
-                        )
-                elif type(cell) is not int or cell < (0 if kind == "count0" else 1):
-                    what = (
-                        "a whole number, 0 or more"
-                        if kind == "count0"
-                        else "a positive whole number"
-                    )
-                    hint = (
-                        "write the number without quotes"
-                        if type(cell) is not int
-                        else "check the cell against its column"
-                    )
-                    raise data_error(
-                        f"rows[{i}] {col} must be {what}, got {cell!r}", hint, ("rows", i)
-                    )
-            k = tuple(_norm_cell(c, v) for c, v in zip(self.key, row[:n], strict=True))
-            if k in seen:
-                raise data_error(
-                    f"rows[{i}] repeats the key of rows[{seen[k]}]",
-                    "keep one row per key: remove or merge the duplicate",
-                    ("rows", i),
-                )
-            seen[k] = i
-        self._index = seen  # reused by LoadedTable: the key of every row, normalised
-        return self
-
-
-_DTYPES: dict[str, str | None] = {}
-
-
-def _dtype(name: str) -> str | None:
-    """Canonical dtype name, memoised (a table repeats a handful of names thousands of times)."""
-    if name not in _DTYPES:
-        try:
-            _DTYPES[name] = canonical_dtype(name)
-        except TuningError:
-            _DTYPES[name] = None
-    return _DTYPES[name]
 
 
 def bucket(column: str, w: Workload, page: int, mla_kv_packing: int = 0) -> Any:
@@ -159,6 +56,8 @@ def bucket(column: str, w: Workload, page: int, mla_kv_packing: int = 0) -> Any:
         return w.q_heads_per_device
     if column == "num_kv_heads":
         return w.kv_heads_per_device
+    from tpu_registry import kernels  # on first use: detection registers this plugin too
+
     if column in ("num_q_heads_per_block", "num_kv_heads_per_block"):
         heads = kernels.min_heads_per_block(
             w.q_heads_per_device, 2 * w.kv_heads_per_device, w.q_dtype, w.kv_dtype
@@ -198,10 +97,15 @@ def bucket(column: str, w: Workload, page: int, mla_kv_packing: int = 0) -> Any:
 
 
 class LoadedTable:
-    def __init__(self, table: Table, path: Path):
+    """A validated table (a ``records.Table``) and its rows indexed by normalised key."""
+
+    def __init__(self, table: records.Table, path: Path):
         self.table, self.path = table, path
         n = len(table.key)
-        self.index = {k: tuple(table.rows[i][n:]) for k, i in table._index.items()}
+        self.index = {
+            tuple(norm_cell(c, v) for c, v in zip(table.key, row[:n], strict=True)): tuple(row[n:])
+            for row in table.rows
+        }
 
     def lookup(self, w: Workload, page: int, mla_kv_packing: int = 0) -> dict[str, Any] | None:
         key = tuple(bucket(c, w, page, mla_kv_packing) for c in self.table.key)
@@ -214,10 +118,6 @@ class LoadedTable:
         }
 
 
-def _norm_cell(column: str, value: Any) -> Any:
-    return _dtype(value) if column.endswith("dtype") else value
-
-
 def table_folders(env: Mapping[str, str]) -> list[Path]:
     out = [builtin_hardware_dir() / "tuning"]
     for part in env.get(ENV_TABLES, "").split(os.pathsep):
@@ -226,12 +126,29 @@ def table_folders(env: Mapping[str, str]) -> list[Path]:
     return out
 
 
+def _validated(path: Path) -> tuple[dict[str, Any] | None, str, list[Problem]]:
+    """Parse and validate one table with its pydantic model: (its data, text, problems)."""
+    from tpu_registry.modelerrors import validate
+    from tpu_registry.policies.schemas import Table
+    from tpu_registry.tomlfile import read_toml
+
+    doc, text, problems = read_toml(path)
+    if doc is None:
+        return None, text, problems
+    table, problems = validate(Table, doc, text, path)
+    if table is None:
+        return None, text, problems
+    return table.model_dump(), text, []
+
+
 def load_table(
     path: Path, generation: str | None = None
 ) -> tuple[LoadedTable | None, list[Problem]]:
     """Parse and validate one table. With ``generation``, a well-formed table that does not
     list it is skipped unvalidated (returns None, no problems): resolve() validates only what
     it uses; ``tpu-registry validate`` checks every table."""
+    from tpu_registry.tomlfile import locate, read_toml
+
     doc, text, problems = read_toml(path)
     if doc is None:
         return None, problems
@@ -243,11 +160,11 @@ def load_table(
         and generation not in listed
     ):
         return None, []
-    table, problems = validate(Table, doc, text, path)
-    if table is None:
+    data, text, problems = _validated(path)
+    if data is None:
         return None, problems
     try:
-        return LoadedTable(table, path), []  # type: ignore[arg-type]
+        return LoadedTable(records.Table.from_dict(data), path), []
     except Exception as e:  # a dtype cell that names no dtype
         return None, [
             Problem(
@@ -264,7 +181,10 @@ _cache: dict[tuple, list[LoadedTable]] = {}
 
 
 def load_tables(folders: list[Path], generation: str | None = None) -> list[LoadedTable]:
-    files = []
+    """The valid tables of ``folders`` that list ``generation`` (all with None), from their
+    snapshots when unchanged. A table with problems is reported only when it is one this
+    resolve uses (``load_table`` decides, as it always did)."""
+    groups: list[tuple[Path, list[Path]]] = []
     problems: list[Problem] = []
     for folder in folders:
         if not folder.is_dir():
@@ -279,16 +199,23 @@ def load_tables(folders: list[Path], generation: str | None = None) -> list[Load
                     )
                 )
             continue
-        files += sorted(p for p in folder.glob("*.toml") if not p.name.startswith("."))
+        paths = sorted(p for p in folder.glob("*.toml") if not p.name.startswith("."))
+        groups.append((folder, paths))
+    files = [p for _, paths in groups for p in paths]
     key = (generation, *((str(p), p.stat().st_mtime_ns) for p in files))
     if key in _cache and not problems:
         return _cache[key]
     tables = []
-    for path in files:
-        t, probs = load_table(path, generation)
-        problems += probs
-        if t is not None:
-            tables.append(t)
+    for folder, paths in groups:
+        for item in snapshot.load("table", folder, paths, _validated, records.Table.from_dict):
+            if item.data is not None:
+                if generation is None or generation in item.data.generations:
+                    tables.append(LoadedTable(item.data, item.path))
+                continue
+            t, probs = load_table(item.path, generation)  # reports it only if this resolve uses it
+            problems += probs
+            if t is not None:
+                tables.append(t)
     if problems:
         raise CatalogError(problems)
     _cache[key] = tables
@@ -317,6 +244,8 @@ def lookup(
 
 @hookimpl
 def tpu_registry_tune(spec, workload: Workload, context: TuneContext) -> Layer | None:
+    from tpu_registry import kernels  # on first use: detection registers this plugin too
+
     page = kernels.page_size_of(spec, workload)
     knobs: dict[str, Any] = {}
     used: list[str] = []
