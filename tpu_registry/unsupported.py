@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from .catalog import builtin_hardware_dir
 from .errors import CatalogError
-from .tomlfile import tomllib
 
 KINDS = ("device_kind", "gke_accelerator", "machine_type", "accelerator_type", "pci")
 
@@ -29,6 +28,8 @@ class Unsupported:
 
 @functools.lru_cache(maxsize=1)
 def _table() -> dict[tuple[str, str], Unsupported]:
+    from .tomlfile import tomllib  # on first use: detection imports this module
+
     path = builtin_hardware_dir() / "unsupported" / "identifiers.toml"
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
