@@ -81,6 +81,24 @@ class Record:
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         """(field, value) pairs, as iterating over the pydantic model gives them."""
         return ((n, getattr(self, n)) for n in self.__slots__)
+
+    # The two model methods callers of the catalog use, with the models' meaning.
+    def model_dump(self, *, mode: str = "python") -> dict[str, Any]:
+        """The fields as plain data, as the model's ``model_dump()`` gives them."""
+        return self.to_dict()  # type: ignore[attr-defined]
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Any:
+        """A copy with the fields in ``update`` replaced (not validated, as with the model)."""
+        values = {n: getattr(self, n) for n in self.__slots__}
+        if deep:
+            import copy
+
+            values = copy.deepcopy(values)
+        unknown = sorted(set(update or {}) - set(values))
+        if unknown:
+            raise TypeError(f"{self.__class__.__name__} has no field {unknown[0]!r}")
+        values.update(update or {})
+        return self.__class__(**values)
 '''
 
 
