@@ -543,6 +543,24 @@ def test_each_rule_refuses_exactly_its_case(rule):
     # and the same knobs one step inside the bound pass (the rule is a bound, not a ban)
 
 
+# The v3 kernel's check of explicit block sizes, which the adapters apply before passing a tuple.
+REJECTIONS = [
+    ((256, 1024, 128, 512), 128, None),
+    ((1, 128, 1, 128), 128, None),  # a chunk of one query divides anything
+    ((256, 1024, 0, 512), 128, "bq_sz 256 is not a multiple of bq_csz 0"),
+    ((256, 1024, 96, 512), 128, "bq_sz 256 is not a multiple of bq_csz 96"),
+    ((256, 1024, 128, 0), 128, "bkv_sz 1024 is not a multiple of bkv_csz 0"),
+    ((256, 1024, 128, 384), 128, "bkv_sz 1024 is not a multiple of bkv_csz 384"),
+    ((256, 960, 128, 320), 128, "KV blocks 960/320 are not multiples of page size 128"),
+    ((256, 1024, 128, 64), 128, "KV blocks 1024/64 are not multiples of page size 128"),
+]
+
+
+@pytest.mark.parametrize("blocks, page, why", REJECTIONS)
+def test_rpa_v3_rejection_names_the_first_broken_check(blocks, page, why):
+    assert kernels.rpa_v3_rejection(blocks, page) == why
+
+
 def test_the_overrides_doc_tables_are_generated():
     import sys
 

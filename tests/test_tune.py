@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import re
 from collections import Counter
+from dataclasses import fields
 from itertools import product
 
 import pytest
@@ -22,6 +24,7 @@ from tpu_registry.errors import TuningError
 from tpu_registry.kernels import check as check_constraints
 from tpu_registry.plugins import get_plugin_manager
 from tpu_registry.policies import baseline
+from tpu_registry.policies import overrides as overrides_policy
 from tpu_registry.policies.tables import load_tables, table_folders
 from tpu_registry.tomlfile import tomllib
 
@@ -1110,3 +1113,104 @@ def test_every_table_key_column_is_documented():
     doc = (REPO / "docs" / "tables.md").read_text()
     missing = [c for c in get_args(KeyColumn) if f"`{c}`" not in doc]
     assert not missing, missing
+# ------------------------------------------------------------ overrides: one case per rule
+
+
+def _overrides_file(tmp_path, body: str, name: str = "ov.toml"):
+    f = tmp_path / name
+    f.write_text("schema_version = 1\n" + body)
+    f.chmod(0o644)
+    return f
+
+
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        (
+            "match = { bogus = 1, other = 2 }\nknobs = { page_size = 64 }\n",
+            "override[0].match.bogus: match names unknown workload fields: bogus, other "
+            "(known: " + ", ".join(f.name for f in fields(Workload)) + ")",
+        ),
+        (
+            'match = { kv_dtype = "float9" }\nknobs = { page_size = 64 }\n',
+            "override[0].match.kv_dtype: match kv_dtype 'float9' is not a dtype (use one of: "
+            "bfloat16, float16, float32, float8_e4m3fn, float8_e5m2, int8)",
+        ),
+        (
+            'match = { max_model_len = "4096" }\nknobs = { page_size = 64 }\n',
+            "override[0].match.max_model_len: match max_model_len must be a whole number, got "
+            "'4096' (write the number without quotes)",
+        ),
+        (
+            "[override.knobs.rpa_v3]\n",
+            "override[0].knobs.rpa_v3: rpa_v3 is a table; knob names are flat "
+            '(write "rpa_v3.name" = ... (quoted: an unquoted dotted key makes a table))',
+        ),
+    ],
+    ids=["unknown-fields", "unknown-dtype", "quoted-number", "empty-table"],
+)
+def test_overrides_entry_errors_are_exact(tmp_path, entry, expected):
+    f = _overrides_file(tmp_path, f'[[override]]\ngeneration = "v6e"\n{entry}')
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(32, 8, 128), simulate="v6e", overrides=f)
+    (problem,) = e.value.problems
+    assert str(problem).split(": ", 1)[1] == expected, str(problem)
+
+
+def test_overrides_match_a_dtype_by_any_of_its_names(tmp_path):
+    """``match = { kv_dtype = "fp8" }`` is float8_e4m3fn, however the workload spells it."""
+    f = _overrides_file(
+        tmp_path,
+        '[[override]]\ngeneration = "v6e"\nmatch = { kv_dtype = "fp8" }\n'
+        "knobs = { head_dim_padded = 256 }\n",
+    )
+    for kv, layer in (("float8_e4m3fn", "overrides"), ("fp8", "overrides"), ("bf16", "baseline")):
+        cfg = resolve(Workload(32, 8, 128, kv_dtype=kv), simulate="v6e", overrides=f)
+        assert cfg.layer("head_dim_padded") == layer, kv
+
+
+def test_overrides_vmem_check_per_generation_is_a_strict_bound(tmp_path):
+    """A VMEM limit equal to the core's is allowed; a "*" entry before an entry that names a
+    generation does not stop that entry from being checked."""
+    core = 128 * MIB  # v6e
+    ok = _overrides_file(
+        tmp_path,
+        f'[[override]]\ngeneration = "v6e"\nknobs = {{ "rpa_v3.vmem_limit_bytes" = {core} }}\n',
+    )
+    cfg = resolve(Workload(32, 8, 128), simulate="v6e", overrides=ok)
+    assert (cfg.value("rpa_v3.vmem_limit_bytes"), cfg.layer("rpa_v3.vmem_limit_bytes")) == (
+        core,
+        "overrides",
+    )
+    bad = _overrides_file(
+        tmp_path,
+        '[[override]]\ngeneration = "*"\nknobs = { head_dim_padded = 256 }\n'
+        f'[[override]]\ngeneration = "v6e"\nknobs = {{ vmem_limit_bytes = {core + 1} }}\n',
+        name="bad.toml",
+    )
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(32, 8, 128), simulate="v6e", overrides=bad)
+    assert str(e.value) == (
+        f"{bad}:7: override[1].knobs.vmem_limit_bytes: vmem_limit_bytes {core + 1} is above the "
+        f"v6e core VMEM of {core} bytes (128 MiB) [rule vmem_within_core] (use at most {core})"
+    )
+
+
+def test_overrides_files_alike_in_size_and_time_are_read_apart(tmp_path):
+    """The parse cache is keyed by path: two files of equal size, mtime and mode are two
+    files."""
+    a = _overrides_file(
+        tmp_path, '[[override]]\ngeneration = "v6e"\nknobs = { page_size = 64 }\n', "a.toml"
+    )
+    b = _overrides_file(
+        tmp_path, '[[override]]\ngeneration = "v6e"\nknobs = { page_size = 32 }\n', "b.toml"
+    )
+    stamp = a.stat().st_mtime_ns
+    os.utime(b, ns=(stamp, stamp))
+    w = Workload(32, 8, 128)
+    assert resolve(w, simulate="v6e", overrides=a).value("page_size") == 64
+    assert resolve(w, simulate="v6e", overrides=b).value("page_size") == 32
+
+
+def test_a_file_that_cannot_be_read_is_not_called_writable(tmp_path):
+    assert overrides_policy.writable_by_others(tmp_path / "missing.toml") is False
