@@ -91,7 +91,8 @@ def _values(knobs: Mapping[str, Knob]) -> dict:
     return {k: v.value for k, v in knobs.items()}
 
 
-# Knobs upstream computes from the page size: recomputed for the winning page.
+# Knobs upstream computes from the page size: computed for the winning page (tune() reruns the
+# policies with it pinned) and marked as derived from it.
 PAGE_DEPENDENT = (
     "max_num_seqs_smem",
     "rpa_v2.num_kv_pages_per_block",
@@ -100,15 +101,12 @@ PAGE_DEPENDENT = (
 )
 
 
-def _derive(spec, w, knobs: dict[str, Knob], rank: Mapping[str, int]) -> None:
+def _derive(w, knobs: dict[str, Knob], rank: Mapping[str, int]) -> None:
     """Recompute what upstream derives from other knobs, from the winning values."""
     page = knobs.get("page_size")
+    # Values follow the page already: tune() reruns the policies with a winning page pinned,
+    # so the baseline computed them for it. What is left is to say where the page came from.
     if page is not None and page.layer != ESSENTIAL:
-        if "max_num_seqs_smem" in knobs:
-            value = kernels.max_num_seqs_for(
-                spec.chip.smem_bytes_per_core, w.max_model_len, page.value
-            )
-            knobs["max_num_seqs_smem"] = Knob(value, ESSENTIAL)
         for name in PAGE_DEPENDENT:
             k = knobs.get(name)
             if k is not None and rank.get(k.layer, 0) > rank.get(page.layer, 0):
@@ -208,7 +206,7 @@ def tune(plugins: Plugins, context: TuneContext, *, strict: bool = False) -> Tun
                 if name in first:
                     knobs[name] = first[name]
         rank = {layer.name: i for i, layer in enumerate(layers)}
-        _derive(spec, workload, knobs, rank)
+        _derive(workload, knobs, rank)
         defaults = frozenset(k for k, v in knobs.items() if v.layer == ESSENTIAL)
         violations = kernels.check(spec, workload, _values(knobs), defaults=defaults)
         if not violations:
