@@ -1214,3 +1214,48 @@ def test_overrides_files_alike_in_size_and_time_are_read_apart(tmp_path):
 
 def test_a_file_that_cannot_be_read_is_not_called_writable(tmp_path):
     assert overrides_policy.writable_by_others(tmp_path / "missing.toml") is False
+
+
+# ------------------------------------------------------------------ merge: blame and faults
+
+
+def test_a_rule_broken_by_two_user_layers_blames_the_more_trusted(tmp_path):
+    """The user's fixed page (the workload layer, first) and an override that does not fit it:
+    the error names the workload layer, with the default hint of a rule that has none."""
+    f = _overrides_file(
+        tmp_path,
+        '[[override]]\ngeneration = "v6e"\nknobs = { "rpa_v3.d_block_sizes" = [1, 96, 1, 96] }\n',
+    )
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(32, 8, 128, page_size=64), simulate="v6e", overrides=f)
+    assert str(e.value) == (
+        "layer workload: rpa_v3.d_block_sizes: rpa_v3.d_block_sizes (1, 96, 1, 96): KV block "
+        "sizes must be multiples of page_size 64 [rule rpa_v3_kv_page_multiple] (lower the "
+        "value or remove the override)"
+    )
+
+
+def test_a_dropped_plugin_layer_names_every_rule_it_broke():
+    import tpu_registry
+    from tpu_registry import Layer
+
+    class Bad:
+        @tpu_registry.hookimpl
+        def tpu_registry_tune(self, spec, workload, detection):
+            knobs = {"rpa_v3.d_block_sizes": (1, 96, 1, 96), "rpa_v2.num_queries_per_block": 10**5}
+            return Layer("bad", knobs)
+
+    pm = get_plugin_manager()
+    pm.register(Bad(), name="bad")
+    try:
+        cfg = resolve(Workload(32, 8, 128), simulate="v6e")
+    finally:
+        pm.unregister(name="bad")
+    assert cfg.tuning.layers == ("baseline",)
+    (fault,) = cfg.tuning.faults
+    assert (fault.plugin, fault.stage) == ("bad", "tune")
+    assert fault.message == (
+        "knobs break kernel constraints, layer dropped: rpa_v2.num_queries_per_block 100000 must "
+        "be in 1..2048 (max batched tokens); rpa_v3.d_block_sizes (1, 96, 1, 96): KV block sizes "
+        "must be multiples of page_size 128"
+    )
