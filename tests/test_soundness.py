@@ -540,7 +540,232 @@ def test_each_rule_refuses_exactly_its_case(rule):
     w = replace(Workload(**V6E), **changes)
     found = kernels.check(spec, w, knobs)
     assert [(v.rule, v.knob) for v in found] == [(rule, knob)], found
-    # and the same knobs one step inside the bound pass (the rule is a bound, not a ban)
+    assert (found[0].message, found[0].hint) == RULE_MESSAGES[rule]
+
+
+# What each case above is told: the figures the rule computed, and the fix.
+RULE_MESSAGES = {
+    "head_padding": (
+        "head_dim_padded 192 must be at least head_dim 128 and a multiple of 128 lanes",
+        "",
+    ),
+    "knob_range": ("head_dim_padded 8192 is outside its range", "see docs/overrides.md"),
+    "page_kv_packing": ("page_size 2 is not a multiple of the float8_e4m3fn packing 4", ""),
+    "page_power_of_two": (
+        "page_size 48 is not a positive power of two",
+        "use 16, 32, 64, 128 or 256",
+    ),
+    "page_smem_minimum": (
+        "page_size 128 is below the SMEM minimum page 256 for max_model_len 131072 and "
+        "max_num_seqs 256 on v6e",  # 1 MiB / 2 / 256 sequences / 4 bytes = 512 pages each
+        "use a page of at least 256, or lower max_num_seqs",
+    ),
+    "page_within_sequence": (
+        "page_size 4096 is above 2048, the most a sequence of max_model_len 2048 needs",
+        "use a page of at most 2048",
+    ),
+    "rpa_v2_heads_tileable": (
+        "rpa_v2.num_kv_pages_per_block: 6 combined KV heads cannot be tiled for float8_e4m3fn",
+        "the RPA v2 kernel cannot run this shape",
+    ),
+    "rpa_v2_kv_pages_in_range": (
+        "rpa_v2.num_kv_pages_per_block 17 must be in 1..16 (pages per sequence)",
+        "",
+    ),
+    "rpa_v2_queries_in_range": (
+        "rpa_v2.num_queries_per_block 4096 must be in 1..2048 (max batched tokens)",
+        "",
+    ),
+    "rpa_v3_block_divisibility": (
+        "rpa_v3.p_block_sizes (256, 1024, 96, 512): bq_sz must be a multiple of bq_csz and "
+        "bkv_sz of bkv_csz",
+        "",
+    ),
+    "rpa_v3_float_kv": (
+        "rpa_v3.d_block_sizes: the RPA v3 kernel does not take an int8 KV cache",
+        "use a floating-point KV dtype (bf16, fp8)",
+    ),
+    "rpa_v3_kv_block_bounds": (
+        "rpa_v3.p_block_sizes (256, 4096, 128, 512): KV blocks must satisfy bkv_csz <= bkv_sz "
+        "<= 2048 (tokens per sequence)",
+        "",
+    ),
+    "rpa_v3_kv_page_multiple": (
+        "rpa_v3.p_block_sizes (256, 960, 128, 320): KV block sizes must be multiples of "
+        "page_size 128",
+        "",
+    ),
+    "rpa_v3_q_block_bounds": (
+        "rpa_v3.p_block_sizes (4096, 1024, 128, 512): query blocks must be within 2048 batched "
+        "tokens",
+        "",
+    ),
+    "rpa_v3_smem_estimate": (
+        # (3 tables of 100096 words + 512) * 4 bytes
+        "page_size 16: the RPA v3 kernel's tables take 1203200 bytes of SMEM, above the v6e "
+        "core's 1048576",
+        "use a larger page or lower max_num_seqs",
+    ),
+    "rpa_v3_vmem_estimate": (
+        "rpa_v3.d_block_sizes (1, 2048, 1, 2048) needs 18956288 bytes of VMEM, above "
+        "rpa_v3.vmem_limit_bytes 1048576",
+        "use smaller blocks or a larger VMEM limit",
+    ),
+    "vmem_positive": ("rpa_v3.vmem_limit_bytes 0 is not positive", ""),
+    "vmem_within_ceiling": (
+        "rpa_v3.vmem_limit_bytes 134217728 is above vmem_limit_bytes 67108864",
+        "use at most 67108864, or raise vmem_limit_bytes",
+    ),
+    "vmem_within_core": (
+        "vmem_limit_bytes 268435456 is above the v6e core VMEM of 134217728 bytes (128 MiB)",
+        "use at most 134217728",
+    ),
+}
+
+# The case of each bounded rule moved one step inside its bound: nothing is refused (the rule
+# is a bound, not a ban). (workload changes, knobs)
+INSIDE = {
+    "page_power_of_two": ({}, {"page_size": 64}),
+    "page_smem_minimum": ({"max_model_len": 131072}, {"page_size": 256}),
+    "page_within_sequence": ({}, {"page_size": 2048}),
+    "page_kv_packing": (
+        {"kv_dtype": "float8_e4m3fn", "max_model_len": 16, "max_num_seqs": 1},
+        {"page_size": 4},
+    ),
+    "vmem_positive": ({}, {"rpa_v3.vmem_limit_bytes": 1}),
+    "vmem_within_core": ({}, {"vmem_limit_bytes": 2**27}),
+    "vmem_within_ceiling": ({}, {"vmem_limit_bytes": 2**26, "rpa_v3.vmem_limit_bytes": 2**26}),
+    "head_padding": ({}, {"head_dim_padded": 128}),
+    "rpa_v2_heads_tileable": (
+        {"num_q_heads": 8, "num_kv_heads": 4, "kv_dtype": "float8_e4m3fn"},
+        {"page_size": 128, "rpa_v2.num_kv_pages_per_block": 8},
+    ),
+    "rpa_v2_kv_pages_in_range": ({}, {"page_size": 128, "rpa_v2.num_kv_pages_per_block": 16}),
+    "rpa_v2_queries_in_range": ({}, {"page_size": 128, "rpa_v2.num_queries_per_block": 2048}),
+    "rpa_v3_float_kv": ({}, {"page_size": 128, "rpa_v3.d_block_sizes": (1, 2048, 1, 2048)}),
+    "rpa_v3_block_divisibility": (
+        {},
+        {"page_size": 128, "rpa_v3.p_block_sizes": (256, 1024, 128, 512)},
+    ),
+    "rpa_v3_kv_page_multiple": (
+        {},
+        {"page_size": 128, "rpa_v3.p_block_sizes": (256, 1024, 128, 256)},
+    ),
+    "rpa_v3_kv_block_bounds": (
+        {},
+        {"page_size": 128, "rpa_v3.p_block_sizes": (256, 2048, 128, 2048)},
+    ),
+    "rpa_v3_q_block_bounds": (
+        {},
+        {"page_size": 128, "rpa_v3.p_block_sizes": (2048, 1024, 2048, 512)},
+    ),
+    "rpa_v3_vmem_estimate": (
+        {},
+        {
+            "page_size": 128,
+            "rpa_v3.vmem_limit_bytes": 18956288,
+            "rpa_v3.d_block_sizes": (1, 2048, 1, 2048),
+        },
+    ),
+    "rpa_v3_smem_estimate": (
+        # (3 tables of 87040 words + 512) * 4 bytes = 1046528, within 1 MiB
+        {"max_model_len": 16, "max_num_seqs": 87000},
+        {"page_size": 16, "rpa_v3.d_block_sizes": (1, 16, 1, 16)},
+    ),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(INSIDE))
+def test_one_step_inside_each_bound_passes(rule):
+    changes, knobs = INSIDE[rule]
+    w = replace(Workload(**V6E), **changes)
+    assert kernels.check(load_catalog()["v6e"], w, knobs) == []
+
+
+# Cases the table above cannot isolate: the kernel's own default tuples skip the checks it
+# applies to explicit arguments only, which leaves the registry's bounds on their own.
+# (knobs, which are defaults, workload changes, the violations as (rule, knob))
+MORE_CASES = {
+    "bkv_csz_above_bkv_sz": (
+        {"page_size": 128, "rpa_v3.p_block_sizes": (256, 512, 128, 1024)},
+        {"rpa_v3.p_block_sizes"},
+        {},
+        [("rpa_v3_kv_block_bounds", "rpa_v3.p_block_sizes")],
+    ),
+    "bq_csz_above_the_tokens": (
+        {"page_size": 128, "rpa_v3.p_block_sizes": (256, 1024, 4096, 512)},
+        {"rpa_v3.p_block_sizes"},
+        {},
+        [("rpa_v3_q_block_bounds", "rpa_v3.p_block_sizes")],
+    ),
+    "a_default_tuple_may_break_divisibility": (
+        {"page_size": 128, "rpa_v3.p_block_sizes": (256, 1024, 96, 320)},
+        {"rpa_v3.p_block_sizes"},
+        {},
+        [],
+    ),
+    "no_block_may_be_zero": (
+        {"page_size": 128, "rpa_v3.m_block_sizes": (256, 1024, 0, 512)},
+        set(),
+        {},
+        [("rpa_v3_block_divisibility", "rpa_v3.m_block_sizes")],
+    ),
+    "no_kv_pages": (
+        {"page_size": 128, "rpa_v2.num_kv_pages_per_block": 0},
+        set(),
+        {},
+        [("rpa_v2_kv_pages_in_range", "rpa_v2.num_kv_pages_per_block")],
+    ),
+    "no_queries": (
+        {"page_size": 128, "rpa_v2.num_queries_per_block": 0},
+        set(),
+        {},
+        [("rpa_v2_queries_in_range", "rpa_v2.num_queries_per_block")],
+    ),
+    "a_negative_page": ({"page_size": -64}, set(), {}, [("page_power_of_two", "page_size")]),
+    "a_default_is_not_held_to_the_knob_range": (
+        {"head_dim_padded": 8192},
+        {"head_dim_padded"},
+        {},
+        [],
+    ),
+    "a_family_limit_above_the_core_is_not_also_above_the_ceiling": (
+        {"vmem_limit_bytes": 2**26, "rpa_v2.vmem_limit_bytes": 2**28},
+        set(),
+        {},
+        [("vmem_within_core", "rpa_v2.vmem_limit_bytes")],
+    ),
+    "int8_kv_has_no_v3_vmem_estimate": (
+        {
+            "page_size": 128,
+            "rpa_v3.vmem_limit_bytes": 2**20,
+            "rpa_v3.d_block_sizes": (1, 2048, 1, 2048),
+        },
+        set(),
+        {"kv_dtype": "int8"},
+        [("rpa_v3_float_kv", "rpa_v3.d_block_sizes")],
+    ),
+    "v3_smem_is_checked_for_the_vmem_knob_alone": (
+        {"page_size": 16, "rpa_v3.vmem_limit_bytes": 2**26},
+        set(),
+        {"max_model_len": 16, "max_num_seqs": 100000},
+        [("rpa_v3_smem_estimate", "page_size")],
+    ),
+    "no_v3_smem_check_without_v3_knobs": (
+        {"page_size": 16, "rpa_v2.num_kv_pages_per_block": 1},
+        set(),
+        {"max_model_len": 16, "max_num_seqs": 100000},
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MORE_CASES))
+def test_rules_left_to_the_registry_and_the_lower_bounds(case):
+    knobs, defaults, changes, expected = MORE_CASES[case]
+    w = replace(Workload(**V6E), **changes)
+    found = kernels.check(load_catalog()["v6e"], w, knobs, defaults=frozenset(defaults))
+    assert [(v.rule, v.knob) for v in found] == expected, found
 
 
 # The v3 kernel's check of explicit block sizes, which the adapters apply before passing a tuple.
