@@ -584,3 +584,17 @@ def test_detect_timeout_must_be_a_positive_number(value):
         f"TPU_REGISTRY_DETECT_TIMEOUT={value!r} is not a number of seconds in (0, 600] "
         "(the default is 2)"
     )
+
+
+def test_detect_timeout_bounds_and_default():
+    """600 s is the most a detector may be given, inclusive; passed as an argument, the figure
+    is named as given; unset, the default budget applies."""
+    d = detect(env={"TPU_REGISTRY_DETECT_TIMEOUT": "600"}, sysfs_root="/nonexistent")
+    assert (d.status, d.generation) == ("none", None)
+    with pytest.raises(DetectionError) as e:
+        detect(env={}, sysfs_root="/nonexistent", timeout_s=600.5)
+    assert str(e.value) == (
+        "TPU_REGISTRY_DETECT_TIMEOUT=600.5 is not a number of seconds in (0, 600] "
+        "(the default is 2)"
+    )
+    assert detect(env={}, sysfs_root="/nonexistent").status == "none"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 
 import pytest
@@ -106,3 +108,32 @@ def test_source_checkout_without_install(tmp_path):
     got = _probe(env, tmp_path)
     assert got["file"] == str(REPO / "tpu_registry" / "__init__.py")
     assert got["dir"] == str(HARDWARE) and len(got["ids"]) == N_FILES
+
+
+def test_mutation_testing_work_folder_is_not_packaged(tmp_path):
+    """`make mutate` leaves a copy of tpu_registry/ and tests/ in mutants/; neither the sdist
+    nor the wheel may pick it up (the sdist's include patterns would match it)."""
+    root = tmp_path / "checkout"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for name in ("tpu_registry", "hardware", "tests"):
+        shutil.copytree(REPO / name, root / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md", "CONTRIBUTING.md", "SECURITY.md"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(root / "tpu_registry", root / "mutants" / "tpu_registry")
+    out = tmp_path / "dist"
+    r = subprocess.run(
+        [sys.executable, "-m", "hatchling", "build", "-d", str(out)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    (sdist,) = out.glob("*.tar.gz")
+    (whl,) = out.glob("*.whl")
+    with tarfile.open(sdist) as t:
+        sdist_names = t.getnames()
+    wheel_names = zipfile.ZipFile(whl).namelist()
+    assert any(n.endswith("tpu_registry/kernels.py") for n in sdist_names)
+    assert "tpu_registry/kernels.py" in wheel_names
+    assert [n for n in sdist_names + wheel_names if "mutants" in n] == []
