@@ -9,7 +9,7 @@ STAMP310 := $(VENV310)/.installed
 # Extra test dependencies of the core suite (JAX for the cross-check against its TPU table).
 TEST_EXTRAS := jax==0.10.2 matplotlib ruff
 
-.PHONY: run test test-core test-py310 test-integration bench fuzz lint clean
+.PHONY: run test test-core test-py310 test-integration bench fuzz lint mutate clean
 
 # xpk's TPU table is compared with the catalog's slice data (tests/test_slices.py). xpk pins
 # kubernetes, docker and google-cloud clients; the test reads one module of it as data, so it
@@ -58,9 +58,26 @@ bench: $(STAMP)
 fuzz: $(STAMP)
 	TPU_REGISTRY_FUZZ_EXAMPLES=50000 $(BIN)/python -m pytest -q tests/test_fuzz.py
 
+# Mutation testing of the rule-bearing modules ([tool.mutmut] in pyproject.toml; docs/mutation.md).
+# Not part of `make test`. Always from scratch: results kept from an earlier run would not see
+# tests added since. The subprocesses some tests start (the console script) import the mutated
+# copy too, through PYTHONPATH (the folder must exist before Python starts for that to work).
+# The fuzz tests run a fifth of their default examples against each mutant that reaches them.
+$(VENV)/.mutmut: $(STAMP) pyproject.toml
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[mutate]'
+	touch $@
+
+mutate: $(VENV)/.mutmut
+	rm -rf mutants && mkdir mutants
+	PYTHONPATH=$(CURDIR)/mutants TPU_REGISTRY_FUZZ_EXAMPLES=600 \
+		$(BIN)/mutmut run --max-children 2 > mutants/run.log 2>&1 \
+		|| { tail -n 40 mutants/run.log; exit 1; }
+	@tail -n 3 mutants/run.log | tr '\r' '\n' | tail -n 3
+	$(BIN)/python scripts/mutation_report.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check tpu_registry tests benchmarks plugins scripts
 	$(BIN)/lint-imports --no-cache
 
 clean:
-	rm -rf $(VENV) $(VENV310) dist build .pytest_cache
+	rm -rf $(VENV) $(VENV310) dist build .pytest_cache mutants
