@@ -778,6 +778,7 @@ REJECTIONS = [
     ((256, 1024, 128, 384), 128, "bkv_sz 1024 is not a multiple of bkv_csz 384"),
     ((256, 960, 128, 320), 128, "KV blocks 960/320 are not multiples of page size 128"),
     ((256, 1024, 128, 64), 128, "KV blocks 1024/64 are not multiples of page size 128"),
+    ((256, 1024, 128, 1), 128, "KV blocks 1024/1 are not multiples of page size 128"),
 ]
 
 

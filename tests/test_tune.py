@@ -1259,3 +1259,19 @@ def test_a_dropped_plugin_layer_names_every_rule_it_broke():
         "be in 1..2048 (max batched tokens); rpa_v3.d_block_sizes (1, 96, 1, 96): KV block sizes "
         "must be multiples of page_size 128"
     )
+
+
+def test_overrides_entries_for_other_generations_are_theirs(tmp_path):
+    """An entry for another generation neither applies nor is checked against this one's
+    rules (a VMEM limit above v4's 16 MiB core is v4's business), and it does not hide the
+    entries after it."""
+    f = _overrides_file(
+        tmp_path,
+        '[[override]]\ngeneration = "v4"\nknobs = { vmem_limit_bytes = 67108864 }\n'
+        '[[override]]\ngeneration = "v6e"\nknobs = { head_dim_padded = 256 }\n',
+    )
+    cfg = resolve(Workload(32, 8, 128), simulate="v6e", overrides=f)
+    assert (cfg.value("head_dim_padded"), cfg.layer("head_dim_padded")) == (256, "overrides")
+    assert cfg.layer("vmem_limit_bytes") == "baseline"
+    with pytest.raises(TuningError, match=r"above the v4 core VMEM of 16777216 bytes"):
+        resolve(Workload(32, 8, 128), simulate="v4", overrides=f)
