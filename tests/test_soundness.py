@@ -143,6 +143,40 @@ def test_a_common_vmem_ceiling_lowers_each_family_limit(tmp_path):
         resolve(Workload(**V6E), simulate="v6e", overrides=f)
 
 
+def test_a_family_limit_equal_to_the_ceiling_is_left_alone(tmp_path):
+    """Only a family limit above the common ceiling follows it (v6e's RPA v2 limit is
+    120 MiB, its v3 limit the whole 128 MiB core)."""
+    f = overrides(tmp_path, "vmem_limit_bytes = 125829120")
+    cfg = resolve(Workload(**V6E), simulate="v6e", overrides=f)
+    v2, v3 = cfg.knobs["rpa_v2.vmem_limit_bytes"], cfg.knobs["rpa_v3.vmem_limit_bytes"]
+    assert (v2.value, v2.layer, v2.derived_from) == (125829120, "baseline", ())
+    assert (v3.value, v3.derived_from) == (125829120, (("vmem_limit_bytes", "overrides"),))
+
+
+def test_a_layer_that_sets_the_page_owns_its_page_dependent_knobs(tmp_path):
+    """Knobs set by the layer whose page won are that layer's own choice, not derived from
+    its page; those of less trusted layers (the baseline's) are."""
+    from tpu_registry import hookimpl
+
+    class Mine:
+        @hookimpl
+        def tpu_registry_tune(self, spec, workload, detection):
+            return Layer("mine", {"page_size": 64, "rpa_v2.num_kv_pages_per_block": 4})
+
+    f = overrides(tmp_path, "head_dim_padded = 256")  # a more trusted layer above "mine"
+    pm = get_plugin_manager()
+    pm.register(Mine(), name="mine")
+    try:
+        cfg = resolve(Workload(**V6E), simulate="v6e", overrides=f)
+    finally:
+        pm.unregister(name="mine")
+    assert cfg.tuning.layers == ("overrides", "mine", "baseline")
+    own = cfg.knobs["rpa_v2.num_kv_pages_per_block"]
+    assert (own.value, own.layer, own.derived_from) == (4, "mine", ())
+    derived = cfg.knobs["rpa_v3.p_block_sizes"]
+    assert (derived.layer, derived.derived_from) == ("baseline", (("page_size", "mine"),))
+
+
 @pytest.mark.parametrize(
     ("knob", "suggestion"),
     [
