@@ -153,6 +153,66 @@ def test_a_family_limit_equal_to_the_ceiling_is_left_alone(tmp_path):
     assert (v3.value, v3.derived_from) == (125829120, (("vmem_limit_bytes", "overrides"),))
 
 
+def test_a_lowered_ceiling_refits_the_baseline_block_sizes(tmp_path):
+    """The user's 16 MiB ceiling lowers the RPA v3 limit, and upstream's block sizes (which
+    need 19-30 MB by upstream's estimate) shrink to fit it: query blocks halve first (p and m:
+    256 -> 64, 14.7 MB; 128 would need 19.9 MB), then KV blocks in whole pages (d: 2048 ->
+    1024 tokens, 9.5 MB)."""
+    limit = 16 * 2**20
+    f = overrides(tmp_path, f"vmem_limit_bytes = {limit}")
+    w = Workload(**V6E)
+    cfg = resolve(w, simulate="v6e", overrides=f)
+    want = {"d": (1, 1024, 1, 1024), "p": (64, 1024, 64, 512), "m": (64, 1024, 64, 512)}
+    for case, blocks in want.items():
+        k = cfg.knobs[f"rpa_v3.{case}_block_sizes"]
+        assert (k.value, k.layer, k.derived_from) == (
+            blocks,
+            "baseline",
+            (("rpa_v3.vmem_limit_bytes", "overrides"),),
+        )
+        assert kernels.rpa_v3_vmem_bytes(w, blocks[0], blocks[1]) <= limit
+    assert not cfg.tuning.faults
+    # The user's own block sizes are never refitted: too large for their own ceiling, an error.
+    f = overrides(
+        tmp_path, f'vmem_limit_bytes = {limit}\n"rpa_v3.d_block_sizes" = [1, 2048, 1, 2048]'
+    )
+    with pytest.raises(TuningError) as e:
+        resolve(w, simulate="v6e", overrides=f)
+    assert str(e.value) == (
+        "layer overrides: rpa_v3.d_block_sizes: rpa_v3.d_block_sizes (1, 2048, 1, 2048) needs "
+        "18956288 bytes of VMEM, above rpa_v3.vmem_limit_bytes 16777216 [rule "
+        "rpa_v3_vmem_estimate] (use smaller blocks or a larger VMEM limit)"
+    )
+
+
+def test_a_plugin_layer_contradicting_its_own_ceiling_is_dropped(tmp_path):
+    """A family limit above the common ceiling that the same layer set is that layer's
+    contradiction (dropped), whatever the layer's rank."""
+    from tpu_registry import hookimpl
+
+    class Mine:
+        @hookimpl
+        def tpu_registry_tune(self, spec, workload, detection):
+            knobs = {"vmem_limit_bytes": 2**26, "rpa_v3.vmem_limit_bytes": 3 * 2**25}
+            return Layer("mine", knobs)
+
+    f = overrides(tmp_path, "head_dim_padded = 256")  # a more trusted layer above "mine"
+    pm = get_plugin_manager()
+    pm.register(Mine(), name="mine")
+    try:
+        cfg = resolve(Workload(**V6E), simulate="v6e", overrides=f)
+    finally:
+        pm.unregister(name="mine")
+    assert cfg.tuning.layers == ("overrides", "baseline")
+    assert [(f.plugin, f.message) for f in cfg.tuning.faults] == [
+        (
+            "mine",
+            "knobs break kernel constraints, layer dropped: rpa_v3.vmem_limit_bytes 100663296 "
+            "is above vmem_limit_bytes 67108864",
+        )
+    ]
+
+
 def test_a_layer_that_sets_the_page_owns_its_page_dependent_knobs(tmp_path):
     """Knobs set by the layer whose page won are that layer's own choice, not derived from
     its page; those of less trusted layers (the baseline's) are."""
