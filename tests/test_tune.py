@@ -1275,3 +1275,27 @@ def test_overrides_entries_for_other_generations_are_theirs(tmp_path):
     assert cfg.layer("vmem_limit_bytes") == "baseline"
     with pytest.raises(TuningError, match=r"above the v4 core VMEM of 16777216 bytes"):
         resolve(Workload(32, 8, 128), simulate="v4", overrides=f)
+
+
+def test_overrides_notes_are_shown_in_explain(tmp_path):
+    """docs/overrides.md: an entry's ``note`` is shown in --explain, with the file it came
+    from; only entries that set a knob are quoted, each once; a file writable by others says
+    so there too."""
+    f = _overrides_file(
+        tmp_path,
+        '[[override]]\ngeneration = "v6e"\nnote = "measured on our v6e-8 pool"\n'
+        "knobs = { page_size = 64 }\n"
+        '[[override]]\ngeneration = "*"\nnote = "measured on our v6e-8 pool"\n'
+        "knobs = { head_dim_padded = 256 }\n"
+        '[[override]]\ngeneration = "*"\nnote = "never used"\nknobs = { page_size = 32 }\n'
+        '[[override]]\ngeneration = "v5e"\nnote = "for v5e"\nknobs = { page_size = 16 }\n',
+    )
+    cfg = resolve(Workload(32, 8, 128), simulate="v6e", overrides=f)
+    assert cfg.notes == (f"overrides: from {f}; measured on our v6e-8 pool",)
+    assert cfg.explain().endswith(f"\nnote: overrides: from {f}; measured on our v6e-8 pool")
+    f.chmod(0o666)
+    cfg = resolve(Workload(32, 8, 128, max_model_len=4096), simulate="v6e", overrides=f)
+    assert cfg.notes == (
+        f"overrides: from {f}; measured on our v6e-8 pool (warning: the file is writable by "
+        "other users)",
+    )

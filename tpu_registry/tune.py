@@ -173,6 +173,7 @@ def tune(plugins: Plugins, context: TuneContext, *, strict: bool = False) -> Tun
     dropped: set[str] = set()
     while True:
         knobs = merge(layers)
+        merged = layers
         page = knobs.get("page_size")
         if page is not None and page.layer not in ("workload", ESSENTIAL):
             bad_page = kernels.check(spec, workload, {"page_size": page.value})
@@ -201,7 +202,8 @@ def tune(plugins: Plugins, context: TuneContext, *, strict: bool = False) -> Tun
                 continue
             faults += [f for f in more if f not in faults]
             first = knobs
-            knobs = merge([layer for layer in again if layer.name not in dropped])
+            merged = [layer for layer in again if layer.name not in dropped]
+            knobs = merge(merged)
             for name in ("page_size", "min_page_size"):  # as chosen, with their provenance
                 if name in first:
                     knobs[name] = first[name]
@@ -228,7 +230,7 @@ def tune(plugins: Plugins, context: TuneContext, *, strict: bool = False) -> Tun
         dict(sorted(knobs.items())),
         tuple(layer.name for layer in layers),
         faults=tuple(faults),
-        notes=tuple(f"{layer.name}: {layer.note}" for layer in layers if layer.note),
+        notes=tuple(f"{layer.name}: {layer.note}" for layer in merged if layer.note),
     )
 
 

@@ -186,6 +186,7 @@ def overrides_layer(spec, workload: Workload, context: TuneContext, path: Path) 
     if problems:
         raise TuningError(problems)
     knobs: dict[str, Any] = {}
+    said = []  # the notes of the entries that set a knob
     for o in model.override:
         if o.generation != "*":
             if spec.id not in context.catalog.find(o.generation):
@@ -193,7 +194,10 @@ def overrides_layer(spec, workload: Workload, context: TuneContext, path: Path) 
         if not matches(o, workload):
             continue
         for k, v in o.knobs.items():
-            knobs.setdefault(k, v)
+            if k not in knobs:
+                knobs[k] = v
+                if o.note and o.note not in said:
+                    said.append(o.note)
     from tpu_registry import kernels  # on first use: detection registers this plugin too
 
     # Knobs of a kernel family that does not run this workload (RPA v3 blocks for a head-dim-64
@@ -208,7 +212,7 @@ def overrides_layer(spec, workload: Workload, context: TuneContext, path: Path) 
         del knobs[k]
     if not knobs and not idle:
         return None
-    note = f"from {path}"
+    note = f"from {path}" + "".join(f"; {n}" for n in said)
     if idle:
         note += (
             "; not applied (the kernels that run this workload: "
