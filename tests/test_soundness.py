@@ -817,6 +817,7 @@ MORE_CASES = {
         [("rpa_v2_queries_in_range", "rpa_v2.num_queries_per_block")],
     ),
     "a_negative_page": ({"page_size": -64}, set(), {}, [("page_power_of_two", "page_size")]),
+    "a_zero_page": ({"page_size": 0}, set(), {}, [("page_power_of_two", "page_size")]),
     "a_default_is_not_held_to_the_knob_range": (
         {"head_dim_padded": 8192},
         {"head_dim_padded"},
@@ -860,6 +861,29 @@ def test_rules_left_to_the_registry_and_the_lower_bounds(case):
     w = replace(Workload(**V6E), **changes)
     found = kernels.check(load_catalog()["v6e"], w, knobs, defaults=frozenset(defaults))
     assert [(v.rule, v.knob) for v in found] == expected, found
+
+
+def test_a_one_token_page_is_a_power_of_two():
+    """2**0: on a generation without the RPA v3 kernel (no KV packing rule), a page of one
+    token for a 16-token sequence breaks no rule."""
+    w = Workload(**V6E, max_model_len=16, max_num_seqs=1)
+    assert kernels.check(load_catalog()["v4"], w, {"page_size": 1}) == []
+
+
+# tpu-inference's get_smem_estimate_bytes, in 32-bit words each aligned to 128: kv_lens
+# [max_num_seqs], page_indices [max_num_seqs * pages_per_seq], cu_q_lens [max_num_seqs + 1],
+# and four 128-word tables. (max_num_seqs, pages_per_seq, bytes)
+SMEM_ESTIMATES = [
+    (127, 1, (128 + 128 + 128 + 512) * 4),
+    (128, 1, (128 + 128 + 256 + 512) * 4),  # cu_q_lens' extra entry starts a new 128
+    (128, 3, (128 + 384 + 256 + 512) * 4),
+    (1, 1, (128 + 128 + 128 + 512) * 4),
+]
+
+
+@pytest.mark.parametrize("seqs, pages, expected", SMEM_ESTIMATES)
+def test_rpa_v3_smem_estimate_counts_every_table(seqs, pages, expected):
+    assert kernels.rpa_v3_smem_bytes(seqs, pages) == expected
 
 
 # The v3 kernel's check of explicit block sizes, which the adapters apply before passing a tuple.
