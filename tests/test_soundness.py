@@ -635,6 +635,15 @@ def test_each_rule_refuses_exactly_its_case(rule):
     found = kernels.check(spec, w, knobs)
     assert [(v.rule, v.knob) for v in found] == [(rule, knob)], found
     assert (found[0].message, found[0].hint) == RULE_MESSAGES[rule]
+    # every knob the rule read, for blame: the reported one first
+    assert found[0].knobs == (knob, *RULE_ALSO_READS.get(rule, ()))
+
+
+RULE_ALSO_READS = {
+    "vmem_within_ceiling": ("vmem_limit_bytes",),
+    "rpa_v3_kv_page_multiple": ("page_size",),
+    "rpa_v3_vmem_estimate": ("rpa_v3.vmem_limit_bytes",),
+}
 
 
 # What each case above is told: the figures the rule computed, and the fix.
@@ -762,8 +771,8 @@ INSIDE = {
         },
     ),
     "rpa_v3_smem_estimate": (
-        # (3 tables of 87040 words + 512) * 4 bytes = 1046528, within 1 MiB
-        {"max_model_len": 16, "max_num_seqs": 87000},
+        # (87168 + 87168 + 87296 words + 512) * 4 bytes = 1048576: the whole 1 MiB, allowed
+        {"max_model_len": 16, "max_num_seqs": 87168},
         {"page_size": 16, "rpa_v3.d_block_sizes": (1, 16, 1, 16)},
     ),
 }
@@ -818,6 +827,32 @@ MORE_CASES = {
     ),
     "a_negative_page": ({"page_size": -64}, set(), {}, [("page_power_of_two", "page_size")]),
     "a_zero_page": ({"page_size": 0}, set(), {}, [("page_power_of_two", "page_size")]),
+    "one_query_per_block": ({"page_size": 128, "rpa_v2.num_queries_per_block": 1}, set(), {}, []),
+    "untileable_heads_named_by_the_queries_knob": (
+        {"page_size": 128, "rpa_v2.num_queries_per_block": 16},
+        set(),
+        {"num_q_heads": 6, "num_kv_heads": 3, "kv_dtype": "float8_e4m3fn"},
+        [("rpa_v2_heads_tileable", "rpa_v2.num_queries_per_block")],
+    ),
+    "bkv_csz_off_the_page": (
+        {"page_size": 128, "rpa_v3.p_block_sizes": (256, 1024, 128, 64)},
+        set(),
+        {},
+        [("rpa_v3_kv_page_multiple", "rpa_v3.p_block_sizes")],
+    ),
+    "a_zero_block_does_not_hide_the_next_case": (
+        {
+            "page_size": 128,
+            "rpa_v3.d_block_sizes": (0, 128, 1, 128),
+            "rpa_v3.p_block_sizes": (4096, 1024, 128, 512),
+        },
+        set(),
+        {},
+        [
+            ("rpa_v3_block_divisibility", "rpa_v3.d_block_sizes"),
+            ("rpa_v3_q_block_bounds", "rpa_v3.p_block_sizes"),
+        ],
+    ),
     "a_default_is_not_held_to_the_knob_range": (
         {"head_dim_padded": 8192},
         {"head_dim_padded"},
@@ -853,6 +888,25 @@ MORE_CASES = {
         [],
     ),
 }
+
+
+def test_a_zero_block_says_so():
+    w = Workload(**V6E)
+    knobs = {"page_size": 128, "rpa_v3.m_block_sizes": (256, 1024, 0, 512)}
+    (v,) = kernels.check(load_catalog()["v6e"], w, knobs)
+    assert v.message == "rpa_v3.m_block_sizes (256, 1024, 0, 512) must be positive"
+
+
+def test_check_refuses_sequences_that_leave_no_smem_for_block_tables():
+    """Past 131072 sequences (1 MiB / 2 / 4 bytes), not even one page each fits: no page can
+    be judged, so the workload itself is refused, naming the generation."""
+    w = Workload(**V6E, max_num_seqs=131073)
+    with pytest.raises(TuningError) as e:
+        kernels.check(load_catalog()["v6e"], w, {"page_size": 128})
+    assert str(e.value) == (
+        "workload: max_num_seqs: 131073 sequences leave no SMEM for block tables on v6e "
+        "(at most 131072) (lower max_num_seqs)"
+    )
 
 
 @pytest.mark.parametrize("case", sorted(MORE_CASES))
