@@ -1299,3 +1299,29 @@ def test_overrides_notes_are_shown_in_explain(tmp_path):
         f"overrides: from {f}; measured on our v6e-8 pool (warning: the file is writable by "
         "other users)",
     )
+
+
+def test_policies_env_names_every_unknown_policy(monkeypatch):
+    monkeypatch.setenv("TPU_REGISTRY_POLICIES", "bogus, tables,other")
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(32, 8, 128), simulate="v6e")
+    assert str(e.value) == (
+        "TPU_REGISTRY_POLICIES names unknown policies: bogus, other "
+        "(known: baseline, overrides, tables)"
+    )
+
+
+def test_the_users_page_is_checked_with_everything_computed_for_it():
+    """A page fixed by the user is not checked alone (as a plugin's page is): every rule it
+    breaks, the v3 kernel's SMEM estimate for the block tables included, is reported; a page
+    it may use is noted as the user's."""
+    w = Workload(32, 8, 128, page_size=16, max_model_len=131072)
+    with pytest.raises(TuningError) as e:
+        resolve(w, simulate="v6e")
+    assert [p.message.rsplit("[rule ", 1)[1] for p in e.value.problems] == [
+        "page_smem_minimum]",
+        "rpa_v3_smem_estimate]",
+    ]
+    assert {p.path for p in e.value.problems} == {"layer workload"}
+    cfg = resolve(Workload(32, 8, 128, page_size=64), simulate="v6e")
+    assert cfg.notes == ("workload: fixed by the user",)
