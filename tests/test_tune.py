@@ -1325,3 +1325,40 @@ def test_the_users_page_is_checked_with_everything_computed_for_it():
     assert {p.path for p in e.value.problems} == {"layer workload"}
     cfg = resolve(Workload(32, 8, 128, page_size=64), simulate="v6e")
     assert cfg.notes == ("workload: fixed by the user",)
+
+
+def test_a_plugin_page_breaking_a_rule_drops_its_whole_layer():
+    """A plugin's page that breaks a page rule drops that plugin's layer, for good: when a
+    later plugin's page wins and the policies run again with it pinned, nothing of the dropped
+    layer comes back."""
+    import tpu_registry
+    from tpu_registry import Layer
+
+    class Good:
+        @tpu_registry.hookimpl
+        def tpu_registry_tune(self, spec, workload, detection):
+            return Layer("good", {"page_size": 64})
+
+    class Bad:
+        @tpu_registry.hookimpl
+        def tpu_registry_tune(self, spec, workload, detection):
+            return Layer("bad", {"page_size": 4096, "head_dim_padded": 256})
+
+    pm = get_plugin_manager()
+    pm.register(Good(), name="good")
+    pm.register(Bad(), name="bad")  # registered last: called first, the more trusted
+    try:
+        cfg = resolve(Workload(32, 8, 128), simulate="v6e")
+    finally:
+        pm.unregister(name="good")
+        pm.unregister(name="bad")
+    assert cfg.tuning.layers == ("good", "baseline")
+    assert (cfg.value("page_size"), cfg.layer("page_size")) == (64, "good")
+    assert (cfg.value("head_dim_padded"), cfg.layer("head_dim_padded")) == (128, "baseline")
+    assert [(f.plugin, f.message) for f in cfg.tuning.faults] == [
+        (
+            "bad",
+            "knobs break kernel constraints, layer dropped: page_size 4096 is above 2048, the "
+            "most a sequence of max_model_len 2048 needs",
+        )
+    ]
