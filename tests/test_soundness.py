@@ -640,6 +640,11 @@ def test_each_rule_refuses_exactly_its_case(rule):
 
 
 RULE_ALSO_READS = {
+    "mla_v2_q_split_divides": ("mla_v2.mixed_q_split",),
+    "rpa_v3_hd64_vmem_estimate": (
+        "rpa_v3_hd64.num_queries_per_block",
+        "rpa_v3_hd64.vmem_limit_bytes",
+    ),
     "vmem_within_ceiling": ("vmem_limit_bytes",),
     "rpa_v3_kv_page_multiple": ("page_size",),
     "rpa_v3_vmem_estimate": ("rpa_v3.vmem_limit_bytes",),
@@ -715,6 +720,42 @@ RULE_MESSAGES = {
         "use smaller blocks or a larger VMEM limit",
     ),
     "vmem_positive": ("rpa_v3.vmem_limit_bytes 0 is not positive", ""),
+    "mla_v2_float_kv": (
+        "mla_v2.decode_batch_size: the MLA v2 kernel does not take an int8 KV cache",
+        "use a floating-point KV dtype (bf16, fp8)",
+    ),
+    "mla_v2_kv_packing": (
+        "the MLA kv_packing 2 of v6e is not a multiple of the float8_e4m3fn packing 4",
+        "fix [kernels.mla_v2] kv_packing",
+    ),
+    "mla_v2_page_packing": (
+        "page_size 16 is not a multiple of the MLA kv_packing 32: the cache rounds each page up "
+        "to 32 tokens and the kernel reads pages of that size",
+        "use a page that is a multiple of 32",
+    ),
+    "mla_v2_q_split_divides": (
+        "mla_v2.mixed_queries_per_block 16 is not a multiple of mla_v2.mixed_q_split 3",
+        "use a query block that the split divides",
+    ),
+    "rpa_v3_hd64_blocks_in_range": (
+        "rpa_v3_hd64.num_kv_pages_per_block 17 must be in 1..16 (pages per sequence)",
+        "",
+    ),
+    "rpa_v3_hd64_float_kv": (
+        "rpa_v3_hd64.num_kv_pages_per_block: the head-dim-64 RPA v3 kernel does not take an int8 "
+        "KV cache",
+        "use a floating-point KV dtype (bf16, fp8)",
+    ),
+    "rpa_v3_hd64_smem_estimate": (
+        "page_size 16: the head-dim-64 RPA v3 kernel's tables take 1203200 bytes of SMEM, above "
+        "the v6e core's 1048576",
+        "use a larger page or lower max_num_seqs",
+    ),
+    "rpa_v3_hd64_vmem_estimate": (
+        "rpa_v3_hd64 blocks of 16 pages and 32 queries need 11010048 bytes of VMEM, above "
+        "rpa_v3_hd64.vmem_limit_bytes 1048576",
+        "use smaller blocks or a larger VMEM limit",
+    ),
     "vmem_within_ceiling": (
         "rpa_v3.vmem_limit_bytes 134217728 is above vmem_limit_bytes 67108864",
         "use at most 67108864, or raise vmem_limit_bytes",
