@@ -1113,6 +1113,8 @@ def test_every_table_key_column_is_documented():
     doc = (REPO / "docs" / "tables.md").read_text()
     missing = [c for c in get_args(KeyColumn) if f"`{c}`" not in doc]
     assert not missing, missing
+
+
 # ------------------------------------------------------------ overrides: one case per rule
 
 
