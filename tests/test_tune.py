@@ -1346,14 +1346,20 @@ def test_a_plugin_page_breaking_a_rule_drops_its_whole_layer():
         def tpu_registry_tune(self, spec, workload, detection):
             return Layer("bad", {"page_size": 4096, "head_dim_padded": 256})
 
+    class Worse:  # breaks a rule only once the page is known: dropped in a later round
+        @tpu_registry.hookimpl
+        def tpu_registry_tune(self, spec, workload, detection):
+            return Layer("worse", {"rpa_v2.num_queries_per_block": 10**5})
+
     pm = get_plugin_manager()
     pm.register(Good(), name="good")
-    pm.register(Bad(), name="bad")  # registered last: called first, the more trusted
+    pm.register(Worse(), name="worse")
+    pm.register(Bad(), name="bad")  # registered last: called first, the most trusted
     try:
         cfg = resolve(Workload(32, 8, 128), simulate="v6e")
     finally:
-        pm.unregister(name="good")
-        pm.unregister(name="bad")
+        for name in ("good", "worse", "bad"):
+            pm.unregister(name=name)
     assert cfg.tuning.layers == ("good", "baseline")
     assert (cfg.value("page_size"), cfg.layer("page_size")) == (64, "good")
     assert (cfg.value("head_dim_padded"), cfg.layer("head_dim_padded")) == (128, "baseline")
@@ -1362,5 +1368,70 @@ def test_a_plugin_page_breaking_a_rule_drops_its_whole_layer():
             "bad",
             "knobs break kernel constraints, layer dropped: page_size 4096 is above 2048, the "
             "most a sequence of max_model_len 2048 needs",
+        ),
+        (
+            "worse",
+            "knobs break kernel constraints, layer dropped: rpa_v2.num_queries_per_block 100000 "
+            "must be in 1..2048 (max batched tokens)",
+        ),
+    ]
+
+
+def test_a_plugin_page_no_kernel_can_run_drops_its_layer():
+    """A page that passes the page rules but leaves no kernel able to run (one page of 8192
+    tokens of head dim 256 needs 151 MB of VMEM by upstream's estimate, above v6e's 128 MiB
+    core) drops its layer with the kernel's reason; the baseline's page stands."""
+    import tpu_registry
+    from tpu_registry import Layer
+
+    class Big:
+        @tpu_registry.hookimpl
+        def tpu_registry_tune(self, spec, workload, detection):
+            return Layer("big", {"page_size": 8192, "head_dim_padded": 512})
+
+    class Small:  # its page wins next: the rerun with it pinned must not bring "big" back
+        @tpu_registry.hookimpl
+        def tpu_registry_tune(self, spec, workload, detection):
+            return Layer("small", {"page_size": 128})
+
+    w = Workload(32, 8, 256, max_model_len=8192)
+    pm = get_plugin_manager()
+    pm.register(Small(), name="small")
+    pm.register(Big(), name="big")
+    try:
+        cfg = resolve(w, simulate="v6e")
+    finally:
+        pm.unregister(name="small")
+        pm.unregister(name="big")
+    assert cfg.tuning.layers == ("small", "baseline")
+    assert (cfg.value("page_size"), cfg.layer("page_size")) == (128, "small")
+    assert cfg.layer("head_dim_padded") == "baseline"
+    assert [(f.plugin, f.message, f.stage) for f in cfg.tuning.faults] == [
+        (
+            "big",
+            "knobs break kernel constraints, layer dropped: the RPA v3 kernel needs 151126016 "
+            "bytes of VMEM for one page of 8192 tokens, above the 134217728-byte limit [rule "
+            "rpa_v3_vmem_estimate]",
+            "tune",
         )
     ]
+    pm.register(Big(), name="big")
+    try:
+        with pytest.raises(TuningError, match="151126016 bytes of VMEM for one page of 8192"):
+            resolve(w, simulate="v6e", strict=True)
+    finally:
+        pm.unregister(name="big")
+
+
+def test_the_users_page_no_kernel_can_run_is_an_error(tmp_path):
+    """The same page from the user's overrides is not dropped: it is an error."""
+    f = _overrides_file(
+        tmp_path, '[[override]]\ngeneration = "v6e"\nknobs = { page_size = 8192 }\n'
+    )
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(32, 8, 256, max_model_len=8192), simulate="v6e", overrides=f)
+    assert str(e.value) == (
+        "workload: page_size: the RPA v3 kernel needs 151126016 bytes of VMEM for one page of "
+        "8192 tokens, above the 134217728-byte limit [rule rpa_v3_vmem_estimate] (lower "
+        "max_num_seqs or max_model_len so that a smaller page fits SMEM)"
+    )
