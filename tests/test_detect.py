@@ -598,3 +598,46 @@ def test_detect_timeout_bounds_and_default():
         "(the default is 2)"
     )
     assert detect(env={}, sysfs_root="/nonexistent").status == "none"
+
+
+def test_simulate_is_explicit_evidence_that_says_so():
+    d = detect(simulate="v5e", env={}, sysfs_root="/nonexistent")
+    (f,) = d.findings
+    assert (f.evidence.kind, f.evidence.value, f.evidence.source, f.evidence.detector) == (
+        "explicit",
+        "v5e",
+        "--simulate",
+        "simulate",
+    )
+    assert f.evidence.note == "simulated: no hardware was consulted for the choice"
+    assert (d.generation, d.status, d.reason) == ("v5e", "simulated", "simulated via --simulate")
+
+
+def test_sysfs_root_comes_from_the_environment(tmp_path):
+    root = make_sysfs(tmp_path, [(GOOGLE, 0x006F, None)] * 8)
+    d = detect(env={"TPU_REGISTRY_SYSFS_ROOT": str(root)})
+    assert (d.generation, d.chips_per_host) == ("v6e", 8)
+
+
+def test_counts_are_whole_chips_from_agreeing_evidence_of_their_scope():
+    """Chip counts come from evidence that decides or agrees, host counts from host-scoped
+    evidence and slice counts from slice-scoped evidence only, in whole chips."""
+    cat = load_catalog()
+    pci = Evidence("pci", "1ae0:006f", "sysfs", count=8, scope="host")
+    dk = Evidence("device_kind", "TPU v6 lite", "jax", count=4, count_unit="devices", scope="host")
+    at = Evidence("accelerator_type", "v6e-16", "env", count=16, count_unit="suffix", scope="slice")
+    d = reconcile(cat, [pci, dk])
+    assert (d.chips_per_host, d.slice_chips) == (8, None)
+    d = reconcile(cat, [pci, at])
+    assert (d.chips_per_host, d.slice_chips) == (8, 16)
+    assert [f.status for f in d.findings] == ["decides", "agrees"]
+    v3 = Evidence("device_kind", "TPU v3", "jax", count=8, count_unit="devices", scope="host")
+    d = reconcile(cat, [v3])  # two devices per v3 chip
+    assert d.chips_per_host == 4 and type(d.chips_per_host) is int
+
+
+def test_version_numbers_are_read_without_surrounding_space():
+    cat = load_catalog()
+    for kind in ("torch_xla_version", "generation_number"):
+        d = reconcile(cat, [Evidence(kind, " 6\n", "env")])
+        assert (d.generation, d.status) == ("v6e", "detected"), kind
