@@ -641,3 +641,24 @@ def test_version_numbers_are_read_without_surrounding_space():
     for kind in ("torch_xla_version", "generation_number"):
         d = reconcile(cat, [Evidence(kind, " 6\n", "env")])
         assert (d.generation, d.status) == ("v6e", "detected"), kind
+
+
+def test_explicit_override_details():
+    """Two explicit choices: the error names both and the fix. Under an explicit choice,
+    evidence naming several generations is overridden with all of them named, and evidence
+    naming none is unknown. The most trusted piece's topology wins."""
+    cat = load_catalog()
+    with pytest.raises(DetectionError) as e:
+        reconcile(cat, [Evidence("explicit", "v5e", "env"), Evidence("explicit", "v6e", "cli")])
+    assert str(e.value) == "detection: explicit overrides disagree: env=v5e, cli=v6e (set only one)"
+    five, v99 = Evidence("torch_xla_version", "5", "tx"), Evidence("device_kind", "TPU v99", "jax")
+    d = reconcile(cat, [Evidence("explicit", "v6e", "env"), five, v99])
+    assert d.conflicts == ("tx says '5' (v5e, v5p) but env overrides it with v6e",)
+    assert {f.evidence.kind: f.status for f in d.findings} == {
+        "explicit": "decides",
+        "device_kind": "unknown",
+        "torch_xla_version": "overridden",
+    }
+    pci = Evidence("pci", "1ae0:006f", "sysfs", topology="2x4")
+    at = Evidence("accelerator_type", "v6e-8", "env", topology="4x2")
+    assert reconcile(cat, [at, pci]).topology == "2x4"
