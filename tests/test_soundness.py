@@ -172,6 +172,13 @@ def test_a_lowered_ceiling_refits_the_baseline_block_sizes(tmp_path):
         )
         assert kernels.rpa_v3_vmem_bytes(w, blocks[0], blocks[1]) <= limit
     assert not cfg.tuning.faults
+    # A ceiling below one page of KV leaves upstream's blocks as they are, and refused.
+    f = overrides(tmp_path, "vmem_limit_bytes = 1048576")
+    with pytest.raises(TuningError) as e:
+        resolve(w, simulate="v6e", overrides=f)
+    assert [p.message.rsplit("[rule ", 1)[1] for p in e.value.problems] == [
+        "rpa_v3_vmem_estimate]"
+    ] * 3
     # The user's own block sizes are never refitted: too large for their own ceiling, an error.
     f = overrides(
         tmp_path, f'vmem_limit_bytes = {limit}\n"rpa_v3.d_block_sizes" = [1, 2048, 1, 2048]'
