@@ -662,3 +662,12 @@ def test_explicit_override_details():
     pci = Evidence("pci", "1ae0:006f", "sysfs", topology="2x4")
     at = Evidence("accelerator_type", "v6e-8", "env", topology="4x2")
     assert reconcile(cat, [at, pci]).topology == "2x4"
+
+
+def test_evidence_below_an_undecided_level_is_undecided():
+    cat = load_catalog()
+    tx, gn = Evidence("torch_xla_version", "6", "tx"), Evidence("generation_number", "6", "gn")
+    d = reconcile(cat, [AT_V6E, AT_V5E, tx, gn])
+    assert (d.generation, d.status) == (None, "conflict")
+    statuses = {f.evidence: f.status for f in d.findings}
+    assert (statuses[tx], statuses[gn]) == ("undecided", "undecided")
