@@ -405,6 +405,7 @@ def test_head_dim_64_and_sinks_select_the_hd64_kernel():
     gpt_oss = REPO / "tests" / "data" / "hf" / "gpt-oss-20b.json"
     w = Workload.from_hf_config(gpt_oss)
     assert (w.head_dim, w.attention_sinks, w.sliding_window) == (64, True, 128)
+    assert "sliding window 128, attention sinks" in resolve(w, simulate="v6e").explain()
 
 
 def test_a_resolved_config_is_read_only():
@@ -1101,3 +1102,4 @@ def test_mla_configs_give_the_mla_family_and_bytes(name, heads):
     assert p.families == ("mla_v2",)
     assert p.kv_bytes_per_token("tpu_inference", num_layers=61) == 640 * 2 * 61
     assert cfg.value("mla_v2.vmem_limit_bytes") == 64 * 2**20  # v5p's core VMEM
+    assert ", MLA latent 512 + rope 64" in cfg.explain()

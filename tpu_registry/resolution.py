@@ -140,6 +140,12 @@ class ResolvedConfig:
             f"max_num_seqs {w.max_num_seqs}, max_num_batched_tokens {w.max_num_batched_tokens}, "
             f"tp {w.tensor_parallel}"
             + (f", sliding window {w.sliding_window}" if w.sliding_window else "")
+            + (", attention sinks" if w.attention_sinks else "")
+            + (
+                f", MLA latent {w.kv_lora_rank} + rope {w.qk_rope_head_dim}"
+                if w.kv_lora_rank
+                else ""
+            )
         )
         lines.append(f"layers (most trusted first): {', '.join(self.tuning.layers) or '-'}")
         for name, k in self.tuning.knobs.items():
