@@ -68,6 +68,10 @@ def cli_path() -> str:
     return str(Path(sys.executable).parent / "tpu-registry")
 
 
+# The attention shape most CLI tests resolve (Llama-3.1-8B's: 32 q heads, 8 KV heads, dim 128).
+SHAPE = ("--heads", "32", "--kv-heads", "8", "--head-dim", "128")
+
+
 def run_cli(
     *args: str, env: dict | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:

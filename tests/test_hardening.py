@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import HARDWARE, run_cli
+from conftest import HARDWARE, SHAPE, run_cli
 
 from tpu_registry import Evidence, Workload, cli, load_catalog
 from tpu_registry.catalog import builtin_hardware_dir
@@ -28,7 +28,6 @@ from tpu_registry.tomlfile import MAX_FILE_BYTES
 from tpu_registry.workload import MAX_HF_CONFIG_BYTES
 
 BAD = Path(__file__).resolve().parent / "data" / "bad"
-SHAPE = ("--heads", "32", "--kv-heads", "8", "--head-dim", "128")
 W = Workload(num_q_heads=32, num_kv_heads=8, head_dim=128)
 FIFO_MSG = (
     "is a FIFO (named pipe), not a regular file (name a regular file; data is never streamed)"

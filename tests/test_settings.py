@@ -11,7 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_sysfs, run_cli
+from conftest import REPO, SHAPE, make_sysfs, run_cli
 
 import tpu_registry
 from tpu_registry import Layer, Setting, Workload, resolve, settings
@@ -134,12 +134,7 @@ def test_trace_switch_logs_every_hook_call(tmp_path):
     assert "Layer(name='baseline'" in baseline
     quiet = run_cli(
         "resolve",
-        "--heads",
-        "32",
-        "--kv-heads",
-        "8",
-        "--head-dim",
-        "128",
+        *SHAPE,
         "--json",
         env={**env, "TPU_REGISTRY_TRACE_PLUGINS": ""},
     )

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, SHAPE, run_cli
 
 import tpu_registry
 from tpu_registry import Layer, Workload, kernels, plan, resolve
@@ -20,7 +20,6 @@ from tpu_registry.plugins import get_plugin_manager
 from tpu_registry.resolution import clear_cache
 
 V6E = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)
-SHAPE = ["--heads", "32", "--kv-heads", "8", "--head-dim", "128"]
 # V6E's changes for a DeepSeek-V2-shaped MLA workload
 MLA = dict(num_kv_heads=1, head_dim=576, kv_lora_rank=512, qk_rope_head_dim=64)
 

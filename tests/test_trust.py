@@ -11,7 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conftest import HARDWARE, REPO, run_cli
+from conftest import HARDWARE, REPO, SHAPE, run_cli
 
 from tpu_registry import Workload, cli
 from tpu_registry.catalog import load_catalog
@@ -133,12 +133,7 @@ def test_overrides_file_writable_by_others_draws_a_warning(mode, tmp_path, caplo
         "resolve",
         "--simulate",
         "v6e",
-        "--heads",
-        "32",
-        "--kv-heads",
-        "8",
-        "--head-dim",
-        "128",
+        *SHAPE,
         "--overrides",
         str(path),
     )

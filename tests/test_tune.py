@@ -12,7 +12,7 @@ from dataclasses import fields
 from itertools import product
 
 import pytest
-from conftest import HARDWARE, REPO, run_cli
+from conftest import HARDWARE, REPO, SHAPE, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -436,12 +436,7 @@ def test_resolve_refuses_a_vmem_limit_above_the_core(tmp_path):
         "resolve",
         "--simulate",
         "v6e",
-        "--heads",
-        "32",
-        "--kv-heads",
-        "8",
-        "--head-dim",
-        "128",
+        *SHAPE,
         "--overrides",
         str(f),
     )
@@ -986,12 +981,7 @@ def test_cli_resolve_table_json_explain_and_vllm():
         "resolve",
         "--simulate",
         "v6e",
-        "--heads",
-        "32",
-        "--kv-heads",
-        "8",
-        "--head-dim",
-        "128",
+        *SHAPE,
         "--max-model-len",
         "4096",
     ]
@@ -1074,12 +1064,7 @@ def test_cli_vllm_format_leaves_unset_what_the_kernel_would_reject():
         "resolve",
         "--simulate",
         "v6e",
-        "--heads",
-        "32",
-        "--kv-heads",
-        "8",
-        "--head-dim",
-        "128",
+        *SHAPE,
         "--max-num-batched-tokens",
         "64",
         "--format",

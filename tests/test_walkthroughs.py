@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HARDWARE, REPO, run_cli
+from conftest import HARDWARE, REPO, SHAPE, run_cli
 from test_catalog import v9x_from_v6e
 
 pytestmark = pytest.mark.slow
@@ -243,12 +243,7 @@ def test_plugin_tests_pass_with_a_users_policy_plugin_visible(tmp_path):
         "resolve",
         "--simulate",
         "v6e",
-        "--heads",
-        "32",
-        "--kv-heads",
-        "8",
-        "--head-dim",
-        "128",
+        *SHAPE,
         "--max-model-len",
         "8192",
         "--json",

@@ -253,30 +253,8 @@ class RegistryAttentionBackend(AttentionBackend):
         )
         if _delegate(q, sinks, mesh, update_kv_cache, use_causal_mask):
             return RPAAttentionBackend().attention(kv_cache, q, k, v, md, shared_md, mesh, **common)
-        config = self.config
-        if q.shape[-1] == 64:
-            output, kv_cache = _sharded_rpa_hd64(
-                mesh,
-                q,
-                k,
-                v,
-                kv_cache,
-                shared_md.seq_lens,
-                md.block_tables,
-                shared_md.query_start_loc,
-                shared_md.request_distribution,
-                sinks,
-                config=config,
-                sm_scale=sm_scale,
-                sliding_window=attention_chunk_size,
-                soft_cap=attn_logits_soft_cap,
-                q_scale=q_scale,
-                k_scale=k_scale,
-                v_scale=v_scale,
-            )
-            return kv_cache, output
-        output, kv_cache = _sharded_rpa_v3(
-            mesh,
+        # The arrays as the kernels take them, and the layer's settings both kernels share.
+        arrays = (
             q,
             k,
             v,
@@ -285,16 +263,26 @@ class RegistryAttentionBackend(AttentionBackend):
             md.block_tables,
             shared_md.query_start_loc,
             shared_md.request_distribution,
-            config=config,
+        )
+        layer = dict(
+            config=self.config,
             sm_scale=sm_scale,
             sliding_window=attention_chunk_size,
             soft_cap=attn_logits_soft_cap,
             q_scale=q_scale,
             k_scale=k_scale,
             v_scale=v_scale,
-            update_kv_cache=update_kv_cache,
-            use_causal_mask=use_causal_mask,
         )
+        if q.shape[-1] == 64:
+            output, kv_cache = _sharded_rpa_hd64(mesh, *arrays, sinks, **layer)
+        else:
+            output, kv_cache = _sharded_rpa_v3(
+                mesh,
+                *arrays,
+                **layer,
+                update_kv_cache=update_kv_cache,
+                use_causal_mask=use_causal_mask,
+            )
         return kv_cache, output
 
 
