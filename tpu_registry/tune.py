@@ -126,7 +126,6 @@ def _derive(w, knobs: dict[str, Knob], rank: Mapping[str, int]) -> None:
             knobs[name] = replace(
                 k, value=ceiling.value, derived_from=(("vmem_limit_bytes", ceiling.layer),)
             )
-    page = knobs.get("page_size")
     # The head-dim-64 kernel's blocks (the baseline's) follow a lowered limit too.
     limit = knobs.get("rpa_v3_hd64.vmem_limit_bytes")
     blocks = [knobs.get(n) for n in kernels.HD64_KNOBS]
