@@ -302,3 +302,118 @@ def test_a_snapshot_cache_others_can_write_is_not_used(tmp_path, cache, caplog):
     finally:
         (cache / "snapshots").chmod(0o700)
         catalog.clear_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plugins loaded when their hooks are called
+# ---------------------------------------------------------------------------------------------
+
+LAZY_PROBE = r"""
+import io, json, sys, contextlib
+from tpu_registry import cli, settings
+buf = io.StringIO()
+with contextlib.redirect_stdout(buf):
+    rc = cli.main({argv!r})
+print(json.dumps({{"rc": rc, "out": buf.getvalue(),
+                  "loaded": sorted(m for m in sys.modules if m.startswith("lazy_tpu_")),
+                  "settings": sorted(s.name for s in settings.all_settings())}}))
+"""
+
+
+@pytest.fixture
+def lazy_site(tmp_path, monkeypatch, cache) -> Path:
+    """An installed distribution with two plugins: one detects, one only adds a doctor section
+    and declares a variable that changes resolve()."""
+    site = tmp_path / "site"
+    info = site / "lazy_tpu_plugins-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lazy-tpu-plugins\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[tpu_registry]\nlazy_detect = lazy_tpu_detect\nlazy_doctor = lazy_tpu_doctor\n"
+    )
+    (site / "lazy_tpu_detect.py").write_text(
+        "import tpu_registry\n\n\n"
+        "@tpu_registry.hookimpl\n"
+        "def tpu_registry_detect(context):\n"
+        "    return None\n"
+    )
+    (site / "lazy_tpu_doctor.py").write_text(
+        "import tpu_registry\n\n\n"
+        "@tpu_registry.hookimpl\n"
+        "def tpu_registry_doctor(context):\n"
+        "    return {'lazy': 'here'}\n\n\n"
+        "@tpu_registry.hookimpl\n"
+        "def tpu_registry_settings():\n"
+        "    return [tpu_registry.Setting('LAZY_TPU_KNOB', 'a test variable', "
+        "affects_resolve=True)]\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    return site
+
+
+def _lazy(argv: list[str]) -> dict:
+    r = subprocess.run(
+        [sys.executable, "-c", LAZY_PROBE.format(argv=argv)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_a_plugin_is_imported_only_when_one_of_its_hooks_is_called(lazy_site):
+    first = _lazy(["detect", "--json"])  # nothing known yet: every plugin is loaded once
+    assert first["rc"] == 0 and first["loaded"] == ["lazy_tpu_detect", "lazy_tpu_doctor"]
+    again = _lazy(["detect", "--json"])
+    assert again["rc"] == 0 and again["loaded"] == ["lazy_tpu_detect"]
+    assert json.loads(again["out"]) == json.loads(first["out"])
+    assert "LAZY_TPU_KNOB" not in again["settings"]
+    # resolve() keys its cache on every variable that changes it, the plugin's included.
+    resolved = _lazy(
+        [
+            "resolve",
+            "--simulate",
+            "v6e",
+            "--heads",
+            "8",
+            "--kv-heads",
+            "8",
+            "--head-dim",
+            "128",
+            "--json",
+        ]
+    )
+    assert resolved["rc"] == 0 and "lazy_tpu_doctor" in resolved["loaded"]
+    assert "LAZY_TPU_KNOB" in resolved["settings"]
+    listed = _lazy(["plugins", "--json"])
+    names = {p["name"] for p in json.loads(listed["out"])["plugins"]}
+    assert {"lazy_detect", "lazy_doctor"} <= names
+    assert "LAZY_TPU_KNOB" in listed["settings"]
+
+
+def test_an_edited_plugin_is_loaded_again_to_learn_its_hooks(lazy_site):
+    assert _lazy(["detect", "--json"])["rc"] == 0
+    assert _lazy(["detect", "--json"])["loaded"] == ["lazy_tpu_detect"]
+    doctor = lazy_site / "lazy_tpu_doctor.py"
+    doctor.write_text(
+        doctor.read_text() + "\n\n@tpu_registry.hookimpl\n"
+        "def tpu_registry_detect(context):\n"
+        "    return tpu_registry.Evidence('explicit', 'v5e', 'lazy plugin')\n"
+    )
+    out = _lazy(["detect", "--json"])
+    assert out["loaded"] == ["lazy_tpu_detect", "lazy_tpu_doctor"]
+    assert json.loads(out["out"])["generation"] == "v5e"
+    assert _lazy(["detect", "--json"])["loaded"] == ["lazy_tpu_detect", "lazy_tpu_doctor"]
+
+
+def test_a_misnamed_hook_is_an_error_every_time_not_once(lazy_site):
+    (lazy_site / "lazy_tpu_doctor.py").write_text(
+        "import tpu_registry\n\n\n@tpu_registry.hookimpl\ndef tpu_registry_doctr(context):\n"
+        "    return {}\n"
+    )
+    for _ in range(2):
+        r = run_cli("detect", "--json")
+        assert r.returncode != 0
+        assert "tpu_registry_doctr" in r.stderr and "docs/hooks.md" in r.stderr

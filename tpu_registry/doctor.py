@@ -62,6 +62,7 @@ def report(workload: Workload | None, **resolve_args: Any) -> dict[str, Any]:
     except RegistryError as e:
         error = str(e)
     plugins = get_plugins()
+    plugins.load_all()  # every plugin's load faults are reported, not only its hooks' callers
     context = DoctorContext(packages, config=config, error=error, env=dict(os.environ))
     sections, faults = plugins.doctor(context)
     out: dict[str, Any] = {

@@ -131,6 +131,16 @@ def _save_entry_points(eps: list[EntryPoint]) -> None:
         )
 
 
+def known(ep: EntryPoint) -> bool:
+    """True when the cached list knows which hooks ``ep`` implements and the files that
+    define it are unchanged since it was last loaded."""
+    return (
+        ep.hooks is not None
+        and bool(ep.files)
+        and all(_stat(f) == [size, mtime] for f, size, mtime in ep.files)
+    )
+
+
 def no_plugin_folders() -> bool:
     """True when, by the cached entry points, no enabled plugin implements
     ``tpu_registry_hardware_dirs`` (built-in plugins never do): the catalog needs no plugin
@@ -142,10 +152,7 @@ def no_plugin_folders() -> bool:
     if _off(autoload):
         return True
     return all(
-        ep.hooks is not None
-        and "tpu_registry_hardware_dirs" not in ep.hooks
-        and ep.files
-        and all(_stat(f) == [size, mtime] for f, size, mtime in ep.files)
+        known(ep) and "tpu_registry_hardware_dirs" not in ep.hooks
         for ep in entry_points()
         if ep.name not in names
     )

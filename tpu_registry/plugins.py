@@ -26,11 +26,13 @@ from .entrypoints import (  # noqa: F401 - ENV_* stay importable from here
     ENV_DISABLE,
     ENV_TRACE,
     ESSENTIAL,
+    EntryPoint,
     _env_key,
     _off,
     _save_entry_points,
     _stat,
     entry_points,
+    known,
 )
 from .errors import CatalogError, RegistryError, TuningError
 from .types import EVIDENCE_KINDS, DetectContext, DoctorContext, Evidence, Fault, Layer
@@ -85,22 +87,22 @@ class Plugins:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.load_faults: list[Fault] = []
+        self.settings_faults: list[Fault] = []
         self._dists: dict[str, tuple[str, str]] = {}  # entry-point name -> (dist, version)
+        # Entry points not loaded yet: the cached list knows the hooks they implement, and
+        # each is loaded when one of its hooks is first called (``_impls``).
+        self._deferred: dict[str, EntryPoint] = {}
+        self._started = False
         self._block(disable)
         for modname in BUILTIN_PLUGINS:
             if not self.pm.is_blocked(modname):
                 self.pm.register(importlib.import_module(modname), modname)
         if autoload:
             self._load_entry_points()
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as e:
-            raise RegistryError(
-                f"{e} (hook names start with 'tpu_registry_'; see docs/hooks.md)"
-            ) from e
         if trace:
             self.pm.add_hookcall_monitoring(_trace_before, _trace_after)
-        self.settings_faults = self._declare_settings()
+        self.settings_faults += self._declare_settings()
+        self._started = True
 
     def _block(self, disable: str) -> None:
         for name in (n.strip() for n in disable.split(",")):
@@ -115,13 +117,28 @@ class Plugins:
 
     def _load_entry_points(self) -> None:
         """Like pluggy's loader, but one broken plugin is recorded and skipped, not fatal.
-        The entry points come from the cached list (``entry_points()``); what each loaded
-        plugin implements is recorded there, so ``list`` can skip loading plugins."""
+        The entry points come from the cached list (``entry_points()``). A plugin whose hooks
+        the list knows, from files unchanged since, is left for when one of its hooks is
+        called: ``detect`` does not import a plugin that only adds a ``doctor`` section."""
         eps = entry_points()
-        learned = False
+        now = []
         for ep in eps:
             if self.pm.is_blocked(ep.name) or self.pm.has_plugin(ep.name):
                 continue
+            if known(ep):
+                self._deferred[ep.name] = ep
+            else:
+                now.append(ep)
+        self._load(now, eps)
+
+    def _load(self, load: list[EntryPoint], eps: list[EntryPoint] | None = None) -> None:
+        """Load and register entry points; record what each implements in the cached list
+        once every hook name checks out (a misnamed hook is an error each time, not once)."""
+        import pluggy
+
+        learned = False
+        for ep in load:
+            self._deferred.pop(ep.name, None)
             try:
                 plugin = _load(ep.value)
                 self.pm.register(plugin, name=ep.name)
@@ -136,14 +153,36 @@ class Plugins:
             files = _module_files(plugin)
             if ep.hooks != hooks or ep.files != files:
                 ep.hooks, ep.files, learned = hooks, files, True
+            if self._started:  # loaded after start-up: declare its settings now
+                self.settings_faults += self._declare_settings(only=ep.name)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as e:
+            raise RegistryError(
+                f"{e} (hook names start with 'tpu_registry_'; see docs/hooks.md)"
+            ) from e
         if learned:
-            _save_entry_points(eps)
+            _save_entry_points(eps if eps is not None else entry_points())
+
+    def load_all(self) -> None:
+        """Load every deferred entry point (``plugins``, ``doctor`` and tools list them all)."""
+        if self._deferred:
+            self._load(list(self._deferred.values()))
 
     # ------------------------------------------------------------------------ calling hooks
 
-    def _impls(self, hook: str) -> list[pluggy.HookImpl]:
-        """Implementations in pluggy's call order (tryfirst first)."""
+    def _impls(self, hook: str, *, load: bool = True) -> list[pluggy.HookImpl]:
+        """Implementations in pluggy's call order (tryfirst first), deferred plugins that
+        implement ``hook`` loaded first (unless ``load`` is false)."""
+        wanted = [ep for ep in self._deferred.values() if hook in (ep.hooks or ())]
+        if wanted and load:
+            self._load(wanted)
         return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+
+    def declare_settings(self) -> None:
+        """Load the deferred plugins that declare settings (``resolve()`` keys its cache on
+        every variable that changes its answer, plugins' included)."""
+        self._impls("tpu_registry_settings")
 
     def _call(self, hook: str, impl: pluggy.HookImpl, **kwargs: Any) -> Any:
         """Call one implementation through pluggy; its result, or None."""
@@ -161,7 +200,7 @@ class Plugins:
 
     def _declare_settings(self, only: str | None = None) -> list[Fault]:
         faults = []
-        for impl in self._impls("tpu_registry_settings"):
+        for impl in self._impls("tpu_registry_settings", load=False):
             if only is not None and impl.plugin_name != only:
                 continue
             name = short_name(impl.plugin_name)
@@ -335,6 +374,7 @@ class Plugins:
     # ------------------------------------------------------------------------ reports
 
     def describe(self) -> list[PluginInfo]:
+        self.load_all()
         out = []
         for name, plugin in self.pm.list_name_plugin():
             if plugin is None:
@@ -423,8 +463,11 @@ def get_plugins() -> Plugins:
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
-    """The pluggy manager of the process's plugins (tests register fakes on it)."""
-    return get_plugins().pm
+    """The pluggy manager of the process's plugins, every one loaded (tests register fakes on
+    it)."""
+    plugins = get_plugins()
+    plugins.load_all()
+    return plugins.pm
 
 
 def reset() -> None:

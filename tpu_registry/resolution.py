@@ -275,7 +275,8 @@ def resolve(
     from .plugins import get_plugins
 
     w = _workload(workload)
-    plugins = get_plugins()  # plugins declare the settings that make up the key
+    plugins = get_plugins()
+    plugins.declare_settings()  # plugins declare some of the variables that make up the key
     env_key = settings.resolve_key(os.environ)
     dirs = tuple(str(d) for d in catalog_dirs)
     ov = str(overrides) if overrides else None

@@ -101,11 +101,25 @@ class LoadedTable:
 
     def __init__(self, table: records.Table, path: Path):
         self.table, self.path = table, path
-        n = len(table.key)
-        self.index = {
-            tuple(norm_cell(c, v) for c, v in zip(table.key, row[:n], strict=True)): tuple(row[n:])
-            for row in table.rows
-        }
+        self._index: dict[tuple, tuple] | None = None
+
+    @property
+    def index(self) -> dict[tuple, tuple]:
+        """Built on first lookup: a resolve loads every table that lists its generation but
+        looks up only those of the kernels its workload runs (cold ``resolve()`` spent 4 ms
+        indexing tables it never read). Only dtype cells need normalising."""
+        if self._index is None:
+            key = self.table.key
+            n = len(key)
+            dtypes = [(i, c) for i, c in enumerate(key) if c.endswith("dtype")]
+            index = {}
+            for row in self.table.rows:
+                cells = list(row[:n])
+                for i, c in dtypes:
+                    cells[i] = norm_cell(c, cells[i])
+                index[tuple(cells)] = tuple(row[n:])
+            self._index = index
+        return self._index
 
     def lookup(self, w: Workload, page: int, mla_kv_packing: int = 0) -> dict[str, Any] | None:
         key = tuple(bucket(c, w, page, mla_kv_packing) for c in self.table.key)
