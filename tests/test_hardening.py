@@ -415,6 +415,37 @@ def test_every_flag_has_help():
     assert missing == []
 
 
+def test_a_run_builds_only_its_command_and_parses_as_the_full_parser_does(capsys):
+    """main() builds the running command's parser alone: its help and its parse must be the
+    full parser's."""
+    full = cli.build_parser()
+    subparsers = next(a for a in full._actions if a.choices and isinstance(a.choices, dict))
+    assert sorted(subparsers.choices) == sorted(cli.COMMANDS)
+    resolve_args = ["--heads", "8", "--kv-heads", "8", "--head-dim", "64", "--tp", "2"]
+    argvs = {
+        "show": ["v6e", "--json"],
+        "slice": ["v5p-128", "--machine-type", "ct5p-hightpu-4t"],
+        "validate": ["a.toml", "b"],
+        "schema": ["--kind", "table"],
+        "detect": ["--simulate", "v5e", "--require"],
+        "resolve": [*resolve_args, "--format", "vllm", "--attention-sinks"],
+        "doctor": [*resolve_args, "--strict"],
+    }
+    for name in cli.COMMANDS:
+        alone = cli.build_parser(only=name)
+        argv = [name, *argvs.get(name, ["--json"])]
+        assert vars(alone.parse_args(argv)) == vars(full.parse_args(argv)), name
+        helps = []
+        for parser in (alone, full):
+            with pytest.raises(SystemExit):
+                parser.parse_args([name, "--help"])
+            helps.append(capsys.readouterr().out)
+        assert helps[0] == helps[1] and "usage: tpu-registry " + name in helps[0]
+    with pytest.raises(SystemExit):
+        cli.build_parser(only="detect").parse_args(["detect", "--heads", "8"])
+    assert "unrecognized arguments: --heads" in capsys.readouterr().err
+
+
 def test_no_error_prints_a_placeholder_field():
     assert str(Problem("detection", None, "", "cannot resolve")) == "detection: cannot resolve"
     assert str(Problem("f.toml", 3, "", "bad")) == "f.toml:3: bad"

@@ -316,7 +316,8 @@ with contextlib.redirect_stdout(buf):
     rc = cli.main({argv!r})
 print(json.dumps({{"rc": rc, "out": buf.getvalue(),
                   "loaded": sorted(m for m in sys.modules if m.startswith("lazy_tpu_")),
-                  "settings": sorted(s.name for s in settings.all_settings())}}))
+                  "settings": sorted(s.name for s in settings.all_settings()),
+                  "key": [k for k, _ in settings.resolve_key({{}})]}}))
 """
 
 
@@ -385,8 +386,10 @@ def test_a_plugin_is_imported_only_when_one_of_its_hooks_is_called(lazy_site):
             "--json",
         ]
     )
-    assert resolved["rc"] == 0 and "lazy_tpu_doctor" in resolved["loaded"]
+    # What the plugin declared is remembered from its first load: it is not imported again.
+    assert resolved["rc"] == 0 and resolved["loaded"] == ["lazy_tpu_detect"]
     assert "LAZY_TPU_KNOB" in resolved["settings"]
+    assert "LAZY_TPU_KNOB" in resolved["key"]  # part of resolve()'s cache key
     listed = _lazy(["plugins", "--json"])
     names = {p["name"] for p in json.loads(listed["out"])["plugins"]}
     assert {"lazy_detect", "lazy_doctor"} <= names

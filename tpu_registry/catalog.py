@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import snapshot
-from .errors import CatalogError, Problem, shorten
+from .errors import CatalogError, Problem, shorten, warn
 from .records import Generation
 from .tomlfile import locate
 from .units import count
@@ -34,10 +34,7 @@ if TYPE_CHECKING:
 ENV_PATH = "TPU_REGISTRY_PATH"
 
 
-def _warn(message: str, *args: Any) -> None:
-    import logging  # only when there is something to say
-
-    logging.getLogger("tpu_registry").warning(message, *args)
+_warn = warn
 
 
 # Identifier kinds that must name at most one generation. torch_xla version numbers and

@@ -36,16 +36,38 @@ class EntryPoint:
     """One ``tpu_registry`` entry point, as cached: where it points, its distribution, and
     (once loaded) the hooks it implements and the files that define it."""
 
-    __slots__ = ("name", "value", "dist", "version", "where", "hooks", "files")
+    __slots__ = ("name", "value", "dist", "version", "where", "hooks", "files", "settings")
 
-    def __init__(self, name, value, dist=None, version=None, where=None, hooks=None, files=None):
+    def __init__(
+        self,
+        name,
+        value,
+        dist=None,
+        version=None,
+        where=None,
+        hooks=None,
+        files=None,
+        settings=None,
+    ):
         self.name, self.value, self.dist, self.version = name, value, dist, version
         self.where = where  # the distribution's entry_points.txt
         self.hooks: list[str] | None = hooks  # None: never loaded, unknown
         self.files: list | None = files  # [path, size, mtime_ns] of the plugin's module files
+        # The settings it declared, as [name, doc, default, affects_resolve, owner] rows:
+        # resolve() keys its cache on them without importing the plugin. None: unknown.
+        self.settings: list | None = settings
 
     def to_list(self) -> list:
-        return [self.name, self.value, self.dist, self.version, self.where, self.hooks, self.files]
+        return [
+            self.name,
+            self.value,
+            self.dist,
+            self.version,
+            self.where,
+            self.hooks,
+            self.files,
+            self.settings,
+        ]
 
 
 def _stat(path: str | None) -> list:

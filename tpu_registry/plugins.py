@@ -92,6 +92,7 @@ class Plugins:
         # Entry points not loaded yet: the cached list knows the hooks they implement, and
         # each is loaded when one of its hooks is first called (``_impls``).
         self._deferred: dict[str, EntryPoint] = {}
+        self._cached_settings: set[str] = set()  # deferred plugins whose settings are declared
         self._started = False
         self._block(disable)
         for modname in BUILTIN_PLUGINS:
@@ -180,9 +181,23 @@ class Plugins:
         return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
 
     def declare_settings(self) -> None:
-        """Load the deferred plugins that declare settings (``resolve()`` keys its cache on
-        every variable that changes its answer, plugins' included)."""
-        self._impls("tpu_registry_settings")
+        """Declare the settings of deferred plugins (``resolve()`` keys its cache on every
+        variable that changes its answer, plugins' included): from the cached list when it
+        holds what the plugin declared last time it loaded, else by loading the plugin."""
+        load = []
+        for ep in list(self._deferred.values()):
+            if "tpu_registry_settings" not in (ep.hooks or ()) or ep.name in self._cached_settings:
+                continue
+            if ep.settings is None:
+                load.append(ep)
+                continue
+            try:
+                settings.register(settings.Setting(*row) for row in ep.settings)
+                self._cached_settings.add(ep.name)
+            except (TypeError, ValueError):
+                load.append(ep)  # the plugin itself says what is wrong, as a fault
+        if load:
+            self._load(load)
 
     def _call(self, hook: str, impl: pluggy.HookImpl, **kwargs: Any) -> Any:
         """Call one implementation through pluggy; its result, or None."""
@@ -200,6 +215,8 @@ class Plugins:
 
     def _declare_settings(self, only: str | None = None) -> list[Fault]:
         faults = []
+        eps: dict[str, EntryPoint] | None = None
+        learned = False
         for impl in self._impls("tpu_registry_settings", load=False):
             if only is not None and impl.plugin_name != only:
                 continue
@@ -215,6 +232,18 @@ class Plugins:
                 faults.append(
                     Fault(name, f"declared bad settings: {type(e).__name__}: {e}", stage="load")
                 )
+                continue
+            if impl.plugin_name in BUILTIN_PLUGINS:
+                continue
+            if eps is None:
+                eps = {ep.name: ep for ep in entry_points()}
+            ep = eps.get(impl.plugin_name)
+            if ep is not None:  # remembered, so resolve() need not import it next time
+                rows = [[s.name, s.doc, s.default, s.affects_resolve, s.owner] for s in declared]
+                if ep.settings != rows:
+                    ep.settings, learned = rows, True
+        if learned:
+            _save_entry_points(entry_points())
         return faults
 
     def hardware_dirs(self) -> list[Path]:

@@ -7,7 +7,6 @@ under threads (concurrent first calls compute once) and is reset in a forked chi
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -19,7 +18,7 @@ from typing import Any
 from . import settings
 from .catalog import ENV_PATH, Catalog, builtin_hardware_dir, load_catalog
 from .detection import detect
-from .errors import CatalogError, DetectionError, Problem
+from .errors import CatalogError, DetectionError, Problem, warn
 from .kernels import kernel_arguments
 from .policies.tables import ENV_TABLES
 from .records import Generation
@@ -29,7 +28,6 @@ from .workload import Workload
 
 ENV_OVERRIDES = "TPU_REGISTRY_OVERRIDES"
 STAMP_EVERY_S = 1.0  # how often the data files behind a cached result are looked at again
-log = logging.getLogger("tpu_registry")
 
 
 _KEEP = object()  # for_call: keep the workload's value
@@ -339,7 +337,7 @@ def _compute(
     notes = []
     for b in catalog.broken:
         first = b.problems[0]
-        log.warning(
+        warn(
             "catalog file %s is invalid and was left out (%s); run `tpu-registry validate`",
             b.path,
             first,

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import records
+from .errors import warn
 from .files import FileRefused, read_capped
 from .version import __version__
 
@@ -66,10 +67,7 @@ SCHEMA_MODULES = (
 _HERE = Path(__file__).resolve().parent
 
 
-def _warn(message: str, *args: Any) -> None:
-    import logging
-
-    logging.getLogger("tpu_registry").warning(message, *args)
+_warn = warn
 
 
 def cache_dir() -> Path | None:

@@ -56,9 +56,9 @@ def writable_by_others(path: Path) -> bool:
 
 
 def warn_writable(path: Path) -> None:
-    import logging
+    from tpu_registry.errors import warn
 
-    logging.getLogger("tpu_registry").warning(
+    warn(
         "overrides file %s is writable by other users; anyone who can write it chooses your "
         "kernel knobs (chmod go-w %s)",
         path,
