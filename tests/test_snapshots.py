@@ -420,3 +420,20 @@ def test_a_misnamed_hook_is_an_error_every_time_not_once(lazy_site):
         r = run_cli("detect", "--json")
         assert r.returncode != 0
         assert "tpu_registry_doctr" in r.stderr and "docs/hooks.md" in r.stderr
+
+
+def test_a_resolve_parses_the_rows_of_only_the_tables_it_looks_up(cache):
+    """Tables are loaded with their kernel and generations; rows are parsed on first lookup."""
+    from tpu_registry import Workload, resolve
+    from tpu_registry.policies import tables
+
+    for n in range(2):  # the second time from the snapshot, as every later process
+        tables._cache.clear()
+        cfg = resolve(Workload(32, 8, 128, max_model_len=3001 + n), simulate="v6e")
+        assert cfg.generation == "v6e"
+        loaded = tables.load_tables(tables.table_folders({}), "v6e")
+        assert {t.kernel for t in loaded} == {"rpa_v2", "rpa_v3_hd64", "mla_v2"}
+        parsed = sorted(t.path.name for t in loaded if t._table is not None)
+        assert parsed == ["rpa_v2_tpu_v6.toml"]
+    # Every table still reads in full when asked.
+    assert all(len(t.table.rows) > 0 for t in loaded)

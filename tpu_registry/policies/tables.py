@@ -97,11 +97,33 @@ def bucket(column: str, w: Workload, page: int, mla_kv_packing: int = 0) -> Any:
 
 
 class LoadedTable:
-    """A validated table (a ``records.Table``) and its rows indexed by normalised key."""
+    """A validated table (a ``records.Table``) and its rows indexed by normalised key.
 
-    def __init__(self, table: records.Table, path: Path):
-        self.table, self.path = table, path
+    From a snapshot it is built from the table's kernel and generations alone (``head``), and
+    its rows are parsed on first use: a resolve reads the rows of the one or two tables its
+    workload looks up, not of every table that lists its generation."""
+
+    def __init__(
+        self,
+        table: records.Table | None,
+        path: Path,
+        *,
+        head: dict[str, Any] | None = None,
+        text: snapshot.Text | None = None,
+    ):
+        self.path, self._table, self._text = path, table, text
+        if table is not None:
+            self.kernel, self.generations = table.kernel, table.generations
+        else:
+            assert head is not None and text is not None
+            self.kernel, self.generations = head["kernel"], tuple(head["generations"])
         self._index: dict[tuple, tuple] | None = None
+
+    @property
+    def table(self) -> records.Table:
+        if self._table is None:
+            self._table = records.Table.from_dict(self._text.load())  # type: ignore[union-attr]
+        return self._table
 
     @property
     def index(self) -> dict[tuple, tuple]:
@@ -127,7 +149,7 @@ class LoadedTable:
         if hit is None:
             return None
         return {
-            f"{self.table.kernel}.{name}": value
+            f"{self.kernel}.{name}": value
             for name, value in zip(self.table.value, hit, strict=True)
         }
 
@@ -194,6 +216,24 @@ def load_table(
 _cache: dict[tuple, list[LoadedTable]] = {}
 
 
+# Snapshots of tables hold each table's kernel and generations beside its data as JSON text.
+SNAPSHOT_KIND = "tuning-table"
+
+
+def _head_index(data: dict[str, Any]) -> dict[str, Any]:
+    return {"kernel": data["kernel"], "generations": list(data["generations"])}
+
+
+def _head(head: Any, text: snapshot.Text) -> tuple[dict[str, Any], snapshot.Text]:
+    if not (
+        isinstance(head, dict)
+        and isinstance(head.get("kernel"), str)
+        and isinstance(head.get("generations"), list)
+    ):
+        raise ValueError("malformed table head")
+    return head, text
+
+
 def load_tables(folders: list[Path], generation: str | None = None) -> list[LoadedTable]:
     """The valid tables of ``folders`` that list ``generation`` (all with None), from their
     snapshots when unchanged. A table with problems is reported only when it is one this
@@ -221,10 +261,13 @@ def load_tables(folders: list[Path], generation: str | None = None) -> list[Load
         return _cache[key]
     tables = []
     for folder, paths in groups:
-        for item in snapshot.load("table", folder, paths, _validated, records.Table.from_dict):
+        for item in snapshot.load(
+            SNAPSHOT_KIND, folder, paths, _validated, _head, index=_head_index
+        ):
             if item.data is not None:
-                if generation is None or generation in item.data.generations:
-                    tables.append(LoadedTable(item.data, item.path))
+                head, text = item.data
+                if generation is None or generation in head["generations"]:
+                    tables.append(LoadedTable(None, item.path, head=head, text=text))
                 continue
             t, probs = load_table(item.path, generation)  # reports it only if this resolve uses it
             problems += probs
@@ -247,7 +290,7 @@ def lookup(
     knobs: dict[str, Any] = {}
     used = []
     for t in tables:
-        if spec_id in t.table.generations and t.table.kernel == family:
+        if spec_id in t.generations and t.kernel == family:
             hit = t.lookup(w, page, mla_kv_packing)
             if hit:
                 for k, v in hit.items():
