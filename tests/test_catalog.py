@@ -424,6 +424,21 @@ def test_loading_leaves_no_young_objects_for_the_collector_to_scan(tmp_path, mon
     assert all(id(o) in oldest for o in made)
 
 
+def test_a_cached_catalog_leaves_the_programs_young_objects_young(tmp_path, monkeypatch):
+    """Only a load moves objects: asking for a cached catalog (every detect() does) must not
+    push the program's new objects, garbage included, out of the youngest generation."""
+    import gc
+
+    monkeypatch.setenv("TPU_REGISTRY_CACHE_DIR", str(tmp_path / "snapshots"))
+    folder = _catalog_copy(tmp_path, 3)
+    load_catalog([folder])
+    gc.collect()
+    mine = [[n] for n in range(10)]  # tracked, young
+    assert any(o is mine for o in gc.get_objects(generation=0))
+    load_catalog([folder])
+    assert any(o is mine for o in gc.get_objects(generation=0))
+
+
 def test_loading_leaves_a_programs_frozen_objects_frozen(tmp_path, monkeypatch):
     """A pre-fork server freezes its objects; loading the catalog must not unfreeze them."""
     import gc

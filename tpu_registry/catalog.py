@@ -386,20 +386,24 @@ def _signature(sources: tuple[tuple[Path, str], ...]) -> tuple:
 
 
 def _load(sources: tuple[tuple[Path, str], ...], tolerant: bool = False) -> Catalog:
-    key = (_signature(sources), tolerant)
-    with _lock:
-        if key in _cache:
-            return _cache[key]
-    problems: list[Problem] = []
-    broken: list[Broken] = []
-    loaded: list[tuple[Generation, Path, str | None]] = []
     # Loading allocates many small objects that all stay alive; the cyclic garbage collector
     # would rescan the growing heap again and again (per-file cost grew with catalog size).
-    # It is paused while loading, and the new objects are then moved to the oldest generation
-    # (``_promote_new_objects``) rather than scanned all at once by the first collection after.
+    # It is paused while the folders are listed and loaded, and the new objects are then moved
+    # to the oldest generation (``_promote_new_objects``) rather than scanned all at once by
+    # the first collection after. A cached catalog moves nothing.
     was_enabled = gc.isenabled()
     gc.disable()
+    built = False
     try:
+        key = (_signature(sources), tolerant)
+        with _lock:
+            cached = _cache.get(key)
+        if cached is not None:
+            return cached
+        built = True
+        problems: list[Problem] = []
+        broken: list[Broken] = []
+        loaded: list[tuple[Generation, Path, str | None]] = []
         for folder, origin in sources:
             files, probs = list_files(folder, origin)
             problems += probs
@@ -417,7 +421,8 @@ def _load(sources: tuple[tuple[Path, str], ...], tolerant: bool = False) -> Cata
         catalog = _assemble(loaded, tuple(f for f, _ in sources), problems)
     finally:
         if was_enabled:
-            _promote_new_objects()
+            if built:
+                _promote_new_objects()
             gc.enable()
     if tolerant:  # entries that collide were left out by _assemble: say so per file
         by_file: dict[str, list[Problem]] = {}
