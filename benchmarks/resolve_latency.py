@@ -245,7 +245,7 @@ def run(small: bool) -> dict:
         ],
         ["  the same, as reported by Detection.elapsed_ms", det_reported.fmt(1000, 3), "ms", ""],
         [
-            f"  of which Plugins.detect(): {n_detectors} detectors, one thread each",
+            f"  of which Plugins.detect(): {n_detectors} detectors, third-party ones in threads",
             det_run.fmt(1000, 3),
             "ms",
             f"{det_run.median / det_cat.median:.0%}",
@@ -341,8 +341,8 @@ def run(small: bool) -> dict:
             "<",
             TARGET_DETECT_MS,
             f"with the catalog passed in: {det_cat.median * 1000:.2f} ms; "
-            f"Plugins.detect() {det_run.median * 1000:.2f} ms ({n_detectors} detectors; env and "
-            "sysfs inline, the others in threads)"
+            f"Plugins.detect() {det_run.median * 1000:.2f} ms ({n_detectors} detectors; built-in "
+            "ones inline while no runtime is imported, third-party ones in threads)"
             + (f", of which sysfs {det_sysfs.median * 1000:.2f} ms" if det_sysfs else ""),
         ),
     ]

@@ -671,3 +671,31 @@ def test_evidence_below_an_undecided_level_is_undecided():
     assert (d.generation, d.status) == (None, "conflict")
     statuses = {f.evidence: f.status for f in d.findings}
     assert (statuses[tx], statuses[gn]) == ("undecided", "undecided")
+
+
+def test_runtime_detectors_take_a_thread_only_when_they_may_ask_their_runtime(tmp_path):
+    """jax and torch_xla detectors return at once unless their runtime is imported (or init is
+    allowed): then they run inline. Threads are watched with threading.settrace, which runs
+    in every thread the threading module starts."""
+    import threading
+
+    started: list[str] = []
+
+    def tracer(frame, event, arg):
+        started.append(threading.current_thread().name)
+        return None  # no line tracing: the name of each new thread is all this records
+
+    root = make_sysfs(tmp_path, [(0x1AE0, 0x0063, None)] * 4)  # a v5e host, found inline
+    threading.settrace(tracer)
+    try:
+        d = detect(env={}, sysfs_root=root)
+    finally:
+        threading.settrace(None)
+    assert d.generation == "v5e"
+    threaded = {n.removeprefix("tpu-registry-detect-") for n in started}
+    for runtime in ("jax", "torch_xla"):
+        name = f"tpu_registry.detectors.{runtime}"
+        assert (name in threaded) == (runtime in sys.modules), (runtime, threaded)
+    assert not threaded & {"tpu_registry.detectors.env", "tpu_registry.detectors.sysfs"}
+    # A third-party detector keeps its thread and the time budget (the GCE plugin, installed).
+    assert "gce" in threaded

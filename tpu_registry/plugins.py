@@ -57,6 +57,13 @@ BUILTIN_PLUGINS = (
 
 
 INLINE_DETECTORS = ("tpu_registry.detectors.env", "tpu_registry.detectors.sysfs")
+# The built-in runtime detectors, by the runtime they ask: each returns at once unless its
+# runtime is already imported or runtime init is allowed (their first line), so then they run
+# inline too. A thread costs a scheduler round trip (milliseconds on a busy host).
+RUNTIME_DETECTORS = {
+    "tpu_registry.detectors.jax": "jax",
+    "tpu_registry.detectors.torch_xla": "torch_xla",
+}
 
 
 def short_name(name: str) -> str:
@@ -253,16 +260,26 @@ class Plugins:
         return out
 
     def detect(self, context: DetectContext) -> tuple[list[Evidence], list[Fault]]:
-        """Every detector, each in its own thread; those still running after
-        ``context.timeout_s`` are abandoned. Exceptions and wrong return types become faults
-        naming the plugin; they never propagate."""
+        """Every detector; those in threads still running after ``context.timeout_s`` are
+        abandoned. Exceptions and wrong return types become faults naming the plugin; they
+        never propagate."""
         impls = self._impls("tpu_registry_detect")
         results: dict[str, Any] = {}
         errors: dict[str, BaseException] = {}
         # The built-in env and sysfs detectors read the environment and a few small sysfs
-        # files: bounded by construction, they run inline. The runtime (jax, torch_xla) and
-        # third-party detectors keep their own threads and the time budget.
-        inline = [i for i in impls if i.plugin_name in INLINE_DETECTORS]
+        # files: bounded by construction, they run inline, as do the runtime detectors when
+        # they would return at once (RUNTIME_DETECTORS). A runtime detector that may ask its
+        # runtime, and every third-party detector, keeps its own thread and the time budget.
+        inline = [
+            i
+            for i in impls
+            if i.plugin_name in INLINE_DETECTORS
+            or (
+                i.plugin_name in RUNTIME_DETECTORS
+                and not context.allow_runtime_init
+                and RUNTIME_DETECTORS[i.plugin_name] not in sys.modules
+            )
+        ]
 
         def run(impl: pluggy.HookImpl) -> None:
             try:
