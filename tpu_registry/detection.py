@@ -381,8 +381,6 @@ def _shape(
     the VM size; host-scope bounds count this VM's chips."""
     if gid is None or catalog[gid].slices is None:
         return None, host, []
-    from .slices import SliceError, describe, slice_of, vm_chips
-
     spec = catalog[gid]
     usable = [
         e for e in evidence if status.get(e) in ("agrees", "decides", "info") and e not in refused
@@ -399,6 +397,10 @@ def _shape(
         )
     }
     accel, topo, machine = first["accel"], first["topo"], first["machine"]
+    if accel is None and topo is None and machine is None:
+        return None, host, []  # nothing names a slice or a VM: no slice data is read
+    from .slices import SliceError, describe, slice_of, vm_chips
+
     conflicts: list[str] = []
     mt = machine.value.strip().lower().rpartition("/")[2] if machine else None
     if mt is not None and vm_chips(spec, mt) is None:
