@@ -76,6 +76,8 @@ def test_every_slice_in_the_data_obeys_the_rule(spec):
         assert s.tensorcores == s.chips * spec.chip.tensorcores_per_chip
         assert s.vms * s.chips_per_vm == s.chips
         assert s.hosts == Fraction(s.chips, spec.chip.chips_per_host)
+        # An int when whole (fractions is then never imported), a Fraction below one host.
+        assert type(s.hosts) is (int if s.chips % spec.chip.chips_per_host == 0 else Fraction)
         suffix = s.tensorcores if prefix.suffix_counts == "cores" else s.chips
         assert s.accelerator_type == f"{prefix.prefix}-{suffix}"
         # The accelerator type names a slice of the same size, on the default machine type.
