@@ -197,6 +197,9 @@ def run(small: bool, skip_legacy: bool) -> dict:
             print(f"  warm-up {name}: {one(name)['answer']}", flush=True)
     res: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     answers: dict[str, str] = {}
+    # The bare interpreter of each environment ours runs in, once per round: what of "whole
+    # process" is interpreter start, and so what is left for exit.
+    bare: dict[Path, list[float]] = {kinds[n][0]: [] for n in names if kinds[n][2]}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             out = one(name)
@@ -204,6 +207,8 @@ def run(small: bool, skip_legacy: bool) -> dict:
             for k in ("import_s", "call_s", "wall_s", "rss_mb"):
                 res[name][k].append(out[k])
             res[name]["total_s"].append(out["import_s"] + out["call_s"])
+        for python, walls in bare.items():
+            walls.append(run_process([str(python), "-c", "pass"], ours_env()).check("bare").wall_s)
         print(f"  round {r + 1}/{rounds} done", flush=True)
 
     ok = True
@@ -279,13 +284,14 @@ def run(small: bool, skip_legacy: bool) -> dict:
         why = ""
         if r_wall < goal:
             rest = med(ours, "wall_s") - med(ours, "import_s") - med(ours, "call_s")
+            start = stats(bare[kinds[ours][0]]).median
             why = (
                 f"ours: {med(ours, 'wall_s') * 1000:.0f} ms whole process: importing "
                 f"tpu_registry.detection {med(ours, 'import_s') * 1000:.0f} ms, detect() "
                 f"{med(ours, 'call_s') * 1000:.0f} ms (it builds the plugin manager with pluggy "
-                "and loads the installed plugins; catalog from snapshots), the other "
-                f"{rest * 1000:.0f} ms interpreter start and exit; import + call only: "
-                f"{r_total:,.1f}x"
+                "and the built-in plugins; catalog from snapshots), interpreter start "
+                f"{start * 1000:.0f} ms (`python -c pass` in the same environment), exit and "
+                f"the rest {(rest - start) * 1000:.0f} ms; import + call only: {r_total:,.1f}x"
             )
         targets.append(
             target(
