@@ -437,3 +437,37 @@ def test_a_resolve_parses_the_rows_of_only_the_tables_it_looks_up(cache):
         assert parsed == ["rpa_v2_tpu_v6.toml"]
     # Every table still reads in full when asked.
     assert all(len(t.table.rows) > 0 for t in loaded)
+
+
+THREADS_PROBE = r"""
+import json, sys, threading
+from tpu_registry.detection import detect
+barrier = threading.Barrier(8)
+out = []
+def run():
+    barrier.wait()
+    out.append(detect(env={}).generation)
+threads = [threading.Thread(target=run) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+from tpu_registry.plugins import get_plugins
+print(json.dumps({"gens": out, "faults": [f.message for f in get_plugins().load_faults]}))
+"""
+
+
+def test_threads_calling_a_deferred_plugins_hook_at_once_all_see_it(lazy_site):
+    """The first call of a hook loads its deferred plugins; threads calling it meanwhile wait
+    for the load instead of running without the plugin (its import is slow on purpose)."""
+    (lazy_site / "lazy_tpu_detect.py").write_text(
+        "import time\nimport tpu_registry\n\ntime.sleep(0.2)\n\n\n"
+        "@tpu_registry.hookimpl\n"
+        "def tpu_registry_detect(context):\n"
+        "    return tpu_registry.Evidence('explicit', 'v5e', 'lazy plugin')\n"
+    )
+    assert _lazy(["detect", "--json"])["loaded"] == ["lazy_tpu_detect", "lazy_tpu_doctor"]
+    r = subprocess.run(
+        [sys.executable, "-c", THREADS_PROBE], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got == {"gens": ["v5e"] * 8, "faults": []}

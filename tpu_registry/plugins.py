@@ -100,6 +100,9 @@ class Plugins:
         # each is loaded when one of its hooks is first called (``_impls``).
         self._deferred: dict[str, EntryPoint] = {}
         self._cached_settings: set[str] = set()  # deferred plugins whose settings are declared
+        # Deferred plugins load during hook calls, which threads make at once (resolve() from
+        # many threads, detectors): loading and building callers hold this lock.
+        self._lock = threading.RLock()
         self._started = False
         self._block(disable)
         for modname in BUILTIN_PLUGINS:
@@ -144,53 +147,62 @@ class Plugins:
         once every hook name checks out (a misnamed hook is an error each time, not once)."""
         import pluggy
 
-        learned = False
-        for ep in load:
-            self._deferred.pop(ep.name, None)
+        with self._lock:
+            learned = False
+            for ep in load:
+                self._deferred.pop(ep.name, None)
+                if self.pm.has_plugin(ep.name):
+                    continue  # another thread loaded it first
+                try:
+                    plugin = _load(ep.value)
+                    self.pm.register(plugin, name=ep.name)
+                except Exception as e:
+                    self.load_faults.append(
+                        Fault(ep.name, f"failed to load: {type(e).__name__}: {e}", stage="load")
+                    )
+                    continue
+                if ep.dist is not None:
+                    self._dists[ep.name] = (ep.dist, ep.version)
+                hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+                files = _module_files(plugin)
+                if ep.hooks != hooks or ep.files != files:
+                    ep.hooks, ep.files, learned = hooks, files, True
+                if self._started:  # loaded after start-up: declare its settings now
+                    self.settings_faults += self._declare_settings(only=ep.name)
             try:
-                plugin = _load(ep.value)
-                self.pm.register(plugin, name=ep.name)
-            except Exception as e:
-                self.load_faults.append(
-                    Fault(ep.name, f"failed to load: {type(e).__name__}: {e}", stage="load")
-                )
-                continue
-            if ep.dist is not None:
-                self._dists[ep.name] = (ep.dist, ep.version)
-            hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
-            files = _module_files(plugin)
-            if ep.hooks != hooks or ep.files != files:
-                ep.hooks, ep.files, learned = hooks, files, True
-            if self._started:  # loaded after start-up: declare its settings now
-                self.settings_faults += self._declare_settings(only=ep.name)
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as e:
-            raise RegistryError(
-                f"{e} (hook names start with 'tpu_registry_'; see docs/hooks.md)"
-            ) from e
-        if learned:
-            _save_entry_points(eps if eps is not None else entry_points())
+                self.pm.check_pending()
+            except pluggy.PluginValidationError as e:
+                raise RegistryError(
+                    f"{e} (hook names start with 'tpu_registry_'; see docs/hooks.md)"
+                ) from e
+            if learned:
+                _save_entry_points(eps if eps is not None else entry_points())
 
     def load_all(self) -> None:
         """Load every deferred entry point (``plugins``, ``doctor`` and tools list them all)."""
-        if self._deferred:
-            self._load(list(self._deferred.values()))
+        with self._lock:
+            if self._deferred:
+                self._load(list(self._deferred.values()))
 
     # ------------------------------------------------------------------------ calling hooks
 
     def _impls(self, hook: str, *, load: bool = True) -> list[pluggy.HookImpl]:
         """Implementations in pluggy's call order (tryfirst first), deferred plugins that
         implement ``hook`` loaded first (unless ``load`` is false)."""
-        wanted = [ep for ep in self._deferred.values() if hook in (ep.hooks or ())]
-        if wanted and load:
-            self._load(wanted)
-        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+        with self._lock:
+            wanted = [ep for ep in self._deferred.values() if hook in (ep.hooks or ())]
+            if wanted and load:
+                self._load(wanted)
+            return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
 
     def declare_settings(self) -> None:
         """Declare the settings of deferred plugins (``resolve()`` keys its cache on every
         variable that changes its answer, plugins' included): from the cached list when it
         holds what the plugin declared last time it loaded, else by loading the plugin."""
+        with self._lock:
+            self._declare_cached_settings()
+
+    def _declare_cached_settings(self) -> None:
         load = []
         for ep in list(self._deferred.values()):
             if "tpu_registry_settings" not in (ep.hooks or ()) or ep.name in self._cached_settings:
@@ -209,16 +221,20 @@ class Plugins:
     def _call(self, hook: str, impl: pluggy.HookImpl, **kwargs: Any) -> Any:
         """Call one implementation through pluggy; its result, or None."""
         # Built per call: tests and tools may register plugins after the manager was built.
-        others = [
-            p for _, p in self.pm.list_name_plugin() if p is not None and p is not impl.plugin
-        ]
-        results = self.pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
+        # Only building it holds the lock: a hanging detector must not block other calls.
+        with self._lock:
+            others = [
+                p for _, p in self.pm.list_name_plugin() if p is not None and p is not impl.plugin
+            ]
+            caller = self.pm.subset_hook_caller(hook, remove_plugins=others)
+        results = caller(**kwargs)
         return results[0] if results else None
 
     def register(self, plugin: object, name: str) -> None:
         """Register a plugin after start-up (tools, tests), its settings declared too."""
-        self.pm.register(plugin, name=name)
-        self.settings_faults += self._declare_settings(only=name)
+        with self._lock:
+            self.pm.register(plugin, name=name)
+            self.settings_faults += self._declare_settings(only=name)
 
     def _declare_settings(self, only: str | None = None) -> list[Fault]:
         faults = []
