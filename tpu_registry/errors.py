@@ -7,12 +7,14 @@ terminals can jump to it; a library call raises one exception carrying all of th
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import asdict, dataclass
 
 # The CLI's warning handler: installed on the first warning of a command (``warn``), so a
 # command with nothing to say never imports logging (3 ms at start-up).
 _cli_command = False
 _cli_handler = None
+_cli_lock = threading.Lock()  # two threads' first warnings install one handler
 
 
 def warn(message: str, *args: object) -> None:
@@ -22,23 +24,25 @@ def warn(message: str, *args: object) -> None:
 
     global _cli_handler
     logger = logging.getLogger("tpu_registry")
-    if _cli_command and _cli_handler is None:
-        _cli_handler = logging.StreamHandler(sys.stderr)
-        _cli_handler.setLevel(logging.WARNING)
-        _cli_handler.setFormatter(logging.Formatter("warning: %(message)s"))
-        logger.addHandler(_cli_handler)
+    with _cli_lock:
+        if _cli_command and _cli_handler is None:
+            _cli_handler = logging.StreamHandler(sys.stderr)
+            _cli_handler.setLevel(logging.WARNING)
+            _cli_handler.setFormatter(logging.Formatter("warning: %(message)s"))
+            logger.addHandler(_cli_handler)
     logger.warning(message, *args)
 
 
 def cli_warnings(on: bool) -> None:
     """Print warnings to stderr from now on (a CLI command starts), or stop (it ended)."""
     global _cli_command, _cli_handler
-    _cli_command = on
-    if not on and _cli_handler is not None:
-        import logging
+    with _cli_lock:
+        _cli_command = on
+        if not on and _cli_handler is not None:
+            import logging
 
-        logging.getLogger("tpu_registry").removeHandler(_cli_handler)
-        _cli_handler = None
+            logging.getLogger("tpu_registry").removeHandler(_cli_handler)
+            _cli_handler = None
 
 
 @dataclass(frozen=True)

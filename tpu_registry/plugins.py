@@ -502,6 +502,8 @@ _key: tuple | None = None
 def _reset_after_fork() -> None:
     global _lock
     _lock = threading.RLock()  # another thread may have been building the manager at fork
+    if _plugins is not None:
+        _plugins._lock = threading.RLock()  # ... or loading a deferred plugin
 
 
 if hasattr(os, "register_at_fork"):
