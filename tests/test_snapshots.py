@@ -329,6 +329,10 @@ def lazy_site(tmp_path, monkeypatch, cache) -> Path:
     site = tmp_path / "site"
     info = site / "lazy_tpu_plugins-1.0.dist-info"
     info.mkdir(parents=True)
+    # The cached list is keyed on the modification times of the sys.path folders: Python
+    # creating __pycache__ here on the first import would make the second run a fresh scan
+    # (as installing a plugin does). A real site-packages has its __pycache__ already.
+    (site / "__pycache__").mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lazy-tpu-plugins\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(
         "[tpu_registry]\nlazy_detect = lazy_tpu_detect\nlazy_doctor = lazy_tpu_doctor\n"
