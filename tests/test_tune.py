@@ -1420,3 +1420,16 @@ def test_the_users_page_no_kernel_can_run_is_an_error(tmp_path):
         "8192 tokens, above the 134217728-byte limit [rule rpa_v3_vmem_estimate] (lower "
         "max_num_seqs or max_model_len so that a smaller page fits SMEM)"
     )
+
+
+def test_an_overrides_path_that_cannot_be_read_says_why():
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(32, 8, 128), simulate="v6e", overrides="ov\0.toml")
+    (p,) = e.value.problems
+    assert (p.path, p.line, p.field, p.message, p.hint) == (
+        "ov\0.toml",
+        None,
+        "",
+        "cannot read the overrides file: ValueError: embedded null byte",
+        "fix the file or unset TPU_REGISTRY_OVERRIDES / --overrides",
+    )

@@ -202,7 +202,7 @@ def _files_stamp(
             try:
                 st = os.stat(f)
                 sig.append((f, st.st_mtime_ns, st.st_size, st.st_mode))
-            except OSError:
+            except (OSError, ValueError):  # ValueError: a NUL in the path; the policy says why
                 sig.append((f, None))
     stamp = tuple(sorted(sig, key=str))
     _stamps[key] = (now, stamp)
