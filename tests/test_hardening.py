@@ -76,6 +76,9 @@ def test_dev_zero_is_refused_not_read(tmp_path):
     assert (r.returncode, r.stderr) == (2, f"error: {folder / 'z.toml'}: {CHR_MSG}\n")
     r = _cli("resolve", "--simulate", "v6e", "--hf-config", "/dev/zero")
     assert (r.returncode, r.stderr) == (2, f"error: /dev/zero: {CHR_MSG}\n")
+
+
+def test_dev_zero_as_overrides_is_refused_not_read():
     with pytest.raises(TuningError) as info:
         resolve(W, simulate="v6e", overrides="/dev/zero")
     assert [str(p) for p in info.value.problems] == [f"/dev/zero: {CHR_MSG}"]

@@ -45,6 +45,12 @@ def test_overridden_page_size_derives_sequences_per_smem(tmp_path):
     assert (
         "max_num_seqs_smem = 512  [baseline; derived from page_size [overrides]]" in cfg.explain()
     )
+
+
+# The console-script halves of these tests are tests of their own: they call the registry only
+# in a subprocess, so `make mutate` does not run them for every mutant (docs/mutation.md).
+def test_cli_explain_says_a_knob_derives_from_the_overridden_page(tmp_path):
+    f = overrides(tmp_path, "page_size = 128")
     r = run_cli(
         "resolve",
         "--simulate",
@@ -70,6 +76,10 @@ def test_page_below_the_smem_minimum_is_refused(tmp_path):
         "max_model_len 131072 and max_num_seqs 256 on v6e [rule page_smem_minimum] "
         "(use a page of at least 256, or lower max_num_seqs)"
     )
+
+
+def test_cli_refuses_a_page_below_the_smem_minimum_in_every_format(tmp_path):
+    f = overrides(tmp_path, "page_size = 16")
     for fmt in ("vllm", "json", "text"):
         r = run_cli(
             "resolve",
@@ -88,12 +98,21 @@ def test_page_below_the_smem_minimum_is_refused(tmp_path):
         )
 
 
-def test_huge_page_sizes_are_refused_with_the_bound(tmp_path):
+def test_cli_refuses_a_huge_page_size_with_the_bound():
     r = run_cli("resolve", "--simulate", "v6e", *SHAPE, "--page-size", str(2**40))
     assert r.returncode == 2
     assert r.stderr == (
         "error: workload: page_size: 1099511627776 is above 2048, the most a sequence of "
         "max_model_len 2048 needs (use a page of at most 2048)\n"
+    )
+
+
+def test_huge_page_sizes_are_refused_with_the_bound(tmp_path):
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(**V6E, page_size=2**40), simulate="v6e")
+    assert str(e.value) == (
+        "workload: page_size: 1099511627776 is above 2048, the most a sequence of "
+        "max_model_len 2048 needs (use a page of at most 2048)"
     )
     f = overrides(tmp_path, f"page_size = {2**40}")
     with pytest.raises(TuningError, match=r"page_size 1099511627776 is out of range 1\.\.65536"):
@@ -323,8 +342,6 @@ def test_the_baseline_is_essential(monkeypatch):
     monkeypatch.setenv("TPU_REGISTRY_POLICIES", "tables")
     cfg = resolve(Workload(**V6E), simulate="v6e")
     assert cfg.layer("page_size") == "baseline" and "baseline" in cfg.tuning.layers
-    r = run_cli("resolve", "--simulate", "v6e", *SHAPE, "--format", "vllm")
-    assert r.returncode == 0 and "--block-size 128" in r.stdout and "None" not in r.stdout
     monkeypatch.setenv("TPU_REGISTRY_POLICIES", "")
     monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", "baseline")
     with pytest.raises(
@@ -333,6 +350,14 @@ def test_the_baseline_is_essential(monkeypatch):
         "disabled",
     ):
         resolve(Workload(**V6E), simulate="v6e")
+
+
+def test_cli_keeps_the_baseline_whatever_the_environment_asks(monkeypatch):
+    monkeypatch.setenv("TPU_REGISTRY_POLICIES", "tables")
+    r = run_cli("resolve", "--simulate", "v6e", *SHAPE, "--format", "vllm")
+    assert r.returncode == 0 and "--block-size 128" in r.stdout and "None" not in r.stdout
+    monkeypatch.setenv("TPU_REGISTRY_POLICIES", "")
+    monkeypatch.setenv("TPU_REGISTRY_DISABLE_PLUGINS", "baseline")
     for fmt in ("json", "vllm"):
         r = run_cli("resolve", "--simulate", "v6e", *SHAPE, "--format", fmt)
         assert r.returncode == 2 and "essential" in r.stderr
@@ -350,22 +375,14 @@ def test_mla_models_get_the_mla_kernel_and_its_cache(tmp_path):
     path = REPO / "tests" / "data" / "hf" / "deepseek-v2-lite.json"
     config = json.loads(path.read_text())
     assert config["kv_lora_rank"] == 512 and config["qk_rope_head_dim"] == 64
-    r = run_cli("resolve", "--simulate", "v6e", "--hf-config", str(path), "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    w = out["workload"]
-    assert (w["num_q_heads"], w["num_kv_heads"], w["head_dim"]) == (
-        config["num_attention_heads"],
-        1,
-        576,
-    )
-    knobs = out["knobs"]
-    assert knobs["page_size"]["value"] == 1024
-    assert not [k for k in knobs if k.startswith("rpa_")]
-    assert knobs["mla_v2.decode_batch_size"]["value"] == 4  # get_tuned_params' fallback
-    assert knobs["mla_v2.mixed_queries_per_block"]["value"] == 16
-    assert knobs["mla_v2.vmem_limit_bytes"]["value"] == 128 * 2**20  # the core's VMEM
-    cfg = resolve(Workload.from_hf_config(path), simulate="v6e")
+    w = Workload.from_hf_config(path)
+    assert (w.num_q_heads, w.num_kv_heads, w.head_dim) == (config["num_attention_heads"], 1, 576)
+    cfg = resolve(w, simulate="v6e")
+    assert cfg.value("page_size") == 1024
+    assert not [k for k in cfg.knobs if k.startswith("rpa_")]
+    assert cfg.value("mla_v2.decode_batch_size") == 4  # get_tuned_params' fallback
+    assert cfg.value("mla_v2.mixed_queries_per_block") == 16
+    assert cfg.value("mla_v2.vmem_limit_bytes") == 128 * 2**20  # the core's VMEM
     p = plan(cfg)
     assert p.layouts == ("tpu_inference",)
     assert p.kv_cache_shape("tpu_inference", 10) == (10, 1024 // 32, 32, 640)
@@ -373,6 +390,21 @@ def test_mla_models_get_the_mla_kernel_and_its_cache(tmp_path):
     assert p.kernel_kwargs("mla_v2")["num_kv_pages_per_block"] == (3, 1, 1)
     with pytest.raises(ValueError, match="MLA has no vllm_pallas KV cache"):
         p.kv_cache_shape("vllm_pallas", 10)
+
+
+def test_cli_resolves_an_mla_config_to_the_mla_knobs():
+    path = REPO / "tests" / "data" / "hf" / "deepseek-v2-lite.json"
+    r = run_cli("resolve", "--simulate", "v6e", "--hf-config", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    w = out["workload"]
+    assert (w["num_q_heads"], w["num_kv_heads"], w["head_dim"]) == (16, 1, 576)
+    knobs = out["knobs"]
+    assert knobs["page_size"]["value"] == 1024
+    assert not [k for k in knobs if k.startswith("rpa_")]
+    assert knobs["mla_v2.decode_batch_size"]["value"] == 4
+    assert knobs["mla_v2.mixed_queries_per_block"]["value"] == 16
+    assert knobs["mla_v2.vmem_limit_bytes"]["value"] == 128 * 2**20
 
 
 def test_mla_and_sinks_workloads_are_checked():
@@ -445,6 +477,12 @@ def test_a_broken_generation_file_fails_only_what_uses_it(tmp_path, caplog):
     assert any("v97.toml is invalid and was left out" in r.getMessage() for r in caplog.records)
     with pytest.raises(CatalogError, match="v97.toml"):
         resolve(w, simulate="v97", catalog_dirs=(folder,))
+
+
+def test_cli_warns_of_a_broken_generation_file_it_does_not_use(tmp_path):
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    (folder / "v97.toml").write_text('schema_version = 1\nid = "v97"\nname = "broken"\n')
     r = run_cli("resolve", "--simulate", "v5e", *SHAPE, "--catalog", str(folder))
     assert r.returncode == 0 and "warning: catalog file" in r.stderr and "v97.toml" in r.stderr
 

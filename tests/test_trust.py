@@ -128,7 +128,14 @@ def test_overrides_file_writable_by_others_draws_a_warning(mode, tmp_path, caplo
     out, err = capsys.readouterr()
     assert rc == 0
     assert err.splitlines() == [f"warning: {message}"]
-    # And `resolve` prints it on stderr, once.
+
+
+def test_cli_resolve_prints_the_writable_warning_once(tmp_path):
+    path = _overrides(tmp_path, 0o666)
+    message = (
+        f"overrides file {path} is writable by other users; "
+        f"anyone who can write it chooses your kernel knobs (chmod go-w {path})"
+    )
     r = run_cli(
         "resolve",
         "--simulate",

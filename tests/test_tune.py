@@ -432,6 +432,14 @@ def test_resolve_refuses_a_vmem_limit_above_the_core(tmp_path):
         "is above the v6e core VMEM of 134217728 bytes (128 MiB) [rule vmem_within_core] "
         "(use at most 134217728)"
     )
+
+
+def test_cli_refuses_a_vmem_limit_above_the_core(tmp_path):
+    f = tmp_path / "overrides.toml"
+    f.write_text(
+        'schema_version = 1\n[[override]]\ngeneration = "*"\n'
+        'knobs = { "rpa_v3.vmem_limit_bytes" = 268435456 }\n'
+    )
     r = run_cli(
         "resolve",
         "--simulate",
