@@ -1140,3 +1140,62 @@ def test_mla_configs_give_the_mla_family_and_bytes(name, heads):
     assert p.kv_bytes_per_token("tpu_inference", num_layers=61) == 640 * 2 * 61
     assert cfg.value("mla_v2.vmem_limit_bytes") == 64 * 2**20  # v5p's core VMEM
     assert ", MLA latent 512 + rope 64" in cfg.explain()
+
+
+# ------------------------------------------------------------------------ kernel arguments
+
+
+def test_the_mla_kernel_gets_the_catalog_fallbacks_as_its_per_case_tuples():
+    """``mla_attention`` passes (decode, prefill, mixed) tuples: decode from the catalog's
+    batched-decode fallback, prefill and mixed from its mixed one; the scalars as they are,
+    and the core's whole VMEM (read here from v6e.toml, not from the code under test)."""
+    import tomllib
+
+    facts = tomllib.loads((REPO / "hardware" / "v6e.toml").read_text())["kernels"]["mla_v2"]
+    d, m = facts["decode"], facts["mixed"]
+    cfg = resolve(replace(Workload(**V6E), **MLA), simulate="v6e")
+    assert cfg.kernel_kwargs("mla_v2") == {
+        "num_kv_pages_per_block": (
+            d["num_kv_pages_per_block"],
+            m["num_kv_pages_per_block"],
+            m["num_kv_pages_per_block"],
+        ),
+        "num_queries_per_block": (
+            d["num_queries_per_block"],
+            m["num_queries_per_block"],
+            m["num_queries_per_block"],
+        ),
+        "decode_batch_size": d["decode_batch_size"],
+        "mixed_q_split": m["q_split"],
+        "vmem_limit_bytes": 128 * 2**20,
+    }
+
+
+def test_kernel_arguments_pass_rpa_knobs_through_and_build_mla_tuples_only_when_whole():
+    flat = {"d_block_sizes": (1, 2048, 1, 2048), "vmem_limit_bytes": 2**26}
+    assert kernels.kernel_arguments("rpa_v3", flat) == flat
+    # a tuple missing one case is left to the kernel rather than passed with a None in it
+    partial = {"decode_kv_pages_per_block": 3, "prefill_kv_pages_per_block": 1}
+    assert kernels.kernel_arguments("mla_v2", {**partial, "decode_batch_size": 4}) == {
+        "decode_batch_size": 4
+    }
+
+
+# hd64's VMEM estimate (get_vmem_estimate_bytes) for Workload(8, 2, 64) in bf16, worked by hand:
+# K and V share 128 lanes (2 KV heads, 4 query heads each, 16-bit words), so T KV tokens and
+# bq queries take 2*T*2*128*16 + 2*(2*2*bq*4*128)*16 + 2*(2*bq*4*128)*32 + 2*bq*4*128*32 bits
+# = 1024*T + 20480*bq bytes; with 128-token pages, 131072 bytes a page.
+HD64_FITS = [
+    # (KV pages, queries) asked, limit, fitted
+    ((16, 32), 131072 * 16 + 20480 * 32, (16, 32)),  # exactly at the limit: kept
+    ((16, 32), 131072 * 16 + 20480 * 32 - 1, (16, 16)),  # one byte over: queries halved first
+    ((16, 32), 131072 * 2 + 20480, (2, 1)),  # queries down to 1, then KV pages halved
+    ((16, 32), 131072 + 20480 - 1, None),  # not even one page and one query
+]
+
+
+@pytest.mark.parametrize("blocks, limit, fitted", HD64_FITS)
+def test_hd64_blocks_are_halved_queries_first_until_they_fit(blocks, limit, fitted):
+    w = Workload(8, 2, 64)
+    assert kernels.rpa_v3_hd64_vmem_bytes(w, 32, 16 * 128) == 131072 * 16 + 20480 * 32
+    assert kernels.rpa_v3_hd64_fit_vmem(w, 128, blocks, limit) == fitted
