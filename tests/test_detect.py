@@ -699,3 +699,35 @@ def test_runtime_detectors_take_a_thread_only_when_they_may_ask_their_runtime(tm
     assert not threaded & {"tpu_registry.detectors.env", "tpu_registry.detectors.sysfs"}
     # A third-party detector keeps its thread and the time budget (the GCE plugin, installed).
     assert "gce" in threaded
+
+
+def test_detectors_see_the_context_detect_was_asked_for(tmp_path):
+    """A detector reads what ``detect`` was given: the environment, the sysfs root, whether it
+    may start a TPU runtime (off unless asked) and its time budget; detection's own time is
+    measured around the whole call."""
+    import time
+
+    seen = []
+
+    class Recorder:
+        @tpu_registry.hookimpl
+        def tpu_registry_detect(self, context):
+            seen.append(context)
+
+    get_plugin_manager().register(Recorder(), name="recorder")
+    try:
+        t0 = time.perf_counter()
+        d = detect(env={"X": "1"}, sysfs_root=tmp_path, timeout_s=1.5)
+        wall_ms = (time.perf_counter() - t0) * 1000
+        detect(env={}, sysfs_root=tmp_path, allow_runtime_init=True)
+    finally:
+        get_plugin_manager().unregister(name="recorder")
+    first, second = seen
+    assert (first.env, first.sysfs_root, first.allow_runtime_init, first.timeout_s) == (
+        {"X": "1"},
+        tmp_path,
+        False,
+        1.5,
+    )
+    assert (second.allow_runtime_init, second.timeout_s) == (True, 2.0)
+    assert 0 < d.elapsed_ms <= wall_ms
