@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import time
 from collections import Counter
 from dataclasses import fields
 from itertools import product
@@ -1430,6 +1431,28 @@ def test_the_users_page_no_kernel_can_run_is_an_error(tmp_path):
     )
 
 
+def test_an_overrides_file_served_from_its_snapshot_still_places_its_problems(tmp_path):
+    """An unchanged file comes from its validated snapshot, without its text; problems found
+    after validation (a generation the catalog does not know) still name their line."""
+    from tpu_registry.policies import overrides as policy
+
+    f = tmp_path / "ov.toml"
+    f.write_text(
+        'schema_version = 1\n[[override]]\ngeneration = "v42"\nknobs = { page_size = 64 }\n'
+    )
+    old = time.time_ns() - 10 * 10**9  # older than the snapshot's racy window: trusted
+    os.utime(f, ns=(old, old))
+    expected = (
+        f"{f}:3: override[0].generation: 'v42' names no generation (use an id from "
+        '`tpu-registry list`, or "*")'
+    )
+    for _ in range(2):  # built and stored, then served from the snapshot
+        policy.clear_cache()
+        with pytest.raises(TuningError) as e:
+            resolve(Workload(32, 8, 128), simulate="v6e", overrides=f)
+        assert str(e.value) == expected
+
+
 def test_an_overrides_path_that_cannot_be_read_says_why():
     with pytest.raises(TuningError) as e:
         resolve(Workload(32, 8, 128), simulate="v6e", overrides="ov\0.toml")
@@ -1441,3 +1464,47 @@ def test_an_overrides_path_that_cannot_be_read_says_why():
         "cannot read the overrides file: ValueError: embedded null byte",
         "fix the file or unset TPU_REGISTRY_OVERRIDES / --overrides",
     )
+
+
+def test_the_overrides_note_names_each_entry_once_and_the_knobs_left_out(tmp_path):
+    """The layer's note: the file, each note of an entry that set a knob (once), and the
+    knobs of kernel families that do not run this workload, sorted, with the ones that do."""
+    f = tmp_path / "ov.toml"
+    f.write_text(
+        "schema_version = 1\n"
+        '[[override]]\ngeneration = "*"\nnote = "pool A"\n'
+        'knobs = { "rpa_v3.d_block_sizes" = [1, 256, 1, 256], '
+        '"rpa_v2.num_queries_per_block" = 16 }\n'
+        '[[override]]\ngeneration = "*"\nnote = "pool A"\nknobs = { vmem_limit_bytes = 16777216 }\n'
+        '[[override]]\ngeneration = "*"\nnote = "unused"\nknobs = { vmem_limit_bytes = 2097152 }\n'
+        '[[override]]\ngeneration = "v6e"\nnote = "pool B"\n'
+        'knobs = { "rpa_v2.num_kv_pages_per_block" = 8 }\n'
+    )
+    f.chmod(0o644)
+    hd64 = resolve(Workload(8, 2, 64), simulate="v6e", overrides=f)
+    assert [n for n in hd64.notes if n.startswith("overrides:")] == [
+        f"overrides: from {f}; pool A; pool B; not applied (the kernels that run this "
+        "workload: rpa_v2, rpa_v3_hd64): rpa_v3.d_block_sizes"
+    ]
+    assert hd64.value("rpa_v2.num_queries_per_block") == 16
+    assert hd64.value("vmem_limit_bytes") == 16777216  # a common knob: every family reads it
+    # No kernel of v4 runs an MLA model: every family knob is left out, and said so.
+    mla = Workload(16, 1, 576, kv_lora_rank=512, qk_rope_head_dim=64)
+    v4 = resolve(mla, simulate="v4", overrides=f)
+    assert [n for n in v4.notes if n.startswith("overrides:")] == [
+        f"overrides: from {f}; pool A; not applied (the kernels that run this workload: none): "
+        "rpa_v2.num_queries_per_block, rpa_v3.d_block_sizes"
+    ]
+    # An entry setting only knobs that do not run still says what it left out.
+    g = tmp_path / "idle.toml"
+    g.write_text(
+        'schema_version = 1\n[[override]]\ngeneration = "v6e"\n'
+        'knobs = { "mla_v2.decode_batch_size" = 8 }\n'
+    )
+    g.chmod(0o644)
+    cfg = resolve(Workload(32, 8, 128), simulate="v6e", overrides=g)
+    assert "overrides" not in {k.layer for k in cfg.knobs.values()}
+    assert [n for n in cfg.notes if n.startswith("overrides:")] == [
+        f"overrides: from {g}; not applied (the kernels that run this workload: rpa_v2, "
+        "rpa_v3): mla_v2.decode_batch_size"
+    ]

@@ -88,8 +88,8 @@ def load_overrides(path: Path) -> tuple[records.OverridesFile, str]:
     try:
         st = path.stat()
         key = (str(path), st.st_mtime_ns, st.st_size, st.st_mode)
-    except OSError:
-        key = (str(path), None, None, None)
+    except OSError:  # it fails to load below, so this key is looked up but never stored
+        key = (str(path), None, None, None)  # pragma: no mutate (any key finds nothing)
     if key in _cache:
         return _cache[key]
     [item] = snapshot.load("overrides", path, [path], _validated, records.OverridesFile.from_dict)
@@ -127,11 +127,10 @@ def generation_problems(
     found the same way by ``validate`` and by the policy, before any workload is known."""
     out = []
     for i, o in enumerate(model.override):
-        if o.generation == "*":
-            continue
-        for gid in sorted(catalog.find(o.generation)):
-            if only is not None and gid != only:
-                continue
+        gids = catalog.find(o.generation)  # none for "*": the kernel rule checks it per workload
+        if only is not None:
+            gids = gids & {only}
+        for gid in sorted(gids):
             spec = catalog[gid]
             vmem = spec.chip.vmem_bytes_per_core
             for k, v in o.knobs.items():
@@ -153,7 +152,7 @@ def generation_problems(
 def matches(o, w: Workload) -> bool:
     for k, want in o.match.items():
         have = getattr(w, k)
-        if isinstance(want, str) and k.endswith("dtype"):
+        if k.endswith("dtype"):  # the schema admits only names canonical_dtype knows
             want = canonical_dtype(want)
         if have != want:
             return False
@@ -203,11 +202,8 @@ def overrides_layer(spec, workload: Workload, context: TuneContext, path: Path) 
     # Knobs of a kernel family that does not run this workload (RPA v3 blocks for a head-dim-64
     # model, say) would be reported as set while no kernel reads them: left out, and said so.
     running = set(kernels.families_for(spec, workload))
-    idle = sorted(
-        k
-        for k in knobs
-        if "." in k and k.split(".", 1)[0] in KERNEL_FAMILIES and k.split(".", 1)[0] not in running
-    )
+    idle_prefixes = tuple(f"{f}." for f in KERNEL_FAMILIES - running)
+    idle = sorted(k for k in knobs if k.startswith(idle_prefixes))
     for k in idle:
         del knobs[k]
     if not knobs and not idle:
