@@ -210,6 +210,24 @@ def test_a_lowered_ceiling_refits_the_baseline_block_sizes(tmp_path):
     )
 
 
+def test_a_lowered_ceiling_refits_the_hd64_fallback_blocks(tmp_path, monkeypatch):
+    """The head-dim-64 kernel's limit follows the user's 2.25 MiB ceiling, and its fallback
+    blocks (16 pages of 128 tokens, 32 queries: 2752512 bytes by the estimate worked out for
+    HD64_FITS, 1024 a KV token and 20480 a query) halve their queries to 8 (2260992 bytes)."""
+    monkeypatch.setenv("TPU_REGISTRY_POLICIES", "overrides")  # the fallback, not a table row
+    limit = 2359296
+    f = overrides(tmp_path, f"vmem_limit_bytes = {limit}")
+    cfg = resolve(Workload(8, 2, 64), simulate="v6e", overrides=f)
+    hd64 = {n: cfg.knobs[n] for n in kernels.HD64_KNOBS + ("rpa_v3_hd64.vmem_limit_bytes",)}
+    via_limit = (("rpa_v3_hd64.vmem_limit_bytes", "overrides"),)
+    assert {n: (k.value, k.layer, k.derived_from) for n, k in hd64.items()} == {
+        "rpa_v3_hd64.num_kv_pages_per_block": (16, "baseline", via_limit),
+        "rpa_v3_hd64.num_queries_per_block": (8, "baseline", via_limit),
+        "rpa_v3_hd64.vmem_limit_bytes": (limit, "baseline", (("vmem_limit_bytes", "overrides"),)),
+    }
+    assert not cfg.tuning.faults
+
+
 def test_a_plugin_layer_contradicting_its_own_ceiling_is_dropped(tmp_path):
     """A family limit above the common ceiling that the same layer set is that layer's
     contradiction (dropped), whatever the layer's rank."""

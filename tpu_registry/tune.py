@@ -103,10 +103,10 @@ PAGE_DEPENDENT = (
 
 def _derive(w, knobs: dict[str, Knob], rank: Mapping[str, int]) -> None:
     """Recompute what upstream derives from other knobs, from the winning values."""
-    page = knobs.get("page_size")
+    page = knobs["page_size"]  # the baseline, which always runs, always sets it
     # Values follow the page already: tune() reruns the policies with a winning page pinned,
     # so the baseline computed them for it. What is left is to say where the page came from.
-    if page is not None and page.layer != ESSENTIAL:
+    if page.layer != ESSENTIAL:
         for name in PAGE_DEPENDENT:
             k = knobs.get(name)
             if k is not None and rank.get(k.layer, 0) > rank.get(page.layer, 0):
@@ -132,7 +132,6 @@ def _derive(w, knobs: dict[str, Knob], rank: Mapping[str, int]) -> None:
     if (
         limit is not None
         and limit.derived_from
-        and page is not None
         and all(b is not None and b.layer == ESSENTIAL for b in blocks)
     ):
         values = (blocks[0].value, blocks[1].value)
@@ -143,7 +142,7 @@ def _derive(w, knobs: dict[str, Knob], rank: Mapping[str, int]) -> None:
                 knobs[name] = replace(b, value=v, derived_from=b.derived_from + via)
     # Upstream's block sizes (the baseline's) follow a lowered RPA v3 limit.
     limit = knobs.get("rpa_v3.vmem_limit_bytes")
-    if limit is None or page is None or not limit.derived_from:
+    if limit is None or not limit.derived_from:
         return
     for name in kernels.RPA_V3_CASES.values():
         k = knobs.get(name)
