@@ -991,7 +991,81 @@ MORE_CASES = {
         {"max_model_len": 16, "max_num_seqs": 100000},
         [],
     ),
+    "hd64_one_page_and_one_query": (
+        {
+            "page_size": 128,
+            "rpa_v3_hd64.num_kv_pages_per_block": 1,
+            "rpa_v3_hd64.num_queries_per_block": 1,
+        },
+        set(),
+        {"head_dim": 64},
+        [],
+    ),
+    "hd64_no_kv_pages": (
+        {"page_size": 128, "rpa_v3_hd64.num_kv_pages_per_block": 0},
+        set(),
+        {"head_dim": 64},
+        [("rpa_v3_hd64_blocks_in_range", "rpa_v3_hd64.num_kv_pages_per_block")],
+    ),
+    "hd64_no_queries": (
+        {"page_size": 128, "rpa_v3_hd64.num_queries_per_block": 0},
+        set(),
+        {"head_dim": 64},
+        [("rpa_v3_hd64_blocks_in_range", "rpa_v3_hd64.num_queries_per_block")],
+    ),
+    "hd64_no_estimate_without_both_blocks": (
+        {
+            "page_size": 128,
+            "rpa_v3_hd64.num_kv_pages_per_block": 16,
+            "rpa_v3_hd64.vmem_limit_bytes": 2**20,
+        },
+        set(),
+        {"head_dim": 64},
+        [],
+    ),
+    "hd64_zero_limit_is_not_also_estimated": (
+        {
+            "page_size": 128,
+            "rpa_v3_hd64.num_kv_pages_per_block": 1,
+            "rpa_v3_hd64.num_queries_per_block": 1,
+            "rpa_v3_hd64.vmem_limit_bytes": 0,
+        },
+        set(),
+        {"head_dim": 64},
+        [("vmem_positive", "rpa_v3_hd64.vmem_limit_bytes")],
+    ),
+    "hd64_int8_kv_named_by_the_limit_alone": (
+        {"page_size": 128, "rpa_v3_hd64.vmem_limit_bytes": 2**26},
+        set(),
+        {"head_dim": 64, "kv_dtype": "int8"},
+        [("rpa_v3_hd64_float_kv", "rpa_v3_hd64.vmem_limit_bytes")],
+    ),
 }
+
+
+def test_hd64_blocks_out_of_range_are_each_named_and_not_also_estimated():
+    """Both hd64 blocks out of range: one violation each, with its bound; the VMEM estimate,
+    which needs both, is not also reported for them (under a 1 MiB limit it would be)."""
+    w = Workload(**{**V6E, "head_dim": 64})
+    knobs = {
+        "page_size": 128,
+        "rpa_v3_hd64.num_kv_pages_per_block": 17,
+        "rpa_v3_hd64.num_queries_per_block": 4096,
+        "rpa_v3_hd64.vmem_limit_bytes": 2**20,
+    }
+    found = kernels.check(load_catalog()["v6e"], w, knobs)
+    assert [(v.rule, v.knobs, v.message) for v in found] == [
+        (
+            "rpa_v3_hd64_blocks_in_range",
+            ("rpa_v3_hd64.num_kv_pages_per_block",),
+            "rpa_v3_hd64.num_kv_pages_per_block 17 must be in 1..16 (pages per sequence)",
+        ),
+        (
+            "rpa_v3_hd64_blocks_in_range",
+            ("rpa_v3_hd64.num_queries_per_block",),
+            "rpa_v3_hd64.num_queries_per_block 4096 must be in 1..2048 (max batched tokens)",
+        ),
+    ]
 
 
 def test_a_zero_block_says_so():
