@@ -51,14 +51,11 @@ def candidates_for(catalog: Catalog, ev: Evidence) -> set[str]:
         return catalog.find(ev.value)
     if ev.kind == "accelerator_type":
         return catalog.accelerator_prefix(ev.value)[0]
-    if ev.kind in ("torch_xla_version", "generation_number"):
-        return catalog.lookup(ev.kind, ev.value.strip())
-    if ev.kind == "topology":
-        return set()
     if ev.kind == "machine_type":
         from .slices import generations_of_machine_type
 
         return generations_of_machine_type(catalog, ev.value)
+    # The catalog strips version numbers itself, and indexes no topology: it names nothing.
     return catalog.lookup(ev.kind, ev.value)
 
 
@@ -90,29 +87,23 @@ def reconcile(
     conflicts: list[str] = []
     everything = frozenset(catalog.ids())
     current = everything
-    winner_status, reason = "none", "no TPU evidence found"
 
     explicit = [e for e in evidence if e.kind == "explicit"]
     # --simulate is the caller's question for this one run: it wins over an exported
     # TPU_REGISTRY_GENERATION, which is then reported as overridden (below), not an error.
     explicit = [e for e in explicit if e.detector == "simulate"] or explicit
     if explicit:
-        named = {e: cands[e] for e in explicit}
-        bad = [e for e in explicit if len(named[e]) != 1]
+        named = {e: cands[e] for e in explicit}  # one id each at most: identifiers are unique
+        bad = [e for e in explicit if not named[e]]
         if bad:
             e = bad[0]
-            what = (
-                "names no generation"
-                if not named[e]
-                else f"names several generations ({', '.join(sorted(named[e]))})"
-            )
             raise DetectionError(
                 [
                     Problem(
                         e.source,
                         None,
                         "",
-                        f"explicit generation {shorten(e.value)!r} {what}",
+                        f"explicit generation {shorten(e.value)!r} names no generation",
                         "use an id from `tpu-registry list`",
                     )
                 ]
