@@ -879,6 +879,19 @@ INSIDE = {
         {"max_model_len": 16, "max_num_seqs": 87168},
         {"page_size": 16, "rpa_v3.d_block_sizes": (1, 16, 1, 16)},
     ),
+    "rpa_v3_hd64_smem_estimate": (  # the same tables, the same whole 1 MiB
+        {"head_dim": 64, "max_model_len": 16, "max_num_seqs": 87168},
+        {"page_size": 16, "rpa_v3_hd64.num_kv_pages_per_block": 1},
+    ),
+    "rpa_v3_hd64_vmem_estimate": (  # exactly the 11010048 bytes its case needs
+        {"head_dim": 64},
+        {
+            "page_size": 128,
+            "rpa_v3_hd64.num_kv_pages_per_block": 16,
+            "rpa_v3_hd64.num_queries_per_block": 32,
+            "rpa_v3_hd64.vmem_limit_bytes": 11010048,
+        },
+    ),
 }
 
 
@@ -1033,6 +1046,47 @@ MORE_CASES = {
         set(),
         {"head_dim": 64},
         [("vmem_positive", "rpa_v3_hd64.vmem_limit_bytes")],
+    ),
+    "hd64_one_byte_limit_is_estimated": (
+        {
+            "page_size": 128,
+            "rpa_v3_hd64.num_kv_pages_per_block": 1,
+            "rpa_v3_hd64.num_queries_per_block": 1,
+            "rpa_v3_hd64.vmem_limit_bytes": 1,
+        },
+        set(),
+        {"head_dim": 64},
+        [("rpa_v3_hd64_vmem_estimate", "rpa_v3_hd64.num_kv_pages_per_block")],
+    ),
+    "page_kv_packing_for_the_hd64_kernel_alone": (  # sinks: only the hd64 kernel runs
+        {"page_size": 2},
+        set(),
+        {
+            "head_dim": 64,
+            "attention_sinks": True,
+            "kv_dtype": "float8_e4m3fn",
+            "max_model_len": 16,
+            "max_num_seqs": 1,
+        },
+        [("page_kv_packing", "page_size")],
+    ),
+    "a_user_page_above_an_mla_sequence": (
+        {"page_size": 1024},
+        set(),
+        {**MLA, "max_model_len": 512},
+        [("page_within_sequence", "page_size")],
+    ),
+    "the_mla_backends_own_page_may_exceed_the_sequence": (
+        {"page_size": 1024},
+        {"page_size"},
+        {**MLA, "max_model_len": 512},
+        [],
+    ),
+    "a_default_page_above_the_sequence_of_another_model": (
+        {"page_size": 4096},
+        {"page_size"},
+        {},
+        [("page_within_sequence", "page_size")],
     ),
     "hd64_int8_kv_named_by_the_limit_alone": (
         {"page_size": 128, "rpa_v3_hd64.vmem_limit_bytes": 2**26},
