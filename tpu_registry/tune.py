@@ -109,7 +109,7 @@ def _derive(w, knobs: dict[str, Knob], rank: Mapping[str, int]) -> None:
     if page.layer != ESSENTIAL:
         for name in PAGE_DEPENDENT:
             k = knobs.get(name)
-            if k is not None and rank.get(k.layer, 0) > rank.get(page.layer, 0):
+            if k is not None and rank[k.layer] > rank[page.layer]:
                 knobs[name] = replace(k, derived_from=(("page_size", page.layer),))
     ceiling = knobs.get("vmem_limit_bytes")
     if ceiling is None:
@@ -118,11 +118,7 @@ def _derive(w, knobs: dict[str, Knob], rank: Mapping[str, int]) -> None:
         k = knobs.get(name)
         # A family limit from a less trusted layer follows the common ceiling; one from the
         # same or a more trusted layer above it is that layer's own contradiction.
-        if (
-            k is not None
-            and k.value > ceiling.value
-            and rank.get(k.layer, 0) > rank.get(ceiling.layer, 0)
-        ):
+        if k is not None and k.value > ceiling.value and rank[k.layer] > rank[ceiling.layer]:
             knobs[name] = replace(
                 k, value=ceiling.value, derived_from=(("vmem_limit_bytes", ceiling.layer),)
             )
@@ -205,7 +201,9 @@ def tune(plugins: Plugins, context: TuneContext, *, strict: bool = False) -> Tun
             for name in ("page_size", "min_page_size"):  # as chosen, with their provenance
                 if name in first:
                     knobs[name] = first[name]
-        rank = {layer.name: i for i, layer in enumerate(layers)}
+        # Trust follows hook order. Every knob's layer has a rank: the rerun's layers first (the
+        # knobs come from them), then the first run's (the page came from one of those).
+        rank = {n: i for i, n in enumerate(dict.fromkeys(x.name for x in (*merged, *layers)))}
         _derive(workload, knobs, rank)
         defaults = frozenset(k for k, v in knobs.items() if v.layer == ESSENTIAL)
         violations = kernels.check(spec, workload, _values(knobs), defaults=defaults)
@@ -250,6 +248,6 @@ def _layers_of(v: Violation, knobs: Mapping[str, Knob]) -> set[str]:
 def _problem(v: Violation, layers: set[str], rank: Mapping[str, int]) -> Problem:
     """Blame the most trusted layer involved other than the baseline (the user's own data),
     else the baseline."""
-    named = sorted(layers - {ESSENTIAL}, key=lambda n: rank.get(n, 0)) or [ESSENTIAL]
+    named = sorted(layers - {ESSENTIAL}, key=rank.__getitem__) or [ESSENTIAL]
     hint = v.hint or "lower the value or remove the override"
     return Problem(f"layer {named[0]}", None, v.knob, f"{v.message} [rule {v.rule}]", hint)
