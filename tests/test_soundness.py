@@ -327,7 +327,15 @@ def test_a_plugin_tuple_given_as_a_string_is_a_fault():
         cfg = resolve(Workload(**V6E), simulate="v6e")
     finally:
         get_plugin_manager().unregister(name="s")
-    assert [f.plugin for f in cfg.tuning.faults] == ["s"] and "s" not in cfg.tuning.layers
+    assert [(f.plugin, f.message, f.stage) for f in cfg.tuning.faults] == [
+        (
+            "s",
+            "rpa_v3.p_block_sizes must be 4 whole numbers (bq_sz, bkv_sz, bq_csz, bkv_csz), got "
+            "'256,1024,128,512' (write an array: [bq_sz, bkv_sz, bq_csz, bkv_csz])",
+            "tune",
+        )
+    ]
+    assert "s" not in cfg.tuning.layers
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,7 @@ def run_policies(plugins: Plugins, context: TuneContext) -> tuple[list[Layer], l
                 replace(out, knobs={k: knob_registry.coerce(k, v) for k, v in out.knobs.items()})
             )
         except knob_registry.KnobError as e:
-            faults.append(Fault(plugin, f"{e} ({e.hint})" if e.hint else str(e), stage="tune"))
+            faults.append(Fault(plugin, f"{e} ({e.hint})", stage="tune"))  # every one has a hint
     if not any(layer.name == ESSENTIAL for layer in layers):
         raise TuningError(
             f"the {ESSENTIAL} policy did not run: it is essential and cannot be disabled"
