@@ -243,7 +243,7 @@ def test_policies_read_the_environment_of_their_context(tmp_path, monkeypatch):
     cat = load_catalog()
     w = Workload(32, 8, 128)
     ctx = TuneContext(cat, cat["v6e"], w, detect(cat, simulate="v6e"), env={})
-    assert tune(get_plugins(), ctx).knobs["page_size"].layer == "baseline"
+    assert tune(get_plugins(), ctx, strict=True).knobs["page_size"].layer == "baseline"
     with pytest.raises(
         tpu_registry.CatalogError,
         match="tuning-table folder from TPU_REGISTRY_TABLES_PATH does not exist",
@@ -257,6 +257,7 @@ def test_policies_read_the_environment_of_their_context(tmp_path, monkeypatch):
                 ctx.detection,
                 env={"TPU_REGISTRY_TABLES_PATH": str(tmp_path / "missing")},
             ),
+            strict=True,
         )
 
 

@@ -149,7 +149,7 @@ def _derive(w, knobs: dict[str, Knob], rank: Mapping[str, int]) -> None:
                 knobs[name] = replace(k, value=fitted, derived_from=derived)
 
 
-def tune(plugins: Plugins, context: TuneContext, *, strict: bool = False) -> Tuning:
+def tune(plugins: Plugins, context: TuneContext, *, strict: bool) -> Tuning:
     """Run the policies, merge their layers and derive what follows from the winners.
 
     A page size fixed by the workload wins over every layer. When the layers settle on a
