@@ -731,3 +731,31 @@ def test_detectors_see_the_context_detect_was_asked_for(tmp_path):
     )
     assert (second.allow_runtime_init, second.timeout_s) == (True, 2.0)
     assert 0 < d.elapsed_ms <= wall_ms
+
+
+def test_conflicts_name_every_candidate_of_each_piece():
+    """torch_xla says 5 for both v5e and v5p: a conflict names both, in each of the three
+    wordings (equally trusted, outranked, and outranked by evidence that left two)."""
+    cat = load_catalog()
+    tx5, tx6 = Evidence("torch_xla_version", "5", "tx"), Evidence("torch_xla_version", "6", "tx6")
+    gn6, pci = Evidence("generation_number", "6", "gn"), Evidence("pci", "1ae0:006f", "sysfs")
+    d = reconcile(cat, [tx5, tx6, gn6])
+    assert (d.status, d.candidates) == ("conflict", ())
+    assert d.conflicts == (
+        "tx says '5' (v5e, v5p); tx6 says '6' (v6e) — equally trusted, no winner",
+    )
+    assert [f.status for f in d.findings] == ["conflict", "conflict", "undecided"]
+    d = reconcile(cat, [pci, tx5])
+    assert d.conflicts == (
+        "tx says '5' (v5e, v5p) but sysfs (pci) says v6e; torch_xla_version is trusted less",
+    )
+    d = reconcile(cat, [tx5, gn6])
+    assert (d.status, d.reason, d.candidates) == (
+        "ambiguous",
+        "evidence fits 2 generations: v5e, v5p",
+        ("v5e", "v5p"),
+    )
+    assert d.conflicts == (
+        "gn says '6' (v6e) but tx (torch_xla_version) says v5e, v5p; generation_number is "
+        "trusted less",
+    )
