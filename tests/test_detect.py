@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 from conftest import HARDWARE, REPO, disable_plugins, make_sysfs, run_cli
@@ -720,9 +721,11 @@ def test_detectors_see_the_context_detect_was_asked_for(tmp_path):
         d = detect(env={"X": "1"}, sysfs_root=tmp_path, timeout_s=1.5)
         wall_ms = (time.perf_counter() - t0) * 1000
         detect(env={}, sysfs_root=tmp_path, allow_runtime_init=True)
+        detect(env={})  # the machine's own /sys: only the context is checked
     finally:
         get_plugin_manager().unregister(name="recorder")
-    first, second = seen
+    first, second, third = seen
+    assert third.sysfs_root == Path("/")
     assert (first.env, first.sysfs_root, first.allow_runtime_init, first.timeout_s) == (
         {"X": "1"},
         tmp_path,

@@ -263,17 +263,17 @@ def reconcile(
     )
 
 
-def _unit(catalog: Catalog, gid: str, ev: Evidence) -> str:
+def _unit(catalog: Catalog, gid: str, ev: Evidence) -> str | None:
     """What ``ev.count`` counts: an accelerator-type suffix counts cores or chips, per the
-    catalog."""
+    catalog (None: a prefix the generation does not have)."""
     if ev.count_unit != "suffix":
         return ev.count_unit
     prefix = catalog.accelerator_prefix(ev.value)[1]
     accel = catalog[gid].identify.accelerator_types
-    return next((a.suffix_counts for a in accel if a.prefix == prefix), "")
+    return next((a.suffix_counts for a in accel if a.prefix == prefix), None)
 
 
-def _per_chip(chip, unit: str) -> int | None:
+def _per_chip(chip, unit: str | None) -> int | None:
     return {
         "chips": 1,
         "cores": chip.tensorcores_per_chip,
