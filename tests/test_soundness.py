@@ -214,9 +214,20 @@ def test_a_lowered_ceiling_refits_the_hd64_fallback_blocks(tmp_path, monkeypatch
     """The head-dim-64 kernel's limit follows the user's 2.25 MiB ceiling, and its fallback
     blocks (16 pages of 128 tokens, 32 queries: 2752512 bytes by the estimate worked out for
     HD64_FITS, 1024 a KV token and 20480 a query) halve their queries to 8 (2260992 bytes)."""
-    monkeypatch.setenv("TPU_REGISTRY_POLICIES", "overrides")  # the fallback, not a table row
     limit = 2359296
     f = overrides(tmp_path, f"vmem_limit_bytes = {limit}")
+    # With the tables policy on, its measured row (the same 16 pages, 32 queries) no longer
+    # fits: the tables layer is dropped, and said so; the baseline's blocks are refit.
+    cfg = resolve(Workload(8, 2, 64), simulate="v6e", overrides=f)
+    assert cfg.tuning.layers == ("overrides", "baseline")
+    assert [(x.plugin, x.message) for x in cfg.tuning.faults] == [
+        (
+            "tables",
+            "knobs break kernel constraints, layer dropped: rpa_v3_hd64 blocks of 16 pages and "
+            "32 queries need 2752512 bytes of VMEM, above rpa_v3_hd64.vmem_limit_bytes 2359296",
+        )
+    ]
+    monkeypatch.setenv("TPU_REGISTRY_POLICIES", "overrides")  # the fallback, not a table row
     cfg = resolve(Workload(8, 2, 64), simulate="v6e", overrides=f)
     hd64 = {n: cfg.knobs[n] for n in kernels.HD64_KNOBS + ("rpa_v3_hd64.vmem_limit_bytes",)}
     via_limit = (("rpa_v3_hd64.vmem_limit_bytes", "overrides"),)
@@ -226,6 +237,16 @@ def test_a_lowered_ceiling_refits_the_hd64_fallback_blocks(tmp_path, monkeypatch
         "rpa_v3_hd64.vmem_limit_bytes": (limit, "baseline", (("vmem_limit_bytes", "overrides"),)),
     }
     assert not cfg.tuning.faults
+    # The family's own limit, set by the user, is not a lowered ceiling: the blocks are not
+    # refit behind the user's back, and the rule names the user's layer.
+    f = overrides(tmp_path, f'"rpa_v3_hd64.vmem_limit_bytes" = {limit}')
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(8, 2, 64), simulate="v6e", overrides=f)
+    assert str(e.value) == (
+        "layer overrides: rpa_v3_hd64.num_kv_pages_per_block: rpa_v3_hd64 blocks of 16 pages "
+        "and 32 queries need 2752512 bytes of VMEM, above rpa_v3_hd64.vmem_limit_bytes 2359296 "
+        "[rule rpa_v3_hd64_vmem_estimate] (use smaller blocks or a larger VMEM limit)"
+    )
 
 
 def test_a_plugin_layer_contradicting_its_own_ceiling_is_dropped(tmp_path):

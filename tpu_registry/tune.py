@@ -134,8 +134,9 @@ def _derive(w, knobs: dict[str, Knob], rank: Mapping[str, int]) -> None:
         fitted = kernels.rpa_v3_hd64_fit_vmem(w, page.value, values, limit.value)
         if fitted is not None and fitted != values:
             via = (("rpa_v3_hd64.vmem_limit_bytes", limit.derived_from[0][1]),)
-            for name, b, v in zip(kernels.HD64_KNOBS, blocks, fitted, strict=True):
-                knobs[name] = replace(b, value=v, derived_from=b.derived_from + via)
+            for i, name in enumerate(kernels.HD64_KNOBS):  # (KV pages, queries), like fitted
+                b = blocks[i]
+                knobs[name] = replace(b, value=fitted[i], derived_from=b.derived_from + via)
     # Upstream's block sizes (the baseline's) follow a lowered RPA v3 limit.
     limit = knobs.get("rpa_v3.vmem_limit_bytes")
     if limit is None or not limit.derived_from:
