@@ -1117,6 +1117,28 @@ MORE_CASES = {
         {},
         [("page_within_sequence", "page_size")],
     ),
+    "hd64_kv_pages_out_of_range_are_not_also_estimated": (
+        {
+            "page_size": 128,
+            "rpa_v3_hd64.num_kv_pages_per_block": 17,
+            "rpa_v3_hd64.num_queries_per_block": 1,
+            "rpa_v3_hd64.vmem_limit_bytes": 2**20,
+        },
+        set(),
+        {"head_dim": 64},
+        [("rpa_v3_hd64_blocks_in_range", "rpa_v3_hd64.num_kv_pages_per_block")],
+    ),
+    "hd64_queries_out_of_range_are_not_also_estimated": (
+        {
+            "page_size": 128,
+            "rpa_v3_hd64.num_kv_pages_per_block": 1,
+            "rpa_v3_hd64.num_queries_per_block": 4096,
+            "rpa_v3_hd64.vmem_limit_bytes": 2**20,
+        },
+        set(),
+        {"head_dim": 64},
+        [("rpa_v3_hd64_blocks_in_range", "rpa_v3_hd64.num_queries_per_block")],
+    ),
     "hd64_int8_kv_named_by_the_limit_alone": (
         {"page_size": 128, "rpa_v3_hd64.vmem_limit_bytes": 2**26},
         set(),
