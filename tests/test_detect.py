@@ -762,3 +762,36 @@ def test_conflicts_name_every_candidate_of_each_piece():
         "gn says '6' (v6e) but tx (torch_xla_version) says v5e, v5p; generation_number is "
         "trusted less",
     )
+
+
+def test_a_machine_type_alone_names_its_generation_and_counts_come_from_agreeing_pieces():
+    """The GCE metadata's machine type (a path) names v6e by itself; a host count given only by
+    a piece that agrees (not the one that decides) is used."""
+    cat = load_catalog()
+    mt = Evidence("machine_type", "projects/1/machineTypes/ct6e-standard-4t", "gce")
+    d = reconcile(cat, [mt])
+    assert (d.generation, d.status, d.reason) == (
+        "v6e",
+        "detected",
+        "machine_type 'projects/1/machineTypes/ct6e-standard-4t' from gce",
+    )
+    pci = Evidence("pci", "1ae0:006f", "sysfs")  # decides, but counts nothing
+    dk = Evidence("device_kind", "TPU v6 lite", "jax", count=4, count_unit="devices", scope="host")
+    d = reconcile(cat, [pci, dk])
+    assert ([f.status for f in d.findings], d.chips_per_host) == (["decides", "agrees"], 4)
+
+
+def test_a_suffix_that_is_no_count_is_quoted_in_part_and_not_used():
+    cat = load_catalog()
+    junk = "x" * 21  # one past the 20 quoted
+    for value, shown in (
+        (f"v6e-{junk}", f"'{'x' * 20}'..."),  # the first 20 characters, and a mark that more follow
+        (f"v6e-{'x' * 20}", f"'{'x' * 20}'"),  # exactly 20: nothing left out
+    ):
+        ev = Evidence("accelerator_type", value, "env", count_unit="suffix", scope="slice")
+        d = reconcile(cat, [ev])
+        assert (d.generation, d.slice_chips) == ("v6e", None)
+        assert d.conflicts == (
+            f"env says {value!r}: suffix {shown} is not a count (ASCII digits, at most 9); its "
+            "count is not used",
+        ), value

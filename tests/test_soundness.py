@@ -1396,3 +1396,20 @@ def test_hd64_blocks_are_halved_queries_first_until_they_fit(blocks, limit, fitt
     w = Workload(8, 2, 64)
     assert kernels.rpa_v3_hd64_vmem_bytes(w, 32, 16 * 128) == 131072 * 16 + 20480 * 32
     assert kernels.rpa_v3_hd64_fit_vmem(w, 128, blocks, limit) == fitted
+
+
+# torch_xla's RPA v2 estimate of the VMEM its blocks take (it halves the KV block while this is
+# at or above the catalog's threshold), worked by hand for 8 KV pages of 16 tokens, 32 queries,
+# 4 query heads over 2 KV heads, head dim 128: q in and out, double-buffered,
+# 2 * (2 * 32 * 4 * 128 * q bytes); KV 2 * 8 * 16 * 2 * 2 * 128 * kv bytes; l and m
+# 2 * (2 * 32 * 2 * (4 // 2) * 128 * 4); the f32 accumulator 32 * 4 * 128 * 4.
+RPA_V2_BLOCK_BYTES = [
+    ("bfloat16", "bfloat16", 2 * 2 * 32768 + 262144 + 2 * 131072 + 65536),
+    ("float32", "bfloat16", 2 * 2 * 65536 + 262144 + 2 * 131072 + 65536),
+    ("bfloat16", "float8_e4m3fn", 2 * 2 * 32768 + 131072 + 2 * 131072 + 65536),
+]
+
+
+@pytest.mark.parametrize("q_dtype, kv_dtype, expected", RPA_V2_BLOCK_BYTES)
+def test_rpa_v2_block_bytes_counts_every_buffer(q_dtype, kv_dtype, expected):
+    assert kernels.rpa_v2_block_bytes(8, 32, 4, 2, 128, 16, q_dtype, kv_dtype) == expected

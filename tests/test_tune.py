@@ -1508,3 +1508,14 @@ def test_the_overrides_note_names_each_entry_once_and_the_knobs_left_out(tmp_pat
         f"overrides: from {g}; not applied (the kernels that run this workload: rpa_v2, "
         "rpa_v3): mla_v2.decode_batch_size"
     ]
+
+
+def test_the_overrides_policy_module_names_a_missing_attribute():
+    """The module loads its pydantic models on first use; any other name is an AttributeError
+    that says which module and which name."""
+    from tpu_registry.policies import overrides as policy
+
+    assert policy.OverridesFile.__name__ == "OverridesFile"
+    with pytest.raises(AttributeError) as e:
+        policy.nope  # noqa: B018
+    assert str(e.value) == "module 'tpu_registry.policies.overrides' has no attribute 'nope'"
