@@ -1346,7 +1346,7 @@ def test_the_mla_kernel_gets_the_catalog_fallbacks_as_its_per_case_tuples():
     """``mla_attention`` passes (decode, prefill, mixed) tuples: decode from the catalog's
     batched-decode fallback, prefill and mixed from its mixed one; the scalars as they are,
     and the core's whole VMEM (read here from v6e.toml, not from the code under test)."""
-    import tomllib
+    from tpu_registry.tomlfile import tomllib  # tomli on Python 3.10
 
     facts = tomllib.loads((REPO / "hardware" / "v6e.toml").read_text())["kernels"]["mla_v2"]
     d, m = facts["decode"], facts["mixed"]
