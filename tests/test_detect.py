@@ -795,3 +795,18 @@ def test_a_suffix_that_is_no_count_is_quoted_in_part_and_not_used():
             f"env says {value!r}: suffix {shown} is not a count (ASCII digits, at most 9); its "
             "count is not used",
         ), value
+
+
+@pytest.mark.parametrize(
+    "value, chips",
+    [
+        ("projects/1/machineTypes/ct6e-standard-4t", 4),  # a metadata path: the last part
+        ("Projects/1/machineTypes/CT6E-STANDARD-1T ", 1),  # case and space as written
+        ("ct6e-standard-8t", 8),
+    ],
+)
+def test_a_machine_type_alone_gives_the_chips_of_its_vm(value, chips):
+    """With no accelerator type or topology, the machine type still says how many chips this
+    VM has (the catalog's [slices] VM sizes), and names no slice."""
+    d = reconcile(load_catalog(), [Evidence("machine_type", value, "gce")])
+    assert (d.generation, d.chips_per_host, d.slice, d.conflicts) == ("v6e", chips, None, ())
