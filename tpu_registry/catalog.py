@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 ENV_PATH = "TPU_REGISTRY_PATH"
 
 
-_warn = warn
-
-
 # Identifier kinds that must name at most one generation. torch_xla version numbers and
 # generation numbers are deliberately shared (torch_xla says 5 for both v5e and v5p).
 UNIQUE_KINDS = ("device_kind", "accelerator_type", "gke_accelerator", "pci")
@@ -315,7 +312,7 @@ def warn_if_writable_by_others(folder: Path, origin: str) -> bool:
     if not mode & (stat.S_IWGRP | stat.S_IWOTH):
         return False
     who = "all users" if mode & stat.S_IWOTH else "its group"
-    _warn(
+    warn(
         "catalog folder %s (from %s) is writable by %s; anyone who can write there chooses your "
         "TPU facts and kernel knobs (chmod go-w %s)",
         folder,

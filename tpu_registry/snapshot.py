@@ -67,9 +67,6 @@ SCHEMA_MODULES = (
 _HERE = Path(__file__).resolve().parent
 
 
-_warn = warn
-
-
 def cache_dir() -> Path | None:
     """The snapshot folder, or None when ``TPU_REGISTRY_CACHE_DIR=off``."""
     base = os.environ.get(ENV_CACHE)
@@ -134,7 +131,7 @@ def _trusted(folder: Path) -> bool:
         return True
     if str(folder) not in _untrusted_warned:
         _untrusted_warned.add(str(folder))
-        _warn(
+        warn(
             "snapshot cache %s is writable by other users or not yours; not using it (chmod 700 "
             "it, or set %s)",
             folder,
@@ -174,7 +171,7 @@ def read_parts(path: Path) -> tuple[Any, memoryview] | None:
         blob = read_capped(path, MAX_SNAPSHOT_BYTES)
     except FileRefused as e:
         if os.path.lexists(path):
-            _warn("cannot use cache file %s (%s); not using it", path, e.message)
+            warn("cannot use cache file %s (%s); not using it", path, e.message)
         return None
     try:
         start = blob.find(b"\n") + 1
@@ -187,7 +184,7 @@ def read_parts(path: Path) -> tuple[Any, memoryview] | None:
             raise ValueError("checksum mismatch")
         return json.loads(blob[start : start + length]), body[length:]
     except ValueError as e:
-        _warn("snapshot %s is corrupt (%s); rebuilding it", path, e)
+        warn("snapshot %s is corrupt (%s); rebuilding it", path, e)
         return None
 
 
@@ -215,7 +212,7 @@ def write_blob(path: Path, value: Any, tail: bytes | memoryview = b"") -> None:
             pass
         if str(path.parent) not in _unwritable_warned:
             _unwritable_warned.add(str(path.parent))
-            _warn(
+            warn(
                 "cannot write snapshots to %s (%s); every process validates the data files "
                 "again (set %s to a writable folder, or to off)",
                 path.parent,
@@ -252,7 +249,7 @@ def _read(path: Path, kind: str, source: Path) -> tuple[dict[str, Any], bytes | 
             raise ValueError("malformed file table")
         return files, tail
     except (ValueError, KeyError, TypeError) as e:
-        _warn("snapshot %s is corrupt (%s); rebuilding it from the data files", path, e)
+        warn("snapshot %s is corrupt (%s); rebuilding it from the data files", path, e)
         return {}, b""
 
 
@@ -290,7 +287,7 @@ def _convert(convert: Callable[..., Any], where: Path | None, *stored: Any) -> A
     try:
         return convert(*stored)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        _warn("snapshot %s is corrupt (%s: %s); rebuilding it", where, type(e).__name__, e)
+        warn("snapshot %s is corrupt (%s: %s); rebuilding it", where, type(e).__name__, e)
         return None
 
 
