@@ -16,11 +16,11 @@ import sys
 import threading
 import unicodedata
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import snapshot
 from .errors import CatalogError, Problem, shorten, warn
+from .frozen import Frozen
 from .records import Generation
 from .tomlfile import locate
 from .units import count
@@ -134,22 +134,45 @@ class Entry:
         return f"Entry(spec={self.spec!r}, path={self.path!r}, replaced={self.replaced!r})"
 
 
-@dataclass(frozen=True)
-class Broken:
+class Broken(Frozen):
     """A generation file left out of a tolerant catalog, and why."""
 
+    __slots__ = ("path", "gid", "problems")
     path: Path
     gid: str  # the id it declares, or its file name
     problems: tuple[Problem, ...]
 
+    def __init__(self, path: Path, gid: str, problems: tuple[Problem, ...]) -> None:
+        self._fill(path, gid, problems)
 
-@dataclass
+
 class Catalog:
-    entries: dict[str, Entry]
-    folders: tuple[Path, ...]
-    broken: tuple[Broken, ...] = ()
-    _names: dict[str, str] = field(default_factory=dict)
-    _index: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    """The generations by id, the folders they came from, the files left out (``broken``),
+    and the indexes lookups use (names and aliases; identifiers by kind)."""
+
+    __slots__ = ("entries", "folders", "broken", "_names", "_index")
+
+    def __init__(
+        self,
+        entries: dict[str, Entry],
+        folders: tuple[Path, ...],
+        broken: tuple[Broken, ...] = (),
+        _names: dict[str, str] | None = None,
+        _index: dict[tuple[str, str], set[str]] | None = None,
+    ) -> None:
+        self.entries, self.folders, self.broken = entries, folders, broken
+        self._names = {} if _names is None else _names
+        self._index = {} if _index is None else _index
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Catalog(ids={list(self.entries)!r}, folders={self.folders!r})"
 
     def __iter__(self) -> Iterator[Generation]:
         return (e.spec for e in self.entries.values())
@@ -346,7 +369,7 @@ def _plugin_dirs() -> list[Path]:
     built = sys.modules.get(f"{__package__}.plugins")
     manager = built.current() if built is not None else None
     if manager is None:
-        if entrypoints.no_plugin_folders():
+        if entrypoints.no_plugin_implements("tpu_registry_hardware_dirs"):
             return []
         from .plugins import get_plugins
 

@@ -15,11 +15,11 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from .catalog import Catalog
 from .errors import DetectionError, Problem, shorten
+from .frozen import replace
 from .types import EVIDENCE_KINDS, DetectContext, Detection, Evidence, Fault, Finding
 
 # ``slices`` and ``unsupported`` are imported where evidence needs them (a machine type, an
@@ -463,7 +463,7 @@ def detect(
     ``env`` is what detectors read; which plugins are loaded follows the process environment
     (``TPU_REGISTRY_DISABLE_PLUGINS``, ``TPU_REGISTRY_PLUGINS_AUTOLOAD``)."""
     from .catalog import load_catalog
-    from .plugins import get_plugins
+    from .plugins import detect_evidence
 
     start = time.perf_counter()
     catalog = catalog or load_catalog()
@@ -482,7 +482,7 @@ def detect(
     context = DetectContext(
         dict(env), sysfs_root=root, allow_runtime_init=allow_runtime_init, timeout_s=timeout_s
     )
-    evidence, faults = get_plugins().detect(context)
+    evidence, faults = detect_evidence(context)
     if simulate:
         note = "simulated: no hardware was consulted for the choice"
         evidence.append(

@@ -163,18 +163,15 @@ def known(ep: EntryPoint) -> bool:
     )
 
 
-def no_plugin_folders() -> bool:
-    """True when, by the cached entry points, no enabled plugin implements
-    ``tpu_registry_hardware_dirs`` (built-in plugins never do): the catalog needs no plugin
-    loaded. False when a plugin does, or when it is not known yet."""
+def no_plugin_implements(hook: str) -> bool:
+    """True when, by the cached entry points, no enabled plugin implements ``hook``: what it
+    asks needs no plugin loaded (``tpu_registry_hardware_dirs``: the catalog, which built-in
+    plugins never extend; ``tpu_registry_detect``: detection, by the built-in detectors
+    alone). False when a plugin does, or when one is not known yet."""
     autoload, disable, _ = _env_key()
     names = {n.strip() for n in disable.split(",")}
     if names & set(ESSENTIAL):
         return False  # the plugin manager reports that mistake
     if _off(autoload):
         return True
-    return all(
-        known(ep) and "tpu_registry_hardware_dirs" not in ep.hooks
-        for ep in entry_points()
-        if ep.name not in names
-    )
+    return all(known(ep) and hook not in ep.hooks for ep in entry_points() if ep.name not in names)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 import threading
-from dataclasses import asdict, dataclass
+
+from .frozen import Frozen, asdict
 
 # The CLI's warning handler: installed on the first warning of a command (``warn``), so a
 # command with nothing to say never imports logging (3 ms at start-up).
@@ -45,13 +46,18 @@ def cli_warnings(on: bool) -> None:
             _cli_handler = None
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(Frozen):
+    """What is wrong, where: a file and line (or none), the field, and how to fix it."""
+
+    __slots__ = ("path", "line", "field", "message", "hint")
     path: str
     line: int | None
     field: str
     message: str
-    hint: str = ""
+    hint: str
+
+    def __init__(self, path: str, line: int | None, field: str, message: str, hint: str = ""):
+        self._fill(path, line, field, message, hint)
 
     def __str__(self) -> str:
         if not self.path and not self.field:

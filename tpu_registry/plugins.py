@@ -6,6 +6,13 @@ whose name matches no hook. ``Plugins`` has one typed method per hook. It calls 
 implementation through pluggy (a subset hook caller per plugin), so hook-call monitoring sees
 every call while a fault stays with the plugin that caused it and a slow detector can be
 abandoned. ``TPU_REGISTRY_TRACE_PLUGINS=1`` logs every call to stderr.
+
+``detect()`` alone may run without the plugin manager: when the cached entry-point list shows
+that no enabled plugin implements ``tpu_registry_detect`` and every built-in detector would run
+inline, it calls the built-in detectors itself (``detect_evidence``), and neither pluggy nor
+the policies are imported. That is why the built-in detector modules carry no ``@hookimpl``
+marker (it would import pluggy): the manager takes their ``tpu_registry_*`` functions by name,
+as pytest does for its own hooks. ``tests/test_plugins.py`` holds both paths equal.
 """
 
 from __future__ import annotations
@@ -16,9 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from . import settings
 from .entrypoints import (  # noqa: F401 - ENV_* stay importable from here
@@ -33,11 +38,16 @@ from .entrypoints import (  # noqa: F401 - ENV_* stay importable from here
     _stat,
     entry_points,
     known,
+    no_plugin_implements,
 )
 from .errors import CatalogError, RegistryError, TuningError
+from .frozen import Frozen, asdict, replace
 from .types import EVIDENCE_KINDS, DetectContext, DoctorContext, Evidence, Fault, Layer
 
+TYPE_CHECKING = False  # not typing's: detect() imports this module
 if TYPE_CHECKING:
+    from typing import Any
+
     import pluggy
 
     from .spec import Generation
@@ -56,6 +66,9 @@ BUILTIN_PLUGINS = (
 )
 
 
+# The built-in detectors, in registration order. Their hook functions are taken by name
+# (``_manager``): the ``@hookimpl`` marker would import pluggy, which detect() can do without.
+DETECTORS = BUILTIN_PLUGINS[:4]
 INLINE_DETECTORS = ("tpu_registry.detectors.env", "tpu_registry.detectors.sysfs")
 # The built-in runtime detectors, by the runtime they ask: each returns at once unless its
 # runtime is already imported or runtime init is allowed (their first line), so then they run
@@ -71,13 +84,25 @@ def short_name(name: str) -> str:
     return name.rsplit(".", 1)[-1] if name in BUILTIN_PLUGINS else name
 
 
-@dataclass(frozen=True)
-class PluginInfo:
+class PluginInfo(Frozen):
+    """One loaded plugin, as ``tpu-registry plugins`` lists it."""
+
+    __slots__ = ("name", "kind", "distribution", "version", "hooks")
     name: str
     kind: str  # "built-in" or "entry point"
     distribution: str | None
     version: str | None
     hooks: tuple[str, ...]
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        distribution: str | None,
+        version: str | None,
+        hooks: tuple[str, ...],
+    ) -> None:
+        self._fill(name, kind, distribution, version, hooks)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "hooks": list(self.hooks)}
@@ -87,11 +112,9 @@ class Plugins:
     """The loaded plugins of one configuration, and the hook calls."""
 
     def __init__(self, *, autoload: bool = True, disable: str = "", trace: bool = False) -> None:
-        import pluggy
-
         from . import hookspecs
 
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm = _manager()(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.load_faults: list[Fault] = []
         self.settings_faults: list[Fault] = []
@@ -334,27 +357,7 @@ class Plugins:
                 )
                 faults.append(Fault(short, msg, stage="detect"))
                 continue
-            if name in errors:
-                e = errors[name]
-                faults.append(Fault(short, f"raised {type(e).__name__}: {e}", stage="detect"))
-                continue
-            out = results.get(name)
-            items = [] if out is None else [out] if isinstance(out, Evidence) else out
-            if not isinstance(items, (list, tuple)) or not all(
-                isinstance(x, Evidence) for x in items
-            ):
-                msg = f"returned {type(out).__name__}, not Evidence, a list of Evidence, or None"
-                faults.append(Fault(short, msg, stage="detect"))
-                continue
-            for x in items:
-                if x.kind not in EVIDENCE_KINDS:
-                    msg = (
-                        f"reported unknown evidence kind {x.kind!r} (known: "
-                        f"{', '.join(EVIDENCE_KINDS)})"
-                    )
-                    faults.append(Fault(short, msg, stage="detect"))
-                    continue
-                evidence.append(replace(x, detector=short))
+            _take(short, results.get(name), errors.get(name), evidence, faults)
         return evidence, faults
 
     def policy_names(self) -> list[str]:
@@ -453,6 +456,94 @@ class Plugins:
                 )
             )
         return out
+
+
+def _take(
+    short: str,
+    out: Any,
+    error: BaseException | None,
+    evidence: list[Evidence],
+    faults: list[Fault],
+) -> None:
+    """One detector's answer (or exception) into ``evidence`` and ``faults``."""
+    if error is not None:
+        faults.append(Fault(short, f"raised {type(error).__name__}: {error}", stage="detect"))
+        return
+    items = [] if out is None else [out] if isinstance(out, Evidence) else out
+    if not isinstance(items, (list, tuple)) or not all(isinstance(x, Evidence) for x in items):
+        msg = f"returned {type(out).__name__}, not Evidence, a list of Evidence, or None"
+        faults.append(Fault(short, msg, stage="detect"))
+        return
+    for x in items:
+        if x.kind not in EVIDENCE_KINDS:
+            msg = f"reported unknown evidence kind {x.kind!r} (known: {', '.join(EVIDENCE_KINDS)})"
+            faults.append(Fault(short, msg, stage="detect"))
+            continue
+        evidence.append(replace(x, detector=short))
+
+
+def _manager() -> type[pluggy.PluginManager]:
+    """pluggy's manager, taking the built-in detectors' hook functions by name."""
+    global _manager_class
+    if _manager_class is None:
+        import pluggy
+
+        class Manager(pluggy.PluginManager):
+            def parse_hookimpl_opts(self, plugin: object, name: str) -> Any:
+                opts = super().parse_hookimpl_opts(plugin, name)
+                if (
+                    opts is None
+                    and name.startswith("tpu_registry_")
+                    and getattr(plugin, "__name__", None) in DETECTORS
+                    and callable(getattr(plugin, name, None))
+                ):
+                    return {}  # pluggy fills in the defaults: a plain hookimpl
+                return opts
+
+        _manager_class = Manager
+    return _manager_class
+
+
+_manager_class: type | None = None
+
+
+def detect_evidence(context: DetectContext) -> tuple[list[Evidence], list[Fault]]:
+    """What every detector of the process's plugins reports, and their faults.
+
+    Without a plugin manager built yet, when no enabled entry point implements
+    ``tpu_registry_detect`` (by the cached list) and every built-in detector runs inline (no
+    runtime imported, no ``allow_runtime_init``), the built-in detectors are called here, in
+    pluggy's order, without building the manager: the same evidence and faults, without
+    importing pluggy and the policies. Anything else goes through ``Plugins.detect``."""
+    plugins = current()
+    if plugins is None and _builtin_detectors_only(context):
+        return _detect_builtin(context)
+    return get_plugins().detect(context)
+
+
+def _builtin_detectors_only(context: DetectContext) -> bool:
+    if _env_key()[2].strip() or context.allow_runtime_init:
+        return False  # tracing shows pluggy's calls; a runtime detector may start its runtime
+    if any(runtime in sys.modules for runtime in RUNTIME_DETECTORS.values()):
+        return False  # that detector may ask its runtime: its own thread and time budget
+    return no_plugin_implements("tpu_registry_detect")
+
+
+def _detect_builtin(context: DetectContext) -> tuple[list[Evidence], list[Fault]]:
+    blocked = {n.strip() for n in _env_key()[1].split(",")}
+    evidence: list[Evidence] = []
+    faults: list[Fault] = []
+    for name in reversed(DETECTORS):  # pluggy calls the last registered first
+        short = short_name(name)
+        if name in blocked or short in blocked:
+            continue
+        out = error = None
+        try:
+            out = importlib.import_module(name).tpu_registry_detect(context=context)
+        except BaseException as e:  # noqa: BLE001 - a plugin fault must not escape
+            error = e
+        _take(short, out, error, evidence, faults)
+    return evidence, faults
 
 
 # ---------------------------------------------------------------------------- tracing

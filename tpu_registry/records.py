@@ -11,9 +11,8 @@ dataclasses costs milliseconds at import, on every command's start.
 
 from __future__ import annotations
 
-from dataclasses import FrozenInstanceError
-
 from .derived import ChipDerived
+from .frozen import Frozen
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -26,34 +25,11 @@ SCHEMA_HASH = "ae454240756d29eec3259ec23511bc23"
 KERNEL_FAMILIES = ("rpa_v2", "rpa_v3", "rpa_v3_hd64", "mla_v2")
 
 
-class Record:
-    """Frozen, compared and hashed by value, iterated as (field, value) pairs like a model."""
+class Record(Frozen):
+    """Frozen, compared and hashed by value (``frozen.Frozen``), iterated as (field, value)
+    pairs like a model."""
 
     __slots__ = ()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise FrozenInstanceError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise FrozenInstanceError(f"cannot delete field {name!r}")
-
-    def _values(self) -> tuple:
-        return tuple(getattr(self, n) for n in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._values() == other._values()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash((self.__class__.__name__, self._values()))
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
-        return f"{self.__class__.__name__}({fields})"
-
-    def __reduce__(self) -> tuple:
-        return self.__class__, self._values()
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         """(field, value) pairs, as iterating over the pydantic model gives them."""

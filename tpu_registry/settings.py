@@ -11,18 +11,29 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+
+from .frozen import Frozen
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(Frozen):
     """One environment variable."""
 
+    __slots__ = ("name", "doc", "default", "affects_resolve", "owner")
     name: str
     doc: str
-    default: str = ""
-    affects_resolve: bool = False  # a change must invalidate cached resolve() results
-    owner: str = "tpu-registry"  # the distribution or plugin that reads it
+    default: str
+    affects_resolve: bool  # a change must invalidate cached resolve() results
+    owner: str  # the distribution or plugin that reads it
+
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        default: str = "",
+        affects_resolve: bool = False,
+        owner: str = "tpu-registry",
+    ) -> None:
+        self._fill(name, doc, default, affects_resolve, owner)
 
 
 BUILTIN: tuple[Setting, ...] = (

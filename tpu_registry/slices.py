@@ -19,14 +19,15 @@ One function over each generation's ``[slices]`` data, no per-generation code:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
 
 from .derived import axes_of
 from .errors import RegistryError
+from .frozen import Frozen, asdict
 
+TYPE_CHECKING = False  # not typing's: detection imports this module
 if TYPE_CHECKING:
     from fractions import Fraction
+    from typing import Any
 
     from .catalog import Catalog
     from .spec import Generation, Slices
@@ -39,11 +40,16 @@ class SliceError(RegistryError):
     """An accelerator type, topology or machine type that names no slice of a generation."""
 
 
-@dataclass(frozen=True)
-class Slice:
+class Slice(Frozen):
     """One slice shape of one generation and what its VMs are. Figures the sources do not give
     are None."""
 
+    __slots__ = (
+        "generation", "accelerator_type", "topology", "chips", "tensorcores", "hosts", "vms",
+        "chips_per_vm", "machine_type", "other_machine_types", "wraparound", "gke_accelerator",
+        "vcpus_per_vm", "memory_gb_per_vm", "numa_nodes_per_vm", "dcn_gbps_per_chip",
+        "ici_bandwidth_bidir_gb_s_per_chip", "ici_link_gb_s_one_way", "ici_link_gb_s_bidir",
+    )
     generation: str
     accelerator_type: str | None  # None when the generation lists no accelerator-type prefix
     topology: str
@@ -63,6 +69,35 @@ class Slice:
     ici_bandwidth_bidir_gb_s_per_chip: float | None
     ici_link_gb_s_one_way: float | None
     ici_link_gb_s_bidir: float | None
+
+    def __init__(
+        self,
+        generation: str,
+        accelerator_type: str | None,
+        topology: str,
+        chips: int,
+        tensorcores: int,
+        hosts: int | Fraction,
+        vms: int,
+        chips_per_vm: int,
+        machine_type: str,
+        other_machine_types: tuple[str, ...],
+        wraparound: tuple[bool, ...] | None,
+        gke_accelerator: str | None,
+        vcpus_per_vm: int | None,
+        memory_gb_per_vm: float | None,
+        numa_nodes_per_vm: int | None,
+        dcn_gbps_per_chip: float | None,
+        ici_bandwidth_bidir_gb_s_per_chip: float | None,
+        ici_link_gb_s_one_way: float | None,
+        ici_link_gb_s_bidir: float | None,
+    ) -> None:
+        self._fill(
+            generation, accelerator_type, topology, chips, tensorcores, hosts, vms, chips_per_vm,
+            machine_type, other_machine_types, wraparound, gke_accelerator, vcpus_per_vm,
+            memory_gb_per_vm, numa_nodes_per_vm, dcn_gbps_per_chip,
+            ici_bandwidth_bidir_gb_s_per_chip, ici_link_gb_s_one_way, ici_link_gb_s_bidir,
+        )
 
     @property
     def multi_host(self) -> bool:

@@ -9,12 +9,12 @@ an error.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import kernels
 from . import knobs as knob_registry
 from .errors import Problem, TuningError
+from .frozen import replace
 from .types import Fault, Knob, Layer, TuneContext, Tuning, Violation
 
 if TYPE_CHECKING:

@@ -2,17 +2,23 @@
 
 They sit below every module that produces or consumes them, so a plugin needs only
 ``import tpu_registry``. All are frozen; optional fields are keyword-only (JAX's ``TpuInfo``
-style), so ``Evidence(kind, value, source)`` reads the same everywhere.
+style), so ``Evidence(kind, value, source)`` reads the same everywhere. They are
+``frozen.Frozen`` records, which behave as frozen dataclasses (``dataclasses.replace()`` works)
+without importing ``dataclasses`` on the way to ``detect()``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import KW_ONLY, asdict, dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from .frozen import Frozen, asdict
+
+TYPE_CHECKING = False  # not typing's: detection imports this module, and typing costs ms
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
+
     from .catalog import Catalog
     from .spec import Generation
     from .workload import Workload
@@ -39,44 +45,72 @@ EVIDENCE_KINDS = (
 )
 
 
-@dataclass(frozen=True)
-class Evidence:
+class Evidence(Frozen):
     """One observation. ``count`` is in ``count_unit`` (chips, cores, devices, or ``suffix``:
     an accelerator-type suffix, whose unit the catalog knows) over ``scope``."""
 
+    __slots__ = (
+        "kind", "value", "source", "count", "count_unit", "scope", "topology", "note", "detector"
+    )
     kind: str
     value: str
     source: str
-    _: KW_ONLY
-    count: int | None = None
-    count_unit: str = "chips"
-    scope: str = "host"  # "host" (this machine) or "slice" (the whole multi-host slice)
-    topology: str | None = None
-    note: str = ""
-    detector: str = ""  # filled in by detection: the plugin that reported it
+    count: int | None
+    count_unit: str
+    scope: str  # "host" (this machine) or "slice" (the whole multi-host slice)
+    topology: str | None
+    note: str
+    detector: str  # filled in by detection: the plugin that reported it
+
+    def __init__(
+        self,
+        kind: str,
+        value: str,
+        source: str,
+        *,
+        count: int | None = None,
+        count_unit: str = "chips",
+        scope: str = "host",
+        topology: str | None = None,
+        note: str = "",
+        detector: str = "",
+    ) -> None:
+        self._fill(kind, value, source, count, count_unit, scope, topology, note, detector)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class DetectContext:
+class DetectContext(Frozen):
     """What a detector may look at. ``env`` is the environment to read (never os.environ)."""
 
+    __slots__ = ("env", "sysfs_root", "allow_runtime_init", "timeout_s")
     env: Mapping[str, str]
-    _: KW_ONLY
-    sysfs_root: Path = Path("/")
-    allow_runtime_init: bool = False
-    timeout_s: float = 2.0
+    sysfs_root: Path
+    allow_runtime_init: bool
+    timeout_s: float
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        sysfs_root: Path = Path("/"),
+        allow_runtime_init: bool = False,
+        timeout_s: float = 2.0,
+    ) -> None:
+        self._fill(env, sysfs_root, allow_runtime_init, timeout_s)
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(Frozen):
     """Evidence with what the catalog made of it."""
 
+    __slots__ = ("evidence", "candidates", "status")
     evidence: Evidence
     candidates: tuple[str, ...]
     status: str  # agrees | decides | conflict | unknown | info | overridden | undecided
+
+    def __init__(self, evidence: Evidence, candidates: tuple[str, ...], status: str) -> None:
+        self._fill(evidence, candidates, status)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,39 +120,64 @@ class Finding:
         }
 
 
-@dataclass(frozen=True)
-class Fault:
+class Fault(Frozen):
     """A plugin that failed: it could not load, or one of its hook calls raised, timed out,
     returned the wrong thing or broke a kernel rule. Faults are reported, not fatal (``strict``
     makes them errors)."""
 
+    __slots__ = ("plugin", "message", "stage")
     plugin: str
     message: str
-    _: KW_ONLY
-    stage: str = ""  # load | detect | tune | doctor
+    stage: str  # load | detect | tune | doctor
+
+    def __init__(self, plugin: str, message: str, *, stage: str = "") -> None:
+        self._fill(plugin, message, stage)
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class Detection:
+class Detection(Frozen):
     """Which generation this host is, and why."""
 
+    __slots__ = (
+        "generation", "status", "reason", "candidates", "chips_per_host", "slice_chips",
+        "topology", "slice", "findings", "conflicts", "faults", "elapsed_ms",
+    )
     generation: str | None
     status: str  # detected | explicit | simulated | ambiguous | conflict | none
     reason: str
-    _: KW_ONLY
-    candidates: tuple[str, ...] = ()
-    chips_per_host: int | None = None
-    slice_chips: int | None = None
-    topology: str | None = None
+    candidates: tuple[str, ...]
+    chips_per_host: int | None
+    slice_chips: int | None
+    topology: str | None
     # The slice this VM is part of (a ``tpu_registry.slices.Slice``), when evidence names one.
-    slice: Any = None
-    findings: tuple[Finding, ...] = ()
-    conflicts: tuple[str, ...] = ()
-    faults: tuple[Fault, ...] = ()
-    elapsed_ms: float = 0.0
+    slice: Any
+    findings: tuple[Finding, ...]
+    conflicts: tuple[str, ...]
+    faults: tuple[Fault, ...]
+    elapsed_ms: float
+
+    def __init__(
+        self,
+        generation: str | None,
+        status: str,
+        reason: str,
+        *,
+        candidates: tuple[str, ...] = (),
+        chips_per_host: int | None = None,
+        slice_chips: int | None = None,
+        topology: str | None = None,
+        slice: Any = None,
+        findings: tuple[Finding, ...] = (),
+        conflicts: tuple[str, ...] = (),
+        faults: tuple[Fault, ...] = (),
+        elapsed_ms: float = 0.0,
+    ) -> None:
+        self._fill(
+            generation, status, reason, candidates, chips_per_host, slice_chips, topology,
+            slice, findings, conflicts, faults, elapsed_ms,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,51 +198,82 @@ class Detection:
 # --------------------------------------------------------------------------- tuning
 
 
-@dataclass(frozen=True)
-class TuneContext:
+class TuneContext(Frozen):
     """What a tuning policy may use: everything comes in here, nothing from process state."""
 
+    __slots__ = ("catalog", "spec", "workload", "detection", "overrides_path", "env")
     catalog: Catalog
     spec: Generation
     workload: Workload
     detection: Detection
-    _: KW_ONLY
-    overrides_path: Path | None = None  # the overrides file in force (argument or env)
-    env: Mapping[str, str] = field(default_factory=dict)
+    overrides_path: Path | None  # the overrides file in force (argument or env)
+    env: Mapping[str, str]
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        spec: Generation,
+        workload: Workload,
+        detection: Detection,
+        *,
+        overrides_path: Path | None = None,
+        env: Mapping[str, str] | None = None,  # None: an empty environment
+    ) -> None:
+        self._fill(catalog, spec, workload, detection, overrides_path, {} if env is None else env)
 
 
-@dataclass(frozen=True)
-class DoctorContext:
+class DoctorContext(Frozen):
     """What ``tpu-registry doctor`` knows: installed versions (from package metadata, nothing
     imported), the configuration it resolved for the workload, and the environment."""
 
+    __slots__ = ("packages", "config", "error", "env")
     packages: Mapping[str, str | None]
-    _: KW_ONLY
-    config: Any = None  # a ResolvedConfig, or None when resolving failed
-    error: str = ""
-    env: Mapping[str, str] = field(default_factory=dict)
+    config: Any  # a ResolvedConfig, or None when resolving failed
+    error: str
+    env: Mapping[str, str]
+
+    def __init__(
+        self,
+        packages: Mapping[str, str | None],
+        *,
+        config: Any = None,
+        error: str = "",
+        env: Mapping[str, str] | None = None,  # None: an empty environment
+    ) -> None:
+        self._fill(packages, config, error, {} if env is None else env)
 
 
-@dataclass(frozen=True)
-class Layer:
+class Layer(Frozen):
     """A policy's answer: its name and the knobs it sets (a partial mapping)."""
 
+    __slots__ = ("name", "knobs", "note")
     name: str
     knobs: Mapping[str, Any]
-    _: KW_ONLY
-    note: str = ""
+    note: str
+
+    def __init__(self, name: str, knobs: Mapping[str, Any], *, note: str = "") -> None:
+        self._fill(name, knobs, note)
 
 
-@dataclass(frozen=True)
-class Knob:
+class Knob(Frozen):
     """A final knob value, the layer that set it, and the values of the layers it beat."""
 
+    __slots__ = ("value", "layer", "overrode", "derived_from")
     value: Any
     layer: str
-    _: KW_ONLY
-    overrode: tuple[tuple[str, Any], ...] = ()
+    overrode: tuple[tuple[str, Any], ...]
     # Knobs this value was computed from, with the layer of each: ("page_size", "overrides").
-    derived_from: tuple[tuple[str, str], ...] = ()
+    derived_from: tuple[tuple[str, str], ...]
+
+    def __init__(
+        self,
+        value: Any,
+        layer: str,
+        *,
+        overrode: tuple[tuple[str, Any], ...] = (),
+        derived_from: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self._fill(value, layer, overrode, derived_from)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -236,16 +326,18 @@ def format_value(v: Any) -> str:
     return ",".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
 
 
-@dataclass(frozen=True)
-class Violation:
+class Violation(Frozen):
     """A kernel or page rule a set of knobs breaks. ``rule`` names the upstream check it
     mirrors; ``knobs`` are every knob the rule reads (the first is the one reported)."""
 
+    __slots__ = ("rule", "knobs", "message", "hint")
     rule: str
     knobs: tuple[str, ...]
     message: str
-    _: KW_ONLY
-    hint: str = ""
+    hint: str
+
+    def __init__(self, rule: str, knobs: tuple[str, ...], message: str, *, hint: str = "") -> None:
+        self._fill(rule, knobs, message, hint)
 
     @property
     def knob(self) -> str:
@@ -255,19 +347,26 @@ class Violation:
         return self.message
 
 
-@dataclass(frozen=True)
-class Tuning:
+class Tuning(Frozen):
     """The merged knobs (read-only), the layers merged (most trusted first), policy faults,
     and the notes of the layers merged (``"<layer>: <note>"``)."""
 
+    __slots__ = ("knobs", "layers", "faults", "notes")
     knobs: Mapping[str, Knob]
     layers: tuple[str, ...]
-    _: KW_ONLY
-    faults: tuple[Fault, ...] = ()
-    notes: tuple[str, ...] = ()
+    faults: tuple[Fault, ...]
+    notes: tuple[str, ...]
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "knobs", ReadOnlyMap(self.knobs))
+    def __init__(
+        self,
+        knobs: Mapping[str, Knob],
+        layers: tuple[str, ...],
+        *,
+        faults: tuple[Fault, ...] = (),
+        notes: tuple[str, ...] = (),
+    ) -> None:
+        knobs = knobs if isinstance(knobs, ReadOnlyMap) else ReadOnlyMap(knobs)  # shared: read-only
+        self._fill(knobs, layers, faults, notes)
 
     def values(self) -> dict[str, Any]:
         return {k: v.value for k, v in self.knobs.items()}

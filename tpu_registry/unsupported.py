@@ -8,19 +8,24 @@ part) instead of "not recognised".
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 from .catalog import builtin_hardware_dir
 from .errors import CatalogError
+from .frozen import Frozen
 
 KINDS = ("device_kind", "gke_accelerator", "machine_type", "accelerator_type", "pci")
 
 
-@dataclass(frozen=True)
-class Unsupported:
+class Unsupported(Frozen):
+    """A chip the catalog does not describe, why, and where that is said."""
+
+    __slots__ = ("name", "why", "source")
     name: str
     why: str
     source: str
+
+    def __init__(self, name: str, why: str, source: str) -> None:
+        self._fill(name, why, source)
 
     def text(self) -> str:
         return f"{self.name}: not in the catalog ({self.why})"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 from tpu_registry import units
-from tpu_registry.hookspecs import hookimpl
 from tpu_registry.types import DetectContext, Evidence
 
 EXPLICIT = "TPU_REGISTRY_GENERATION"
@@ -20,7 +19,6 @@ def _product(text: str) -> int | None:
     return math.prod(nums)
 
 
-@hookimpl
 def tpu_registry_detect(context: DetectContext) -> list[Evidence]:
     env = context.env
     out: list[Evidence] = []

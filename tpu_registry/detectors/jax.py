@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-from tpu_registry.hookspecs import hookimpl
 from tpu_registry.types import DetectContext, Evidence
 
 
@@ -21,7 +20,6 @@ def backend_initialised() -> bool:
     return bool(getattr(xb, "_backends", None))
 
 
-@hookimpl
 def tpu_registry_detect(context: DetectContext) -> Evidence | None:
     if not (backend_initialised() or context.allow_runtime_init):
         return None

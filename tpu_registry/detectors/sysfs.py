@@ -11,7 +11,6 @@ from pathlib import Path
 
 from tpu_registry.catalog import pci_key
 from tpu_registry.files import FileRefused, read_capped
-from tpu_registry.hookspecs import hookimpl
 from tpu_registry.types import DetectContext, Evidence
 
 GOOGLE_VENDOR = 0x1AE0
@@ -58,7 +57,6 @@ def count_device_nodes(root: Path) -> int:
     return len(accel) + len(vfio)
 
 
-@hookimpl
 def tpu_registry_detect(context: DetectContext) -> list[Evidence]:
     root = context.sysfs_root
     pci = scan_pci(root)

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import sys
 
-from tpu_registry.hookspecs import hookimpl
 from tpu_registry.types import DetectContext, Evidence
 
 
-@hookimpl
 def tpu_registry_detect(context: DetectContext) -> list[Evidence] | None:
     if "torch_xla" not in sys.modules and not context.allow_runtime_init:
         return None
