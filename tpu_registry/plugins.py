@@ -483,20 +483,20 @@ def _take(
 
 
 def _manager() -> type[pluggy.PluginManager]:
-    """pluggy's manager, taking the built-in detectors' hook functions by name."""
+    """pluggy's manager, taking the built-in detectors' hook functions by name. In a built-in
+    module only ``tpu_registry_*`` names are looked at: pluggy otherwise inspects every name
+    the module holds (its imports included), a third of building the manager."""
     global _manager_class
     if _manager_class is None:
         import pluggy
 
         class Manager(pluggy.PluginManager):
             def parse_hookimpl_opts(self, plugin: object, name: str) -> Any:
+                builtin = getattr(plugin, "__name__", None) in BUILTIN_PLUGINS
+                if builtin and not name.startswith("tpu_registry_"):
+                    return None
                 opts = super().parse_hookimpl_opts(plugin, name)
-                if (
-                    opts is None
-                    and name.startswith("tpu_registry_")
-                    and getattr(plugin, "__name__", None) in DETECTORS
-                    and callable(getattr(plugin, name, None))
-                ):
+                if opts is None and builtin and plugin.__name__ in DETECTORS:  # type: ignore[attr-defined]
                     return {}  # pluggy fills in the defaults: a plain hookimpl
                 return opts
 

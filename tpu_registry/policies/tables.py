@@ -133,12 +133,16 @@ class LoadedTable:
         if self._index is None:
             key = self.table.key
             n = len(key)
-            dtypes = [(i, c) for i, c in enumerate(key) if c.endswith("dtype")]
+            dtypes = [i for i, c in enumerate(key) if c.endswith("dtype")]
             index = {}
+            canonical: dict[str, str | None] = {}  # a table repeats a few dtype names
             for row in self.table.rows:
                 cells = list(row[:n])
-                for i, c in dtypes:
-                    cells[i] = norm_cell(c, cells[i])
+                for i in dtypes:
+                    name = cells[i]
+                    if name not in canonical:
+                        canonical[name] = norm_cell(key[i], name)
+                    cells[i] = canonical[name]
                 index[tuple(cells)] = tuple(row[n:])
             self._index = index
         return self._index
