@@ -83,7 +83,9 @@ t1 = time.perf_counter()
 d = detect()
 t2 = time.perf_counter()
 answer = f"{d.generation} ({d.status}: {d.reason})"
-print(json.dumps({"import_s": t1 - t0, "call_s": t2 - t1, "answer": answer}))
+import sys
+print(json.dumps({"import_s": t1 - t0, "call_s": t2 - t1, "answer": answer,
+                  "manager": "pluggy" in sys.modules}))
 """
 
 
@@ -197,6 +199,7 @@ def run(small: bool, skip_legacy: bool) -> dict:
             print(f"  warm-up {name}: {one(name)['answer']}", flush=True)
     res: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     answers: dict[str, str] = {}
+    managers: dict[str, list[bool]] = defaultdict(list)  # ours: detect() built pluggy's manager?
     # The bare interpreter of each environment ours runs in, once per round: what of "whole
     # process" is interpreter start, and so what is left for exit.
     bare: dict[Path, list[float]] = {kinds[n][0]: [] for n in names if kinds[n][2]}
@@ -204,6 +207,8 @@ def run(small: bool, skip_legacy: bool) -> dict:
         for name in names if r % 2 == 0 else names[::-1]:
             out = one(name)
             answers[name] = out["answer"]
+            if "manager" in out:
+                managers[name].append(out["manager"])
             for k in ("import_s", "call_s", "wall_s", "rss_mb"):
                 res[name][k].append(out[k])
             res[name]["total_s"].append(out["import_s"] + out["call_s"])
@@ -226,6 +231,15 @@ def run(small: bool, skip_legacy: bool) -> dict:
 
     def med(name: str, k: str) -> float:
         return stats(res[name][k]).median
+
+    def manager_text(name: str) -> str:
+        built = sum(managers[name])
+        if not built:
+            return "the built-in detectors, called without the plugin manager"
+        return (
+            f"it built the plugin manager in {built} of {len(managers[name])} runs: a plugin "
+            "implements tpu_registry_detect, or the cached list did not know the plugins yet"
+        )
 
     rows = []
     for name in names:
@@ -288,8 +302,8 @@ def run(small: bool, skip_legacy: bool) -> dict:
             why = (
                 f"ours: {med(ours, 'wall_s') * 1000:.0f} ms whole process: importing "
                 f"tpu_registry.detection {med(ours, 'import_s') * 1000:.0f} ms, detect() "
-                f"{med(ours, 'call_s') * 1000:.0f} ms (it builds the plugin manager with pluggy "
-                "and the built-in plugins; catalog from snapshots), interpreter start "
+                f"{med(ours, 'call_s') * 1000:.0f} ms ({manager_text(ours)}; catalog from "
+                "snapshots), interpreter start "
                 f"{start * 1000:.0f} ms (`python -c pass` in the same environment), exit and "
                 f"the rest {(rest - start) * 1000:.0f} ms; import + call only: {r_total:,.1f}x"
             )
