@@ -293,6 +293,17 @@ def test_fake_sysfs_v4_host(tmp_path):
     assert (d.generation, d.chips_per_host) == ("v4", 4)
 
 
+def test_device_nodes_are_counted_by_name(tmp_path):
+    """accel<N> under /dev and <N> under /dev/vfio; other names are not chips."""
+    from tpu_registry.detectors.sysfs import count_device_nodes
+
+    nodes = ["accel0", "accel12", "accel", "accelX", "accel1a", "vfio/vfio", "vfio/3", "vfio/7"]
+    assert count_device_nodes(make_sysfs(tmp_path, [], nodes)) == 4
+    assert count_device_nodes(tmp_path / "absent") == 0
+    only_vfio = make_sysfs(tmp_path / "v", [], ["vfio/0"])
+    assert count_device_nodes(only_vfio) == 1
+
+
 def test_fake_sysfs_v2_and_v3_told_apart_by_subsystem(tmp_path):
     v2 = detect(env={}, sysfs_root=make_sysfs(tmp_path / "a", [(GOOGLE, 0x0027, 0x004E)] * 4))
     v3 = detect(env={}, sysfs_root=make_sysfs(tmp_path / "b", [(GOOGLE, 0x0027, 0x004F)] * 4))

@@ -6,6 +6,7 @@ configurable (``context.sysfs_root``) so tests can point it at a fake tree.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -44,17 +45,18 @@ def scan_pci(root: Path) -> Counter:
 
 
 def count_device_nodes(root: Path) -> int:
-    dev = root / "dev"
-    try:
-        accel = [p for p in dev.glob("accel*") if p.name[5:].isdigit()]
-        vfio = (
-            [p for p in (dev / "vfio").glob("*") if p.name.isdigit()]
-            if (dev / "vfio").is_dir()
-            else []
-        )
-    except OSError:
-        return 0
+    """``/dev/accel<N>`` and ``/dev/vfio/<N>`` nodes (names listed, not globbed: glob compiles
+    a pattern in every process that detects)."""
+    accel = [n for n in _names(root / "dev") if n.startswith("accel") and n[5:].isdigit()]
+    vfio = [n for n in _names(root / "dev" / "vfio") if n.isdigit()]
     return len(accel) + len(vfio)
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:  # absent or unreadable: nothing there to count
+        return []
 
 
 def tpu_registry_detect(context: DetectContext) -> list[Evidence]:

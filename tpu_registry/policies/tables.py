@@ -133,17 +133,22 @@ class LoadedTable:
         if self._index is None:
             key = self.table.key
             n = len(key)
+            rows = self.table.rows
             dtypes = [i for i, c in enumerate(key) if c.endswith("dtype")]
-            index = {}
-            canonical: dict[str, str | None] = {}  # a table repeats a few dtype names
-            for row in self.table.rows:
-                cells = list(row[:n])
-                for i in dtypes:
-                    name = cells[i]
-                    if name not in canonical:
-                        canonical[name] = norm_cell(key[i], name)
-                    cells[i] = canonical[name]
-                index[tuple(cells)] = tuple(row[n:])
+            # A table repeats a few dtype names: each is normalised once, and rows are
+            # rewritten only when one of them is not already canonical (bf16, not bfloat16).
+            canonical = {
+                name: norm_cell(key[i], name) for i in dtypes for name in {r[i] for r in rows}
+            }
+            if all(name == norm for name, norm in canonical.items()):
+                index = {row[:n]: row[n:] for row in rows}
+            else:
+                index = {}
+                for row in rows:
+                    cells = list(row[:n])
+                    for i in dtypes:
+                        cells[i] = canonical[cells[i]]
+                    index[tuple(cells)] = row[n:]
             self._index = index
         return self._index
 
@@ -257,7 +262,9 @@ def load_tables(folders: list[Path], generation: str | None = None) -> list[Load
                     )
                 )
             continue
-        paths = sorted(p for p in folder.glob("*.toml") if not p.name.startswith("."))
+        # os.listdir, not glob: glob compiles a pattern on every process's first resolve()
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".toml") and n[0] != ".")
+        paths = [folder / n for n in names]
         groups.append((folder, paths))
     files = [p for _, paths in groups for p in paths]
     key = (generation, *((str(p), p.stat().st_mtime_ns) for p in files))
