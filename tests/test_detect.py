@@ -747,6 +747,17 @@ def test_detectors_see_the_context_detect_was_asked_for(tmp_path):
     assert 0 < d.elapsed_ms <= wall_ms
 
 
+def test_detection_time_is_in_milliseconds(monkeypatch):
+    """``elapsed_ms`` is the clock's seconds around the whole call, times 1000 (a fake clock
+    that advances 0.25 s between detect's two readings)."""
+    import tpu_registry.detection as detection
+
+    readings = iter([100.0, 100.25])
+    clock = types.SimpleNamespace(perf_counter=lambda: next(readings))
+    monkeypatch.setattr(detection, "time", clock)
+    assert detect(env={}, sysfs_root="/nonexistent").elapsed_ms == 250.0
+
+
 def test_conflicts_name_every_candidate_of_each_piece():
     """torch_xla says 5 for both v5e and v5p: a conflict names both, in each of the three
     wordings (equally trusted, outranked, and outranked by evidence that left two)."""
