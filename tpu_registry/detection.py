@@ -315,7 +315,7 @@ def _counts(
     """Chips per host, slice chips and topology, with a note for each count refused and the
     evidence refused (which the slice shape then leaves out too)."""
     host = slice_ = topo = None
-    host_ev = slice_ev = None
+    host_ev = slice_ev = None  # pragma: no mutate (each is set before it is read)
     notes: list[str] = []
     refused: set[Evidence] = set()
     if gid is None:
@@ -331,7 +331,10 @@ def _counts(
         elif e.kind == "topology" and e.count is None:
             why = "not a shape of positive whole numbers (such as 2,2,1 or 2x4)"
         elif (
-            e.scope == "host" and per_host and (chips := to_chips(catalog, gid, e) or 0) > per_host
+            e.scope == "host"
+            and per_host
+            and (chips := to_chips(catalog, gid, e))  # None: no count of chips to compare
+            and chips > per_host
         ):
             why = f"{chips} chips per host is more than a {gid} host has ({per_host})"
         if why:
