@@ -832,3 +832,25 @@ def test_a_machine_type_alone_gives_the_chips_of_its_vm(value, chips):
     VM has (the catalog's [slices] VM sizes), and names no slice."""
     d = reconcile(load_catalog(), [Evidence("machine_type", value, "gce")])
     assert (d.generation, d.chips_per_host, d.slice, d.conflicts) == ("v6e", chips, None, ())
+
+
+def test_a_refused_count_leaves_the_next_piece_to_count():
+    """A host count above what a host has is refused, and the next piece that counts is
+    used: 16 chips is more than a v6e host's 8; the JAX devices say 4."""
+    pci = Evidence("pci", "1ae0:006f", "sysfs", count=16)
+    dk = Evidence("device_kind", "TPU v6 lite", "jax", count=4, count_unit="devices")
+    d = reconcile(load_catalog(), [pci, dk])
+    assert (d.generation, d.chips_per_host) == ("v6e", 4)
+    assert d.conflicts == (
+        "sysfs says '1ae0:006f': 16 chips per host is more than a v6e host has (8); its count "
+        "is not used",
+    )
+
+
+def test_without_slice_data_the_most_trusted_topology_is_reported():
+    """v3 has no slice data: the topology is the one the most trusted piece gives, as given."""
+    pci = Evidence("pci", "1ae0:0027/004f", "sysfs", topology="2x2")
+    dk = Evidence("device_kind", "TPU v3", "jax", topology="4x4")
+    for evidence in ([pci, dk], [dk, pci]):
+        d = reconcile(load_catalog(), evidence)
+        assert (d.generation, d.topology, d.slice) == ("v3", "2x2", None)
