@@ -854,3 +854,38 @@ def test_without_slice_data_the_most_trusted_topology_is_reported():
     for evidence in ([pci, dk], [dk, pci]):
         d = reconcile(load_catalog(), evidence)
         assert (d.generation, d.topology, d.slice) == ("v3", "2x2", None)
+
+
+def test_a_host_count_above_the_slice_is_refused_with_the_piece_that_gave_it():
+    """A machine type that says 8 chips on this VM, in a 4-chip slice: the host count is not
+    used, and neither is the machine type (its count was wrong), so the slice's own VM size
+    stands and no machine-type conflict is reported."""
+    at = Evidence("accelerator_type", "v6e-4", "env", count=4, count_unit="suffix", scope="slice")
+    mt = Evidence("machine_type", "ct6e-standard-8t", "vm", count=8)
+    d = reconcile(load_catalog(), [at, mt])
+    assert (d.generation, d.chips_per_host, d.slice_chips, d.slice.machine_type) == (
+        "v6e",
+        4,
+        4,
+        "ct6e-standard-4t",
+    )
+    assert d.conflicts == (
+        "vm says 8 chips per host, more than the 4-chip slice env names; the host count is not "
+        "used",
+    )
+
+
+def test_an_outranked_accelerator_type_names_no_slice():
+    """An accelerator type that the PCI id outranks names another generation's slice: neither
+    its slice nor its counts are used."""
+    at = Evidence(
+        "accelerator_type", "v5litepod-8", "env", count=8, count_unit="suffix", scope="slice"
+    )
+    d = reconcile(load_catalog(), [PCI_V6E, at])
+    assert (d.generation, d.slice, d.slice_chips, d.chips_per_host, d.topology) == (
+        "v6e",
+        None,
+        None,
+        None,
+        None,
+    )

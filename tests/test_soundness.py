@@ -399,6 +399,20 @@ def test_the_baseline_is_essential(monkeypatch):
         resolve(Workload(**V6E), simulate="v6e")
 
 
+def test_a_baseline_that_fails_stops_the_resolve(monkeypatch):
+    """The baseline raising (a bug: it is built in) is not a plugin fault to go on without:
+    nothing else sets the page size, so the resolve fails and says the baseline did not run."""
+    from tpu_registry.policies import baseline
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(baseline, "knobs_for", broken)
+    with pytest.raises(TuningError) as e:
+        resolve(Workload(**V6E), simulate="v6e")
+    assert str(e.value) == "the baseline policy did not run: it is essential and cannot be disabled"
+
+
 def test_cli_keeps_the_baseline_whatever_the_environment_asks(monkeypatch):
     monkeypatch.setenv("TPU_REGISTRY_POLICIES", "tables")
     r = run_cli("resolve", "--simulate", "v6e", *SHAPE, "--format", "vllm")
