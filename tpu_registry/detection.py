@@ -396,9 +396,9 @@ def _shape(
     from .slices import SliceError, describe, slice_of, vm_chips
 
     conflicts: list[str] = []
-    mt = machine.value.strip().lower().rpartition("/")[2] if machine else None
-    if mt is not None and vm_chips(spec, mt) is None:
-        mt = None  # a machine type of another generation: reconcile has reported it
+    # The metadata's path names the machine type last; describe and vm_chips take any case.
+    # A machine type that agrees names this generation, so its VMs are in the slice data.
+    mt = machine.value.rpartition("/")[2] if machine else None
     record = None
     if accel is not None:
         try:
@@ -407,7 +407,7 @@ def _shape(
             conflicts.append(f"{accel.source} says {accel.value!r}: {e.problems[0].message}")
     if topo is not None:
         try:
-            from_topo = describe(spec, topo.topology or topo.value)
+            from_topo = describe(spec, topo.topology)  # picked for having one
         except SliceError as e:
             conflicts.append(f"{topo.source} says {topo.value!r}: {e.problems[0].message}")
             from_topo = None
@@ -432,10 +432,9 @@ def _shape(
         )
     vm = record.chips_per_vm if record is not None else (vm_chips(spec, mt) if mt else None)
     if host is not None and vm is not None and host != vm:
-        h = first["host"]
-        said = f"{h.source} says {h.value!r}" if h else "host evidence says"
+        h = first["host"]  # the piece _counts took the host count from
         conflicts.append(
-            f"{said} ({host} chips on this VM) but "
+            f"{h.source} says {h.value!r} ({host} chips on this VM) but "
             + (
                 f"a {record.accelerator_type or record.topology} VM of {record.machine_type}"
                 if record is not None
