@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -889,3 +890,114 @@ def test_an_outranked_accelerator_type_names_no_slice():
         None,
         None,
     )
+
+
+def test_simulate_wins_over_an_exported_generation():
+    """--simulate is the question for this one run: an exported TPU_REGISTRY_GENERATION is
+    overridden by it (and said so), not an error, whichever order they come in."""
+    env = Evidence("explicit", "v5e", "TPU_REGISTRY_GENERATION", detector="env")
+    sim = Evidence("explicit", "v6e", "--simulate", detector="simulate")
+    for evidence in ([env, sim], [sim, env]):
+        d = reconcile(load_catalog(), evidence)
+        assert (d.generation, d.status, d.reason) == (
+            "v6e",
+            "simulated",
+            "simulated via --simulate",
+        )
+        assert [(f.evidence, f.status) for f in d.findings] == [
+            (env, "overridden"),
+            (sim, "decides"),
+        ]
+        assert d.conflicts == (
+            "TPU_REGISTRY_GENERATION says 'v5e' (v5e) but --simulate overrides it with v6e",
+        )
+
+
+def test_explicit_choices_that_cannot_be_used_are_problems_of_no_field():
+    cat = load_catalog()
+    for evidence, problem in (
+        (
+            [Evidence("explicit", "v99", "env")],
+            (
+                "env",
+                None,
+                "",
+                "explicit generation 'v99' names no generation",
+                "use an id from `tpu-registry list`",
+            ),
+        ),
+        (
+            [Evidence("explicit", "v5e", "env"), Evidence("explicit", "v6e", "cli")],
+            (
+                "detection",
+                None,
+                "",
+                "explicit overrides disagree: env=v5e, cli=v6e",
+                "set only one",
+            ),
+        ),
+    ):
+        with pytest.raises(DetectionError) as e:
+            reconcile(cat, evidence)
+        (p,) = e.value.problems
+        assert (p.path, p.line, p.field, p.message, p.hint) == problem
+
+
+def test_a_machine_type_picks_the_vm_of_the_slice():
+    """A v5litepod-8 runs on one 8-chip VM or two 4-chip ones: the machine type (a metadata
+    path, in any case) says which. One the slice does not run on is a conflict, and the slice
+    keeps its usual VM."""
+    cat = load_catalog()
+    at = Evidence("accelerator_type", "v5litepod-8", "env", count=8, count_unit="suffix")
+    at = replace(at, scope="slice")
+    mt = Evidence("machine_type", "projects/1/machineTypes/CT5LP-HIGHTPU-4T ", "gce")
+    d = reconcile(cat, [at, mt])
+    s = d.slice
+    assert (d.chips_per_host, d.slice_chips, d.conflicts) == (4, 8, ())
+    assert (s.machine_type, s.vms, s.chips_per_vm) == ("ct5lp-hightpu-4t", 2, 4)
+    at = replace(at, value="v6e-4", count=4)
+    d = reconcile(cat, [at, replace(mt, value="ct6e-standard-8t")])
+    assert (d.chips_per_host, d.slice.machine_type) == (4, "ct6e-standard-4t")
+    assert d.conflicts == (
+        "gce says 'ct6e-standard-8t': a v6e slice of topology 2x2 does not run on machine type "
+        "'ct6e-standard-8t' (it runs on ct6e-standard-4t)",
+    )
+
+
+def test_a_slice_topology_alone_names_the_slice():
+    topo = Evidence("topology", "4x4", "env", count=16, scope="slice", topology="4x4")
+    d = reconcile(load_catalog(), [PCI_V6E, topo])
+    assert (d.generation, d.slice.accelerator_type, d.slice_chips, d.chips_per_host) == (
+        "v6e",
+        "v6e-16",
+        16,
+        4,
+    )
+
+
+def test_evidence_of_a_kind_without_a_priority_ranks_last_and_names_nothing():
+    """reconcile takes any Evidence (plugins' kinds are checked before it): a kind it has no
+    trust level for comes after every known one, topology included."""
+    own, topo = Evidence("own", "x", "mine"), Evidence("topology", "2x2", "env", topology="2x2")
+    d = reconcile(load_catalog(), [own, topo, PCI_V6E])
+    assert [(f.evidence, f.status) for f in d.findings] == [
+        (PCI_V6E, "decides"),
+        (topo, "info"),
+        (own, "unknown"),
+    ]
+
+
+def test_findings_are_in_a_total_order_of_every_field():
+    """Pieces that differ in count or topology alone are ordered by them (none first, then
+    by value), whatever order they came in: the result never depends on arrival order (nor
+    on hash order, which differs from run to run)."""
+    bare = Evidence("pci", "1ae0:006f", "sysfs")
+    counts, topologies = (8, 1, 6, 2, 4, 3), ("4x4", "1x1", "2x4", "2x2", "1x2")
+    pieces = [replace(bare, count=n) for n in counts]
+    pieces += [replace(bare, topology=t) for t in topologies] + [bare]
+    expected = [(None, None)] + [(None, t) for t in sorted(topologies)]
+    expected += [(n, None) for n in sorted(counts)]
+    for evidence in (pieces, pieces[::-1]):
+        d = reconcile(load_catalog(), evidence)
+        assert [(f.evidence.count, f.evidence.topology) for f in d.findings] == expected
+        assert (d.chips_per_host, d.topology) == (1, "1x1")
