@@ -129,8 +129,8 @@ def reconcile(
         reason = f"{'simulated' if simulated else 'explicit override'} via {explicit[0].source}"
         for e in explicit:
             status[e] = "decides"
-        for e in evidence:
-            if e in status or e.kind == "topology":
+        for e in evidence:  # topology names nothing: "info", like everywhere (below)
+            if e in status:
                 continue
             if not cands[e]:
                 status[e] = "unknown"
@@ -143,10 +143,9 @@ def reconcile(
                     f"{explicit[0].source} overrides it with {gid}"
                 )
     else:
-        levels = sorted(
-            {PRIORITY.get(e.kind, -1) for e in evidence if e.kind != "topology"}, reverse=True
-        )
-        undecided = False
+        # Topology names nothing: its level only marks it "unknown", and it is "info" below.
+        levels = sorted({PRIORITY.get(e.kind, -1) for e in evidence}, reverse=True)
+        undecided = False  # pragma: no mutate (only its truth is read: None would do as well)
         for level in levels:
             pieces = [e for e in evidence if PRIORITY.get(e.kind, -1) == level]
             known = [e for e in pieces if cands[e]]
