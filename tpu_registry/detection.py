@@ -143,15 +143,13 @@ def reconcile(
                     f"{explicit[0].source} overrides it with {gid}"
                 )
     else:
-        # Topology names nothing: its level only marks it "unknown", and it is "info" below.
+        # Pieces that name nothing (topology among them) decide nothing at any level: they are
+        # "unknown" (the findings' default), and topology "info" (below).
         levels = sorted({PRIORITY.get(e.kind, -1) for e in evidence}, reverse=True)
         undecided = False  # pragma: no mutate (only its truth is read: None would do as well)
         for level in levels:
             pieces = [e for e in evidence if PRIORITY.get(e.kind, -1) == level]
             known = [e for e in pieces if cands[e]]
-            for e in pieces:
-                if not cands[e]:
-                    status[e] = "unknown"
             if not known:
                 continue
             if undecided:
