@@ -1001,3 +1001,10 @@ def test_findings_are_in_a_total_order_of_every_field():
         d = reconcile(load_catalog(), evidence)
         assert [(f.evidence.count, f.evidence.topology) for f in d.findings] == expected
         assert (d.chips_per_host, d.topology) == (1, "1x1")
+
+
+def test_a_level_of_unrecognised_evidence_leaves_the_lower_levels_to_decide():
+    v99, tx6 = Evidence("device_kind", "TPU v99", "jax"), Evidence("torch_xla_version", "6", "tx")
+    d = reconcile(load_catalog(), [v99, tx6])
+    assert (d.generation, d.status) == ("v6e", "detected")
+    assert [(f.evidence, f.status) for f in d.findings] == [(v99, "unknown"), (tx6, "decides")]
