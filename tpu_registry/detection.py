@@ -229,11 +229,9 @@ def reconcile(
     for e in evidence:
         if e.kind == "topology":
             status[e] = "info"
-    gid = (
-        next(iter(current))
-        if len(current) == 1 and winner_status in ("detected", "explicit", "simulated")
-        else None
-    )
+    # One candidate left is a detected (or explicit) generation: "conflict" keeps two or more,
+    # "none" none and "ambiguous" several.
+    gid = next(iter(current)) if len(current) == 1 else None
     chips_host, chips_slice, topo, count_notes, refused = _counts(catalog, gid, evidence, status)
     conflicts += count_notes
     slice_, chips_host, shape_conflicts = _shape(
