@@ -1008,3 +1008,17 @@ def test_a_level_of_unrecognised_evidence_leaves_the_lower_levels_to_decide():
     d = reconcile(load_catalog(), [v99, tx6])
     assert (d.generation, d.status) == ("v6e", "detected")
     assert [(f.evidence, f.status) for f in d.findings] == [(v99, "unknown"), (tx6, "decides")]
+
+
+def test_the_reason_names_every_unrecognised_piece_and_every_chip_recognised():
+    from tpu_registry.unsupported import recognise
+
+    pci, v4i = Evidence("pci", "1ae0:0056", "sysfs"), Evidence("device_kind", "TPU v4 lite", "jax")
+    v99 = Evidence("device_kind", "TPU v99", "jax")
+    d = reconcile(load_catalog(), [v99, v4i, pci])
+    assert (d.generation, d.status) == (None, "none")
+    assert d.reason == (
+        "no evidence named a known generation (not recognised: pci '1ae0:0056' from sysfs, "
+        "device_kind 'TPU v4 lite' from jax, device_kind 'TPU v99' from jax); recognised: "
+        f"{recognise('pci', '1ae0:0056').text()}; {recognise('device_kind', 'TPU v4 lite').text()}"
+    )
