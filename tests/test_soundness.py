@@ -1426,4 +1426,5 @@ RPA_V2_BLOCK_BYTES = [
 
 @pytest.mark.parametrize("q_dtype, kv_dtype, expected", RPA_V2_BLOCK_BYTES)
 def test_rpa_v2_block_bytes_counts_every_buffer(q_dtype, kv_dtype, expected):
-    assert kernels.rpa_v2_block_bytes(8, 32, 4, 2, 128, 16, q_dtype, kv_dtype) == expected
+    got = kernels.rpa_v2_block_bytes(8, 32, 4, 2, 128, 16, q_dtype, kv_dtype)
+    assert (got, type(got)) == (expected, int)

@@ -311,6 +311,8 @@ def test_baseline_equals_upstream_formulas(cat, gid):
             refused += 1
             continue
         k = _knobs(spec, w)
+        # Kernel arguments are whole numbers (a "/" for a "//" would still compare equal).
+        assert all(type(v) is int or {type(x) for x in v} == {int} for v in k.values()), (gid, w)
         assert k["page_size"] == page
         assert k["min_page_size"] == up_min_page_size(L, seqs)
         assert k["max_num_seqs_smem"] == up_max_num_seqs(L, page)
@@ -1519,3 +1521,69 @@ def test_the_overrides_policy_module_names_a_missing_attribute():
     with pytest.raises(AttributeError) as e:
         policy.nope  # noqa: B018
     assert str(e.value) == "module 'tpu_registry.policies.overrides' has no attribute 'nope'"
+
+
+def test_hd64_defaults_say_what_they_change_from_upstream_and_refuse_what_cannot_run(cat):
+    """The head-dim-64 kernel's defaults on a tuned-table miss: upstream's fallback of 2048 KV
+    tokens per block, clamped per call. A page it holds once is used as is, with no note; a
+    page it does not hold at all is 1 page instead, said so; a core with less VMEM than
+    upstream's default limit caps it, said so; and a page that alone needs more VMEM than the
+    limit is refused, with upstream's estimate for it."""
+    from tpu_registry import kernels
+
+    def defaults(gid, page, kv=1, max_model_len=8192):
+        spec = cat[gid]
+        w = Workload(8 * kv, kv, 64, max_model_len=max_model_len)
+        vmem = spec.chip.vmem_bytes_per_core
+        return kernels.rpa_v3_hd64_defaults(spec.kernels.rpa_v3_hd64, vmem, w, page)
+
+    blocks = ("rpa_v3_hd64.num_kv_pages_per_block", "rpa_v3_hd64.num_queries_per_block")
+    knobs, notes = defaults("v6e", 2048)  # 2048 // 2048: one page, upstream's own choice
+    assert ([knobs[b] for b in blocks], knobs["rpa_v3_hd64.vmem_limit_bytes"], notes) == (
+        [1, 32],
+        100 * MIB,
+        [],
+    )
+    knobs, notes = defaults("v6e", 4096)  # 2048 // 4096 = 0 pages
+    assert ([knobs[b] for b in blocks], notes) == (
+        [1, 32],
+        [
+            "rpa_v3_hd64: upstream's fallback of 2048 KV tokens per block holds no page of "
+            "4096 tokens (0 pages); 1 page instead"
+        ],
+    )
+    knobs, notes = defaults("v5p", 2048)  # a 64 MiB core
+    assert (knobs["rpa_v3_hd64.vmem_limit_bytes"], notes) == (
+        64 * MIB,
+        [
+            f"rpa_v3_hd64.vmem_limit_bytes {64 * MIB} (the core's VMEM) instead of upstream's "
+            f"default {100 * MIB}"
+        ],
+    )
+    need = up_hd64_vmem("bfloat16", 64, 8, 1, 32768, "bfloat16")
+    assert need > 100 * MIB
+    with pytest.raises(TuningError) as e:
+        defaults("v6e", 32768, kv=8, max_model_len=32768)
+    assert e.value.problems[0].message == (
+        f"the head-dim-64 RPA v3 kernel needs {need} bytes of VMEM for one page of 32768 tokens, "
+        f"above the {100 * MIB}-byte limit [rule rpa_v3_hd64_vmem_estimate]"
+    )
+
+
+def test_rpa_v2_heads_per_block_are_upstreams_in_whole_numbers(cat):
+    """torch_xla's get_min_heads_per_blk, transcribed above: 9 KV heads (18 combined, 9 tiles
+    of two bf16 heads) cannot be tiled, and the v2 defaults say so."""
+    from tpu_registry import kernels
+
+    for q, kv, q_dtype, kv_dtype in product(
+        (8, 32, 36, 64), (1, 2, 4, 8, 9, 16), ("bfloat16", "float32"), ("bfloat16", "int8")
+    ):
+        got = kernels.min_heads_per_block(q, 2 * kv, q_dtype, kv_dtype)
+        assert got == up_min_heads_per_blk(q, 2 * kv, q_dtype, kv_dtype), (q, kv)
+        assert got is None or {type(x) for x in got} == {int}
+    assert kernels.min_heads_per_block(36, 18, "bfloat16", "bfloat16") is None
+    spec = cat["v6e"]
+    v2 = kernels.rpa_v2_defaults(
+        spec.kernels.rpa_v2, 128, spec.chip.vmem_bytes_per_core, Workload(36, 9, 128), 128
+    )
+    assert v2 == "rpa_v2: 18 combined KV heads cannot be tiled for bfloat16"
