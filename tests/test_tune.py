@@ -1587,3 +1587,28 @@ def test_rpa_v2_heads_per_block_are_upstreams_in_whole_numbers(cat):
         spec.kernels.rpa_v2, 128, spec.chip.vmem_bytes_per_core, Workload(36, 9, 128), 128
     )
     assert v2 == "rpa_v2: 18 combined KV heads cannot be tiled for bfloat16"
+
+
+def test_hd64_vmem_estimate_is_upstreams_for_every_dtype():
+    """Upstream's hd64 get_vmem_estimate_bytes (transcribed above) for every packing: the
+    baseline grid has no 32-bit KV cache, whose 32 bits per element are packed one to a word."""
+    from tpu_registry import kernels
+
+    for q_dtype, kv_dtype in product(BITS, BITS):
+        w = Workload(16, 2, 64, q_dtype=q_dtype, kv_dtype=kv_dtype)
+        got = kernels.rpa_v3_hd64_vmem_bytes(w, 32, 2048)
+        assert got == up_hd64_vmem(kv_dtype, 16, 2, 32, 2048, q_dtype), (q_dtype, kv_dtype)
+
+
+def test_hd64_blocks_are_halved_queries_first_down_to_one_page_and_one_query():
+    """Blocks above the VMEM limit are halved, queries first, then KV pages, to the first
+    that fits upstream's estimate: at the estimate of 2 pages and 1 query, 8 pages and 32
+    queries become (2, 1); at that of 1 page, (1, 1); below it, nothing fits."""
+    from tpu_registry import kernels
+
+    w, page = Workload(16, 2, 64), 256
+    for pages, want in ((2, (2, 1)), (1, (1, 1))):
+        limit = up_hd64_vmem("bfloat16", 16, 2, 1, pages * page, "bfloat16")
+        got = kernels.rpa_v3_hd64_fit_vmem(w, page, (8, 32), limit)
+        assert (got, {type(x) for x in got}) == (want, {int})
+    assert kernels.rpa_v3_hd64_fit_vmem(w, page, (8, 32), limit - 1) is None
