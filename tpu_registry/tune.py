@@ -196,12 +196,11 @@ def tune(plugins: Plugins, context: TuneContext, *, strict: bool) -> Tuning:
                 layers = [layer for layer in layers if layer.name != page.layer]
                 continue
             faults += [f for f in more if f not in faults]
-            first = knobs
             merged = [layer for layer in again if layer.name not in dropped]
             knobs = merge(merged)
-            for name in ("page_size", "min_page_size"):  # as chosen, with their provenance
-                if name in first:
-                    knobs[name] = first[name]
+            # The page as chosen, with its provenance. min_page_size (the SMEM floor, set by the
+            # baseline alone) does not depend on the page: the rerun gives it as it was.
+            knobs["page_size"] = page
         # Trust follows hook order. Every knob's layer has a rank: the rerun's layers first (the
         # knobs come from them), then the first run's (the page came from one of those).
         rank = {n: i for i, n in enumerate(dict.fromkeys(x.name for x in (*merged, *layers)))}
