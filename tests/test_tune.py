@@ -1612,3 +1612,37 @@ def test_hd64_blocks_are_halved_queries_first_down_to_one_page_and_one_query():
         got = kernels.rpa_v3_hd64_fit_vmem(w, page, (8, 32), limit)
         assert (got, {type(x) for x in got}) == (want, {int})
     assert kernels.rpa_v3_hd64_fit_vmem(w, page, (8, 32), limit - 1) is None
+
+
+def test_rpa_v3_defaults_under_a_catalog_vmem_limit(cat):
+    """A generation file may set [kernels.rpa_v3] vmem_limit_mib (none does today): the limit
+    is that, capped at the core, and each of upstream's tuples above it is shrunk to fit,
+    with a note giving upstream's tuple and what it needs by upstream's estimate."""
+    from tpu_registry import kernels
+
+    spec, w, page = cat["v6e"], Workload(32, 8, 128, max_model_len=8192), 128
+
+    def replace(facts, **changes):
+        return type(facts).from_dict({**facts.to_dict(), **changes})
+
+    core = spec.chip.vmem_bytes_per_core
+    capped, _ = kernels.rpa_v3_defaults(
+        replace(spec.kernels.rpa_v3, vmem_limit_mib=1024), core, w, page
+    )
+    assert capped["rpa_v3.vmem_limit_bytes"] == core
+    limit = 4 * MIB
+    got, notes = kernels.rpa_v3_defaults(
+        replace(spec.kernels.rpa_v3, vmem_limit_mib=4), core, w, page
+    )
+    assert got["rpa_v3.vmem_limit_bytes"] == limit
+    expected = []
+    for case, knob in (("decode", "d"), ("prefill", "p"), ("mixed", "m")):
+        t = up_rpa_v3(6, "bfloat16", "bfloat16", 32, 8, 128, page, 8192, 8192 // page, case)
+        need = up_vmem("bfloat16", 32, 8, 128, t[0], t[1])
+        if need > limit:
+            name = f"rpa_v3.{knob}_block_sizes"
+            expected.append(
+                f"{name} {got[name]} instead of upstream's {t}, which needs {need} bytes of "
+                f"VMEM (limit {limit})"
+            )
+    assert len(expected) >= 2 and notes == expected
