@@ -1646,3 +1646,14 @@ def test_rpa_v3_defaults_under_a_catalog_vmem_limit(cat):
                 f"VMEM (limit {limit})"
             )
     assert len(expected) >= 2 and notes == expected
+
+
+def test_rpa_v3_blocks_are_shrunk_queries_first_down_to_one_query():
+    """At the estimate of one query and the whole KV block, the queries are halved all the way
+    down to 1 before the KV block is touched; the chunks stay divisors of their blocks."""
+    from tpu_registry import kernels
+
+    w, page = Workload(32, 8, 128, max_model_len=8192), 128
+    limit = up_vmem("bfloat16", 32, 8, 128, 1, 1024)
+    got = kernels.rpa_v3_fit_vmem(w, (32, 1024, 16, 512), page, limit)
+    assert got == (1, 1024, 1, 512)
