@@ -1560,13 +1560,29 @@ def test_hd64_defaults_say_what_they_change_from_upstream_and_refuse_what_cannot
             f"default {100 * MIB}"
         ],
     )
+    # A core whose VMEM holds one query and one page, not upstream's 32 queries: shrunk.
+    spec, w = cat["v6e"], Workload(8, 1, 64, max_model_len=8192)
+    core = up_hd64_vmem("bfloat16", 8, 1, 1, 2048, "bfloat16")
+    knobs, notes = kernels.rpa_v3_hd64_defaults(spec.kernels.rpa_v3_hd64, core, w, 2048)
+    assert ([knobs[b] for b in blocks], notes[1:]) == (
+        [1, 1],
+        [
+            f"rpa_v3_hd64 blocks (1, 1) instead of upstream's (1, 32), which need "
+            f"{up_hd64_vmem('bfloat16', 8, 1, 32, 2048, 'bfloat16')} bytes of VMEM (limit {core})"
+        ],
+    )
     need = up_hd64_vmem("bfloat16", 64, 8, 1, 32768, "bfloat16")
     assert need > 100 * MIB
     with pytest.raises(TuningError) as e:
         defaults("v6e", 32768, kv=8, max_model_len=32768)
-    assert e.value.problems[0].message == (
+    (p,) = e.value.problems
+    assert (p.path, p.line, p.field, p.message, p.hint) == (
+        "workload",
+        None,
+        "page_size",
         f"the head-dim-64 RPA v3 kernel needs {need} bytes of VMEM for one page of 32768 tokens, "
-        f"above the {100 * MIB}-byte limit [rule rpa_v3_hd64_vmem_estimate]"
+        f"above the {100 * MIB}-byte limit [rule rpa_v3_hd64_vmem_estimate]",
+        "lower max_num_seqs or max_model_len so that a smaller page fits SMEM",
     )
 
 
