@@ -47,20 +47,20 @@ def max_pages_per_seq(smem_bytes: int, max_num_seqs: int) -> int:
     return smem_bytes // SMEM_SHARE // max_num_seqs // BLOCK_TABLE_ENTRY_BYTES
 
 
-def min_page_size(
-    smem_bytes: int, max_model_len: int, max_num_seqs: int, *, where: str = ""
-) -> int:
-    """vLLM's ``get_min_page_size``: the smallest page whose block tables fit half of SMEM."""
+def min_page_size(smem_bytes: int, max_model_len: int, max_num_seqs: int, *, where: str) -> int:
+    """vLLM's ``get_min_page_size``: the smallest page whose block tables fit half of SMEM
+    (``where``: the generation, for the message)."""
     per_req = max_pages_per_seq(smem_bytes, max_num_seqs)
     if per_req == 0:
         limit = smem_bytes // SMEM_SHARE // BLOCK_TABLE_ENTRY_BYTES
-        on = f" on {where}" if where else ""
-        msg = f"{max_num_seqs} sequences leave no SMEM for block tables{on} (at most {limit})"
+        msg = (
+            f"{max_num_seqs} sequences leave no SMEM for block tables on {where} (at most {limit})"
+        )
         raise TuningError([Problem("workload", None, "max_num_seqs", msg, "lower max_num_seqs")])
     return next_pow2(cdiv(max_model_len, per_req))
 
 
-def default_page_size(smem_bytes: int, w: Workload, *, where: str = "") -> int:
+def default_page_size(smem_bytes: int, w: Workload, *, where: str) -> int:
     """The page size upstream uses: the user's (``--block-size``), else the formula raised to
     the SMEM floor (tpu-inference's platform: "Increase the page size ... to avoid SMEM OOM")."""
     if w.page_size is not None:
