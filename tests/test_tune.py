@@ -1673,3 +1673,37 @@ def test_rpa_v3_blocks_are_shrunk_queries_first_down_to_one_query():
     limit = up_vmem("bfloat16", 32, 8, 128, 1, 1024)
     got = kernels.rpa_v3_fit_vmem(w, (32, 1024, 16, 512), page, limit)
     assert got == (1, 1024, 1, 512)
+
+
+def test_rpa_v3_vmem_estimate_is_upstreams_for_every_dtype():
+    """Upstream's get_vmem_estimate_bytes (transcribed above) for every packing, 32-bit
+    queries and KV caches (one element per word) included."""
+    from tpu_registry import kernels
+
+    for q_dtype, kv_dtype in product(BITS, BITS):
+        w = Workload(32, 8, 128, q_dtype=q_dtype, kv_dtype=kv_dtype)
+        got = kernels.rpa_v3_vmem_bytes(w, 32, 1024)
+        assert got == up_vmem(kv_dtype, 32, 8, 128, 32, 1024, q_dtype), (q_dtype, kv_dtype)
+
+
+def test_rpa_v3_shrunk_chunks_divide_their_blocks():
+    """Shrinking the query block from 32 to 16 keeps a chunk of 8 and a KV chunk of one page
+    (each divides its block), rather than the block itself or two pages."""
+    from tpu_registry import kernels
+
+    w, page = Workload(32, 8, 128, max_model_len=8192), 128
+    limit = up_vmem("bfloat16", 32, 8, 128, 16, 1024)
+    assert kernels.rpa_v3_fit_vmem(w, (32, 1024, 8, 128), page, limit) == (16, 1024, 8, 128)
+
+
+def test_too_many_sequences_for_smem_name_the_generation(cat):
+    """An MLA model gets the MLA backend's page, raised to the SMEM floor: with more sequences
+    than half of SMEM has 4-byte block-table entries, there is none, on that generation."""
+    smem = cat["v6e"].chip.smem_bytes_per_core
+    limit = smem // 2 // 4
+    mla = Workload(16, 1, 576, kv_lora_rank=512, qk_rope_head_dim=64, max_num_seqs=limit + 1)
+    with pytest.raises(TuningError) as e:
+        resolve(mla, simulate="v6e")
+    assert e.value.problems[0].message == (
+        f"{limit + 1} sequences leave no SMEM for block tables on v6e (at most {limit})"
+    )
