@@ -295,7 +295,7 @@ def run(small: bool, skip_legacy: bool) -> dict:
             ]
         )
         goal = TARGET_RATIO[label]
-        why = ""
+        why = f"ours: {manager_text(ours)}"  # pluggy or not: what a detect() process costs
         if r_wall < goal:
             rest = med(ours, "wall_s") - med(ours, "import_s") - med(ours, "call_s")
             start = stats(bare[kinds[ours][0]]).median
