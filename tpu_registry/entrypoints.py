@@ -163,14 +163,19 @@ def known(ep: EntryPoint) -> bool:
     )
 
 
+def disabled(value: str) -> tuple[str, ...]:
+    """The plugin names a ``TPU_REGISTRY_DISABLE_PLUGINS`` value lists, in its order."""
+    return tuple(n for n in (part.strip() for part in value.split(",")) if n)
+
+
 def no_plugin_implements(hook: str) -> bool:
     """True when, by the cached entry points, no enabled plugin implements ``hook``: what it
     asks needs no plugin loaded (``tpu_registry_hardware_dirs``: the catalog, which built-in
     plugins never extend; ``tpu_registry_detect``: detection, by the built-in detectors
     alone). False when a plugin does, or when one is not known yet."""
     autoload, disable, _ = _env_key()
-    names = {n.strip() for n in disable.split(",")}
-    if names & set(ESSENTIAL):
+    names = disabled(disable)
+    if any(n in ESSENTIAL for n in names):
         return False  # the plugin manager reports that mistake
     if _off(autoload):
         return True

@@ -50,9 +50,7 @@ def _dataclass_fields(cls: type) -> dict[str, Any]:
     given = init.__defaults__ or ()
     defaults = dict(zip(positional[len(positional) - len(given) :], given, strict=True))
     defaults.update(init.__kwdefaults__ or {})
-    annotations: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        annotations.update(klass.__dict__.get("__annotations__", {}))
+    annotations = init.__annotations__  # every field is a parameter of __init__
     out = {}
     for name in cls.__slots__:
         default = defaults.get(name, dataclasses.MISSING)

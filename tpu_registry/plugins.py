@@ -12,7 +12,7 @@ that no enabled plugin implements ``tpu_registry_detect`` and every built-in det
 inline, it calls the built-in detectors itself (``detect_evidence``), and neither pluggy nor
 the policies are imported. That is why the built-in detector modules carry no ``@hookimpl``
 marker (it would import pluggy): the manager takes their ``tpu_registry_*`` functions by name,
-as pytest does for its own hooks. ``tests/test_plugins.py`` holds both paths equal.
+as pytest does for its own hooks. ``tests/test_detect_paths.py`` holds both paths equal.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from .entrypoints import (  # noqa: F401 - ENV_* stay importable from here
     _off,
     _save_entry_points,
     _stat,
+    disabled,
     entry_points,
     known,
     no_plugin_implements,
@@ -55,20 +56,6 @@ if TYPE_CHECKING:
     from .workload import Workload
 
 
-BUILTIN_PLUGINS = (
-    "tpu_registry.detectors.env",
-    "tpu_registry.detectors.sysfs",
-    "tpu_registry.detectors.jax",
-    "tpu_registry.detectors.torch_xla",
-    "tpu_registry.policies.baseline",
-    "tpu_registry.policies.tables",
-    "tpu_registry.policies.overrides",
-)
-
-
-# The built-in detectors, in registration order. Their hook functions are taken by name
-# (``_manager``): the ``@hookimpl`` marker would import pluggy, which detect() can do without.
-DETECTORS = BUILTIN_PLUGINS[:4]
 INLINE_DETECTORS = ("tpu_registry.detectors.env", "tpu_registry.detectors.sysfs")
 # The built-in runtime detectors, by the runtime they ask: each returns at once unless its
 # runtime is already imported or runtime init is allowed (their first line), so then they run
@@ -77,6 +64,26 @@ RUNTIME_DETECTORS = {
     "tpu_registry.detectors.jax": "jax",
     "tpu_registry.detectors.torch_xla": "torch_xla",
 }
+# The built-in detectors, in registration order. Their hook functions are taken by name
+# (``_manager``): the ``@hookimpl`` marker would import pluggy, which detect() can do without.
+DETECTORS = (*INLINE_DETECTORS, *RUNTIME_DETECTORS)
+BUILTIN_PLUGINS = (
+    *DETECTORS,
+    "tpu_registry.policies.baseline",
+    "tpu_registry.policies.tables",
+    "tpu_registry.policies.overrides",
+)
+
+
+def runs_inline(plugin_name: str, context: DetectContext) -> bool:
+    """Whether a detector runs in the caller's thread: the built-in env and sysfs detectors
+    (bounded by construction), and the runtime detectors while they would return at once. A
+    runtime detector that may ask its runtime, and every third-party detector, gets a thread
+    and the time budget."""
+    if plugin_name in INLINE_DETECTORS:
+        return True
+    runtime = RUNTIME_DETECTORS.get(plugin_name)
+    return runtime is not None and not context.allow_runtime_init and runtime not in sys.modules
 
 
 def short_name(name: str) -> str:
@@ -139,15 +146,14 @@ class Plugins:
         self._started = True
 
     def _block(self, disable: str) -> None:
-        for name in (n.strip() for n in disable.split(",")):
+        for name in disabled(disable):
             if name in ESSENTIAL:
                 msg = f"{ENV_DISABLE} names {name!r}, which is essential and cannot be disabled"
                 raise RegistryError(f"{msg} (without it no page size or block size is set)")
-            if name:
-                self.pm.set_blocked(name)
-                for builtin in BUILTIN_PLUGINS:
-                    if short_name(builtin) == name:
-                        self.pm.set_blocked(builtin)
+            self.pm.set_blocked(name)
+            for builtin in BUILTIN_PLUGINS:
+                if short_name(builtin) == name:
+                    self.pm.set_blocked(builtin)
 
     def _load_entry_points(self) -> None:
         """Like pluggy's loader, but one broken plugin is recorded and skipped, not fatal.
@@ -305,20 +311,7 @@ class Plugins:
         impls = self._impls("tpu_registry_detect")
         results: dict[str, Any] = {}
         errors: dict[str, BaseException] = {}
-        # The built-in env and sysfs detectors read the environment and a few small sysfs
-        # files: bounded by construction, they run inline, as do the runtime detectors when
-        # they would return at once (RUNTIME_DETECTORS). A runtime detector that may ask its
-        # runtime, and every third-party detector, keeps its own thread and the time budget.
-        inline = [
-            i
-            for i in impls
-            if i.plugin_name in INLINE_DETECTORS
-            or (
-                i.plugin_name in RUNTIME_DETECTORS
-                and not context.allow_runtime_init
-                and RUNTIME_DETECTORS[i.plugin_name] not in sys.modules
-            )
-        ]
+        inline = [i for i in impls if runs_inline(i.plugin_name, context)]
 
         def run(impl: pluggy.HookImpl) -> None:
             try:
@@ -522,15 +515,15 @@ def detect_evidence(context: DetectContext) -> tuple[list[Evidence], list[Fault]
 
 
 def _builtin_detectors_only(context: DetectContext) -> bool:
-    if _env_key()[2].strip() or context.allow_runtime_init:
-        return False  # tracing shows pluggy's calls; a runtime detector may start its runtime
-    if any(runtime in sys.modules for runtime in RUNTIME_DETECTORS.values()):
-        return False  # that detector may ask its runtime: its own thread and time budget
+    if _env_key()[2].strip():
+        return False  # tracing shows pluggy's calls
+    if not all(runs_inline(name, context) for name in DETECTORS):
+        return False  # a runtime detector that may ask its runtime has a thread and a budget
     return no_plugin_implements("tpu_registry_detect")
 
 
 def _detect_builtin(context: DetectContext) -> tuple[list[Evidence], list[Fault]]:
-    blocked = {n.strip() for n in _env_key()[1].split(",")}
+    blocked = disabled(_env_key()[1])
     evidence: list[Evidence] = []
     faults: list[Fault] = []
     for name in reversed(DETECTORS):  # pluggy calls the last registered first
